@@ -1,0 +1,97 @@
+"""The decoder loop's view of a Hugging Face causal LM: its own submodules, our attention in the middle.
+
+We never patch transformers: an adapter reads the embeddings, norms, projections, MLP, final norm, LM head and
+rotary embedding off the loaded model and calls them. Architectures differ only in small ways (Qwen2's q/k/v
+bias lives inside its Linear layers; Qwen3 normalises q and k per head before RoPE), so one adapter covers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.errors import ModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: nn.Module
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    post_norm: nn.Module
+    mlp: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    device: torch.device
+
+
+class DecoderAdapter:
+    """Exposes one decoder layer at a time as `qkv` (before attention) and `finish` (after it)."""
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"model architecture '{config.model_type}' is not supported; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        base = model.model
+        self.config = config
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = model.lm_head
+        self.rotary = base.rotary_emb
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.max_positions = config.max_position_embeddings
+        self.dtype = self.embed.weight.dtype
+        self.layers = []
+        for layer in base.layers:
+            attn = layer.self_attn
+            self.layers.append(DecoderLayer(
+                input_norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj,
+                o_proj=attn.o_proj, post_norm=layer.post_attention_layernorm, mlp=layer.mlp,
+                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                device=attn.q_proj.weight.device,
+            ))
+        self.scale = getattr(base.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def output_device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def qkv(self, i: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [L, hidden] -> q [H, L, D], k [Hkv, L, D], v [Hkv, L, D], without RoPE."""
+        layer = self.layers[i]
+        x = layer.input_norm(hidden)
+        length = x.shape[0]
+        q = layer.q_proj(x).view(length, self.heads, self.head_dim)
+        k = layer.k_proj(x).view(length, self.kv_heads, self.head_dim)
+        v = layer.v_proj(x).view(length, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q = layer.q_norm(q)
+        if layer.k_norm is not None:
+            k = layer.k_norm(k)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def finish(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual stream after layer i: hidden [L, hidden], attn [H, L, D] -> [L, hidden]."""
+        layer = self.layers[i]
+        hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
+        return hidden + layer.mlp(layer.post_norm(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [L, hidden] from the last layer -> logits [L, vocab] (float32)."""
+        hidden = hidden.to(self.output_device)
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,73 @@
+"""Fused attention that also returns the log-sum-exp, and the exact merge of two attentions by it.
+
+A query chunk attends to two key groups whose queries are rotated differently (local window: true relative
+positions; memory: one fixed distance). Each group runs as one fused kernel returning (out, lse); merging by
+log-sum-exp equals one softmax over the union of keys. Kernels are picked by device at run time; the plain
+torch path is the reference and the fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _reference(q, k, v, bias, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].clamp(min=torch.finfo(torch.float32).min)).nan_to_num_(0.0)
+    return torch.matmul(p.to(v.dtype), v), lse
+
+
+def _cpu_flash(q, k, v, bias, scale):
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], attn_mask=bias, scale=scale)
+    return out[0], lse[0]
+
+
+def _cuda_efficient(q, k, v, bias, scale):
+    n = k.shape[-2]
+    if bias is not None:
+        # The kernel wants the bias row stride 16-byte aligned: pad keys with masked columns.
+        pad = (-n) % 8
+        bias = torch.nn.functional.pad(bias.to(q.dtype), (0, pad), value=NEG_INF)[..., :n]
+        bias = bias.expand(q.shape[0], *bias.shape[-2:])[None]
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q[None], k[None], v[None], bias, True, scale=scale)
+    return out[0], lse[0, :, : q.shape[-2]]
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, M, D], k/v [B, N, D], bias [M, N] additive (0 or -inf) or None.
+
+    Returns out [B, M, D] and lse [B, M] (float32; -inf for rows with no visible key, whose out is 0).
+    """
+    if q.device.type == "cpu":
+        out, lse = _cpu_flash(q, k, v, bias, scale)
+    elif q.device.type == "cuda":
+        out, lse = _cuda_efficient(q, k, v, bias, scale)
+    else:
+        return _reference(q, k, v, bias, scale)
+    lse = lse.float()
+    # Kernels disagree on fully masked rows (NaN, or lse=+inf); normalise them to out=0, lse=-inf.
+    dead = ~torch.isfinite(lse)
+    if bool(dead.any()):
+        lse = lse.masked_fill(dead, NEG_INF)
+        out = out.masked_fill(dead[..., None], 0.0)
+    return out, lse
+
+
+def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Combine two partial attentions (out [B, M, D], lse [B, M]) over disjoint keys into one."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    top = torch.maximum(lse_a, lse_b)  # rows always see their own key, so top is finite
+    wa = torch.exp(lse_a - top)
+    wb = torch.exp(lse_b - top)
+    total = wa + wb
+    return (out_a.float() * (wa / total)[..., None] + out_b.float() * (wb / total)[..., None]).to(out_a.dtype)

@@ -1,0 +1,150 @@
+"""One layer's store of memory blocks: K/V in host memory pages, representative keys beside the compute.
+
+On an accelerator the K/V pages sit in pinned host memory and `BlockCache` keeps the hot blocks on the device
+(LRU), so device memory stays flat however long the text; on a CPU-only run the pages are read directly.
+Representative keys are small (repr_keys/block_size of the store) and are scored every query chunk, so they
+live on the compute device.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+KV_PAGE_BLOCKS = 16  # blocks per K/V page: the store grows in steps of this many blocks
+REPR_PAGE_BLOCKS = 256  # blocks per page of representative keys (scored page by page)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class BlockStore:
+    """Append-only blocks of one layer. Block i holds K/V [Hkv, B, D] and representative keys [Hkv, R, D]."""
+
+    def __init__(self, heads: int, block_size: int, repr_keys: int, head_dim: int, dtype: torch.dtype,
+                 compute_device: torch.device, host_device: torch.device, pin: bool):
+        self.shape = (heads, block_size, head_dim)
+        self.repr_shape = (heads, repr_keys, head_dim)
+        self.dtype = dtype
+        self.compute_device = compute_device
+        self.host_device = host_device
+        self.pin = pin
+        self.k_pages: list[torch.Tensor] = []  # each [KV_PAGE_BLOCKS, Hkv, B, D] on host_device
+        self.v_pages: list[torch.Tensor] = []
+        self.repr_pages: list[torch.Tensor] = []  # each [REPR_PAGE_BLOCKS, Hkv, R, D] on compute_device
+        self.count = 0
+
+    def _kv_page(self) -> torch.Tensor:
+        page = torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device)
+        return page.pin_memory() if self.pin else page
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
+        """Add one block: k, v [Hkv, B, D] and reprs [Hkv, R, D], all unrotated."""
+        page, slot = divmod(self.count, KV_PAGE_BLOCKS)
+        if page == len(self.k_pages):
+            self.k_pages.append(self._kv_page())
+            self.v_pages.append(self._kv_page())
+        self.k_pages[page][slot].copy_(k, non_blocking=True)
+        self.v_pages[page][slot].copy_(v, non_blocking=True)
+        rpage, rslot = divmod(self.count, REPR_PAGE_BLOCKS)
+        if rpage == len(self.repr_pages):
+            self.repr_pages.append(
+                torch.zeros((REPR_PAGE_BLOCKS, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
+            )
+        self.repr_pages[rpage][rslot].copy_(reprs)
+        self.count += 1
+
+    def truncate(self, count: int) -> None:
+        """Drop blocks from `count` on (their pages are reused by later appends)."""
+        self.count = min(self.count, count)
+
+    def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [Hkv, B, D] of one block, as stored (host memory)."""
+        page, slot = divmod(index, KV_PAGE_BLOCKS)
+        return self.k_pages[page][slot], self.v_pages[page][slot]
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """Relevance of every block to `query` [Hkv, D] (the chunk's summed queries per KV head): for each block,
+        the best of its representative keys, each scored by its dot product summed over heads. Returns [count]."""
+        parts = []
+        for rpage, reprs in enumerate(self.repr_pages):
+            used = min(REPR_PAGE_BLOCKS, self.count - rpage * REPR_PAGE_BLOCKS)
+            per_key = torch.einsum("hd,nhrd->nr", query.to(self.dtype), reprs[:used])  # [n, R]
+            parts.append(per_key.amax(dim=-1))
+        return torch.cat(parts).float()
+
+    def nbytes(self) -> int:
+        pages = self.k_pages + self.v_pages + self.repr_pages
+        return sum(p.numel() * p.element_size() for p in pages)
+
+
+class BlockCache:
+    """Device-resident LRU cache of one layer's blocks, filled from a host `BlockStore`.
+
+    `gather` returns the K/V of the requested blocks; blocks already cached are hits, the others are copied in,
+    evicting the least recently used blocks that the same request does not need.
+    """
+
+    def __init__(self, store: BlockStore, capacity: int, device: torch.device):
+        self.store = store
+        self.capacity = capacity
+        self.k = torch.empty((capacity, *store.shape), dtype=store.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.slots: OrderedDict[int, int] = OrderedDict()  # block id -> cache slot, oldest use first
+        self.stats = CacheStats()
+
+    def _slot_for(self, block: int, keep: set[int]) -> int:
+        if block in self.slots:
+            self.stats.hits += 1
+            self.slots.move_to_end(block)
+            return self.slots[block]
+        self.stats.misses += 1
+        if len(self.slots) < self.capacity:
+            slot = len(self.slots)
+        else:
+            victim = next(b for b in self.slots if b not in keep)
+            slot = self.slots.pop(victim)
+            self.stats.evictions += 1
+        k, v = self.store.block(block)
+        self.k[slot].copy_(k, non_blocking=True)
+        self.v[slot].copy_(v, non_blocking=True)
+        self.slots[block] = slot
+        return slot
+
+    def forget_from(self, first: int) -> None:
+        """Invalidate cached blocks with id >= first (the store was truncated)."""
+        for block in [b for b in self.slots if b >= first]:
+            del self.slots[block]
+        # Slots must stay 0..len-1 dense for the free-slot rule; renumber the survivors' slots.
+        if self.slots:
+            order = list(self.slots.items())
+            idx = torch.tensor([slot for _, slot in order], device=self.k.device)
+            self.k[: len(order)] = self.k.index_select(0, idx)
+            self.v[: len(order)] = self.v.index_select(0, idx)
+            self.slots = OrderedDict((b, i) for i, (b, _) in enumerate(order))
+
+    def gather(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [n, Hkv, B, D] of `blocks` on the device."""
+        keep = set(blocks)
+        idx = torch.tensor([self._slot_for(b, keep) for b in blocks], device=self.k.device)
+        return self.k.index_select(0, idx), self.v.index_select(0, idx)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def gather_blocks(store: BlockStore, cache: BlockCache | None, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [Hkv, n*B, D] of `blocks`, through the device cache when there is one."""
+    if cache is not None:
+        k, v = cache.gather(blocks)
+    else:
+        k = torch.stack([store.block(b)[0] for b in blocks])
+        v = torch.stack([store.block(b)[1] for b in blocks])
+    n, h, b, d = k.shape
+    return k.transpose(0, 1).reshape(h, n * b, d), v.transpose(0, 1).reshape(h, n * b, d)

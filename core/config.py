@@ -1,0 +1,72 @@
+"""Engine settings: one typed dataclass, validated against the model before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the context memory is laid out. All sizes are in tokens unless named otherwise.
+
+    A query attends to (a) the `sinks` first tokens, (b) its `window` most recent tokens with true relative
+    positions and (c) `topk` blocks of `block_size` tokens retrieved from everything older, plus the few evicted
+    tokens that do not fill a block yet. Retrieval is shared by `query_chunk` consecutive queries.
+    """
+
+    sinks: int = 128
+    window: int = 4096
+    block_size: int = 128
+    repr_keys: int = 4  # representative keys per block, scored against the queries
+    topk: int = 16  # blocks retrieved per query chunk
+    query_chunk: int = 512  # queries that share one retrieval
+    cache_blocks: int = 32  # blocks per layer kept on the accelerator (LRU); unused on CPU-only runs
+    prefill_chunk: int = 2048  # tokens pushed through the projections/MLP at once; a multiple of query_chunk
+
+    def validate(self, max_positions: int | None = None) -> "EngineConfig":
+        """Return self, or raise UsageError naming the first setting that cannot work."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"engine setting {f.name} must be an integer, got {value!r}")
+        for name in ("window", "block_size", "repr_keys", "query_chunk", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"engine setting {name} must be at least 1, got {getattr(self, name)}")
+        if self.sinks < 0 or self.topk < 0 or self.cache_blocks < 0:
+            raise UsageError("sinks, topk and cache_blocks cannot be negative")
+        if self.repr_keys > self.block_size:
+            raise UsageError(f"repr_keys ({self.repr_keys}) cannot exceed block_size ({self.block_size})")
+        if self.cache_blocks < self.topk:
+            raise UsageError(
+                f"cache_blocks ({self.cache_blocks}) must hold at least the topk ({self.topk}) blocks retrieved at once"
+            )
+        if self.prefill_chunk % self.query_chunk:
+            raise UsageError(
+                f"prefill_chunk ({self.prefill_chunk}) must be a multiple of query_chunk ({self.query_chunk})"
+            )
+        if self.query_chunk > self.window:
+            raise UsageError(f"query_chunk ({self.query_chunk}) cannot exceed the window ({self.window})")
+        if max_positions is not None:
+            # Local keys sit at distances < window and memory at window..window+sinks-1: the largest
+            # distance the model is shown is window + sinks - 1, which must be one it was trained on.
+            reach = self.window + self.sinks
+            if self.window > max_positions:
+                raise UsageError(
+                    f"window ({self.window}) is above the model's training length ({max_positions}); "
+                    f"use --window {max_positions // 2} or less"
+                )
+            if reach > max_positions:
+                raise UsageError(
+                    f"window + sinks ({reach}) exceeds the model's training length "
+                    f"({max_positions}); lower --window or --sinks"
+                )
+        return self
+
+    def with_overrides(self, **overrides: int | None) -> "EngineConfig":
+        """A copy with the given settings replaced; None values mean 'keep the default'."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,126 @@
+"""The InfLLM engine: streams tokens through the model's layers with a per-layer context memory.
+
+Prefill runs layer-major over pieces of `prefill_chunk` tokens (large matmuls for projections and MLP) and, inside
+each layer, the attention walks the piece in `query_chunk` steps so that each step retrieves its own blocks.
+Working memory is fixed when the engine is built; only the block stores grow with the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.adapter import DecoderAdapter
+from core.config import EngineConfig
+from core.memory import LayerMemory, rope_range
+from core.rope import RopeTable
+from core.sampling import SamplingConfig, next_token
+
+
+@dataclass
+class MemoryReport:
+    working_bytes: int  # window, sinks, stragglers, device caches, RoPE tables: flat in text length
+    block_store_bytes: int  # grows linearly with the text
+    blocks: int  # per layer
+
+
+class Engine:
+    def __init__(self, model: nn.Module, config: EngineConfig, offload: bool | None = None):
+        self.adapter = DecoderAdapter(model)
+        self.config = config.validate(self.adapter.max_positions)
+        self.model = model
+        devices = {layer.device for layer in self.adapter.layers}
+        self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
+        lo, hi = rope_range(config)
+        self._ropes = {d: RopeTable(self.adapter.rotary, lo, hi, d, self.adapter.dtype) for d in devices}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything read so far."""
+        a, cfg = self.adapter, self.config
+        self.layers = [
+            LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
+                        self._ropes[layer.device], self.offload)
+            for layer in a.layers
+        ]
+
+    def checkpoint(self) -> list[dict]:
+        """State to come back to: asking a question never changes what was read."""
+        return [m.checkpoint() for m in self.layers]
+
+    def restore(self, state: list[dict]) -> None:
+        for m, s in zip(self.layers, state):
+            m.restore(s)
+
+    @property
+    def position(self) -> int:
+        return self.layers[0].position
+
+    def memory_report(self) -> MemoryReport:
+        working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())
+        return MemoryReport(working, sum(m.store.nbytes() for m in self.layers), self.layers[0].store.count)
+
+    def memory_report_per_token(self) -> float:
+        """Block-store bytes each token read will take (K, V and its share of representative keys)."""
+        a, cfg = self.adapter, self.config
+        elem = torch.empty(0, dtype=a.dtype).element_size()
+        per_block = a.kv_heads * a.head_dim * (2 * cfg.block_size + cfg.repr_keys) * elem
+        return len(a.layers) * per_block / cfg.block_size
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [L] -> last-layer hidden states [L, hidden]; every layer's memory advances by L tokens."""
+        a = self.adapter
+        hidden = a.embed(ids.to(a.input_device))
+        step = self.config.query_chunk
+        for i, layer in enumerate(a.layers):
+            hidden = hidden.to(layer.device)
+            q, k, v = a.qkv(i, hidden)
+            mem = self.layers[i]
+            attn = torch.cat(
+                [mem.attend(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step])
+                 for s in range(0, ids.shape[0], step)],
+                dim=1,
+            )
+            hidden = a.finish(i, hidden, attn)
+        return hidden
+
+    def feed(self, ids: Sequence[int] | torch.Tensor, all_logits: bool = False,
+             on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Read tokens into memory. Returns the last token's logits [vocab], or [N, vocab] with all_logits.
+
+        on_progress(tokens_done) is called after each prefill piece.
+        """
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("feed() needs at least one token")
+        outs = []
+        last = None
+        for start in range(0, ids.numel(), self.config.prefill_chunk):
+            piece = ids[start : start + self.config.prefill_chunk]
+            hidden = self._forward(piece)
+            if all_logits:
+                outs.append(self.adapter.logits(hidden))
+            else:
+                last = hidden[-1:]
+            if on_progress is not None:
+                on_progress(start + piece.numel())
+        if all_logits:
+            return torch.cat(outs)
+        return self.adapter.logits(last)[0]
+
+    def generate(self, logits: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
+                 sampling: SamplingConfig = SamplingConfig()) -> Iterator[int]:
+        """Yield tokens one by one, starting from the logits of the last token fed; stops at a stop id."""
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        for _ in range(max_new_tokens):
+            token = next_token(logits, sampling, generator)
+            if token in stop_ids:
+                return
+            yield token
+            logits = self.feed([token])

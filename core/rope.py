@@ -1,0 +1,40 @@
+"""Rotary position tables taken from the model's own rotary embedding, and the rotation itself.
+
+Keys are stored without RoPE; we rotate queries and keys at positions we choose (small ones, some negative),
+so the model's `rope_scaling`/`rope_parameters` are honoured exactly by asking its rotary module for cos/sin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RopeTable:
+    """cos/sin for rotation positions [lo, hi) on one device, as the model's rotary embedding computes them."""
+
+    def __init__(self, rotary_emb: torch.nn.Module, lo: int, hi: int, device: torch.device, dtype: torch.dtype):
+        positions = torch.arange(lo, hi, device=device).unsqueeze(0)  # [1, N]
+        probe = torch.empty(0, device=device, dtype=dtype)
+        with torch.no_grad():
+            cos, sin = rotary_emb(probe, positions)
+        self.cos = cos[0].to(dtype)  # [N, D]
+        self.sin = sin[0].to(dtype)  # [N, D]
+        self.lo = lo
+
+    def nbytes(self) -> int:
+        return 2 * self.cos.numel() * self.cos.element_size()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """x [..., L, D] rotated at `positions` ([L] tensor, or one int for every row)."""
+        if isinstance(positions, int):
+            index = slice(positions - self.lo, positions - self.lo + 1)
+        else:
+            index = positions - self.lo
+        return apply_rotary(x, self.cos[index], self.sin[index])
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Same arithmetic as transformers' apply_rotary_pos_emb (rotate-half layout), so logits match bit for bit."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,97 @@
+"""Read a document once, then answer questions about it: the API the CLI stands on.
+
+A `Session` owns one engine. `read` feeds the prompt's prefix and the document and keeps a checkpoint; each
+`answer` starts from that checkpoint, so questions never disturb one another or what was read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from core.config import EngineConfig
+from core.engine import Engine
+from core.loading import LoadedModel
+from core.prompting import Prompt
+from core.sampling import SamplingConfig
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    answer_s: float = 0.0
+    tokens_read: int = 0
+    tokens_generated: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def stop_token_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+class Session:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.loaded = loaded
+        self.engine = Engine(loaded.model, config)
+        self.timings = Timings()
+        self._read_state: list[dict] | None = None
+        self._stops = stop_token_ids(loaded)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.loaded.tokenizer.encode(text, add_special_tokens=False)
+
+    def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None) -> None:
+        """Read the prompt prefix and the document into memory (from a fresh memory)."""
+        self.engine.reset()
+        start = time.perf_counter()
+        if prefix:
+            self.engine.feed(prefix)
+        if document:
+            self.engine.feed(document, on_progress=on_progress)
+        self.timings.prefill_s = time.perf_counter() - start
+        self.timings.tokens_read = len(prefix) + len(document)
+        self._read_state = self.engine.checkpoint()
+
+    def answer(self, prompt: Prompt, max_new_tokens: int = 256,
+               sampling: SamplingConfig = SamplingConfig()) -> Iterator[str]:
+        """Stream the answer's text. Starts from the state right after `read`."""
+        if self._read_state is None:
+            raise RuntimeError("read() must come before answer()")
+        self.engine.restore(self._read_state)
+        start = time.perf_counter()
+        logits = self.engine.feed(prompt.suffix)
+        tokenizer = self.loaded.tokenizer
+        tokens: list[int] = []
+        shown = ""
+        for token in self.engine.generate(logits, max_new_tokens, self._stops, sampling):
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            # Hold back a trailing replacement char: a multi-byte character may be split across tokens.
+            if text.endswith("\ufffd"):
+                continue
+            yield text[len(shown):]
+            shown = text
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        self.timings.answer_s = time.perf_counter() - start
+        self.timings.tokens_generated = len(tokens)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak process RSS and GPU memory in MB."""
+    import resource
+
+    info = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        info["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return info

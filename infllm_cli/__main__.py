@@ -1,0 +1,3 @@
+from infllm_cli.app import main
+
+main()
