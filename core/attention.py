@@ -8,12 +8,15 @@ torch path is the reference and the fallback.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NEG_INF = float("-inf")
 
 
 def _reference(q, k, v, bias, scale):
+    """Plain torch: materialises the logits. The ground truth for the kernels and the fallback elsewhere."""
     s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:
         s = s + bias
@@ -42,12 +45,27 @@ def _cuda_efficient(q, k, v, bias, scale):
     return out[0], lse[0, :, : q.shape[-2]]
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+@dataclass(frozen=True)
+class Mask:
+    """An additive mask and the rows it hides completely (kernels report those rows inconsistently)."""
+
+    bias: torch.Tensor  # [M, N], 0 where visible, -inf where not
+    dead: torch.Tensor | None  # [M] bool, None when every row sees some key
+
+    @staticmethod
+    def from_visible(visible: torch.Tensor, dtype: torch.dtype) -> "Mask":
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, NEG_INF)
+        dead = ~visible.any(dim=-1)
+        return Mask(bias, dead if bool(dead.any()) else None)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, M, D], k/v [B, N, D], bias [M, N] additive (0 or -inf) or None.
+    """q [B, M, D], k/v [B, N, D], mask over [M, N] or None for all visible.
 
     Returns out [B, M, D] and lse [B, M] (float32; -inf for rows with no visible key, whose out is 0).
     """
+    bias = None if mask is None else mask.bias
     if q.device.type == "cpu":
         out, lse = _cpu_flash(q, k, v, bias, scale)
     elif q.device.type == "cuda":
@@ -55,11 +73,9 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     else:
         return _reference(q, k, v, bias, scale)
     lse = lse.float()
-    # Kernels disagree on fully masked rows (NaN, or lse=+inf); normalise them to out=0, lse=-inf.
-    dead = ~torch.isfinite(lse)
-    if bool(dead.any()):
-        lse = lse.masked_fill(dead, NEG_INF)
-        out = out.masked_fill(dead[..., None], 0.0)
+    if mask is not None and mask.dead is not None:
+        lse = lse.masked_fill(mask.dead, NEG_INF)
+        out = out.masked_fill(mask.dead[:, None], 0.0)
     return out, lse
 
 

@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from core.attention import NEG_INF, attention_lse, merge
+from core.attention import Mask, attention_lse, merge
 from core.blockstore import BlockCache, BlockStore, gather_blocks
 from core.config import EngineConfig
 from core.rope import RopeTable
@@ -40,21 +40,20 @@ def rope_range(cfg: EngineConfig) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _local_bias(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                window: int, n_sink_keys: int, win_start: int, n_win: int) -> torch.Tensor:
+def _local_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
+                window: int, n_sink_keys: int, win_start: int, n_win: int) -> Mask:
     """Additive mask [G*L, n_sink_keys + n_win] for the local group. Shared by every layer (same positions)."""
     pos = torch.arange(first, first + length, device=device)[:, None]
     sink_pos = torch.arange(n_sink_keys, device=device)[None, :]
     win_pos = win_start + torch.arange(n_win, device=device)[None, :]
     visible = torch.cat([(sink_pos <= pos) & (pos < sinks + window),
                          (win_pos <= pos) & (pos - win_pos < window)], dim=1)
-    bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
-    return bias.repeat(groups, 1)
+    return Mask.from_visible(visible.repeat(groups, 1), dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _memory_bias(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                 window: int, n_sink_keys: int, n_free: int, win_start: int, n_tail: int) -> torch.Tensor | None:
+def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
+                 window: int, n_sink_keys: int, n_free: int, win_start: int, n_tail: int) -> Mask | None:
     """Additive mask [G*L, keys] for the memory group: sinks | always-visible keys | window tail."""
     pos = torch.arange(first, first + length, device=device)[:, None]
     if first >= sinks + window and n_tail == 0:
@@ -63,8 +62,7 @@ def _memory_bias(device: torch.device, dtype: torch.dtype, groups: int, first: i
     free_vis = torch.ones(length, n_free, dtype=torch.bool, device=device)
     tail_vis = pos - (win_start + torch.arange(n_tail, device=device)[None, :]) >= window
     visible = torch.cat([sink_vis, free_vis, tail_vis], dim=1)
-    bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, NEG_INF)
-    return bias.repeat(groups, 1)
+    return Mask.from_visible(visible.repeat(groups, 1), dtype)
 
 
 class LayerMemory:
@@ -212,9 +210,9 @@ class LayerMemory:
         q_local = fold(self.rope.rotate(q, pos - self.win_start + S))
         k_local = torch.cat([self.sink_local[:, :sinks_local], self.win_rot[:, : self.n_win]], dim=1)
         v_local = torch.cat([self.sink_v[:, :sinks_local], self.win_v[:, : self.n_win]], dim=1)
-        bias = _local_bias(self.device, q.dtype, self.groups, first, length, S, W, sinks_local, self.win_start,
+        mask = _local_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_local, self.win_start,
                            self.n_win)
-        local = attention_lse(q_local, k_local, v_local, bias, self.scale)
+        local = attention_lse(q_local, k_local, v_local, mask, self.scale)
 
         # Memory group: frozen sinks, stragglers, retrieved blocks, and window keys out of some query's reach.
         q_mem = fold(self.rope.rotate(q, W))
@@ -234,8 +232,8 @@ class LayerMemory:
         if sinks_mem + n_free + n_tail == 0:
             out = local[0]
         else:
-            bias = _memory_bias(self.device, q.dtype, self.groups, first, length, S, W, sinks_mem, n_free,
+            mask = _memory_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_mem, n_free,
                                 self.win_start, n_tail)
-            out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), bias,
+            out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
                                              self.scale))
         return out.view(h, length, d)

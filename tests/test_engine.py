@@ -1,0 +1,229 @@
+"""Engine correctness on tiny random models: exactness, the positional scheme, retrieval, caching, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.adapter import DecoderAdapter
+from core.blockstore import BlockCache, BlockStore
+from core.config import EngineConfig
+from core.engine import Engine
+from core.errors import ModelError, UsageError
+from core.rope import apply_rotary
+from tiny_models import tiny_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None]).logits[0].float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("query_chunk,prefill_chunk", [(300, 300), (16, 64), (32, 32), (64, 256)])
+def test_fits_in_sinks_plus_window_equals_full_attention(arch, query_chunk, prefill_chunk):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1))
+    cfg = EngineConfig(sinks=16, window=284 if query_chunk < 284 else 300, block_size=16, repr_keys=4, topk=2,
+                       query_chunk=query_chunk, cache_blocks=4, prefill_chunk=prefill_chunk)
+    out = Engine(model, cfg).feed(ids, all_logits=True)
+    assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
+
+
+def test_rope_scaling_is_honoured():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256, "rope_theta": 10000.0}
+    model = tiny_model("llama", rope_parameters=scaling)
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(2))
+    cfg = EngineConfig(sinks=8, window=192, block_size=16, topk=2, query_chunk=32, cache_blocks=4, prefill_chunk=64)
+    out = Engine(model, cfg).feed(ids, all_logits=True)
+    assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
+
+
+def _distance(p: int, j: int, cfg: EngineConfig) -> int:
+    """The distance the engine shows query p for key j when every block is retrieved (module docstring)."""
+    S, W = cfg.sinks, cfg.window
+    if j < S:
+        return p - j if p < S + W else S + W - 1 - j
+    return p - j if p - j < W else W
+
+
+def reference_logits(model, ids, cfg: EngineConfig):
+    """Dense attention with the engine's positional scheme, written independently of it."""
+    a = DecoderAdapter(model)
+    T = ids.shape[0]
+    dist = torch.tensor([[_distance(p, j, cfg) if j <= p else 0 for j in range(T)] for p in range(T)])
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        cos, sin = a.rotary(torch.empty(0), dist.reshape(1, -1))
+        cos, sin = cos[0].view(T, T, -1), sin[0].view(T, T, -1)
+        hidden = a.embed(ids)
+        for i in range(len(a.layers)):
+            q, k, v = a.qkv(i, hidden)
+            g = a.heads // a.kv_heads
+            k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+            # query p rotated by its distance to key j, key unrotated: q R(d) . k
+            qr = apply_rotary(q[:, :, None, :], cos[None], sin[None])  # [H, T, T, D]
+            s = (qr * k[:, None, :, :]).sum(-1) * a.scale
+            s = s.masked_fill(~visible, float("-inf"))
+            attn = torch.softmax(s, -1) @ v
+            hidden = a.finish(i, hidden, attn)
+        return a.logits(hidden)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_beyond_the_window_matches_the_positional_scheme(arch):
+    """With every block retrieved, the engine is dense attention at the documented distances, for any chunking."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 256, (330,), generator=torch.Generator().manual_seed(3))
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, repr_keys=2, topk=64, query_chunk=16, cache_blocks=64,
+                       prefill_chunk=48)
+    ref = reference_logits(model, ids, cfg)
+    engine = Engine(model, cfg)
+    prefill = engine.feed(ids[:250], all_logits=True)
+    decoded = torch.stack([engine.feed(ids[t : t + 1]) for t in range(250, 330)])  # token-by-token decoding
+    out = torch.cat([prefill, decoded])
+    assert engine.layers[0].store.count >= 10  # the memory was really used
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_offloaded_store_gives_identical_logits():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(4))
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=4, query_chunk=16, cache_blocks=6, prefill_chunk=64)
+    plain = Engine(model, cfg, offload=False).feed(ids, all_logits=True)
+    offloaded_engine = Engine(model, cfg, offload=True)
+    offloaded = offloaded_engine.feed(ids, all_logits=True)
+    assert torch.equal(plain, offloaded)
+    stats = offloaded_engine.layers[0].cache.stats
+    assert stats.misses > 0 and stats.hits > 0 and stats.evictions > 0
+
+
+def test_checkpoint_restore_returns_to_the_same_state():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(5))
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=2, query_chunk=16, cache_blocks=4, prefill_chunk=32)
+    engine = Engine(model, cfg, offload=True)
+    engine.feed(ids[:200])
+    state = engine.checkpoint()
+    first = engine.feed(ids[200:], all_logits=True)
+    engine.feed(ids[:100])  # wander off: more blocks, more cache traffic
+    engine.restore(state)
+    again = engine.feed(ids[200:], all_logits=True)
+    assert torch.equal(first, again)
+
+
+def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
+    for _ in range(n_blocks):
+        k = torch.randn(heads, block, dim, generator=gen)
+        store.append(k, torch.randn(heads, block, dim, generator=gen), k[:, :reprs])
+    return store
+
+
+def test_block_whose_representatives_match_the_query_is_retrieved():
+    store = _store(40, seed=1)
+    query = torch.randn(2, 16, generator=torch.Generator().manual_seed(9))
+    planted = 23
+    k, v = store.block(planted)
+    k[:, 0] = query * 5  # a representative key aligned with the query
+    store.repr_pages[0][planted, :, 0] = query * 5
+    assert int(torch.topk(store.scores(query), 3).indices[0]) == planted
+
+
+def test_retrieval_in_the_engine_finds_the_planted_block():
+    """End to end in one layer: the queries of a chunk retrieve the block whose keys they match."""
+    from core.memory import LayerMemory
+    from core.rope import RopeTable
+
+    cfg = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=1, query_chunk=8, cache_blocks=2,
+                       prefill_chunk=8)
+    model = tiny_model("llama")
+    a = DecoderAdapter(model)
+    rope = RopeTable(a.rotary, -4, 64, torch.device("cpu"), torch.float32)
+    mem = LayerMemory(cfg, 4, 2, 16, 0.25, torch.float32, torch.device("cpu"), rope, offload=False)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 16, generator=gen)
+    planted = 2 * 8 + 3  # chunk 2, slot 3
+    for chunk in range(12):
+        k = torch.randn(2, 8, 16, generator=gen) * 0.1
+        q = torch.randn(4, 8, 16, generator=gen) * 0.1
+        if chunk == 2:
+            k[:, 3] = target * 3
+        if 2 <= chunk <= 5:  # the text right after it refers back to it: it becomes a representative key
+            q += target.repeat_interleave(2, 0)[:, None, :] * 0.05
+        mem.attend(q, k, torch.randn(2, 8, 16, generator=gen))
+    q = target.repeat_interleave(2, 0)[:, None, :].expand(4, 8, 16) * 3  # queries looking for `target`
+    mem.attend(q.contiguous(), torch.zeros(2, 8, 16), torch.zeros(2, 8, 16))
+    block = (planted - cfg.sinks) // cfg.block_size
+    assert mem.last_retrieved == [block]
+    start, end = mem.block_span(block)
+    assert start <= planted < end
+
+
+def test_lru_cache_hits_and_evicts_as_designed():
+    store = _store(8)
+    cache = BlockCache(store, capacity=4, device=torch.device("cpu"))
+    cache.gather([0, 1, 2])
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (0, 3, 0)
+    cache.gather([1, 2, 3])
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 4, 0)
+    cache.gather([4, 5])  # full: evicts the two least recently used, 0 then 1
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 6, 2)
+    assert set(cache.slots) == {2, 3, 4, 5}
+    cache.gather([2, 6, 7, 3])  # needs 2 slots; 2 and 3 are in this request so 4 and 5 go
+    assert set(cache.slots) == {2, 3, 6, 7}
+    assert cache.stats.evictions == 4
+
+
+def test_block_offloaded_and_reloaded_is_bitwise_identical():
+    store = _store(5)
+    cache = BlockCache(store, capacity=2, device=torch.device("cpu"))
+    for order in ([3, 1], [0, 4], [3, 2]):  # forces reloads after evictions
+        k, v = cache.gather(order)
+        for i, b in enumerate(order):
+            assert torch.equal(k[i], store.block(b)[0]) and torch.equal(v[i], store.block(b)[1])
+
+
+def test_working_memory_is_flat_and_block_store_linear():
+    model = tiny_model("llama", max_position_embeddings=2048)
+    cfg = EngineConfig(sinks=16, window=512, block_size=32, repr_keys=4, topk=4, query_chunk=128, cache_blocks=8,
+                       prefill_chunk=1024)
+    sizes = {}
+    for n in (4096, 65536):
+        engine = Engine(model, cfg, offload=True)
+        ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n))
+        engine.feed(ids)
+        sizes[n] = engine.memory_report()
+    assert sizes[4096].working_bytes == sizes[65536].working_bytes
+    blocks_small, blocks_large = sizes[4096].blocks, sizes[65536].blocks
+    for n, blocks in ((4096, blocks_small), (65536, blocks_large)):
+        # Everything older than the window (give or take one query chunk still in the buffer) is in blocks.
+        assert (n - 16 - 512 - 128) // 32 <= blocks <= (n - 16 - 512) // 32
+    per_block = sizes[65536].block_store_bytes / blocks_large
+    # Linear: bytes per block at 64K within the page rounding of the small store.
+    assert per_block <= sizes[4096].block_store_bytes / blocks_small * 1.05
+    assert sizes[65536].block_store_bytes / sizes[4096].block_store_bytes > 10
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(cache_blocks=4, topk=8), "cache_blocks"),
+    (dict(window=8192), "training length"),
+    (dict(prefill_chunk=1000), "multiple of query_chunk"),
+    (dict(repr_keys=200), "repr_keys"),
+    (dict(window=0), "window"),
+])
+def test_invalid_settings_are_refused_with_a_clear_message(overrides, needle):
+    with pytest.raises(UsageError, match=needle):
+        EngineConfig(**overrides).validate(max_positions=4096)
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ModelError, match="supported: llama, mistral, qwen2, qwen3"):
+        Engine(model, EngineConfig())
