@@ -236,4 +236,4 @@ class LayerMemory:
                                 self.win_start, n_tail)
             out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
                                              self.scale))
-        return out.view(h, length, d)
+        return out.reshape(h, length, d)

@@ -124,7 +124,7 @@ def ask(
     config = _engine_config(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
     config.validate()
     sampling = SamplingConfig(temperature, top_p, seed)
-    if not 0 < top_p <= 1 or temperature < 0 or max_tokens < 1:
+    if not 0 < top_p <= 1 or not temperature >= 0 or max_tokens < 1:  # `not >=` also refuses nan
         raise UsageError("need 0 < --top-p <= 1, --temperature >= 0 and --max-tokens >= 1")
     _run_ask(display, sources, question, model, device, dtype, config, sampling, max_tokens, system, template, as_json)
 

@@ -1,0 +1,181 @@
+"""Passkey retrieval: full attention vs sinks + window (StreamingLLM) vs InfLLM, per length.
+
+The prompt follows ../shared/reference/FIGURES.md: a chat-template user turn with filler text hiding
+"The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth, then "What is the pass key?", and the
+assistant turn opened with "The pass key is". Greedy decoding; a trial succeeds if the key appears.
+
+For InfLLM it also reports the retrieval hit rate: the share of (trial, layer) pairs in which a block holding
+the key was among the blocks retrieved for the last prompt token (the one that predicts the first answer token).
+
+Example (CPU, a few trials):   python benchmarks/passkey.py --lengths 4096,8192,16384 --trials 3
+Prints a table; --json PATH also writes every trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.config import EngineConfig  # noqa: E402
+from core.engine import Engine  # noqa: E402
+from core.loading import load_model  # noqa: E402
+from core.prompting import build_prompt  # noqa: E402
+from core.session import stop_token_ids  # noqa: E402
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+TEMPLATE = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+            "Find it and memorize it.\n{document}\nWhat is the pass key?")
+
+
+def make_document(tokenizer, n_tokens: int, depth: float, key: int) -> tuple[str, tuple[int, int]]:
+    """Filler of about n_tokens tokens with the key sentence at `depth`; returns text and the key's char span."""
+    per = len(tokenizer.encode(FILLER * 10, add_special_tokens=False)) / 10
+    reps = max(1, int(n_tokens / per))
+    at = int(reps * depth)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    before = FILLER * at
+    return before + needle + FILLER * (reps - at), (len(before), len(before) + len(needle))
+
+
+def key_token_positions(tokenizer, text: str, span: tuple[int, int], offset: int) -> list[int]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [offset + i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < span[1] and e > span[0]]
+
+
+def run_engine(engine: Engine, prompt, doc_ids, stops, max_new: int):
+    engine.reset()
+    start = time.perf_counter()
+    engine.feed(prompt.prefix)
+    engine.feed(doc_ids)
+    prefill_s = time.perf_counter() - start
+    logits = engine.feed(prompt.suffix)
+    retrieved = [list(m.last_retrieved) for m in engine.layers]
+    tokens = list(engine.generate(logits, max_new, stops))
+    return tokens, prefill_s, retrieved
+
+
+def run_full(model, prompt, doc_ids, stops, max_new: int):
+    ids = torch.tensor([prompt.prefix + doc_ids + prompt.suffix], device=model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model(ids[:, :-1], use_cache=True)
+        past = out.past_key_values
+        prefill_s = time.perf_counter() - start
+        token = ids[:, -1:]
+        tokens = []
+        for _ in range(max_new):
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            tokens.append(nxt)
+            token = torch.tensor([[nxt]], device=model.device)
+    return tokens, prefill_s
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--lengths", default="4096,8192,16384")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--systems", default="full,streaming,infllm")
+    ap.add_argument("--full-max", type=int, default=32768, help="longest length full attention is run at")
+    ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--topk", type=int, default=None)
+    ap.add_argument("--sinks", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--query-chunk", type=int, default=None)
+    ap.add_argument("--prefill-chunk", type=int, default=None)
+    ap.add_argument("--cache-blocks", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    from core.defaults import engine_defaults
+
+    cfg = engine_defaults(model.config).with_overrides(
+        window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
+        query_chunk=args.query_chunk, prefill_chunk=args.prefill_chunk, cache_blocks=args.cache_blocks)
+    stops = stop_token_ids(loaded)
+    prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
+    systems = args.systems.split(",")
+    engines = {}
+    if "infllm" in systems:
+        engines["infllm"] = Engine(model, cfg)
+    if "streaming" in systems:
+        engines["streaming"] = Engine(model, cfg.with_overrides(topk=0, cache_blocks=0))
+    rows, trials = [], []
+    print(f"model {loaded.name} on {device}, engine {cfg.to_dict()}", file=sys.stderr)
+    for length in [int(x) for x in args.lengths.split(",")]:
+        for system in systems:
+            if system == "full" and length > args.full_max:
+                continue
+            ok = hits = layer_trials = 0
+            prefill_total = tokens_total = 0.0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for t in range(args.trials):
+                depth = t / max(1, args.trials - 1)
+                key = random.Random(length * 1000 + t).randint(10000, 99999)
+                text, span = make_document(tok, length, depth, key)
+                doc_ids = tok.encode(text, add_special_tokens=False)
+                if system == "full":
+                    tokens, prefill_s = run_full(model, prompt, doc_ids, stops, args.max_new)
+                    retrieved = None
+                else:
+                    tokens, prefill_s, retrieved = run_engine(engines[system], prompt, doc_ids, stops, args.max_new)
+                answer = tok.decode(tokens, skip_special_tokens=True)
+                success = str(key) in answer
+                ok += success
+                prefill_total += prefill_s
+                tokens_total += len(prompt.prefix) + len(doc_ids)
+                record = {"system": system, "length": length, "tokens": len(doc_ids), "depth": depth, "key": key,
+                          "answer": answer, "success": success, "prefill_s": prefill_s}
+                if system == "infllm":
+                    positions = key_token_positions(tok, text, span, len(prompt.prefix))
+                    engine = engines["infllm"]
+                    key_blocks = {(p - cfg.sinks) // cfg.block_size for p in positions if p >= cfg.sinks}
+                    # Only a key already sealed into a block can be retrieved; otherwise it is still local.
+                    if key_blocks and max(key_blocks) < engine.layers[0].store.count:
+                        layer_hits = [bool(key_blocks & set(r)) for r in retrieved]
+                        hits += sum(layer_hits)
+                        layer_trials += len(layer_hits)
+                        record["layer_hits"] = sum(layer_hits)
+                    record["blocks"] = engine.layers[0].store.count
+                trials.append(record)
+                print(json.dumps(record), file=sys.stderr, flush=True)
+            rows.append({"system": system, "length": length, "accuracy": f"{ok}/{args.trials}",
+                         "retrieval_hit": f"{hits / layer_trials:.0%}" if layer_trials else "",
+                         "prefill_tok_s": round(tokens_total / prefill_total), "peak_mb": round(peak_mb(device))})
+    print(f"\n| system | length | passkey | retrieval hit (trial x layer) | prefill tok/s | peak MB ({device.type}) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['length']:,} | {r['accuracy']} | {r['retrieval_hit']} | "
+              f"{r['prefill_tok_s']:,} | {r['peak_mb']:,} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "rows": rows, "trials": trials}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Prefill and decode speed of infllm against plain transformers, on random-weight models (speed ignores weights).
+
+Rows: one dense 4K forward without cache (the practical roofline), transformers full attention (SDPA,
+chunked prefill + greedy decode, as ../shared/reference/full_attention_bench.py), and infllm.
+Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
+row of the same run.
+
+  GPU:  python benchmarks/speed.py --shape llama8b --lengths 32768,131072
+  CPU:  python benchmarks/speed.py --shape smollm2 --device cpu --dtype float32 --lengths 4096,16384,65536 --full-max 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.defaults import engine_defaults  # noqa: E402
+from core.engine import Engine  # noqa: E402
+
+SHAPES = {
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
+                    tie_word_embeddings=True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak(device) -> dict:
+    out = {"rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if device.type == "cuda":
+        out["gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return out
+
+
+def build(shape: str, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
+        model = LlamaForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
+def dense(model, device, n=4096):
+    x = torch.randint(0, 32000, (1, n), device=device)
+    with torch.inference_mode():
+        for _ in range(2):
+            sync(device)
+            t = time.perf_counter()
+            model(x, use_cache=False, logits_to_keep=1)
+            sync(device)
+    return {"system": "dense 4K forward (roofline)", "tokens": n, "prefill_tok_s": n / (time.perf_counter() - t)}
+
+
+def full(model, device, length, decode, chunk=8192):
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 32000, (1, length), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        sync(device)
+        t0 = time.perf_counter()
+        for s in range(0, length, chunk):
+            out = model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync(device)
+        t1 = time.perf_counter()
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(decode):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t2 = time.perf_counter()
+    return {"system": "transformers full attention (SDPA)", "tokens": length, "prefill_tok_s": length / (t1 - t0),
+            "decode_ms": (t2 - t1) / decode * 1000, **peak(device)}
+
+
+def infllm(model, device, length, decode, overrides):
+    cfg = engine_defaults(model.config).with_overrides(**overrides)
+    engine = Engine(model, cfg)
+    ids = torch.randint(0, 32000, (length,))
+    engine.feed(ids[: cfg.prefill_chunk])  # warm-up (allocations, kernel selection)
+    engine.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = engine.feed(ids)
+    sync(device)
+    t1 = time.perf_counter()
+    for token in engine.generate(logits, decode, stop_ids=set()):
+        pass
+    sync(device)
+    t2 = time.perf_counter()
+    report = engine.memory_report()
+    return {"system": "infllm", "tokens": length, "prefill_tok_s": length / (t1 - t0),
+            "decode_ms": (t2 - t1) / decode * 1000, **peak(device),
+            "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="llama8b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--full-max", type=int, default=131072)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--systems", default="dense,full,infllm")
+    ap.add_argument("--window", type=int)
+    ap.add_argument("--topk", type=int)
+    ap.add_argument("--prefill-chunk", type=int)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, device, dtype)
+    overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk).items() if v}
+    systems = args.systems.split(",")
+    rows = []
+    if "dense" in systems:
+        rows.append(dense(model, device))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for length in [int(x) for x in args.lengths.split(",")]:
+        if "full" in systems and length <= args.full_max:
+            rows.append(full(model, device, length, args.decode))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if "infllm" in systems:
+            rows.append(infllm(model, device, length, args.decode, overrides))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
+    print(f"\n{args.shape} on {device} ({args.dtype})\n")
+    print("| system | tokens | prefill tok/s | vs dense 4K | decode ms/token | peak GPU GB | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['prefill_tok_s'] / base:.2f}x" if base else ""
+        print(f"| {r['system']} | {r['tokens']:,} | {r['prefill_tok_s']:,.0f} | {ratio} | "
+              f"{r.get('decode_ms', float('nan')):.1f} | {r.get('gpu_gb', '')} | {r.get('rss_gb', '')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Engine settings chosen per model when the user does not set them.
+
+The issue defaults (4K window, 16 blocks of 128) suit 7-8B models. Small models read short contexts best and
+attention dominates their CPU time, so they get a shorter window; see docs/benchmarks.md for the measurements.
+Any model gets a window that fits its training length.
+"""
+
+from __future__ import annotations
+
+from core.config import EngineConfig
+
+SMALL_MODEL_HIDDEN = 1024  # hidden size at or below which a model counts as small (SmolLM2-135M: 576)
+
+
+def engine_defaults(model_config) -> EngineConfig:
+    cfg = EngineConfig()
+    if getattr(model_config, "hidden_size", 4096) <= SMALL_MODEL_HIDDEN:
+        cfg = cfg.with_overrides(window=SMALL_WINDOW, topk=SMALL_TOPK)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit:
+        # Keep window + sinks within the training length, in whole query chunks.
+        sinks = min(cfg.sinks, limit // 16)
+        window = min(cfg.window, limit - sinks)
+        chunk = min(cfg.query_chunk, max(1, window // 4))
+        window -= window % chunk
+        cfg = cfg.with_overrides(sinks=sinks, window=window, query_chunk=chunk,
+                                 prefill_chunk=max(chunk, cfg.prefill_chunk - cfg.prefill_chunk % chunk))
+    return cfg
+
+
+SMALL_WINDOW = 4096
+SMALL_TOPK = 16

@@ -1,0 +1,367 @@
+"""The `infllm ask` command end to end: stdout/stderr discipline, sources, --json, -q and the exit-code contract.
+
+Every run uses the tiny random Llama from conftest on the CPU with engine settings small enough that a document of
+a couple of thousand tokens overflows the local window, so the context memory is really used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infllm_cli.app import app
+
+REPO = Path(__file__).resolve().parent.parent
+
+ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+          "--prefill-chunk", "128", "--cache-blocks", "4"]
+JSON_KEYS = {"answer", "model", "tokens_read", "timings", "memory", "engine"}
+
+
+def _text(topic: str, n: int) -> str:
+    return "".join(f"Line {i}: the {topic} is {i * 7 % 101}. Remember it.\n" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> dict[str, Path]:
+    """Two documents of ~2,000 tokens each (well over the 256-token window), an empty file and a plain folder."""
+    root = tmp_path_factory.mktemp("docs")
+    a, b, empty = root / "a.txt", root / "b.txt", root / "empty.txt"
+    a.write_text(_text("pass key", 150), encoding="utf-8")
+    b.write_text(_text("grass colour", 150), encoding="utf-8")
+    empty.write_bytes(b"")
+    not_model = root / "not-a-model"
+    not_model.mkdir()
+    (not_model / "readme.txt").write_text("no config.json here\n")
+    return {"a": a, "b": b, "empty": empty, "not_model": not_model}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    for name in ("INFLLM_DEBUG", "INFLLM_MODEL", "INFLLM_DEVICE", "INFLLM_DTYPE", "INFLLM_WINDOW", "INFLLM_TOPK",
+                 "INFLLM_SINKS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def ask(tiny_model_dir):
+    """ask(*args, input=None, model=tiny model, engine=ENGINE) -> click Result (stdout and stderr kept apart)."""
+    runner = CliRunner()
+
+    def run(*args, input=None, model=None, engine=ENGINE):
+        argv = ["ask", "--model", str(model or tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *engine,
+                *map(str, args)]
+        return runner.invoke(app, argv, input=input, prog_name="infllm")
+
+    return run
+
+
+def progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("infllm:") and "error" not in line]
+
+
+def summary_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert lines, "stderr is empty: no summary line"
+    return lines[-1]
+
+
+def assert_one_error_line(result, code: int) -> str:
+    """The run failed with `code`, said so in exactly one 'infllm: error:' line (the last), and printed nothing else."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.endswith("\n") and result.stderr.splitlines()[-1] == errors[0]
+    assert errors[0].startswith("infllm: error: "), errors[0]
+    return errors[0]
+
+
+def run_json(ask, *args, input=None) -> dict:
+    result = ask("--json", *args, input=input)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+# --- success paths -------------------------------------------------------------------------------------------
+
+
+def test_answer_goes_to_stdout_and_progress_to_stderr(ask, docs):
+    result = ask(docs["a"], "What is the pass key?")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    # stdout: the answer (possibly empty: a random model may stop at once) and one newline, nothing else.
+    assert result.stdout.endswith("\n")
+    assert "infllm:" not in result.stdout
+    assert "tok/s" not in result.stdout
+    # stderr: the phases, the plain (non-tty) reading lines, and the summary last.
+    assert "infllm: loading model" in result.stderr
+    assert "infllm: answering" in result.stderr
+    assert any(line.startswith("infllm: read ") and "ETA" in line for line in result.stderr.splitlines())
+    summary = summary_line(result.stderr)
+    assert summary.startswith("infllm: read ") and "tokens" in summary and "tok/s" in summary
+    assert "answered" in summary and "peak RSS" in summary
+    assert "\x1b[" not in result.stderr  # not a terminal: no colour, no live bar
+
+
+def test_document_overflows_the_window(ask, docs):
+    """The test documents must be longer than the window, or the memory would never be used."""
+    data = run_json(ask, docs["a"], "What is the pass key?")
+    assert data["tokens_read"] > 4 * data["engine"]["window"]
+
+
+def test_json_is_one_object_on_stdout(ask, docs):
+    result = ask("--json", docs["a"], "What is the pass key?")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout.endswith("}\n") and result.stdout.count("\n") == 1
+    data = json.loads(result.stdout)  # raises if there is anything beside the one object
+    assert isinstance(data, dict)
+    assert JSON_KEYS <= data.keys()
+    assert isinstance(data["answer"], str) and data["answer"] == data["answer"].strip()
+    assert isinstance(data["tokens_read"], int) and data["tokens_read"] > 0
+    assert 0 <= data["tokens_generated"] <= 5
+    assert {"extract_s", "load_s", "tokenize_s", "prefill_s", "answer_s", "total_s"} <= data["timings"].keys()
+    assert data["timings"]["total_s"] >= data["timings"]["prefill_s"] >= 0
+    assert data["memory"]["peak_rss_mb"] > 0
+    assert data["engine"] == {"sinks": 16, "window": 256, "block_size": 32, "repr_keys": 4, "topk": 2,
+                              "query_chunk": 64, "cache_blocks": 4, "prefill_chunk": 128}
+    assert data["sources"] == [str(docs["a"])]
+    # The progress still goes to stderr.
+    assert "infllm: loading model" in result.stderr
+    assert "tok/s" in summary_line(result.stderr)
+
+
+def test_json_model_is_the_model_asked_for(ask, docs, tiny_model_dir):
+    data = run_json(ask, docs["a"], "What is the pass key?")
+    assert data["model"] == str(tiny_model_dir)
+
+
+def test_json_answer_matches_plain_answer(ask, docs):
+    plain = ask(docs["a"], "What is the pass key?")
+    data = run_json(ask, docs["a"], "What is the pass key?")
+    assert plain.exit_code == 0
+    assert data["answer"] == plain.stdout.strip()
+
+
+def test_stdin_implicit_and_explicit(ask, docs):
+    text = docs["a"].read_text(encoding="utf-8")
+    from_file = ask(docs["a"], "What is the pass key?")
+    implicit = ask("What is the pass key?", input=text)
+    explicit = ask("-", "What is the pass key?", input=text)
+    for result in (from_file, implicit, explicit):
+        assert result.exit_code == 0, (result.stderr, result.exception)
+    # Same text, same question, greedy: the same answer, whichever way the text came in.
+    assert implicit.stdout == explicit.stdout == from_file.stdout
+    assert "extracting text from -" in implicit.stderr
+    assert "extracting text from -" in explicit.stderr
+    # Same number of tokens read.
+    assert summary_line(implicit.stderr).split(" in ")[0] == summary_line(from_file.stderr).split(" in ")[0]
+
+
+def test_empty_stdin_is_unreadable_input(ask):
+    result = ask("What is the pass key?", input="")
+    line = assert_one_error_line(result, 3)
+    assert "stdin" in line
+
+
+def test_quiet_leaves_stderr_empty(ask, docs):
+    result = ask("-q", docs["a"], "What is the pass key?")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    assert result.stdout.endswith("\n") and "infllm:" not in result.stdout
+
+
+def test_quiet_json(ask, docs):
+    result = ask("--quiet", "--json", docs["a"], "What is the pass key?")
+    assert result.exit_code == 0
+    assert result.stderr == ""
+    assert JSON_KEYS <= json.loads(result.stdout).keys()
+
+
+def test_quiet_still_reports_errors(ask, tmp_path):
+    result = ask("-q", tmp_path / "missing.txt", "q")
+    assert_one_error_line(result, 3)
+    assert result.stderr.count("\n") == 1
+
+
+def test_several_sources_are_read_in_order(ask, docs):
+    one = run_json(ask, docs["a"], "What is the pass key?")
+    two = run_json(ask, docs["a"], docs["b"], "What is the pass key?")
+    assert two["tokens_read"] > one["tokens_read"] + 1000
+    assert two["sources"] == [str(docs["a"]), str(docs["b"])]
+    # a then b is the same text as their concatenation on stdin, and a file may be mixed with '-'.
+    text = docs["a"].read_text(encoding="utf-8") + docs["b"].read_text(encoding="utf-8")
+    piped = run_json(ask, "-", "What is the pass key?", input=text)
+    mixed = run_json(ask, docs["a"], "-", "What is the pass key?", input=docs["b"].read_text(encoding="utf-8"))
+    assert piped["tokens_read"] == mixed["tokens_read"] == two["tokens_read"]
+    assert piped["answer"] == mixed["answer"] == two["answer"]
+
+
+def test_same_command_twice_gives_the_same_answer(ask, docs):
+    first = ask(docs["b"], "What colour is the grass?")
+    second = ask(docs["b"], "What colour is the grass?")
+    assert first.exit_code == second.exit_code == 0
+    assert first.stdout == second.stdout
+
+
+# --- exit codes ----------------------------------------------------------------------------------------------
+
+
+def test_missing_file_exits_3(ask, tmp_path):
+    missing = tmp_path / "missing.txt"
+    line = assert_one_error_line(ask(missing, "What is the pass key?"), 3)
+    assert str(missing) in line
+
+
+def test_empty_file_exits_3(ask, docs):
+    line = assert_one_error_line(ask(docs["empty"], "What is the pass key?"), 3)
+    assert "empty" in line
+
+
+def test_no_arguments_is_a_usage_error():
+    result = CliRunner().invoke(app, ["ask"], prog_name="infllm")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "Missing argument" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_question_is_a_usage_error(ask, docs):
+    line = assert_one_error_line(ask(docs["a"], "   "), 2)
+    assert "question" in line
+
+
+@pytest.mark.parametrize("settings, words", [
+    (["--cache-blocks", "1", "--topk", "4"], "cache_blocks"),
+    (["--prefill-chunk", "100"], "prefill_chunk"),
+    (["--top-p", "0"], "top-p"),
+    (["--max-tokens", "0"], "max-tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "nan"], "temperature"),  # was an internal error (exit 1) after reading everything
+])
+def test_bad_settings_exit_2_before_any_work(ask, docs, settings, words):
+    result = ask(*settings, docs["a"], "What is the pass key?")
+    line = assert_one_error_line(result, 2)
+    assert words in line
+    # Checked up front: nothing was read or loaded.
+    assert "extracting text" not in result.stderr and "loading model" not in result.stderr
+
+
+def test_window_above_training_length_exits_2(ask, docs):
+    engine = [*ENGINE[:ENGINE.index("--window")], "--window", "100000", *ENGINE[ENGINE.index("--window") + 2:]]
+    line = assert_one_error_line(ask(docs["a"], "What is the pass key?", engine=engine), 2)
+    assert "training length (2048)" in line
+
+
+def test_unknown_device_exits_2(ask, docs, tiny_model_dir):
+    argv = ["ask", "--model", str(tiny_model_dir), "--device", "tpu", *ENGINE, str(docs["a"]), "q"]
+    line = assert_one_error_line(CliRunner().invoke(app, argv, prog_name="infllm"), 2)
+    assert "unknown device 'tpu'" in line
+
+
+def test_missing_model_exits_4(ask, docs, tmp_path):
+    line = assert_one_error_line(ask(docs["a"], "q", model=tmp_path / "no-such-model"), 4)
+    assert "model not found" in line
+
+
+def test_directory_that_is_not_a_model_exits_4(ask, docs):
+    line = assert_one_error_line(ask(docs["a"], "q", model=docs["not_model"]), 4)
+    assert "not a model" in line
+
+
+def test_unknown_template_exits_2(ask, docs):
+    line = assert_one_error_line(ask("--template", "no-such-template", docs["a"], "q"), 2)
+    assert "no-such-template" in line
+
+
+def test_unexpected_exception_is_one_line_exit_1(ask, docs, monkeypatch):
+    import core.loading
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core.loading, "load_model", boom)
+    result = ask(docs["a"], "q")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("infllm: internal error: RuntimeError: boom")
+
+
+def test_interrupt_exits_130(ask, docs, monkeypatch):
+    import core.loading
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core.loading, "load_model", interrupted)
+    result = ask(docs["a"], "q")
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == "infllm: interrupted"
+
+
+# --- help ----------------------------------------------------------------------------------------------------
+
+
+def test_help_documents_exit_codes():
+    result = CliRunner().invoke(app, ["--help"], prog_name="infllm")
+    assert result.exit_code == 0
+    assert "Exit codes" in result.stdout
+    assert "3 unreadable input" in result.stdout and "4 model" in result.stdout
+    assert "ask" in result.stdout
+
+
+def test_ask_help_shows_examples():
+    result = CliRunner().invoke(app, ["ask", "--help"], prog_name="infllm")
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout
+    assert 'infllm ask book.txt "Who does Elizabeth marry?"' in result.stdout
+    assert "cat server.log | infllm ask" in result.stdout
+    assert "--json" in result.stdout and "--quiet" in result.stdout
+
+
+# --- a real process ------------------------------------------------------------------------------------------
+
+
+def test_subprocess_stdout_is_only_the_answer(ask, docs, tiny_model_dir, tmp_path):
+    argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE,
+            str(docs["a"]), "What is the pass key?"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLLM_") and k != "FORCE_COLOR"}
+    env.update(NO_COLOR="1", INFLLM_CACHE=str(tmp_path / "cache"), PYTHONIOENCODING="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "infllm_cli", *argv], cwd=REPO, env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    stdout, stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, stderr
+    expected = ask(docs["a"], "What is the pass key?")
+    assert stdout == expected.stdout  # the answer and its newline, nothing else
+    assert "infllm:" not in stdout
+    assert "\x1b" not in stderr
+    assert progress_lines(stderr) and all(line.startswith("infllm: ") for line in stderr.splitlines())
+    assert "tok/s" in summary_line(stderr)
+
+
+def test_subprocess_closed_stdout_ends_quietly(docs, tiny_model_dir, tmp_path):
+    """`infllm ask ... | head -0`: the reader is gone before the answer comes; exit 0, no traceback."""
+    argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE,
+            str(docs["a"]), "What is the pass key?"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLLM_")}
+    env.update(INFLLM_CACHE=str(tmp_path / "cache"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "infllm_cli", *argv], cwd=REPO, env=env,
+                              stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    stderr = proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+    assert "error" not in stderr
+    assert "infllm: answering" in stderr and "answered" not in stderr  # stopped at the first write, quietly
