@@ -69,6 +69,8 @@ def run_full(model, prompt, doc_ids, stops, max_new: int):
     with torch.inference_mode():
         out = model(ids[:, :-1], use_cache=True)
         past = out.past_key_values
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
         prefill_s = time.perf_counter() - start
         token = ids[:, -1:]
         tokens = []

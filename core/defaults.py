@@ -28,5 +28,7 @@ def engine_defaults(model_config) -> EngineConfig:
     return cfg
 
 
-SMALL_WINDOW = 4096
-SMALL_TOPK = 16
+# Measured on SmolLM2-135M (docs/benchmarks.md, passkey): window 1024 with 8 blocks retrieved the key's block in
+# 97% of (trial, layer) pairs at 32K and answered at least as often as windows of 2048 and 4096, at ~3x the CPU speed.
+SMALL_WINDOW = 1024
+SMALL_TOPK = 8

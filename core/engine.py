@@ -7,6 +7,7 @@ Working memory is fixed when the engine is built; only the block stores grow wit
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ class Engine:
     def restore(self, state: list[dict]) -> None:
         for m, s in zip(self.layers, state):
             m.restore(s)
+
+    def count_retrievals(self, on: bool) -> Counter:
+        """Start (on=True) or stop counting which blocks every layer retrieves; returns the shared tally."""
+        tally: Counter = Counter()
+        for m in self.layers:
+            m.tally = tally if on else None
+        return tally
 
     @property
     def position(self) -> int:

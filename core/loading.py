@@ -155,13 +155,36 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+@dataclass
+class ResolvedModel:
+    source: Path | str  # directory or cached hub id that transformers loads
+    name: str
+    fingerprint: str
+    config: object  # the model's transformers config, read without loading weights
+
+
+def resolve_model(spec: str | None = None) -> ResolvedModel:
+    """Find the model and read its config (cheap), so settings can be checked before any long work."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    source, name, fingerprint = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load model {name}: {first}") from None
+    return ResolvedModel(source, name, fingerprint, config)
+
+
+def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    source, name, fingerprint = resolve(spec)
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    source, name, fingerprint = resolved.source, resolved.name, resolved.fingerprint
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -25,6 +25,7 @@ per query chunk in prefill and once every query_chunk tokens in decoding.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import torch
 
@@ -90,6 +91,7 @@ class LayerMemory:
         self.win_start = cfg.sinks  # absolute position of window slot 0
         self.n_str = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
+        self.tally: Counter | None = None  # when set, counts every retrieval (for citations)
 
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.sink_local, self.sink_mem, self.sink_v, self.win_raw, self.win_rot, self.win_v, self.win_q,
@@ -217,6 +219,8 @@ class LayerMemory:
         # Memory group: frozen sinks, stragglers, retrieved blocks, and window keys out of some query's reach.
         q_mem = fold(self.rope.rotate(q, W))
         self.last_retrieved = self._retrieve(q_mem)
+        if self.tally is not None:
+            self.tally.update(self.last_retrieved)
         sinks_mem = n_sinks if last >= S + W else 0
         n_tail = max(0, min(self.n_win, last + 1 - W - self.win_start))
         mem_k = [self.sink_mem[:, :sinks_mem], self.str_k[:, : self.n_str]]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.citations import SourceMap
+from core.citations import cite as cite_blocks
 from core.config import EngineConfig
 from core.engine import Engine
 from core.loading import LoadedModel
@@ -45,13 +47,24 @@ class Session:
         self.timings = Timings()
         self._read_state: list[dict] | None = None
         self._stops = stop_token_ids(loaded)
+        self.doc_offsets: torch.Tensor | None = None  # [N, 2] character span of each document token
+        self.doc_start = 0  # position of the document's first token in the memory
+        self.citations: list = []
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.loaded.tokenizer.encode(text, add_special_tokens=False)
+    def tokenize(self, text: str, offsets: bool = False) -> list[int]:
+        """Token ids of a document; with offsets=True also keeps each token's character span for citations."""
+        tokenizer = self.loaded.tokenizer
+        if offsets and getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            self.doc_offsets = torch.tensor(enc["offset_mapping"], dtype=torch.int64).reshape(-1, 2)
+            return enc["input_ids"]
+        self.doc_offsets = None
+        return tokenizer.encode(text, add_special_tokens=False)
 
     def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None) -> None:
         """Read the prompt prefix and the document into memory (from a fresh memory)."""
         self.engine.reset()
+        self.doc_start = len(prefix)
         start = time.perf_counter()
         if prefix:
             self.engine.feed(prefix)
@@ -61,12 +74,17 @@ class Session:
         self.timings.tokens_read = len(prefix) + len(document)
         self._read_state = self.engine.checkpoint()
 
-    def answer(self, prompt: Prompt, max_new_tokens: int = 256,
-               sampling: SamplingConfig = SamplingConfig()) -> Iterator[str]:
-        """Stream the answer's text. Starts from the state right after `read`."""
+    def answer(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
+               source_map: SourceMap | None = None, cite: int = 0) -> Iterator[str]:
+        """Stream the answer's text. Starts from the state right after `read`.
+
+        With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
+        passages whose blocks the memory retrieved most while reading the question and answering.
+        """
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
         self.engine.restore(self._read_state)
+        tally = self.engine.count_retrievals(cite > 0)
         start = time.perf_counter()
         logits = self.engine.feed(prompt.suffix)
         tokenizer = self.loaded.tokenizer
@@ -85,6 +103,12 @@ class Session:
             yield text[len(shown):]
         self.timings.answer_s = time.perf_counter() - start
         self.timings.tokens_generated = len(tokens)
+        self.engine.count_retrievals(False)
+        if cite > 0 and source_map is not None and self.doc_offsets is not None:
+            chunk = self.engine.config.query_chunk
+            steps = len(self.engine.layers) * (-(-len(prompt.suffix) // chunk) + len(tokens))
+            self.citations = cite_blocks(tally, steps, self.engine.layers[0].block_span, self.doc_start,
+                                         self.doc_offsets, source_map, cite)
 
 
 def peak_memory() -> dict[str, float]:

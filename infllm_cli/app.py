@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.config import EngineConfig
 from core.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
 from core.sampling import SamplingConfig
 from infllm_cli.progress import Display, memory_line
@@ -75,10 +74,14 @@ def guarded(command):
     return run
 
 
-def _engine_config(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk) -> EngineConfig:
-    return EngineConfig().with_overrides(window=window, topk=topk, sinks=sinks, block_size=block_size,
-                                         query_chunk=query_chunk, cache_blocks=cache_blocks,
-                                         prefill_chunk=prefill_chunk)
+def _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk) -> dict:
+    """The engine settings the user set; the rest come from the model's defaults (core.defaults)."""
+    overrides = dict(window=window, topk=topk, sinks=sinks, block_size=block_size, query_chunk=query_chunk,
+                     cache_blocks=cache_blocks, prefill_chunk=prefill_chunk)
+    for name, value in overrides.items():
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} cannot be negative")
+    return overrides
 
 
 def _split_question(args: list[str]) -> tuple[list[str], str]:
@@ -115,36 +118,48 @@ def ask(
     seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: prompts/system.txt)")] = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file with {document} and {question}")] = "ask",
+    cite: Annotated[int, typer.Option(help="print on stderr the N passages the memory drew on most (0: none)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the bare answer")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory."""
     display = Display(quiet)
     sources, question = _split_question(args)
-    config = _engine_config(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
-    config.validate()
+    overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
     sampling = SamplingConfig(temperature, top_p, seed)
     if not 0 < top_p <= 1 or not temperature >= 0 or max_tokens < 1:  # `not >=` also refuses nan
         raise UsageError("need 0 < --top-p <= 1, --temperature >= 0 and --max-tokens >= 1")
-    _run_ask(display, sources, question, model, device, dtype, config, sampling, max_tokens, system, template, as_json)
+    if cite < 0:
+        raise UsageError("--cite needs a count of passages, 0 or more")
+    _run_ask(display, sources, question, model, device, dtype, overrides, sampling, max_tokens, system, template,
+             as_json, cite)
 
 
-def _run_ask(display, sources, question, model, device, dtype, config, sampling, max_tokens, system, template, as_json):
+def _run_ask(display, sources, question, model, device, dtype, overrides, sampling, max_tokens, system, template,
+             as_json, cite):
+    from core.citations import SourceMap
+    from core.defaults import engine_defaults
+    from core.loading import pick_device, resolve_model
     from core.loading import load_model
     from core.prompting import build_prompt, builtin_template, load_template
     from core.session import Session, peak_memory
     from core.sources import read_text
 
     started = time.perf_counter()
+    pick_device(device)
+    display.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
+    resolved = resolve_model(model)
+    config = engine_defaults(resolved.config).with_overrides(**overrides)
+    config.validate(resolved.config.max_position_embeddings)
     display.phase("extracting text from " + ", ".join(sources))
     text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
     t_extract = time.perf_counter()
     display.phase("loading model")
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(resolved, device=device, dtype=dtype)
     t_load = time.perf_counter()
     session = Session(loaded, config)
     display.phase("tokenizing")
-    document = session.tokenize(text)
+    document = session.tokenize(text, offsets=cite > 0)
     prompt = build_prompt(loaded.tokenizer, load_template(template), question,
                           system if system is not None else builtin_template("system").strip())
     t_tok = time.perf_counter()
@@ -156,7 +171,7 @@ def _run_ask(display, sources, question, model, device, dtype, config, sampling,
     t_read = time.perf_counter()
     display.phase("answering")
     answer = []
-    for chunk in session.answer(prompt, max_tokens, sampling):
+    for chunk in session.answer(prompt, max_tokens, sampling, SourceMap(text, pieces) if cite else None, cite):
         answer.append(chunk)
         if not as_json:
             sys.stdout.write(chunk)
@@ -167,13 +182,17 @@ def _run_ask(display, sources, question, model, device, dtype, config, sampling,
     timings = {"extract_s": t_extract - started, "load_s": t_load - t_extract, "tokenize_s": t_tok - t_load,
                "prefill_s": t_read - t_tok, "answer_s": done - t_read, "total_s": done - started}
     if as_json:
-        json.dump({"answer": answer_text.strip(), "model": loaded.name, "sources": sources,
+        json.dump({"answer": answer_text.strip(), "model": loaded.name, "inputs": sources,
                    "tokens_read": session.timings.tokens_read, "tokens_generated": session.timings.tokens_generated,
                    "timings": {k: round(v, 3) for k, v in timings.items()}, "memory": mem,
-                   "engine": config.to_dict()}, sys.stdout)
+                   "engine": config.to_dict(), "sources": [c.to_dict() for c in session.citations]},
+                  sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    rate = len(document) / max(timings["prefill_s"], 1e-9)
+    if cite and not as_json:
+        for i, c in enumerate(session.citations, 1):
+            display.always(f"[{i}] {c.location()} (weight {c.weight:.2f}): {c.excerpt}")
+    rate = session.timings.tokens_read / max(timings["prefill_s"], 1e-9)
     display.phase(f"read {session.timings.tokens_read:,} tokens in {timings['prefill_s']:.1f} s ({rate:,.0f} tok/s), "
                   f"answered {session.timings.tokens_generated} tokens in {timings['answer_s']:.1f} s, "
                   f"total {timings['total_s']:.1f} s, peak RSS {mem['peak_rss_mb']:,.0f} MB"

@@ -44,6 +44,10 @@ class Display:
         if not self.quiet:
             self.console.print(f"[dim]infllm:[/dim] {text}", soft_wrap=True)
 
+    def always(self, text: str) -> None:
+        """Output the user asked for on stderr (citations): shown even with -q."""
+        self.console.print(text, soft_wrap=True, markup=False)
+
     def warn(self, text: str) -> None:
         self.console.print(f"[yellow]infllm: warning:[/yellow] {text}", soft_wrap=True)
 

@@ -132,7 +132,7 @@ def test_json_is_one_object_on_stdout(ask, docs):
     assert data["memory"]["peak_rss_mb"] > 0
     assert data["engine"] == {"sinks": 16, "window": 256, "block_size": 32, "repr_keys": 4, "topk": 2,
                               "query_chunk": 64, "cache_blocks": 4, "prefill_chunk": 128}
-    assert data["sources"] == [str(docs["a"])]
+    assert data["inputs"] == [str(docs["a"])]
     # The progress still goes to stderr.
     assert "infllm: loading model" in result.stderr
     assert "tok/s" in summary_line(result.stderr)
@@ -195,7 +195,7 @@ def test_several_sources_are_read_in_order(ask, docs):
     one = run_json(ask, docs["a"], "What is the pass key?")
     two = run_json(ask, docs["a"], docs["b"], "What is the pass key?")
     assert two["tokens_read"] > one["tokens_read"] + 1000
-    assert two["sources"] == [str(docs["a"]), str(docs["b"])]
+    assert two["inputs"] == [str(docs["a"]), str(docs["b"])]
     # a then b is the same text as their concatenation on stdin, and a file may be mixed with '-'.
     text = docs["a"].read_text(encoding="utf-8") + docs["b"].read_text(encoding="utf-8")
     piped = run_json(ask, "-", "What is the pass key?", input=text)

@@ -1,0 +1,76 @@
+"""From memory blocks back to the passages they hold: file, page, line range and an excerpt.
+
+A block covers a run of token positions; the tokenizer's character offsets turn those into a character span of
+the extracted text, and the source pieces (in reading order) turn that into a file, a PDF page and lines.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from core.sources import Piece
+
+
+@dataclass
+class Citation:
+    source: str
+    page: int | None
+    first_line: int
+    last_line: int
+    excerpt: str
+    weight: float  # share of (layer, step) retrievals that picked this block while answering
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def location(self) -> str:
+        where = f"{self.source}"
+        if self.page is not None:
+            where += f", page {self.page}"
+        lines = f"{self.first_line}" if self.first_line == self.last_line else f"{self.first_line}-{self.last_line}"
+        return f"{where}, lines {lines}"
+
+
+class SourceMap:
+    """Character offsets of the extracted text -> (source, page, line)."""
+
+    def __init__(self, text: str, pieces: list[Piece]):
+        self.text = text
+        self.pieces = pieces
+        self.starts = []
+        at = 0
+        for piece in pieces:
+            self.starts.append(at)
+            at += len(piece.text)
+
+    def locate(self, char: int) -> tuple[str, int | None, int]:
+        i = max(0, bisect.bisect_right(self.starts, char) - 1)
+        piece = self.pieces[i]
+        line = piece.line + self.text.count("\n", self.starts[i], char)
+        return piece.source, piece.page, line
+
+
+def cite(tally: Counter, steps: int, block_span, doc_start: int, offsets: torch.Tensor, source_map: SourceMap,
+         limit: int, excerpt_chars: int = 160) -> list[Citation]:
+    """The `limit` blocks retrieved most often, as passages.
+
+    tally: block id -> retrievals over layers and steps; block_span(b) -> token positions [start, end);
+    doc_start: position of the document's first token; offsets [N, 2]: each document token's character span.
+    """
+    out = []
+    for block, count in tally.most_common(limit):
+        start, end = block_span(block)
+        first, last = start - doc_start, end - 1 - doc_start
+        if first < 0 or last >= offsets.shape[0]:
+            continue  # a block of prompt text, not of the document
+        c0, c1 = int(offsets[first, 0]), int(offsets[last, 1])
+        source, page, line = source_map.locate(c0)
+        _, _, last_line = source_map.locate(max(c0, c1 - 1))
+        passage = " ".join(source_map.text[c0:c1].split())
+        excerpt = passage if len(passage) <= excerpt_chars else passage[: excerpt_chars - 1] + "…"
+        out.append(Citation(source, page, line, last_line, excerpt, count / steps))
+    return out
