@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DOC ?= ../shared/docs/austen-pride-and-prejudice.txt
 
-.PHONY: setup demo test bench-passkey clean
+.PHONY: setup demo test clean
 
 $(BIN)/infllm: pyproject.toml
 	$(PY) -m venv $(VENV)
