@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--query-chunk", type=int, default=None)
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--cache-blocks", type=int, default=None)
+    ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -122,6 +123,7 @@ def main() -> None:
     stops = stop_token_ids(loaded)
     prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
     systems = args.systems.split(",")
+    depths = [float(d) for d in args.depths.split(",")] if args.depths else None
     engines = {}
     if "infllm" in systems:
         engines["infllm"] = Engine(model, cfg)
@@ -138,7 +140,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for t in range(args.trials):
-                depth = t / max(1, args.trials - 1)
+                depth = depths[t % len(depths)] if depths else t / max(1, args.trials - 1)
                 key = random.Random(length * 1000 + t).randint(10000, 99999)
                 text, span = make_document(tok, length, depth, key)
                 doc_ids = tok.encode(text, add_special_tokens=False)
