@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 import os
 import sys
 import time
@@ -97,71 +98,133 @@ def _split_question(args: list[str]) -> tuple[list[str], str]:
     return sources, question
 
 
+WindowOpt = Annotated[Optional[int], typer.Option(envvar="INFLLM_WINDOW", help="local window, tokens")]
+TopkOpt = Annotated[Optional[int], typer.Option(envvar="INFLLM_TOPK", help="memory blocks retrieved per query chunk")]
+SinksOpt = Annotated[Optional[int], typer.Option(envvar="INFLLM_SINKS", help="initial tokens always attended")]
+BlockOpt = Annotated[Optional[int], typer.Option(help="tokens per memory block")]
+QueryChunkOpt = Annotated[Optional[int], typer.Option(help="queries sharing one retrieval")]
+CacheOpt = Annotated[Optional[int], typer.Option(help="blocks per layer cached on the GPU")]
+PrefillOpt = Annotated[Optional[int], typer.Option(help="tokens per prefill step")]
+MaxTokensOpt = Annotated[int, typer.Option(help="longest answer, tokens")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy")]
+TopPOpt = Annotated[float, typer.Option(help="nucleus sampling mass")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="sampling seed")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="system prompt (default: prompts/system.txt)")]
+CiteOpt = Annotated[int, typer.Option(help="print on stderr the N passages the memory drew on most (0: none)")]
+EachOpt = Annotated[bool, typer.Option("--each", help="answer per source (model loaded once); with --json one line each")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object (per source with --each) instead of the bare answer")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")]
+
+
+@dataclass
+class RunOptions:
+    """Everything a read-and-answer run needs besides the sources and the question."""
+
+    model: str | None
+    device: str
+    dtype: str
+    overrides: dict
+    sampling: SamplingConfig
+    max_tokens: int
+    system: str | None
+    template: str
+    cite: int
+    as_json: bool
+
+
+def _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+             max_tokens, temperature, top_p, seed, system, template, cite, as_json) -> RunOptions:
+    overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
+    if not 0 < top_p <= 1 or not temperature >= 0 or max_tokens < 1:  # `not >=` also refuses nan
+        raise UsageError("need 0 < --top-p <= 1, --temperature >= 0 and --max-tokens >= 1")
+    if cite < 0:
+        raise UsageError("--cite needs a count of passages, 0 or more")
+    return RunOptions(model, device, dtype, overrides, SamplingConfig(temperature, top_p, seed), max_tokens, system,
+                      template, cite, as_json)
+
+
 @app.command(epilog=EPILOG)
 @guarded
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    window: Annotated[Optional[int], typer.Option(envvar="INFLLM_WINDOW", help="local window, tokens")] = None,
-    topk: Annotated[Optional[int], typer.Option(envvar="INFLLM_TOPK", help="memory blocks retrieved per query chunk")] = None,
-    sinks: Annotated[Optional[int], typer.Option(envvar="INFLLM_SINKS", help="initial tokens always attended")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="tokens per memory block")] = None,
-    query_chunk: Annotated[Optional[int], typer.Option(help="queries sharing one retrieval")] = None,
-    cache_blocks: Annotated[Optional[int], typer.Option(help="blocks per layer cached on the GPU")] = None,
-    prefill_chunk: Annotated[Optional[int], typer.Option(help="tokens per prefill step")] = None,
-    max_tokens: Annotated[int, typer.Option(help="longest answer, tokens")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (default: prompts/system.txt)")] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
+    query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
+    max_tokens: MaxTokensOpt = 256, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
+    system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file with {document} and {question}")] = "ask",
-    cite: Annotated[int, typer.Option(help="print on stderr the N passages the memory drew on most (0: none)")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the bare answer")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
+    cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory."""
-    display = Display(quiet)
     sources, question = _split_question(args)
-    overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
-    sampling = SamplingConfig(temperature, top_p, seed)
-    if not 0 < top_p <= 1 or not temperature >= 0 or max_tokens < 1:  # `not >=` also refuses nan
-        raise UsageError("need 0 < --top-p <= 1, --temperature >= 0 and --max-tokens >= 1")
-    if cite < 0:
-        raise UsageError("--cite needs a count of passages, 0 or more")
-    _run_ask(display, sources, question, model, device, dtype, overrides, sampling, max_tokens, system, template,
-             as_json, cite)
+    opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+                    max_tokens, temperature, top_p, seed, system, template, cite, as_json)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question)
 
 
-def _run_ask(display, sources, question, model, device, dtype, overrides, sampling, max_tokens, system, template,
-             as_json, cite):
-    from core.citations import SourceMap
+SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
+                   "who or what it is about, and its main parts in order.")
+
+
+@app.command(epilog=EPILOG)
+@guarded
+def summarize(
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]",
+                       help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
+    query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
+    max_tokens: MaxTokensOpt = 400, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
+    system: SystemOpt = None,
+    template: Annotated[str, typer.Option(help="built-in template name or a template file")] = "summarize",
+    cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Summarize whole documents: one pass over the context memory, the request placed after the text."""
+    sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST])
+    opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+                    max_tokens, temperature, top_p, seed, system, template, cite, as_json)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST)
+
+
+def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str) -> None:
+    """Check settings, load the model once, then read and answer each group of sources in order."""
     from core.defaults import engine_defaults
-    from core.loading import pick_device, resolve_model
-    from core.loading import load_model
+    from core.loading import load_model, pick_device, resolve_model
     from core.prompting import build_prompt, builtin_template, load_template
-    from core.session import Session, peak_memory
+    from core.session import Session
+
+    pick_device(opts.device)
+    display.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
+    resolved = resolve_model(opts.model)
+    config = engine_defaults(resolved.config).with_overrides(**opts.overrides)
+    config.validate(resolved.config.max_position_embeddings)
+    template = load_template(opts.template)
+    started = time.perf_counter()
+    display.phase("loading model")
+    loaded = load_model(resolved, device=opts.device, dtype=opts.dtype)
+    load_s = time.perf_counter() - started
+    session = Session(loaded, config)
+    system = opts.system if opts.system is not None else builtin_template("system").strip()
+    prompt = build_prompt(loaded.tokenizer, template, question, system)
+    for sources in groups:
+        if len(groups) > 1 and not opts.as_json:
+            sys.stdout.write(f"==> {sources[0]} <==\n")
+        _read_and_answer(display, opts, session, prompt, sources, load_s)
+        load_s = 0.0
+
+
+def _read_and_answer(display, opts: RunOptions, session, prompt, sources: list[str], load_s: float) -> None:
+    from core.citations import SourceMap
+    from core.session import peak_memory
     from core.sources import read_text
 
     started = time.perf_counter()
-    pick_device(device)
-    display.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
-    resolved = resolve_model(model)
-    config = engine_defaults(resolved.config).with_overrides(**overrides)
-    config.validate(resolved.config.max_position_embeddings)
     display.phase("extracting text from " + ", ".join(sources))
     text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
     t_extract = time.perf_counter()
-    display.phase("loading model")
-    loaded = load_model(resolved, device=device, dtype=dtype)
-    t_load = time.perf_counter()
-    session = Session(loaded, config)
     display.phase("tokenizing")
-    document = session.tokenize(text, offsets=cite > 0)
-    prompt = build_prompt(loaded.tokenizer, load_template(template), question,
-                          system if system is not None else builtin_template("system").strip())
+    document = session.tokenize(text, offsets=opts.cite > 0)
     t_tok = time.perf_counter()
     per_token = session.engine.memory_report_per_token()
     display.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
@@ -171,25 +234,25 @@ def _run_ask(display, sources, question, model, device, dtype, overrides, sampli
     t_read = time.perf_counter()
     display.phase("answering")
     answer = []
-    for chunk in session.answer(prompt, max_tokens, sampling, SourceMap(text, pieces) if cite else None, cite):
+    source_map = SourceMap(text, pieces) if opts.cite else None
+    for chunk in session.answer(prompt, opts.max_tokens, opts.sampling, source_map, opts.cite):
         answer.append(chunk)
-        if not as_json:
+        if not opts.as_json:
             sys.stdout.write(chunk)
             sys.stdout.flush()
     done = time.perf_counter()
-    answer_text = "".join(answer)
     mem = peak_memory()
-    timings = {"extract_s": t_extract - started, "load_s": t_load - t_extract, "tokenize_s": t_tok - t_load,
-               "prefill_s": t_read - t_tok, "answer_s": done - t_read, "total_s": done - started}
-    if as_json:
-        json.dump({"answer": answer_text.strip(), "model": loaded.name, "inputs": sources,
+    timings = {"extract_s": t_extract - started, "load_s": load_s, "tokenize_s": t_tok - t_extract,
+               "prefill_s": t_read - t_tok, "answer_s": done - t_read, "total_s": done - started + load_s}
+    if opts.as_json:
+        json.dump({"answer": "".join(answer).strip(), "model": session.loaded.name, "inputs": sources,
                    "tokens_read": session.timings.tokens_read, "tokens_generated": session.timings.tokens_generated,
                    "timings": {k: round(v, 3) for k, v in timings.items()}, "memory": mem,
-                   "engine": config.to_dict(), "sources": [c.to_dict() for c in session.citations]},
+                   "engine": session.engine.config.to_dict(), "sources": [c.to_dict() for c in session.citations]},
                   sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if cite and not as_json:
+    if opts.cite and not opts.as_json:
         for i, c in enumerate(session.citations, 1):
             display.always(f"[{i}] {c.location()} (weight {c.weight:.2f}): {c.excerpt}")
     rate = session.timings.tokens_read / max(timings["prefill_s"], 1e-9)

@@ -365,3 +365,35 @@ def test_subprocess_closed_stdout_ends_quietly(docs, tiny_model_dir, tmp_path):
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
     assert "error" not in stderr
     assert "infllm: answering" in stderr and "answered" not in stderr  # stopped at the first write, quietly
+
+
+def test_each_answers_per_document_as_json_lines_in_order(ask, docs):
+    result = ask("--each", "--json", docs["a"], docs["b"], "What is the pass key?")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert [r["inputs"] for r in records] == [[str(docs["a"])], [str(docs["b"])]]
+    single = json.loads(ask("--json", docs["b"], "What is the pass key?").stdout)
+    # Each document is read from a fresh memory: the second record equals a run on that document alone.
+    assert records[1]["tokens_read"] == single["tokens_read"] and records[1]["answer"] == single["answer"]
+    assert result.stderr.count("loading model") == 1
+
+
+def test_each_without_json_heads_each_answer_with_its_source(ask, docs):
+    result = ask("--each", docs["a"], docs["b"], "What is the pass key?")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"==> {docs['a']} <==\n") and f"==> {docs['b']} <==\n" in result.stdout
+
+
+def test_summarize_reads_the_whole_input_and_prints_only_the_summary(tiny_model_dir, docs):
+    argv = ["summarize", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE, "--json",
+            str(docs["a"])]
+    result = CliRunner().invoke(app, argv, prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    asked = json.loads(CliRunner().invoke(app, ["ask", "--model", str(tiny_model_dir), "--device", "cpu",
+                                                "--max-tokens", "5", *ENGINE, "--json", str(docs["a"]), "q"],
+                                          prog_name="infllm").stdout)
+    assert record["tokens_read"] > asked["tokens_read"] * 0.9  # the whole document was read
+    assert "infllm:" not in result.stdout
