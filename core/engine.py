@@ -16,6 +16,7 @@ from torch import nn
 
 from core.adapter import DecoderAdapter
 from core.config import EngineConfig
+from core.estimate import store_bytes_per_token
 from core.memory import LayerMemory, rope_range
 from core.rope import RopeTable
 from core.sampling import SamplingConfig, next_token
@@ -73,10 +74,7 @@ class Engine:
 
     def memory_report_per_token(self) -> float:
         """Block-store bytes each token read will take (K, V and its share of representative keys)."""
-        a, cfg = self.adapter, self.config
-        elem = torch.empty(0, dtype=a.dtype).element_size()
-        per_block = a.kv_heads * a.head_dim * (2 * cfg.block_size + cfg.repr_keys) * elem
-        return len(a.layers) * per_block / cfg.block_size
+        return store_bytes_per_token(self.adapter.config, self.config, self.adapter.dtype)
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,65 @@ def summarize(
     _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST)
 
 
+@app.command(epilog=EPILOG)
+@guarded
+def info(
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]",
+                       help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
+    query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
+    as_json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """What would be read: documents, pages, characters, exact tokens, memory blocks, memory and time estimates.
+
+    The time estimate comes from reading one prefill chunk with the real model on this machine (the engine's
+    rate is flat in length), so it loads the model.
+    """
+    from core.defaults import engine_defaults
+    from core.estimate import memory_blocks, store_bytes_per_token
+    from core.loading import load_model, pick_device, pick_dtype, resolve_model
+    from core.session import Session
+    from core.sources import describe_source, read_text
+
+    display = Display(quiet)
+    sources, _ = _split_question([*(sources or []), "info"])
+    overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
+    dev = pick_device(device)
+    resolved = resolve_model(model)
+    config = engine_defaults(resolved.config).with_overrides(**overrides)
+    config.validate(resolved.config.max_position_embeddings)
+    described = [describe_source(s).__dict__ for s in sources if s != "-"]
+    display.phase("extracting text")
+    text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
+    display.phase("loading model")
+    loaded = load_model(resolved, device=device, dtype=dtype)
+    session = Session(loaded, config)
+    tokens = len(session.tokenize(text))
+    calibration = session.tokenize(text[: 8 * config.prefill_chunk])[: config.prefill_chunk]
+    session.read([], calibration[:64])  # first calls pay one-off kernel set-up; keep it out of the rate
+    start = time.perf_counter()
+    session.read([], calibration)
+    rate = len(calibration) / max(time.perf_counter() - start, 1e-9)
+    store = tokens * store_bytes_per_token(resolved.config, config, pick_dtype(dtype, dev))
+    report = {"sources": described, "characters": len(text), "pieces": len(pieces), "tokens": tokens,
+              "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
+              "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1),
+              "device": str(dev), "estimated_read_s": round(tokens / rate, 1), "engine": config.to_dict()}
+    if as_json:
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    for d in described:
+        extra = "".join(f", {d[k]} {k}" for k in ("pages", "files") if d.get(k))
+        sys.stdout.write(f"{d['source']}: {d['kind']}, {d['bytes']:,} bytes{extra}\n")
+    sys.stdout.write(
+        f"{len(text):,} characters, {tokens:,} tokens ({loaded.name})\n"
+        f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
+        f" + {report['working_mb']:,} MB working buffers ({dev})\n"
+        f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
+
+
 def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str) -> None:
     """Check settings, load the model once, then read and answer each group of sources in order."""
     from core.defaults import engine_defaults

@@ -397,3 +397,18 @@ def test_summarize_reads_the_whole_input_and_prints_only_the_summary(tiny_model_
                                           prog_name="infllm").stdout)
     assert record["tokens_read"] > asked["tokens_read"] * 0.9  # the whole document was read
     assert "infllm:" not in result.stdout
+
+
+def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
+    base = ["--model", str(tiny_model_dir), "--device", "cpu", *ENGINE]
+    result = CliRunner().invoke(app, ["info", *base, "--json", str(docs["a"])], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    asked = json.loads(CliRunner().invoke(app, ["ask", *base, "--max-tokens", "2", "--json", str(docs["a"]), "q"],
+                                          prog_name="infllm").stdout)
+    assert report["tokens"] < asked["tokens_read"] < report["tokens"] + 200  # ask adds only the prompt around it
+    assert report["memory_blocks_per_layer"] == (report["tokens"] - 16 - 256) // 32
+    assert report["block_store_mb"] > 0 and report["estimated_read_s"] > 0
+    assert report["sources"][0]["kind"] == "text"
+    plain = CliRunner().invoke(app, ["info", *base, str(docs["a"])], prog_name="infllm")
+    assert plain.exit_code == 0 and f"{report['tokens']:,} tokens" in plain.stdout
