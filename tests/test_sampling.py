@@ -19,6 +19,10 @@ def test_tiny_top_p_keeps_only_the_most_likely_token():
 def test_sampling_is_reproducible_with_a_seed_and_varies_without_top_p():
     logits = torch.zeros(50)
     cfg = SamplingConfig(temperature=1.0)
-    run = lambda seed: [next_token(logits, cfg, torch.Generator().manual_seed(seed)) for _ in range(10)]  # noqa: E731
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [next_token(logits, cfg, generator) for _ in range(10)]
+
     assert run(3) == run(3)
     assert len(set(run(3))) > 3
