@@ -210,8 +210,10 @@ class LayerMemory:
         # Local group: sinks at true distance (only while some query is within S + W) and the window.
         sinks_local = n_sinks if first < S + W else 0
         q_local = fold(self.rope.rotate(q, pos - self.win_start + S))
-        k_local = torch.cat([self.sink_local[:, :sinks_local], self.win_rot[:, : self.n_win]], dim=1)
-        v_local = torch.cat([self.sink_v[:, :sinks_local], self.win_v[:, : self.n_win]], dim=1)
+        k_local, v_local = self.win_rot[:, : self.n_win], self.win_v[:, : self.n_win]
+        if sinks_local:  # only early on; later the window is used in place, not copied every layer and chunk
+            k_local = torch.cat([self.sink_local[:, :sinks_local], k_local], dim=1)
+            v_local = torch.cat([self.sink_v[:, :sinks_local], v_local], dim=1)
         mask = _local_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_local, self.win_start,
                            self.n_win)
         local = attention_lse(q_local, k_local, v_local, mask, self.scale)
