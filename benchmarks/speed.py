@@ -118,6 +118,38 @@ def infllm(model, device, length, decode, overrides):
             "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
 
 
+def breakdown(model, device, length, overrides) -> None:
+    """Where infllm's prefill time goes, from the profiler: host (CPU) and device time per labelled phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = engine_defaults(model.config).with_overrides(**overrides)
+    engine = Engine(model, cfg)
+    ids = torch.randint(0, 32000, (length,))
+    engine.feed(ids[: cfg.prefill_chunk])
+    engine.reset()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        engine.feed(ids)
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_total = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") / 1e3
+    print(f"\nbreakdown: infllm prefill of {length:,} tokens, {wall:.2f} s wall, {length / wall:,.0f} tok/s, "
+          f"device busy {device_total / 1e3:.2f} s ({cfg.to_dict()})\n")
+    print("| phase | calls | host ms | host % of wall | device ms | device % of wall |")
+    print("|---|---|---|---|---|---|")
+    for e in sorted((e for e in events if e.key.startswith("infllm.")), key=lambda e: -e.cpu_time_total):
+        dev = e.device_time_total / 1e3
+        print(f"| {e.key[7:]} | {e.count:,} | {e.cpu_time_total / 1e3:,.0f} | {e.cpu_time_total / 1e4 / wall:.0f}% | "
+              f"{dev:,.0f} | {dev / 10 / wall:.0f}% |")
+    print("\ntop device kernels:")
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    for e in kernels[:12]:
+        print(f"  {e.self_device_time_total / 1e3:9,.1f} ms  {e.count:7,}x  {e.key[:100]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="llama8b")
@@ -130,12 +162,19 @@ def main() -> None:
     ap.add_argument("--window", type=int)
     ap.add_argument("--topk", type=int)
     ap.add_argument("--prefill-chunk", type=int)
+    ap.add_argument("--query-chunk", type=int)
+    ap.add_argument("--cache-blocks", type=int)
+    ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model = build(args.shape, device, dtype)
-    overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk).items() if v}
+    overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk,
+                                       query_chunk=args.query_chunk, cache_blocks=args.cache_blocks).items() if v}
+    if args.breakdown:
+        breakdown(model, device, int(args.lengths.split(",")[0]), overrides)
+        return
     systems = args.systems.split(",")
     rows = []
     if "dense" in systems:

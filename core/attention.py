@@ -36,9 +36,9 @@ def _cpu_flash(q, k, v, bias, scale):
 def _cuda_efficient(q, k, v, bias, scale):
     n = k.shape[-2]
     if bias is not None:
-        # The kernel wants the bias row stride 16-byte aligned: pad keys with masked columns.
-        pad = (-n) % 8
-        bias = torch.nn.functional.pad(bias.to(q.dtype), (0, pad), value=NEG_INF)[..., :n]
+        bias = bias.to(q.dtype)
+        if bias.stride(-2) % 8:  # the kernel wants 16-byte aligned bias rows (Mask pads them already)
+            bias = torch.nn.functional.pad(bias, (0, (-n) % 8), value=NEG_INF)[..., :n]
         bias = bias.expand(q.shape[0], *bias.shape[-2:])[None]
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q[None], k[None], v[None], bias, True, scale=scale)
@@ -54,7 +54,10 @@ class Mask:
 
     @staticmethod
     def from_visible(visible: torch.Tensor, dtype: torch.dtype) -> "Mask":
-        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, NEG_INF)
+        rows, cols = visible.shape
+        pad = (-cols) % 8 if visible.device.type == "cuda" else 0  # aligned rows for the CUDA kernel
+        bias = torch.full((rows, cols + pad), NEG_INF, dtype=dtype, device=visible.device)[:, :cols]
+        bias.masked_fill_(visible, 0.0)
         dead = ~visible.any(dim=-1)
         return Mask(bias, dead if bool(dead.any()) else None)
 

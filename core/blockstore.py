@@ -4,11 +4,16 @@ On an accelerator the K/V pages sit in pinned host memory and `BlockCache` keeps
 (LRU), so device memory stays flat however long the text; on a CPU-only run the pages are read directly.
 Representative keys are small (repr_keys/block_size of the store) and are scored every query chunk, so they
 live on the compute device.
+
+A store can also adopt pages it did not allocate (memory-mapped from a snapshot): they are read-only views,
+checked by a callback the first time one of their blocks is read, and a partly filled last page is copied so
+that appends never write into the file's mapping.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +44,11 @@ class BlockStore:
         self.v_pages: list[torch.Tensor] = []
         self.repr_pages: list[torch.Tensor] = []  # each [REPR_PAGE_BLOCKS, Hkv, R, D] on compute_device
         self.count = 0
+        self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
     def _kv_page(self) -> torch.Tensor:
-        page = torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device)
-        return page.pin_memory() if self.pin else page
+        return torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device,
+                           pin_memory=self.pin)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
         """Add one block: k, v [Hkv, B, D] and reprs [Hkv, R, D], all unrotated."""
@@ -65,9 +71,64 @@ class BlockStore:
         self.count = min(self.count, count)
 
     def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [Hkv, B, D] of one block, as stored (host memory)."""
+        """K, V [Hkv, B, D] of one block, as stored (host memory; possibly another dtype if adopted)."""
         page, slot = divmod(index, KV_PAGE_BLOCKS)
+        if self._unchecked:
+            check = self._unchecked.pop(page, None)
+            if check is not None:
+                check()
         return self.k_pages[page][slot], self.v_pages[page][slot]
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The used part of every page: `k.P`/`v.P` [n, Hkv, B, D] per K/V page, `repr` [count, Hkv, R, D]."""
+        out = {}
+        for p in range(-(-self.count // KV_PAGE_BLOCKS)):
+            used = min(KV_PAGE_BLOCKS, self.count - p * KV_PAGE_BLOCKS)
+            out[f"k.{p}"], out[f"v.{p}"] = self.k_pages[p][:used], self.v_pages[p][:used]
+        reprs = self.repr_pages or [torch.empty((0, *self.repr_shape), dtype=self.dtype, device=self.compute_device)]
+        out["repr"] = torch.cat(reprs)[: self.count]
+        return out
+
+    def expected_shapes(self, count: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes `export` gives for a store of `count` blocks."""
+        shapes = {}
+        for p in range(-(-count // KV_PAGE_BLOCKS)):
+            used = min(KV_PAGE_BLOCKS, count - p * KV_PAGE_BLOCKS)
+            shapes[f"k.{p}"] = shapes[f"v.{p}"] = (used, *self.shape)
+        shapes["repr"] = (count, *self.repr_shape)
+        return shapes
+
+    def adopt(self, tensors: dict[str, torch.Tensor], count: int,
+              checks: dict[int, Callable[[], None]] | None = None) -> None:
+        """Take over the blocks of `export`-shaped tensors (shapes already validated), replacing this store's.
+
+        Full K/V pages are used in place (they may be memory-mapped: nothing is read until a block is); the
+        representative keys and a partial last page are copied. checks[p] runs before page p is first read.
+        """
+        self.k_pages, self.v_pages, self.repr_pages = [], [], []
+        self.count = 0
+        self._unchecked = {}
+        pages = -(-count // KV_PAGE_BLOCKS)
+        for p in range(pages):
+            k, v = tensors[f"k.{p}"], tensors[f"v.{p}"]
+            if k.shape[0] < KV_PAGE_BLOCKS:
+                if checks and p in checks:
+                    checks[p]()
+                k_page, v_page = self._kv_page(), self._kv_page()
+                k_page[: k.shape[0]].copy_(k)
+                v_page[: v.shape[0]].copy_(v)
+                k, v = k_page, v_page
+            elif checks and p in checks:
+                self._unchecked[p] = checks[p]
+            self.k_pages.append(k)
+            self.v_pages.append(v)
+        reprs = tensors["repr"]
+        for start in range(0, count, REPR_PAGE_BLOCKS):
+            page = torch.zeros((REPR_PAGE_BLOCKS, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
+            part = reprs[start : start + REPR_PAGE_BLOCKS]
+            page[: part.shape[0]].copy_(part)
+            self.repr_pages.append(page)
+        self.count = count
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Relevance of every block to `query` [Hkv, D] (the chunk's summed queries per KV head): for each block,
@@ -144,7 +205,8 @@ def gather_blocks(store: BlockStore, cache: BlockCache | None, blocks: list[int]
     if cache is not None:
         k, v = cache.gather(blocks)
     else:
-        k = torch.stack([store.block(b)[0] for b in blocks])
-        v = torch.stack([store.block(b)[1] for b in blocks])
+        pairs = [store.block(b) for b in blocks]
+        k = torch.stack([p[0] for p in pairs]).to(store.dtype)  # adopted pages may hold another dtype
+        v = torch.stack([p[1] for p in pairs]).to(store.dtype)
     n, h, b, d = k.shape
     return k.transpose(0, 1).reshape(h, n * b, d), v.transpose(0, 1).reshape(h, n * b, d)

@@ -54,23 +54,45 @@ class SourceMap:
         return piece.source, piece.page, line
 
 
+@dataclass
+class Passage:
+    """Where one memory block's text lies: source, page, lines and its character span in the extracted text."""
+
+    source: str
+    page: int | None
+    first_line: int
+    last_line: int
+    start: int
+    end: int
+
+
+def passage(block: int, block_span, doc_start: int, offsets: torch.Tensor, source_map: SourceMap) -> Passage | None:
+    """The passage block `block` holds, or None for a block of prompt text.
+
+    block_span(b) -> token positions [start, end); doc_start: position of the document's first token;
+    offsets [N, 2]: each document token's character span.
+    """
+    start, end = block_span(block)
+    first, last = start - doc_start, end - 1 - doc_start
+    if first < 0 or last >= offsets.shape[0]:
+        return None
+    c0, c1 = int(offsets[first, 0]), int(offsets[last, 1])
+    source, page, line = source_map.locate(c0)
+    _, _, last_line = source_map.locate(max(c0, c1 - 1))
+    return Passage(source, page, line, last_line, c0, c1)
+
+
 def cite(tally: Counter, steps: int, block_span, doc_start: int, offsets: torch.Tensor, source_map: SourceMap,
          limit: int, excerpt_chars: int = 160) -> list[Citation]:
-    """The `limit` blocks retrieved most often, as passages.
-
-    tally: block id -> retrievals over layers and steps; block_span(b) -> token positions [start, end);
-    doc_start: position of the document's first token; offsets [N, 2]: each document token's character span.
-    """
+    """The `limit` blocks retrieved most often, as passages (tally: block id -> retrievals over layers and steps)."""
     out = []
-    for block, count in tally.most_common(limit):
-        start, end = block_span(block)
-        first, last = start - doc_start, end - 1 - doc_start
-        if first < 0 or last >= offsets.shape[0]:
-            continue  # a block of prompt text, not of the document
-        c0, c1 = int(offsets[first, 0]), int(offsets[last, 1])
-        source, page, line = source_map.locate(c0)
-        _, _, last_line = source_map.locate(max(c0, c1 - 1))
-        passage = " ".join(source_map.text[c0:c1].split())
-        excerpt = passage if len(passage) <= excerpt_chars else passage[: excerpt_chars - 1] + "…"
-        out.append(Citation(source, page, line, last_line, excerpt, count / steps))
+    for block, count in tally.most_common():
+        if len(out) == limit:
+            break
+        where = passage(block, block_span, doc_start, offsets, source_map)
+        if where is None:  # a block of prompt text: the document's passages are what the user asked for
+            continue
+        text = " ".join(source_map.text[where.start : where.end].split())
+        excerpt = text if len(text) <= excerpt_chars else text[: excerpt_chars - 1] + "…"
+        out.append(Citation(where.source, where.page, where.first_line, where.last_line, excerpt, count / steps))
     return out

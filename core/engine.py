@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from core.adapter import DecoderAdapter
 from core.config import EngineConfig
@@ -57,6 +58,28 @@ class Engine:
         for m, s in zip(self.layers, state):
             m.restore(s)
 
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The memory as named tensors (`layer.I.NAME`, views) and the counters every layer shares."""
+        tensors = {}
+        for i, m in enumerate(self.layers):
+            tensors.update({f"layer.{i}.{name}": t for name, t in m.export().items()})
+        return tensors, self.layers[0].counters()
+
+    def expected_shapes(self, counters: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Every tensor `export` gives at `counters`, with its shape; ValueError if the counters cannot occur."""
+        return {f"layer.{i}.{name}": shape for i, m in enumerate(self.layers)
+                for name, shape in m.expected_shapes(counters).items()}
+
+    def adopt(self, tensors: dict[str, torch.Tensor], counters: dict[str, int],
+              page_checks: dict[tuple[int, int], Callable[[], None]] | None = None) -> None:
+        """Continue from exported tensors (validated with `expected_shapes`); page_checks[(layer, page)] runs
+        before a block-store page is first read."""
+        for i, m in enumerate(self.layers):
+            prefix = f"layer.{i}."
+            mine = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            checks = {page: check for (layer, page), check in (page_checks or {}).items() if layer == i}
+            m.adopt(mine, counters, checks)
+
     def count_retrievals(self, on: bool) -> Counter:
         """Start (on=True) or stop counting which blocks every layer retrieves; returns the shared tally."""
         tally: Counter = Counter()
@@ -84,16 +107,19 @@ class Engine:
         step = self.config.query_chunk
         for i, layer in enumerate(a.layers):
             hidden = hidden.to(layer.device)
-            q, k, v = a.qkv(i, hidden)
+            with record_function("infllm.projections"):
+                q, k, v = a.qkv(i, hidden)
             mem = self.layers[i]
             attn = torch.cat(
                 [mem.attend(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step])
                  for s in range(0, ids.shape[0], step)],
                 dim=1,
             )
-            hidden = a.finish(i, hidden, attn)
+            with record_function("infllm.projections"):  # o projection and MLP
+                hidden = a.finish(i, hidden, attn)
         return hidden
 
+    @torch.inference_mode()
     def feed(self, ids: Sequence[int] | torch.Tensor, all_logits: bool = False,
              on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Read tokens into memory. Returns the last token's logits [vocab], or [N, vocab] with all_logits.

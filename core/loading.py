@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_model
 
 from core.errors import ModelError, UsageError
+from core.resources import is_out_of_memory
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -121,6 +122,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (library messages often span several), or its type's name."""
+    text = " ".join(str(err).split())
+    if not text:
+        return type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def resolve(spec: str | None) -> tuple[Path | str, str, str]:
     """Model spec -> (directory or hub id to load, display name, fingerprint); converts a GGUF on first use."""
     if spec is None:
@@ -135,8 +144,11 @@ def resolve(spec: str | None) -> tuple[Path | str, str, str]:
         if not (converted / "config.json").is_file():
             try:
                 _convert_gguf(gguf, converted)
-            except (OSError, ValueError, KeyError, RuntimeError) as err:
-                raise ModelError(f"cannot read GGUF model {gguf}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            except MemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - parsing untrusted bytes fails in many ways (struct.error, ...)
+                raise ModelError(f"cannot read GGUF model {gguf} (damaged, truncated or not supported): "
+                                 f"{one_line(err)}") from None
         return converted, name, fingerprint
     if gguf.exists():
         if not gguf.is_dir() or not (gguf / "config.json").is_file():
@@ -171,9 +183,17 @@ def resolve_model(spec: str | None = None) -> ResolvedModel:
     source, name, fingerprint = resolve(spec)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {name}: {first}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged config.json fails in many ways
+        raise ModelError(f"cannot load model {name}: {one_line(err)}") from None
+    # Checked here, before the weights are loaded (seconds to minutes), not only when the engine wraps them.
+    from core.adapter import SUPPORTED_ARCHITECTURES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"model architecture '{model_type}' of {name} is not supported; supported: "
+                         + ", ".join(SUPPORTED_ARCHITECTURES))
     return ResolvedModel(source, name, fingerprint, config)
 
 
@@ -190,8 +210,11 @@ def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dt
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {name}: {first}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged weights (SafetensorError, ...) or tokenizer files
+        if is_out_of_memory(err):
+            raise
+        raise ModelError(f"cannot load model {name}: {one_line(err)}") from None
     model = model.to(dev).eval()
     return LoadedModel(model, tokenizer, name, fingerprint)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 
 import torch
+from torch.profiler import record_function
 
 from core.attention import Mask, attention_lse, merge
 from core.blockstore import BlockCache, BlockStore, gather_blocks
@@ -79,7 +81,7 @@ class LayerMemory:
         buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
         self.sink_local, self.sink_mem, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
         self.win_raw, self.win_rot, self.win_v = buf(self.capacity), buf(self.capacity), buf(self.capacity)
-        self.win_q = buf(self.capacity)  # each slot's query summed over its KV group, for representative scores
+        self.win_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
         self.str_k, self.str_v = buf(cfg.block_size), buf(cfg.block_size)
         self.str_score = torch.zeros(cfg.block_size, dtype=torch.float32, device=device)
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
@@ -94,8 +96,7 @@ class LayerMemory:
         self.tally: Counter | None = None  # when set, counts every retrieval (for citations)
 
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.sink_local, self.sink_mem, self.sink_v, self.win_raw, self.win_rot, self.win_v, self.win_q,
-                self.str_k, self.str_v, self.str_score)
+        return tuple(getattr(self, name) for name in self._STATE)
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
@@ -122,17 +123,76 @@ class LayerMemory:
         if self.cache is not None:
             self.cache.forget_from(state["blocks"])
 
+    # ---- saving and loading (snapshots) ------------------------------------------------------------------
+
+    _STATE = ("sink_local", "sink_mem", "sink_v", "win_raw", "win_rot", "win_v", "win_q", "str_k", "str_v",
+              "str_score")
+
+    def counters(self) -> dict[str, int]:
+        return {"position": self.position, "n_win": self.n_win, "win_start": self.win_start, "n_str": self.n_str,
+                "blocks": self.store.count}
+
+    def _used(self, counters: dict[str, int]) -> dict[str, int]:
+        """How many token slots of each state buffer hold data."""
+        sinks = min(self.cfg.sinks, counters["position"])
+        n_win, n_str = counters["n_win"], counters["n_str"]
+        return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "win_raw": n_win, "win_rot": n_win,
+                "win_v": n_win, "win_q": n_win, "str_k": n_str, "str_v": n_str, "str_score": n_str}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue from here: the filled part of each buffer (`state.NAME`) and the block
+        store (`store.NAME`, see BlockStore.export). Views, not copies. Pair with `counters()`."""
+        out = {}
+        for name, used in self._used(self.counters()).items():
+            buf = getattr(self, name)
+            out[f"state.{name}"] = buf[:used] if buf.dim() == 1 else buf[:, :used]
+        out.update({f"store.{k}": t for k, t in self.store.export().items()})
+        return out
+
+    def expected_shapes(self, counters: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes `export` gives at `counters` (for validating a file before reading it)."""
+        c = self.cfg
+        # Tokens past the sinks are, in order: sealed blocks, stragglers, then the window up to `position`.
+        consistent = (0 <= counters["n_win"] <= self.capacity and 0 <= counters["n_str"] < c.block_size
+                      and counters["blocks"] >= 0
+                      and counters["win_start"] == c.sinks + counters["blocks"] * c.block_size + counters["n_str"]
+                      and (counters["position"] == counters["win_start"] + counters["n_win"]
+                           or 0 <= counters["position"] <= c.sinks == counters["win_start"] and counters["n_win"] == 0))
+        if not consistent:
+            raise ValueError(f"inconsistent memory counters {counters} for these engine settings")
+        shapes = {}
+        for name, used in self._used(counters).items():
+            buf = getattr(self, name)
+            shapes[f"state.{name}"] = (used,) if buf.dim() == 1 else (buf.shape[0], used, buf.shape[2])
+        shapes.update({f"store.{k}": v for k, v in self.store.expected_shapes(counters["blocks"]).items()})
+        return shapes
+
+    def adopt(self, tensors: dict[str, torch.Tensor], counters: dict[str, int],
+              checks: dict[int, Callable[[], None]] | None = None) -> None:
+        """Continue from `export`ed tensors (shapes already checked against `expected_shapes`). Block pages are
+        used in place (they may be memory-mapped); checks[p] verifies store page p before its first use."""
+        for name in self._STATE:
+            src = tensors[f"state.{name}"]
+            buf = getattr(self, name)
+            (buf[: src.shape[0]] if buf.dim() == 1 else buf[:, : src.shape[1]]).copy_(src)
+        self.position, self.n_win = counters["position"], counters["n_win"]
+        self.win_start, self.n_str = counters["win_start"], counters["n_str"]
+        self.store.adopt({k[len("store."):]: t for k, t in tensors.items() if k.startswith("store.")},
+                         counters["blocks"], checks)
+        if self.cache is not None:
+            self.cache.forget_from(0)
+
     # ---- eviction ---------------------------------------------------------------------------------------
 
     def _representative_scores(self, n: int) -> torch.Tensor:
-        """For window slots [0, n): each key's dot product with the sum of the (up to W-1) queries after it,
-        both as memory attention sees them (queries rotated at W, keys unrotated), summed over KV heads."""
+        """For window slots [0, n): each key's dot product with the (up to W-1) queries after it, as memory
+        attention sees them (win_q holds them rotated at W), summed over KV heads. One matmul and a band mask:
+        [n] float32."""
         window = self.cfg.window
-        csum = torch.cumsum(self.win_q[:, : self.n_win].float(), dim=1)  # [Hkv, n_win, D]
-        idx = torch.arange(n, device=self.device)
-        later = csum[:, (idx + window - 1).clamp(max=self.n_win - 1)] - csum[:, idx]  # [Hkv, n, D]
-        later = self.rope.rotate(later, window)
-        return (later * self.win_raw[:, :n].float()).sum(dim=(0, 2))
+        m = min(self.n_win, n + window - 1)
+        dots = torch.matmul(self.win_raw[:, :n], self.win_q[:, :m].transpose(1, 2)).float().sum(dim=0)  # [n, m]
+        ahead = torch.arange(m, device=self.device)[None, :] - torch.arange(n, device=self.device)[:, None]
+        return dots.masked_fill_((ahead <= 0) | (ahead >= window), 0.0).sum(dim=1)
 
     def _evict_upto(self, last: int) -> None:
         """Move window tokens at positions <= last into stragglers/blocks, then shift and re-rotate the window."""
@@ -186,6 +246,8 @@ class LayerMemory:
         first = self.position
         last = first + length - 1
 
+        fold = lambda x: x.reshape(hkv, self.groups * length, d)  # noqa: E731  [H, L, D] -> [Hkv, G*L, D]
+        q_mem = fold(self.rope.rotate(q, W))  # queries as memory sees them: every memory key at distance W
         n_sink_new = max(0, min(S - first, length))
         if n_sink_new:
             at = torch.arange(first, first + n_sink_new, device=self.device)
@@ -195,15 +257,15 @@ class LayerMemory:
         n_new = length - n_sink_new
         if n_new:
             if self.n_win + n_new > self.capacity:
-                self._evict_upto(first - W)  # what no query of this chunk can reach locally
+                with record_function("infllm.evict"):
+                    self._evict_upto(first - W)  # what no query of this chunk can reach locally
             at = slice(self.n_win, self.n_win + n_new)
             self.win_raw[:, at] = k[:, n_sink_new:]
             self.win_v[:, at] = v[:, n_sink_new:]
             self.win_rot[:, at] = self.rope.rotate(k[:, n_sink_new:], self._slot_positions(self.n_win, self.n_win + n_new))
-            self.win_q[:, at] = q[:, n_sink_new:].view(hkv, self.groups, n_new, d).sum(dim=1)
+            self.win_q[:, at] = q_mem.view(hkv, self.groups, length, d)[:, :, n_sink_new:].sum(dim=1)
             self.n_win += n_new
 
-        fold = lambda x: x.reshape(hkv, self.groups * length, d)  # noqa: E731  [H, L, D] -> [Hkv, G*L, D]
         n_sinks = min(S, last + 1)
         pos = torch.arange(first, last + 1, device=self.device)
 
@@ -216,11 +278,12 @@ class LayerMemory:
             v_local = torch.cat([self.sink_v[:, :sinks_local], v_local], dim=1)
         mask = _local_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_local, self.win_start,
                            self.n_win)
-        local = attention_lse(q_local, k_local, v_local, mask, self.scale)
+        with record_function("infllm.attention"):
+            local = attention_lse(q_local, k_local, v_local, mask, self.scale)
 
         # Memory group: frozen sinks, stragglers, retrieved blocks, and window keys out of some query's reach.
-        q_mem = fold(self.rope.rotate(q, W))
-        self.last_retrieved = self._retrieve(q_mem)
+        with record_function("infllm.retrieve"):
+            self.last_retrieved = self._retrieve(q_mem)
         if self.tally is not None:
             self.tally.update(self.last_retrieved)
         sinks_mem = n_sinks if last >= S + W else 0
@@ -228,7 +291,8 @@ class LayerMemory:
         mem_k = [self.sink_mem[:, :sinks_mem], self.str_k[:, : self.n_str]]
         mem_v = [self.sink_v[:, :sinks_mem], self.str_v[:, : self.n_str]]
         if self.last_retrieved:
-            bk, bv = gather_blocks(self.store, self.cache, self.last_retrieved)
+            with record_function("infllm.gather"):
+                bk, bv = gather_blocks(self.store, self.cache, self.last_retrieved)
             mem_k.append(bk)
             mem_v.append(bv)
         mem_k.append(self.win_raw[:, :n_tail])
@@ -240,6 +304,7 @@ class LayerMemory:
         else:
             mask = _memory_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_mem, n_free,
                                 self.win_start, n_tail)
-            out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
-                                             self.scale))
+            with record_function("infllm.attention"):
+                out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
+                                                 self.scale))
         return out.reshape(h, length, d)

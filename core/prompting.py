@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from core.errors import UsageError
+from core.errors import ModelError, UsageError
 
 _MARK = "\u241e\u241eDOCUMENT\u241e\u241e"  # never appears in real prompts
 
@@ -30,7 +30,11 @@ def load_template(name_or_path: str) -> str:
     """A built-in template by name (ask, summarize, ...) or a template file."""
     path = Path(name_or_path)
     if path.suffix and path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"cannot be read ({err.strerror})"
+            raise UsageError(f"template file '{name_or_path}' {reason}") from None
     else:
         try:
             text = builtin_template(name_or_path)
@@ -41,18 +45,33 @@ def load_template(name_or_path: str) -> str:
     return text
 
 
+NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, so the prompt is a plain transcript ending in "
+                    "'Answer:'; fine for a base model, but a chat model answers poorly without its template "
+                    "(its chat_template.jinja, or chat_template in tokenizer_config.json)")
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether build_prompt can use the model's own chat format (else it falls back to a plain transcript)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def build_prompt(tokenizer, template: str, question: str, system: str | None, answer_prefix: str = "") -> Prompt:
     """Render the chat template around a document marker and tokenize the two sides."""
     try:
-        user = template.replace("{question}", question).replace("{document}", _MARK)
+        # {document} first, so that a question quoting "{document}" stays text.
+        user = template.replace("{document}", _MARK).replace("{question}", question)
     except (KeyError, ValueError) as err:
         raise UsageError(f"bad template: {err}") from None
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if user.count(_MARK) != 1:
+        raise UsageError("the template must hold the {document} field exactly once")
+    if has_chat_template(tokenizer):
+        text = _render_chat(tokenizer, system, user)
     else:  # base models: a plain transcript the model can continue
         text = (f"{system}\n\n" if system else "") + user + "\n\nAnswer:"
     text += answer_prefix
+    if text.count(_MARK) != 1:
+        raise ModelError("the model's chat template does not put the user's message into the prompt exactly once; "
+                         "pass a template that does (--template) or fix the model's chat_template")
     before, after = text.split(_MARK)
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False) if s else []  # noqa: E731
     prefix = encode(before)
@@ -60,3 +79,19 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not prefix or prefix[0] != bos):
         prefix = [bos] + prefix
     return Prompt(prefix, encode(after))
+
+
+def _render_chat(tokenizer, system: str | None, user: str) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 - templates are code shipped with the model; they raise anything
+        if system:
+            # Some templates (early Mistral ones) refuse a system turn: put the system text atop the user's.
+            try:
+                merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
+                return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+            except Exception:  # noqa: BLE001
+                pass
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ModelError(f"the model's chat template cannot render the prompt: {detail}") from None

@@ -1,11 +1,13 @@
 """Read a document once, then answer questions about it: the API the CLI stands on.
 
 A `Session` owns one engine. `read` feeds the prompt's prefix and the document and keeps a checkpoint; each
-`answer` starts from that checkpoint, so questions never disturb one another or what was read.
+`answer` starts from that checkpoint, so questions never disturb one another or what was read. A session can
+also `resume` from a memory saved earlier (core/snapshot.py), with no reading at all.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from core.citations import SourceMap
 from core.citations import cite as cite_blocks
 from core.config import EngineConfig
 from core.engine import Engine
+from core.errors import UsageError
 from core.loading import LoadedModel
 from core.prompting import Prompt
 from core.sampling import SamplingConfig
@@ -49,10 +52,13 @@ class Session:
         self._stops = stop_token_ids(loaded)
         self.doc_offsets: torch.Tensor | None = None  # [N, 2] character span of each document token
         self.doc_start = 0  # position of the document's first token in the memory
+        self.prefix: list[int] = []  # the prompt tokens read before the document
+        self.source_map: SourceMap | None = None  # extracted text -> files, pages, lines (for citations)
         self.citations: list = []
 
-    def tokenize(self, text: str, offsets: bool = False) -> list[int]:
-        """Token ids of a document; with offsets=True also keeps each token's character span for citations."""
+    def tokenize(self, text: str, offsets: bool = True) -> list[int]:
+        """Token ids of a document; with offsets (fast tokenizers) also each token's character span, for citations
+        and snapshots."""
         tokenizer = self.loaded.tokenizer
         if offsets and getattr(tokenizer, "is_fast", False):
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -61,9 +67,11 @@ class Session:
         self.doc_offsets = None
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None) -> None:
+    def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None,
+             source_map: SourceMap | None = None) -> None:
         """Read the prompt prefix and the document into memory (from a fresh memory)."""
         self.engine.reset()
+        self.prefix, self.source_map = list(prefix), source_map
         self.doc_start = len(prefix)
         start = time.perf_counter()
         if prefix:
@@ -74,6 +82,19 @@ class Session:
         self.timings.tokens_read = len(prefix) + len(document)
         self._read_state = self.engine.checkpoint()
 
+    def resume(self, prefix: list[int], doc_offsets: torch.Tensor | None, source_map: SourceMap | None) -> None:
+        """Take the engine's current memory (adopted from a snapshot) as what was read."""
+        self.prefix, self.doc_offsets, self.source_map = list(prefix), doc_offsets, source_map
+        self.doc_start = len(prefix)
+        self.timings = Timings(tokens_read=self.engine.position)
+        self._read_state = self.engine.checkpoint()
+
+    def rewind(self) -> None:
+        """Return the memory to the state right after `read` (or `resume`)."""
+        if self._read_state is None:
+            raise RuntimeError("read() must come before rewind()")
+        self.engine.restore(self._read_state)
+
     def answer(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
                source_map: SourceMap | None = None, cite: int = 0) -> Iterator[str]:
         """Stream the answer's text. Starts from the state right after `read`.
@@ -83,7 +104,11 @@ class Session:
         """
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
-        self.engine.restore(self._read_state)
+        if list(prompt.prefix) != self.prefix:
+            raise UsageError("the prompt does not begin the way it did when the document was read (another "
+                             "--system or --template?); use the same ones, or read the document again")
+        source_map = source_map or self.source_map
+        self.rewind()
         tally = self.engine.count_retrievals(cite > 0)
         start = time.perf_counter()
         logits = self.engine.feed(prompt.suffix)
@@ -109,6 +134,15 @@ class Session:
             steps = len(self.engine.layers) * (-(-len(prompt.suffix) // chunk) + len(tokens))
             self.citations = cite_blocks(tally, steps, self.engine.layers[0].block_span, self.doc_start,
                                          self.doc_offsets, source_map, cite)
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_memory() -> dict[str, float]:

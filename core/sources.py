@@ -158,6 +158,24 @@ def iter_pieces(
     return _all_pieces(sources, stdin, skipped if skipped is not None else SkipReport(), limits)
 
 
+def refuse_special_files(sources: list[str]) -> None:
+    """Refuse named pipes, devices and sockets among the sources, from their metadata alone.
+
+    For callers that look at sources before reading them (to tell a snapshot from a document, say): opening
+    a FIFO blocks until a writer comes, so nothing may open a source before this has passed. Missing paths
+    are left to the reading, which names them.
+    """
+    for source in sources:
+        if source == STDIN:
+            continue
+        try:
+            mode = os.stat(source).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise _special_file(source, mode)
+
+
 def read_text(sources: list[str], stdin: BinaryIO | None = None) -> tuple[str, list[Piece]]:
     """All the sources' text at once, and the pieces it was joined from (in order, so offsets add up)."""
     pieces = list(iter_pieces(sources, stdin))
@@ -515,14 +533,23 @@ def _spooled_pdf_pieces(chunks: Iterator[bytes], name: str, header: str, limits:
 def _pdf_pieces(file: BinaryIO, name: str, header: str, limits: _Limits) -> Iterator[Piece]:
     reader = _open_pdf(file, name)
     total = 0
+    too_much = _fail(name, f"yields more than {limits.pdf_chars:,} characters of text (the limit; a PDF bomb?)")
     for number in range(1, _page_count(reader, name) + 1):
+        budget = _TextBudget(limits.pdf_chars - total)
         with _pdf_errors(name):
-            text = reader.pages[number - 1].extract_text()
+            try:
+                page = reader.pages[number - 1]
+                # Only forms can multiply a page's text; without a visitor pypdf skips pages with no text at all.
+                text = page.extract_text(visitor_text=budget.spend) if _draws_forms(page) else page.extract_text()
+            except _OverBudget:
+                raise too_much from None
+        if budget.over:  # the last text of the page went over and nothing came after to raise
+            raise too_much
         if not text.strip():
             continue
         total += len(text)
         if total > limits.pdf_chars:
-            raise _fail(name, f"yields more than {limits.pdf_chars:,} characters of text (the limit; a PDF bomb?)")
+            raise too_much
         if not text.endswith("\n"):
             text += "\n"
         yield from _pieces([text], name, number, header, limits.piece_chars)
@@ -530,6 +557,45 @@ def _pdf_pieces(file: BinaryIO, name: str, header: str, limits: _Limits) -> Iter
     if total == 0:
         hint = "OCR it first, e.g. `ocrmypdf in.pdf out.pdf`"
         raise _fail(name, f"has no text layer (no page holds text: a scan?); {hint}")
+
+
+class _OverBudget(Exception):
+    """Raised from inside pypdf's text extraction when a page has given more text than the budget left."""
+
+
+class _TextBudget:
+    """Counts the text pypdf reports while extracting one page, and stops the extraction once too much came.
+
+    The cap on a document's text is otherwise checked only after each page, but one page can hold a form
+    (an XObject) drawn thousands of times, each drawing parsed and extracted anew: that page alone could
+    take hours and gigabytes. pypdf swallows exceptions raised while it extracts a form, so the budget is
+    sticky: once over, every later report raises again, and the first one outside the form gets through.
+    """
+
+    def __init__(self, chars: int):
+        self.left = chars
+        self.over = False
+
+    def spend(self, text, *_context) -> None:
+        if self.over:
+            raise _OverBudget
+        self.left -= len(text) if isinstance(text, str) else 0
+        if self.left < 0:
+            self.over = True
+            raise _OverBudget
+
+
+def _draws_forms(page) -> bool:
+    """Whether the page's resources hold a form XObject (forms inside forms need one at the top)."""
+    try:
+        resources = page.get("/Resources")
+        xobjects = resources.get_object().get("/XObject") if resources is not None else None
+        if xobjects is None:
+            return False
+        xobjects = xobjects.get_object()
+        return any(xobjects[key].get_object().get("/Subtype") == "/Form" for key in xobjects)
+    except Exception:  # noqa: BLE001 - damaged resources: assume the worst, extraction will judge the rest
+        return True
 
 
 def _open_pdf(file: BinaryIO, name: str) -> PdfReader:

@@ -52,6 +52,9 @@ def guarded(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        from infllm_cli import restore_interrupts
+
+        restore_interrupts()  # Ctrl-C while starting exited at once (infllm_cli/__init__.py); now it raises
         try:
             return command(*args, **kwargs)
         except InfllmError as err:
@@ -66,9 +69,15 @@ def guarded(command):
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(0) from None
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            from core.resources import is_out_of_memory, out_of_memory_error
+
+            if is_out_of_memory(err):  # RAM or GPU ran out mid-run: explained, exit 6
+                print(f"infllm: error: {out_of_memory_error(err)}", file=sys.stderr)
+                raise typer.Exit(out_of_memory_error(err).exit_code) from None
             if os.environ.get("INFLLM_DEBUG"):
                 raise
-            print(f"infllm: internal error: {type(err).__name__}: {err} (INFLLM_DEBUG=1 shows the traceback)",
+            detail = " ".join(str(err).split())  # one line, whatever the message holds
+            print(f"infllm: internal error: {type(err).__name__}: {detail} (INFLLM_DEBUG=1 shows the traceback)",
                   file=sys.stderr)
             raise typer.Exit(EXIT_INTERNAL) from None
 
@@ -114,6 +123,8 @@ CiteOpt = Annotated[int, typer.Option(help="print on stderr the N passages the m
 EachOpt = Annotated[bool, typer.Option("--each", help="answer per source (model loaded once); with --json one line each")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object (per source with --each) instead of the bare answer")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")]
+SaveOpt = Annotated[Optional[str], typer.Option("--save", metavar="PATH",
+                    help="also write the memory to a snapshot file, to ask again without reading")]
 
 
 @dataclass
@@ -135,8 +146,8 @@ class RunOptions:
 def _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
              max_tokens, temperature, top_p, seed, system, template, cite, as_json) -> RunOptions:
     overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
-    if not 0 < top_p <= 1 or not temperature >= 0 or max_tokens < 1:  # `not >=` also refuses nan
-        raise UsageError("need 0 < --top-p <= 1, --temperature >= 0 and --max-tokens >= 1")
+    if not 0 < top_p <= 1 or not 0 <= temperature < float("inf") or max_tokens < 1:  # `not <=` also refuses nan
+        raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
     if cite < 0:
         raise UsageError("--cite needs a count of passages, 0 or more")
     return RunOptions(model, device, dtype, overrides, SamplingConfig(temperature, top_p, seed), max_tokens, system,
@@ -155,12 +166,14 @@ def ask(
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file with {document} and {question}")] = "ask",
     cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    save: SaveOpt = None,
 ) -> None:
-    """Answer a question about one or more documents read whole into the context memory."""
+    """Answer a question about one or more documents read whole into the context memory, or about a snapshot
+    written by `infllm read` (FILE.infllm: nothing is read again)."""
     sources, question = _split_question(args)
     opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save)
 
 
 SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
@@ -179,12 +192,61 @@ def summarize(
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file")] = "summarize",
     cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    save: SaveOpt = None,
 ) -> None:
-    """Summarize whole documents: one pass over the context memory, the request placed after the text."""
+    """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST])
     opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save)
+
+
+@app.command("read", epilog=EPILOG)
+@guarded
+def read_command(
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]",
+                       help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH",
+                      help="snapshot file to write, e.g. book.infllm (replaced atomically)")] = "",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
+    query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
+    system: SystemOpt = None,
+    template: Annotated[str, typer.Option(help="template whose opening (before {document}) is read with the text")] = "ask",
+    as_json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Read documents once and save the context memory as a snapshot: `infllm ask FILE.infllm "..."` and
+    `infllm summarize FILE.infllm` then answer from it without reading the text again."""
+    from core.defaults import engine_defaults
+    from core.loading import load_model, pick_device, resolve_model
+    from core.prompting import build_prompt, builtin_template, load_template
+    from core.session import Session, peak_memory
+
+    if not output:
+        raise UsageError("name the snapshot to write: infllm read SOURCE... -o FILE.infllm")
+    sources, _ = _split_question([*(sources or []), "read"])
+    overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
+    display = Display(quiet)
+    pick_device(device)
+    resolved = resolve_model(model)
+    config = engine_defaults(resolved.config).with_overrides(**overrides)
+    config.validate(resolved.config.max_position_embeddings)
+    template_text = load_template(template)
+    started = time.perf_counter()
+    display.phase("loading model")
+    loaded = load_model(resolved, device=device, dtype=dtype)
+    timings = {"load_s": time.perf_counter() - started}
+    system = system if system is not None else builtin_template("system").strip()
+    session = Session(loaded, config)
+    prompt = build_prompt(loaded.tokenizer, template_text, "", system)
+    _read(display, session, prompt.prefix, sources, timings)
+    size = _save(display, session, output, model, system, timings)
+    if as_json:
+        json.dump({"snapshot": output, "bytes": size, "model": loaded.name, "inputs": sources,
+                   "tokens_read": session.timings.tokens_read,
+                   "timings": {k: round(v, 3) for k, v in timings.items()}, "memory": peak_memory(),
+                   "engine": config.to_dict()}, sys.stdout)
+        sys.stdout.write("\n")
 
 
 @app.command(epilog=EPILOG)
@@ -246,36 +308,90 @@ def info(
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
 
 
-def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str) -> None:
-    """Check settings, load the model once, then read and answer each group of sources in order."""
+def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str,
+         save: str | None = None) -> None:
+    """Check settings, load the model once, then answer about each group of sources (or snapshot) in order."""
     from core.defaults import engine_defaults
     from core.loading import load_model, pick_device, resolve_model
     from core.prompting import build_prompt, builtin_template, load_template
     from core.session import Session
+    from core.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
 
-    pick_device(opts.device)
+    from core.loading import pick_dtype
+    from core.resources import memory_limit_bytes
+
+    pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
+    memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
+    from core.sources import refuse_special_files
+
+    refuse_special_files([s for g in groups for s in g])  # a FIFO would block is_snapshot's open forever
+    snaps = {}
+    for sources in groups:
+        found = [s for s in sources if s != "-" and is_snapshot(s)]
+        if found and len(sources) > 1:
+            raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
+        if found:
+            snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
+    if save is not None and (len(groups) > 1 or snaps):
+        raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
     display.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
-    resolved = resolve_model(opts.model)
-    config = engine_defaults(resolved.config).with_overrides(**opts.overrides)
-    config.validate(resolved.config.max_position_embeddings)
+    spec = opts.model
+    if spec is None and snaps:  # ask a snapshot with the model it was read with
+        stored = next(iter(snaps.values())).meta.get("model")
+        spec = stored.get("spec") if isinstance(stored, dict) and isinstance(stored.get("spec"), str) else None
+    resolved = resolve_model(spec)
+    max_positions = resolved.config.max_position_embeddings
+    config = engine_defaults(resolved.config).with_overrides(**opts.overrides).validate(max_positions)
+    for snap in snaps.values():
+        check_model(snap, resolved.fingerprint, resolved.name)
+        snapshot_config(snap.meta, opts.overrides, snap.path).validate(max_positions)
     template = load_template(opts.template)
     started = time.perf_counter()
     display.phase("loading model")
     loaded = load_model(resolved, device=opts.device, dtype=opts.dtype)
     load_s = time.perf_counter() - started
-    session = Session(loaded, config)
-    system = opts.system if opts.system is not None else builtin_template("system").strip()
-    prompt = build_prompt(loaded.tokenizer, template, question, system)
+    default_system = opts.system if opts.system is not None else builtin_template("system").strip()
+    reader = Session(loaded, config) if len(snaps) < len(groups) else None
+    prompt = build_prompt(loaded.tokenizer, template, question, default_system)
+    from core.prompting import NO_CHAT_TEMPLATE, has_chat_template
+
+    if not has_chat_template(loaded.tokenizer):
+        display.warn(NO_CHAT_TEMPLATE)
     for sources in groups:
         if len(groups) > 1 and not opts.as_json:
             sys.stdout.write(f"==> {sources[0]} <==\n")
-        _read_and_answer(display, opts, session, prompt, sources, load_s)
+        timings = {"load_s": load_s}
+        if sources[0] in snaps:
+            session, system = _open(display, opts, loaded, snaps[sources[0]], timings)
+            prompt_here = prompt if system == default_system else build_prompt(loaded.tokenizer, template,
+                                                                                 question, system)
+        else:
+            session, prompt_here = reader, prompt
+            _read(display, session, prompt.prefix, sources, timings)
+            if save is not None:
+                _save(display, session, save, opts.model, default_system, timings)
+        _answer(display, opts, session, prompt_here, sources, timings)
         load_s = 0.0
 
 
-def _read_and_answer(display, opts: RunOptions, session, prompt, sources: list[str], load_s: float) -> None:
+def _open(display: Display, opts: RunOptions, loaded, snap, timings: dict):
+    """A session resumed from a snapshot, and the system prompt it was read with (unless --system overrides)."""
+    from core.session import rss_mb
+    from core.snapshot import open_session
+
+    started = time.perf_counter()
+    meta = snap.meta
+    display.phase(f"opening snapshot {snap.path}: {meta.get('tokens', 0):,} tokens read earlier")
+    session = open_session(loaded, snap, opts.overrides)
+    timings["open_s"] = time.perf_counter() - started
+    timings["rss_after_open_mb"] = rss_mb()
+    stored = meta.get("system")
+    return session, opts.system if opts.system is not None else (stored if isinstance(stored, str) else None)
+
+
+def _read(display: Display, session, prefix: list[int], sources: list[str], timings: dict) -> None:
+    """Extract, tokenize and read `sources` into the session's memory, after the prompt's prefix."""
     from core.citations import SourceMap
-    from core.session import peak_memory
     from core.sources import read_text
 
     started = time.perf_counter()
@@ -283,26 +399,48 @@ def _read_and_answer(display, opts: RunOptions, session, prompt, sources: list[s
     text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
     t_extract = time.perf_counter()
     display.phase("tokenizing")
-    document = session.tokenize(text, offsets=opts.cite > 0)
+    document = session.tokenize(text)
     t_tok = time.perf_counter()
     per_token = session.engine.memory_report_per_token()
     display.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
                   f"{len(document) * per_token / 2**20:,.0f} MB")
+    from core.resources import check_reading
+
+    check_reading(session, len(document), sources)  # refuse now, with numbers and flags, if it cannot fit
     with display.reading(len(document), lambda: session.engine.memory_report().block_store_bytes) as update:
-        session.read(prompt.prefix, document, on_progress=update)
-    t_read = time.perf_counter()
+        session.read(prefix, document, on_progress=update, source_map=SourceMap(text, pieces))
+    timings.update(extract_s=t_extract - started, tokenize_s=t_tok - t_extract,
+                   prefill_s=time.perf_counter() - t_tok)
+
+
+def _save(display: Display, session, path: str, model_spec: str | None, system: str, timings: dict) -> int:
+    from core.snapshot import save_session
+
+    display.phase(f"writing snapshot {path}")
+    started = time.perf_counter()
+    size = save_session(session, path, model_spec, system)
+    timings["save_s"] = time.perf_counter() - started
+    display.phase(f"wrote {path}: {size / 2**20:,.1f} MB in {timings['save_s']:.1f} s")
+    return size
+
+
+def _answer(display: Display, opts: RunOptions, session, prompt, sources: list[str], timings: dict) -> None:
+    """Stream the answer to stdout (or one JSON object), then citations and a summary line on stderr."""
+    from core.session import peak_memory, rss_mb
+
     display.phase("answering")
+    started = time.perf_counter()
     answer = []
-    source_map = SourceMap(text, pieces) if opts.cite else None
-    for chunk in session.answer(prompt, opts.max_tokens, opts.sampling, source_map, opts.cite):
+    for chunk in session.answer(prompt, opts.max_tokens, opts.sampling, cite=opts.cite):
         answer.append(chunk)
         if not opts.as_json:
             sys.stdout.write(chunk)
             sys.stdout.flush()
-    done = time.perf_counter()
-    mem = peak_memory()
-    timings = {"extract_s": t_extract - started, "load_s": load_s, "tokenize_s": t_tok - t_extract,
-               "prefill_s": t_read - t_tok, "answer_s": done - t_read, "total_s": done - started + load_s}
+    timings["answer_s"] = time.perf_counter() - started
+    timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
+    mem = {**peak_memory(), "rss_mb": rss_mb()}
+    if "rss_after_open_mb" in timings:
+        mem["rss_after_open_mb"] = timings.pop("rss_after_open_mb")
     if opts.as_json:
         json.dump({"answer": "".join(answer).strip(), "model": session.loaded.name, "inputs": sources,
                    "tokens_read": session.timings.tokens_read, "tokens_generated": session.timings.tokens_generated,
@@ -314,9 +452,13 @@ def _read_and_answer(display, opts: RunOptions, session, prompt, sources: list[s
     if opts.cite and not opts.as_json:
         for i, c in enumerate(session.citations, 1):
             display.always(f"[{i}] {c.location()} (weight {c.weight:.2f}): {c.excerpt}")
-    rate = session.timings.tokens_read / max(timings["prefill_s"], 1e-9)
-    display.phase(f"read {session.timings.tokens_read:,} tokens in {timings['prefill_s']:.1f} s ({rate:,.0f} tok/s), "
-                  f"answered {session.timings.tokens_generated} tokens in {timings['answer_s']:.1f} s, "
+    read = ""
+    if "prefill_s" in timings:
+        rate = session.timings.tokens_read / max(timings["prefill_s"], 1e-9)
+        read = f"read {session.timings.tokens_read:,} tokens in {timings['prefill_s']:.1f} s ({rate:,.0f} tok/s), "
+    elif "open_s" in timings:
+        read = f"opened {session.timings.tokens_read:,} tokens in {timings['open_s']:.1f} s, "
+    display.phase(f"{read}answered {session.timings.tokens_generated} tokens in {timings['answer_s']:.1f} s, "
                   f"total {timings['total_s']:.1f} s, peak RSS {mem['peak_rss_mb']:,.0f} MB"
                   + (f", peak GPU {mem['peak_gpu_mb']:,.0f} MB" if "peak_gpu_mb" in mem else ""))
 

@@ -2,6 +2,10 @@
 
 Animated (rich) only when stderr is a terminal; otherwise one plain line per phase, so logs stay readable.
 `quiet` silences everything but errors. rich honours NO_COLOR by itself.
+
+Whether stderr counts as a terminal is rich's call (`Console.is_terminal`), so its environment switches apply:
+TTY_COMPATIBLE=1 or a non-empty FORCE_COLOR forces the live display (e.g. under a CI log viewer that renders
+escapes), TTY_COMPATIBLE=0 forces plain lines. tests/test_display.py relies on these.
 """
 
 from __future__ import annotations

@@ -1,0 +1,219 @@
+"""Will it fit? Memory checks made before the long work starts, and out-of-memory errors explained.
+
+The block store (K, V and representative keys of every token read, all layers) lives in host RAM whatever
+the device; it grows linearly with the text and is what runs a long read out of memory. Once the text is
+tokenized its size is known exactly (tokens x bytes per token), so a read that cannot fit is refused before
+the prefill starts, with the numbers and the flags that would help. On a GPU the weights and the engine's
+working buffers are allocated when the model loads and the engine is made (an out-of-memory there is caught
+like any other); reading then needs activations for one prefill chunk at a time, checked against the GPU's
+free memory.
+
+The RAM available is MemAvailable from /proc/meminfo (Linux), else the free pages `os.sysconf` reports;
+the block store may take `RAM_USABLE` of it. `INFLLM_MEMORY_LIMIT_MB` caps it further: a user sharing a
+machine can say how much infllm may take, and tests set it to see the refusal without filling the machine.
+
+`check_memory` is pure (every measurement can be passed in); `check_reading` measures and calls it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from core.errors import ResourceError, UsageError
+
+ENV_LIMIT = "INFLLM_MEMORY_LIMIT_MB"
+RAM_USABLE = 0.9  # share of the available RAM the block store may take: the rest is the OS's, the answer's
+MB = 2**20
+
+_MEASURE = object()  # default for measurements: take them from this machine
+
+
+def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """RAM that can be allocated without swapping: MemAvailable, else free pages; None when unknown."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def memory_limit_bytes(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The cap the user set with INFLLM_MEMORY_LIMIT_MB, in bytes; None if unset."""
+    raw = environ.get(ENV_LIMIT, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{ENV_LIMIT} must be a positive number of megabytes, got '{raw}'")
+    return int(value * MB)
+
+
+def free_gpu_bytes(device) -> int | None:
+    """Memory a CUDA device can still give: free on the device plus what torch holds but does not use."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def activation_bytes(model_config, cfg, element_size: int) -> int:
+    """A low estimate of the temporary memory one prefill step takes: hidden states, q/k/v and MLP
+    activations for `prefill_chunk` tokens, and float32 attention scores for one query chunk against the
+    sinks, the window and the retrieved blocks."""
+    hidden = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    tokens = cfg.prefill_chunk
+    per_token = 4 * hidden + (heads + 2 * kv_heads) * head_dim + 3 * intermediate
+    keys = cfg.sinks + cfg.window + cfg.query_chunk + cfg.topk * cfg.block_size
+    scores = 2 * heads * cfg.query_chunk * keys * 4
+    return tokens * per_token * element_size + scores
+
+
+def check_memory(
+    store_bytes: float,
+    device,
+    *,
+    tokens: int,
+    dtype_name: str = "float32",
+    host_extra_bytes: float = 0,
+    gpu_need_bytes: float = 0,
+    reclaimable_bytes: float = 0,
+    sources: Sequence[str] = (),
+    settings=None,
+    available_ram=_MEASURE,
+    free_gpu=_MEASURE,
+    limit=_MEASURE,
+) -> None:
+    """Raise ResourceError if reading `tokens` tokens cannot fit; return None if it can (or if unknown).
+
+    store_bytes: the block store the read will fill (host RAM, whatever the device).
+    host_extra_bytes: other RAM the read needs (activations, on a CPU run).
+    gpu_need_bytes: GPU memory the read still needs (activations, on a CUDA run).
+    reclaimable_bytes: RAM that will be freed when the read starts (the previous read's store, with --each).
+    available_ram, free_gpu, limit: measured on this machine unless given (bytes, or None for unknown).
+    """
+    if available_ram is _MEASURE:
+        available_ram = available_ram_bytes()
+    if limit is _MEASURE:
+        limit = memory_limit_bytes()
+    need = store_bytes + host_extra_bytes
+    room, why = None, ""
+    if available_ram is not None:
+        room = RAM_USABLE * (available_ram + reclaimable_bytes)
+        why = f"{RAM_USABLE:.0%} of the {_size(available_ram + reclaimable_bytes)} available"
+    if limit is not None and (room is None or limit < room):
+        room, why = limit, f"the {ENV_LIMIT} cap"
+    if room is not None and need > room:
+        hints = []
+        if dtype_name == "float32":
+            hints.append("--dtype bfloat16 (halves the block store)")
+        if len(sources) > 1:
+            hints.append(f"--each (reads the {len(sources)} sources one at a time)")
+        hints.append("fewer or shorter sources")
+        if why.startswith("the "):
+            hints.append(f"a higher {ENV_LIMIT}")
+        parts = f" ({_size(store_bytes)} block store + {_size(host_extra_bytes)} working)" if host_extra_bytes else ""
+        raise ResourceError(
+            f"not enough memory: reading {tokens:,} tokens needs ~{_size(need)} of RAM{parts}, "
+            f"but {why} allows {_size(room)}; try " + _either(hints)
+        )
+    if getattr(device, "type", None) != "cuda" or not gpu_need_bytes:
+        return
+    if free_gpu is _MEASURE:
+        free_gpu = free_gpu_bytes(device)
+    if free_gpu is not None and gpu_need_bytes > free_gpu:
+        hints = []
+        if settings is not None:
+            hints.append(f"a smaller --prefill-chunk (now {settings.prefill_chunk:,})")
+            hints.append(f"a smaller --window (now {settings.window:,})")
+        if dtype_name == "float32":
+            hints.append("--dtype bfloat16")
+        hints.append("--device cpu")
+        raise ResourceError(
+            f"not enough GPU memory on {device}: reading needs ~{_size(gpu_need_bytes)} more for activations, "
+            f"but only {_size(free_gpu)} is free; try " + _either(hints)
+        )
+
+
+def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
+    """check_memory for a Session about to read `tokens` document tokens (model loaded, engine made)."""
+    engine = session.engine
+    model = session.loaded.model
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    activations = activation_bytes(model.config, engine.config, dtype.itemsize)
+    on_gpu = device.type == "cuda"
+    check_memory(
+        tokens * engine.memory_report_per_token(),
+        device,
+        tokens=tokens,
+        dtype_name=str(dtype).removeprefix("torch."),
+        host_extra_bytes=0 if on_gpu else activations,
+        gpu_need_bytes=activations if on_gpu else 0,
+        reclaimable_bytes=engine.memory_report().block_store_bytes,
+        sources=sources,
+        settings=engine.config,
+    )
+
+
+# --- out of memory during the run ----------------------------------------------------------------
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether an exception means an allocation failed (RAM or GPU), whatever raised it."""
+    if isinstance(err, MemoryError):
+        return True
+    try:
+        import torch
+
+        oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+        if isinstance(err, oom):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+
+
+def out_of_memory_error(err: BaseException) -> ResourceError:
+    """The one line shown when an allocation fails in the middle of the work."""
+    text = " ".join(str(err).split())
+    gpu = "CUDA" in text or "GPU" in text or type(err).__name__ == "OutOfMemoryError"
+    detail = f" ({text[:200]})" if text else ""
+    if gpu:
+        return ResourceError(
+            f"out of GPU memory during the run{detail}; try a smaller --prefill-chunk, --window or "
+            f"--cache-blocks, --dtype bfloat16, or --device cpu"
+        )
+    return ResourceError(
+        f"out of memory (RAM) during the run{detail}; try --dtype bfloat16, a shorter input or --each for "
+        f"several sources, or set {ENV_LIMIT} to be refused before the work starts"
+    )
+
+
+def _size(value: float) -> str:
+    """Bytes as MB, with a decimal below 10 MB and as KB below 1 MB, so small numbers never read as 0."""
+    if value >= 10 * MB:
+        return f"{value / MB:,.0f} MB"
+    if value >= MB:
+        return f"{value / MB:.1f} MB"
+    return f"{value / 1024:,.0f} KB"
+
+
+def _either(hints: list[str]) -> str:
+    return hints[0] if len(hints) == 1 else ", ".join(hints[:-1]) + " or " + hints[-1]

@@ -1,0 +1,417 @@
+"""Snapshots: the context memory of a read document in one safetensors file, written atomically, opened lazily.
+
+The file is plain safetensors (8-byte header length, JSON header, raw tensor bytes); its `__metadata__` holds one
+entry, "infllm": a JSON object describing the snapshot (docs/snapshot-format.md). Tensors are the engine's
+export (`layer.I.state.*`, `layer.I.store.{k,v}.P`, `layer.I.store.repr`) and the document's (`doc.*`).
+
+Untrusted files are checked before anything is allocated: the header is parsed strictly (offsets, sizes, dtypes
+against the file's length), the metadata against the model, tokenizer and engine settings, and every tensor's
+shape against what the engine would export at the recorded counters. The data is then memory-mapped: small
+tensors are verified against their SHA-256 at once, block pages the first time a block of theirs is read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.citations import SourceMap, passage
+from core.config import EngineConfig
+from core.errors import ResourceError, SnapshotError, UsageError
+from core.loading import LoadedModel
+from core.session import Session
+from core.sources import Piece
+
+FORMAT = "infllm-snapshot"
+VERSION = 1
+SUFFIX = ".infllm"
+_KEY = "infllm"
+_MAX_SETTING = 2**20  # no real engine setting comes near; a larger one is damage, refused before allocating
+_MAX_HEADER = 256 * 2**20  # a header this large would describe ~10^6 tensors: not one of ours
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "U8": torch.uint8}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_FIELDS = {"format", "version", "tool_version", "created", "model", "tokenizer", "engine", "dtype", "counters",
+           "tokens", "doc_start", "system", "sources", "pieces", "checksums"}
+# Settings that shape the stored memory; the others (how much is retrieved, cached, pushed at once) may change.
+_FIXED = ("sinks", "window", "block_size", "repr_keys")
+_DOC_DTYPES = {"doc.prefix": torch.int64, "doc.offsets": torch.int64, "doc.text": torch.uint8, "doc.blocks": torch.int64}
+
+
+# ---- the file ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the data section
+    end: int
+
+
+def _fail(path: Path, why: str) -> SnapshotError:
+    return SnapshotError(f"{path}: {why}")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, _Entry], int]:
+    """Parse and check a snapshot's header: (metadata, tensor entries, offset of the data section).
+
+    Reads only the header. Raises SnapshotError for anything that is not a complete snapshot of a version
+    this code understands.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, "not an infllm snapshot (too short)")
+            (length,) = struct.unpack("<Q", head)
+            if not 2 <= length <= min(_MAX_HEADER, size - 8):
+                raise _fail(path, "not an infllm snapshot (no safetensors header)"
+                            if length > _MAX_HEADER else "truncated or not an infllm snapshot")
+            raw = f.read(length)
+    except OSError as err:
+        raise _fail(path, f"cannot read: {err.strerror or err}") from None
+    try:
+        header = json.loads(raw)
+        meta = json.loads(header["__metadata__"][_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise _fail(path, "not an infllm snapshot (no infllm metadata in the header)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _fail(path, "not an infllm snapshot (wrong format name)")
+    version = meta.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise _fail(path, "snapshot metadata has no valid format version")
+    if version > VERSION:
+        raise _fail(path, f"written by a newer infllm (snapshot format {version}; this one reads up to "
+                          f"{VERSION}): upgrade infllm")
+    unknown = sorted(set(meta) - _FIELDS)
+    if unknown:
+        raise _fail(path, f"snapshot metadata has unknown fields ({', '.join(unknown[:5])}): not written by "
+                          f"this infllm version")
+    return meta, _entries(path, header, size - 8 - length), 8 + length
+
+
+def _entries(path: Path, header: dict, data_len: int) -> dict[str, _Entry]:
+    entries = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[spec["dtype"]]
+            shape = tuple(spec["shape"])
+            start, end = spec["data_offsets"]
+            ok = all(isinstance(n, int) and n >= 0 for n in (*shape, start, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _fail(path, f"corrupt header entry for tensor {name!r}")
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - start != numel * dtype.itemsize:
+            raise _fail(path, f"corrupt header: tensor {name!r} size does not match its shape")
+        entries[name] = _Entry(dtype, shape, start, end)
+    at = 0
+    for e in sorted(entries.values(), key=lambda e: e.start):
+        if e.start != at:
+            raise _fail(path, "corrupt header: tensor data overlaps or leaves gaps")
+        at = e.end
+    if at > data_len:
+        raise _fail(path, f"truncated: the header describes {at:,} bytes of data, the file holds {data_len:,}")
+    if at < data_len:
+        raise _fail(path, "corrupt: data after the last tensor")
+    return entries
+
+
+def is_snapshot(path: str) -> bool:
+    """Whether a source names a snapshot: by its suffix, or by an infllm header."""
+    if path.endswith(SUFFIX):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    try:
+        read_header(path)
+    except SnapshotError:
+        return False
+    return True
+
+
+def _digest(t: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes as stored (any dtype)."""
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Write a snapshot atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
+
+    On any failure (Ctrl-C, a full disk) the temporary file is removed and an existing `path` is untouched.
+    Returns the file's size.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        meta = {**meta, "checksums": {name: _digest(t) for name, t in cpu.items()}}
+        save_file(cpu, str(tmp), metadata={_KEY: json.dumps(meta, separators=(",", ":"))})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        # safetensors reports OS errors as its own exception type, with the OS message in it.
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err):
+            raise ResourceError(f"not enough disk space to write {path}; nothing was written") from None
+        if isinstance(err, OSError):
+            raise SnapshotError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
+    return path.stat().st_size
+
+
+class SnapshotFile:
+    """An opened snapshot: checked header, metadata, and tensors memory-mapped on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.meta, self.entries, self._data_start = read_header(self.path)
+        checksums = self.meta.get("checksums")
+        if not isinstance(checksums, dict) or set(checksums) != set(self.entries):
+            raise _fail(self.path, "corrupt: the checksums do not cover the tensors")
+        self._checksums = checksums
+        self._bytes: torch.Tensor | None = None
+
+    def _mapped(self) -> torch.Tensor:
+        if self._bytes is None:
+            size = self.path.stat().st_size
+            # A private mapping: pages are read when touched, and nothing written to them reaches the file.
+            self._bytes = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
+        return self._bytes
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A view of the file (not yet read, not verified: see `verify`)."""
+        e = self.entries[name]
+        raw = self._mapped()[self._data_start + e.start : self._data_start + e.end]
+        if (self._data_start + e.start) % e.dtype.itemsize:
+            raw = raw.clone()  # a writer that did not align its tensors: copy rather than refuse
+        return raw.view(e.dtype).view(e.shape)
+
+    def verify(self, name: str) -> None:
+        if _digest(self.tensor(name)) != self._checksums[name]:
+            raise _fail(self.path, f"corrupt data in tensor {name} (checksum mismatch); the file is damaged")
+
+
+# ---- sessions <-> files --------------------------------------------------------------------------------------
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("infllm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides how text becomes ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        data = backend.to_str()
+    else:
+        data = json.dumps(sorted(tokenizer.get_vocab().items()))
+    data += json.dumps(getattr(tokenizer, "all_special_tokens", []))
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _sources_meta(source_map: SourceMap) -> tuple[list[dict], list[dict]]:
+    """Per source file: name, characters and SHA-256 of its extracted text; and the pieces, for the source map."""
+    sources: dict[str, dict] = {}
+    hashes: dict = {}
+    pieces = []
+    for piece in source_map.pieces:
+        entry = sources.setdefault(piece.source, {"name": piece.source, "chars": 0})
+        entry["chars"] += len(piece.text)
+        hashes.setdefault(piece.source, hashlib.sha256()).update(piece.text.encode("utf-8", "surrogatepass"))
+        pieces.append({"source": piece.source, "page": piece.page, "line": piece.line, "chars": len(piece.text)})
+    for name, entry in sources.items():
+        entry["sha256"] = hashes[name].hexdigest()
+        if os.path.isfile(name):
+            entry["bytes"] = os.path.getsize(name)
+    return list(sources.values()), pieces
+
+
+def save_session(session: Session, path: str | os.PathLike, model_spec: str | None, system: str | None) -> int:
+    """Write what `session` has read (its memory, prompt prefix, text and source map) to `path`. Returns bytes."""
+    engine = session.engine
+    session.rewind()  # what was read, not what a question since added
+    tensors, counters = engine.export()
+    text = session.source_map.text if session.source_map else ""
+    doc_tokens = engine.position - session.doc_start
+    offsets = session.doc_offsets if session.doc_offsets is not None else torch.zeros((0, 2), dtype=torch.int64)
+    if offsets.shape[0] != doc_tokens:
+        offsets = torch.zeros((0, 2), dtype=torch.int64)  # no offsets: no citations from this snapshot
+    tensors["doc.prefix"] = torch.tensor(session.prefix, dtype=torch.int64)
+    tensors["doc.offsets"] = offsets
+    tensors["doc.text"] = torch.frombuffer(bytearray(text.encode("utf-8", "surrogatepass")), dtype=torch.uint8)
+    tensors["doc.blocks"] = _block_map(session)
+    sources, pieces = _sources_meta(session.source_map) if session.source_map else ([], [])
+    if model_spec is not None and os.path.exists(model_spec):
+        model_spec = os.path.abspath(model_spec)
+    meta = {
+        "format": FORMAT, "version": VERSION, "tool_version": _tool_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"name": session.loaded.name, "spec": model_spec, "fingerprint": session.loaded.fingerprint},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(session.loaded.tokenizer)},
+        "engine": engine.config.to_dict(), "dtype": _DTYPE_NAMES[engine.adapter.dtype], "counters": counters,
+        "tokens": engine.position, "doc_start": session.doc_start, "system": system,
+        "sources": sources, "pieces": pieces,
+    }
+    return write_file(path, tensors, meta)
+
+
+def _block_map(session: Session) -> torch.Tensor:
+    """[blocks, 4] int64: per memory block, the index of its source, its PDF page (0: none), first and last line
+    (-1 everywhere for blocks of prompt text or without a source map)."""
+    layer = session.engine.layers[0]
+    rows = []
+    names: dict[str, int] = {}
+    for b in range(layer.store.count):
+        where = None
+        if session.source_map is not None and session.doc_offsets is not None:
+            where = passage(b, layer.block_span, session.doc_start, session.doc_offsets, session.source_map)
+        if where is None:
+            rows.append((-1, -1, -1, -1))
+        else:
+            rows.append((names.setdefault(where.source, len(names)), where.page or 0, where.first_line,
+                         where.last_line))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+
+
+def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) -> EngineConfig:
+    """The engine settings to answer with: the snapshot's, with the overrides that do not change its layout."""
+    try:
+        stored = EngineConfig(**meta["engine"]).validate()
+    except (TypeError, KeyError):
+        raise _fail(path, "snapshot metadata has missing or unknown engine settings") from None
+    except UsageError as err:
+        raise _fail(path, f"snapshot metadata has invalid engine settings: {err}") from None
+    for name in _FIXED:
+        value = overrides.get(name)
+        if value is not None and value != getattr(stored, name):
+            flag = name.replace("_", "-")
+            raise _fail(path, f"this snapshot was read with --{flag} {getattr(stored, name)}; it cannot be used "
+                              f"with --{flag} {value} (read the document again to change it)")
+    if stored.block_size > stored.window or max(stored.to_dict().values()) > _MAX_SETTING:
+        raise _fail(path, f"snapshot metadata has implausible engine settings: {stored.to_dict()}")
+    chunk = overrides.get("query_chunk")
+    if chunk is not None and chunk < stored.query_chunk:
+        # The saved window buffer holds up to window + query_chunk tokens; a smaller chunk could not hold it.
+        raise _fail(path, f"this snapshot was read with --query-chunk {stored.query_chunk}; it can be asked "
+                          f"with that or more, not {chunk}")
+    return stored.with_overrides(**{k: v for k, v in overrides.items() if k not in _FIXED})
+
+
+def _section(meta: dict, key: str) -> dict:
+    """A metadata object, or {} if the field is missing or not an object (then checks on it fail cleanly)."""
+    value = meta.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def check_model(snap: SnapshotFile, fingerprint: str, name: str) -> None:
+    """Refuse a snapshot made with other weights (before they are loaded, when called with a resolved model)."""
+    model = _section(snap.meta, "model")
+    if model.get("fingerprint") != fingerprint:
+        raise _fail(snap.path, f"made with another model ({model.get('name')}), not {name}: pass "
+                               f"--model {model.get('spec') or model.get('name')}")
+
+
+def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, int | None]) -> Session:
+    """A session whose memory is the snapshot's: checked against the model, tokenizer and settings first,
+    then adopted without reading the blocks (they are verified and paged in when retrieved)."""
+    meta, path = snap.meta, snap.path
+    check_model(snap, loaded.fingerprint, loaded.name)
+    if _section(meta, "tokenizer").get("fingerprint") != tokenizer_fingerprint(loaded.tokenizer):
+        raise _fail(path, "made with another tokenizer than this model's")
+    config = snapshot_config(meta, overrides, path)
+    try:
+        config.validate(getattr(loaded.model.config, "max_position_embeddings", None))
+        session = Session(loaded, config)
+    except UsageError as err:
+        raise _fail(path, f"its settings do not fit this model: {err}") from None
+    engine = session.engine
+    counters = meta.get("counters")
+    try:
+        if not isinstance(counters, dict) or not all(isinstance(counters.get(k), int) for k in
+                                                     ("position", "n_win", "win_start", "n_str", "blocks")):
+            raise ValueError("missing memory counters")
+        expected = engine.expected_shapes(counters)
+        doc_start, tokens = meta["doc_start"], meta["tokens"]
+        if not (isinstance(doc_start, int) and tokens == counters["position"] and 0 <= doc_start <= tokens):
+            raise ValueError("token counts do not agree")
+    except (ValueError, KeyError, TypeError) as err:
+        raise _fail(path, f"corrupt metadata: {err}") from None
+    n_offsets = snap.entries["doc.offsets"].shape[0] if "doc.offsets" in snap.entries else -1
+    n_text = snap.entries["doc.text"].shape if "doc.text" in snap.entries else ()
+    expected.update({"doc.prefix": (doc_start,), "doc.offsets": (n_offsets if n_offsets == 0 else tokens - doc_start, 2),
+                     "doc.blocks": (counters["blocks"], 4), "doc.text": n_text[:1]})
+    got = {name: e.shape for name, e in snap.entries.items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
+        raise _fail(path, f"corrupt: tensor {wrong[0]} is missing, extra or of the wrong shape for these settings")
+    for name, e in snap.entries.items():
+        want = _DOC_DTYPES.get(name)
+        if (e.dtype != want) if want else not e.dtype.is_floating_point:
+            raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
+
+    pages = [n for n in snap.entries if ".store.k." in n]
+    small = [n for n in snap.entries if n not in pages and ".store.v." not in n]
+    for name in small:  # state, representative keys and the document: checked now (they are read now)
+        snap.verify(name)
+
+    def page_check(layer: int, page: int):
+        return lambda: (snap.verify(f"layer.{layer}.store.k.{page}"), snap.verify(f"layer.{layer}.store.v.{page}"))
+
+    checks = {}
+    for name in pages:
+        layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
+        checks[(layer, page)] = page_check(layer, page)
+    engine.adopt({n: snap.tensor(n) for n in snap.entries if n.startswith("layer.")}, counters, checks)
+    source_map = _source_map(snap)
+    offsets = snap.tensor("doc.offsets") if n_offsets else None
+    session.resume(snap.tensor("doc.prefix").tolist(), offsets, source_map)
+    return session
+
+
+def _source_map(snap: SnapshotFile) -> SourceMap | None:
+    at, pieces = 0, []
+    try:
+        text = bytes(snap.tensor("doc.text").numpy()).decode("utf-8", "surrogatepass")
+        for p in snap.meta.get("pieces") or []:
+            if not (isinstance(p["chars"], int) and p["chars"] >= 0 and (p["page"] is None or isinstance(p["page"], int))):
+                raise ValueError(p)
+            pieces.append(Piece(text[at : at + p["chars"]], str(p["source"]), p["page"], int(p["line"])))
+            at += p["chars"]
+    except (KeyError, TypeError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise _fail(snap.path, "corrupt metadata: bad source pieces or text") from None
+    if at != len(text):
+        raise _fail(snap.path, "corrupt metadata: the source pieces do not cover the text")
+    return SourceMap(text, pieces) if pieces else None

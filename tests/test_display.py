@@ -1,0 +1,213 @@
+"""What infllm shows on stderr in a terminal, with NO_COLOR and in a pipe; and typer's shell completion.
+
+A terminal is simulated with rich's own switches, which `Display` honours because it lets rich decide:
+TTY_COMPATIBLE=1 (or FORCE_COLOR) makes stderr count as a terminal, TTY_COMPATIBLE=0 makes it count as a pipe.
+Every run uses the tiny random Llama from conftest on the CPU, with a document longer than its window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infllm_cli.app import app
+from infllm_cli.progress import Display
+
+ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+          "--prefill-chunk", "128", "--cache-blocks", "4"]
+TERMINAL_ENV = ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES")
+COMMANDS = {"ask", "summarize", "info"}
+
+ESC = "\x1b"
+SGR = re.compile(r"\x1b\[([0-9;]*)m")  # Select Graphic Rendition: colours and styles
+
+
+def colour_codes(text: str) -> list[str]:
+    """The SGR sequences in `text` that set a colour (foreground or background, any palette).
+
+    Styles such as bold or dim (1, 2) are not colours: NO_COLOR (no-color.org) leaves them allowed.
+    """
+    found = []
+    for match in SGR.finditer(text):
+        params = [p for p in match.group(1).split(";") if p]
+        codes = [int(p) for p in params]
+        if any(30 <= c <= 49 or 90 <= c <= 107 for c in codes):
+            found.append(match.group(0))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    for name in ("INFLLM_DEBUG", "INFLLM_MODEL", "INFLLM_DEVICE", "INFLLM_DTYPE", "INFLLM_WINDOW", "INFLLM_TOPK",
+                 "INFLLM_SINKS", *TERMINAL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")  # a colour-capable terminal type, whatever the test runner has
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("display") / "doc.txt"
+    path.write_text("".join(f"Line {i}: the pass key is {i * 7 % 101}. Remember it.\n" for i in range(150)),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def ask(tiny_model_dir, doc):
+    """ask(*args, env={...}) -> click Result for `infllm ask` on the test document (stdout and stderr apart)."""
+    runner = CliRunner()
+
+    def run(*args, env=None):
+        argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE,
+                *map(str, args), str(doc), "What is the pass key?"]
+        result = runner.invoke(app, argv, env=env, prog_name="infllm")
+        assert result.exit_code == 0, (result.stderr, result.exception)
+        return result
+
+    return run
+
+
+# --- Display on its own ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, live", [({}, False), ({"TTY_COMPATIBLE": "1"}, True), ({"FORCE_COLOR": "1"}, True),
+                                       ({"TTY_COMPATIBLE": "0", "FORCE_COLOR": "1"}, False)])
+def test_display_decides_terminal_from_the_stream_and_rich_env(monkeypatch, env, live):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Display(stream=io.StringIO()).live is live  # a StringIO is no tty: only the env can force one
+    assert Display(quiet=True, stream=io.StringIO()).live is False
+
+
+def test_display_no_color_keeps_colour_out_of_every_kind_of_line(monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = io.StringIO()
+    display = Display(stream=out)
+    display.phase("loading model")
+    display.warn("something odd")
+    display.always("[1] a citation")
+    with display.reading(100, lambda: 2**20) as update:
+        for done in range(0, 101, 10):
+            update(done)
+    text = out.getvalue()
+    assert "loading model" in text and "something odd" in text
+    assert colour_codes(text) == []
+
+
+def test_display_colours_without_no_color(monkeypatch):
+    """The control for the test above: the same lines in a terminal do carry colour."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    out = io.StringIO()
+    Display(stream=out).warn("something odd")
+    assert colour_codes(out.getvalue())
+
+
+# --- the CLI end to end --------------------------------------------------------------------------------------
+
+
+def test_forced_terminal_shows_the_live_display_on_stderr_only(ask):
+    plain = ask("--quiet")  # the bare answer, for comparison
+    result = ask(env={"TTY_COMPATIBLE": "1", "COLUMNS": "120"})
+    # stderr: rich's live display (cursor hidden while the bar runs, the bar's own text), then the summary line.
+    assert ESC in result.stderr
+    assert "\x1b[?25l" in result.stderr and "\x1b[?25h" in result.stderr  # hide / show cursor around the bar
+    assert "reading" in result.stderr and "tok/s" in result.stderr
+    assert "loading model" in result.stderr and "answered" in result.stderr
+    # The plain per-10% lines are for pipes only.
+    assert not any(line.startswith("infllm: read ") and "ETA" in line for line in result.stderr.splitlines())
+    # stdout: the answer and its newline, exactly as in a quiet run; no escape codes, no progress.
+    assert result.stdout == plain.stdout
+    assert ESC not in result.stdout and "infllm:" not in result.stdout and "tok/s" not in result.stdout
+
+
+def test_no_color_in_a_forced_terminal_has_no_colour_codes(ask):
+    result = ask(env={"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "120"})
+    assert "reading" in result.stderr  # still the live display ...
+    assert colour_codes(result.stderr) == []  # ... without colour
+    assert ESC not in result.stdout
+
+
+def test_forced_terminal_does_colour_without_no_color(ask):
+    """Control for the NO_COLOR test: the same run in a terminal does emit colour codes (the bar is coloured)."""
+    result = ask(env={"TTY_COMPATIBLE": "1", "COLUMNS": "120"})
+    assert colour_codes(result.stderr)
+
+
+@pytest.mark.parametrize("env", [{}, {"TTY_COMPATIBLE": "0"}])
+def test_not_a_terminal_gives_plain_lines(ask, env):
+    result = ask(env=env)
+    assert ESC not in result.stderr and ESC not in result.stdout
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("infllm: ") for line in lines), lines
+    reading = [line for line in lines if line.startswith("infllm: read ") and "ETA" in line]
+    assert 1 <= len(reading) <= 11  # one line per ~10% of the document, not a line per prefill step
+    assert "tok/s" in lines[-1] and "answered" in lines[-1]
+
+
+# --- shell completion (typer's) --------------------------------------------------------------------------------
+
+
+def test_show_completion_bash_prints_a_script(monkeypatch):
+    # Without shell detection typer takes the shell as the option's value, as on a machine without shellingham.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
+    result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="infllm")
+    assert result.exit_code == 0, (result.output, result.exception)
+    script = result.stdout
+    assert "_INFLLM_COMPLETE=complete_bash" in script
+    assert "complete -o default -F _infllm_completion infllm" in script
+    assert "COMP_WORDS" in script and "COMP_CWORD" in script
+
+
+def complete(words: str, cword: int) -> set[str]:
+    """What `infllm` offers for word `cword` of `words`, through the protocol the bash script uses."""
+    env = {"_INFLLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    result = CliRunner().invoke(app, [], env=env, prog_name="infllm")
+    assert result.exit_code == 0, (result.output, result.exception)
+    return set(result.stdout.split())
+
+
+def test_completion_offers_the_commands():
+    offered = complete("infllm ", 1)
+    assert COMMANDS <= offered  # other commands may be offered too
+    assert not any(word.startswith("-") for word in offered)
+
+
+def test_completion_narrows_by_prefix():
+    assert "summarize" in complete("infllm su", 1)
+    assert not {"ask", "info"} & complete("infllm su", 1)
+    assert {"ask"} == complete("infllm as", 1)
+
+
+def test_completion_offers_a_commands_options():
+    offered = complete("infllm ask --", 2)
+    assert {"--model", "--json", "--quiet", "--max-tokens"} <= offered
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_script_completes_the_commands(tmp_path):
+    """The real thing: bash sources `infllm --show-completion bash`, then runs its completion function."""
+    exe = Path(sys.executable).parent / "infllm"
+    if not exe.exists():
+        pytest.skip("the infllm console script is not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if k not in TERMINAL_ENV}
+    env["PATH"] = f"{exe.parent}{os.pathsep}{env.get('PATH', '')}"
+    env["_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"] = "1"
+    script = subprocess.run([str(exe), "--show-completion", "bash"], capture_output=True, text=True, env=env,
+                            timeout=120, check=True).stdout
+    (tmp_path / "completion.bash").write_text(script, encoding="utf-8")
+    probe = ('source "$1"; COMP_WORDS=(infllm ""); COMP_CWORD=1; _infllm_completion infllm; '
+             'printf "%s\\n" "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", probe, "probe", str(tmp_path / "completion.bash")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert COMMANDS <= set(out.stdout.split())

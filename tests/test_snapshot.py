@@ -1,0 +1,319 @@
+"""Snapshots: read once, ask many times; the same answers as a fresh read; every damaged file refused in one line.
+
+All runs use the tiny random Llama from conftest on the CPU, with engine settings small enough that the document
+fills many memory blocks (so block pages, not just the window, go through the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from core.config import EngineConfig
+from core.errors import SnapshotError
+from core.loading import load_model
+from core.prompting import build_prompt, builtin_template
+from core.session import Session
+from core.snapshot import SnapshotFile, open_session, read_header, save_session, write_file
+from core.citations import SourceMap
+from core.sources import read_text
+from infllm_cli.app import app
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+          "--prefill-chunk", "128", "--cache-blocks", "4"]
+CONFIG = EngineConfig(sinks=16, window=256, block_size=32, topk=2, query_chunk=64, prefill_chunk=128,
+                      cache_blocks=4)
+
+
+def _doc_text() -> str:
+    return "".join(f"Line {i}: the pass key of room {i} is {i * 7919 % 100003}.\n" for i in range(700))
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("snapdocs") / "rooms.txt"
+    path.write_text(_doc_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def _read(loaded, doc: Path) -> tuple[Session, object]:
+    session = Session(loaded, CONFIG)
+    text, pieces = read_text([str(doc)])
+    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
+                          builtin_template("system").strip())
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, pieces))
+    return session, prompt
+
+
+def _answer(session: Session, prompt) -> tuple[str, list]:
+    text = "".join(session.answer(prompt, max_new_tokens=12, cite=3))
+    return text, [c.to_dict() for c in session.citations]
+
+
+@pytest.fixture(scope="module")
+def snapshot(loaded, doc, tmp_path_factory) -> tuple[Path, tuple[str, list]]:
+    """A snapshot of the document, and the answer and citations of the fresh read it was written from."""
+    session, prompt = _read(loaded, doc)
+    assert session.engine.layers[0].store.count > 16  # more than one block page per layer
+    fresh = _answer(session, prompt)
+    path = tmp_path_factory.mktemp("snaps") / "rooms.infllm"
+    save_session(session, path, None, builtin_template("system").strip())
+    return path, fresh
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_answers_from_a_snapshot_are_those_of_a_fresh_read_and_leave_the_file_unchanged(loaded, snapshot):
+    path, fresh = snapshot
+    before = _digest(path)
+    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
+                          builtin_template("system").strip())
+    session = open_session(loaded, SnapshotFile(path), {})
+    assert session.engine.layers[0].store._unchecked  # block pages not read yet: they are paged in when used
+    first = _answer(session, prompt)
+    second = _answer(session, prompt)  # the same session again: asking never changes what was read
+    third = _answer(open_session(loaded, SnapshotFile(path), {}), prompt)
+    assert first == second == third == fresh
+    assert fresh[1], "the document should be cited"
+    assert _digest(path) == before
+
+
+def test_the_restored_memory_is_bitwise_the_read_memory(loaded, doc, snapshot):
+    path, _ = snapshot
+    session, _ = _read(loaded, doc)
+    tensors, counters = session.engine.export()
+    restored = open_session(loaded, SnapshotFile(path), {})
+    again, counters2 = restored.engine.export()
+    assert counters == counters2
+    assert tensors.keys() == again.keys()
+    for name, t in tensors.items():
+        assert torch.equal(t, again[name]), name
+
+
+def test_a_snapshot_can_be_asked_with_other_retrieval_settings_but_not_another_layout(loaded, snapshot):
+    path, _ = snapshot
+    session = open_session(loaded, SnapshotFile(path), {"topk": 3, "query_chunk": 128, "prefill_chunk": 256})
+    assert session.engine.config.topk == 3
+    with pytest.raises(SnapshotError, match="--window 256"):
+        open_session(loaded, SnapshotFile(path), {"window": 128})
+    with pytest.raises(SnapshotError, match="--query-chunk 64"):
+        open_session(loaded, SnapshotFile(path), {"query_chunk": 32})
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+
+def _copy(path: Path, tmp_path: Path, edit) -> Path:
+    data = bytearray(path.read_bytes())
+    out = tmp_path / "edited.infllm"
+    out.write_bytes(bytes(edit(data)))
+    return out
+
+
+def _header(data: bytearray) -> tuple[dict, int]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), 8 + n
+
+
+def _with_header(data: bytearray, header: dict) -> bytearray:
+    _, start = _header(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return bytearray(struct.pack("<Q", len(raw)) + raw + data[start:])
+
+
+def _with_meta(data: bytearray, change) -> bytearray:
+    header, _ = _header(data)
+    meta = json.loads(header["__metadata__"]["infllm"])
+    change(meta)
+    header["__metadata__"]["infllm"] = json.dumps(meta)
+    return _with_header(data, header)
+
+
+def _flip_in(name: str):
+    def edit(data: bytearray) -> bytearray:
+        header, start = _header(data)
+        a, b = header[name]["data_offsets"]
+        data[start + (a + b) // 2] ^= 0x40
+        return data
+    return edit
+
+
+def _huge(data: bytearray) -> bytearray:
+    header, _ = _header(data)
+    header["layer.0.store.repr"]["shape"] = [2**40, 1, 4, 16]
+    return _with_header(data, header)
+
+
+def _set(key, value):
+    return lambda data: _with_meta(data, lambda m: m.__setitem__(key, value))
+
+
+CORRUPTIONS = {
+    "not a snapshot": (lambda data: bytearray(b"Just some text that someone named .infllm\n" * 10), "not an infllm snapshot"),
+    "truncated": (lambda data: data[: len(data) - 1000], "truncated"),
+    "empty": (lambda data: bytearray(), "too short"),
+    "flipped state byte": (_flip_in("layer.1.state.win_v"), "checksum mismatch"),
+    "flipped text byte": (_flip_in("doc.text"), "checksum mismatch"),
+    "huge tensor claimed": (_huge, "does not match its shape"),
+    "unknown field": (_set("surprise", 1), "unknown fields"),
+    "newer version": (_set("version", 99), "newer infllm"),
+    "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)), "another model"),
+    "bad counters": (lambda d: _with_meta(d, lambda m: m["counters"].__setitem__("blocks", 5)), "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_damaged_snapshots_are_refused_before_answering(loaded, snapshot, tmp_path, case):
+    edit, message = CORRUPTIONS[case]
+    path = _copy(snapshot[0], tmp_path, edit)
+    with pytest.raises(SnapshotError, match=message):
+        open_session(loaded, SnapshotFile(path), {})
+
+
+def test_a_damaged_block_page_is_found_when_it_is_paged_in(loaded, snapshot, tmp_path):
+    path = _copy(snapshot[0], tmp_path, lambda d: _flip_in("layer.0.store.v.0")(_flip_in("layer.0.store.k.1")(d)))
+    session = open_session(loaded, SnapshotFile(path), {})  # pages are not read at open
+    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
+                          builtin_template("system").strip())
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        for b in range(session.engine.layers[0].store.count):
+            session.engine.layers[0].store.block(b)
+    assert prompt.prefix == session.prefix
+
+
+# ---- atomic writes --------------------------------------------------------------------------------------------
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "book.infllm"
+    path.write_bytes(b"the old snapshot")
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    from core.errors import ResourceError
+
+    with pytest.raises(ResourceError, match="disk space"):
+        write_file(path, {"x": torch.zeros(3)}, {"format": "infllm-snapshot", "version": 1})
+    assert path.read_bytes() == b"the old snapshot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.infllm"]
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_file(path, {"x": torch.zeros(3)}, {"format": "infllm-snapshot", "version": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.infllm"]
+
+
+def test_the_header_is_read_without_the_data(snapshot, tmp_path):
+    meta, entries, start = read_header(snapshot[0])
+    assert meta["format"] == "infllm-snapshot" and meta["version"] == 1
+    assert meta["tokens"] == meta["counters"]["position"]
+    assert meta["sources"][0]["sha256"] == hashlib.sha256(_doc_text().encode()).hexdigest()
+    assert start + sum(e.end - e.start for e in entries.values()) == snapshot[0].stat().st_size
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+
+    def run(*args, model=True):
+        argv = [*map(str, args), "--device", "cpu", *ENGINE]
+        if model:
+            argv += ["--model", str(tiny_model_dir)]
+        return runner.invoke(app, argv, prog_name="infllm")
+
+    return run
+
+
+def test_read_then_ask_and_summarize_the_snapshot(cli, doc, tmp_path):
+    snap = tmp_path / "rooms.infllm"
+    fresh = cli("ask", doc, "Which key has room 3?", "--json", "--max-tokens", "8")
+    assert fresh.exit_code == 0, fresh.stderr
+    made = cli("read", doc, "-o", snap, "--json")
+    assert made.exit_code == 0, made.stderr
+    info = json.loads(made.stdout)
+    assert info["bytes"] == snap.stat().st_size and info["tokens_read"] > 2000
+    # No --model: the snapshot names the model it was read with.
+    again = cli("ask", snap, "Which key has room 3?", "--json", "--max-tokens", "8", model=False)
+    assert again.exit_code == 0, again.stderr
+    a, b = json.loads(fresh.stdout), json.loads(again.stdout)
+    assert a["answer"] == b["answer"] and a["tokens_read"] == b["tokens_read"]
+    assert "prefill_s" not in b["timings"] and "open_s" in b["timings"]
+    summary = cli("summarize", snap, "--max-tokens", "4", "-q")
+    assert summary.exit_code == 0, summary.stderr
+    assert summary.stdout.strip() and summary.stderr == ""
+
+
+def test_ask_save_writes_a_snapshot_of_that_read(cli, doc, tmp_path):
+    snap = tmp_path / "saved.infllm"
+    first = cli("ask", doc, "Which key has room 3?", "--save", snap, "--max-tokens", "8", "-q")
+    assert first.exit_code == 0, first.stderr
+    second = cli("ask", snap, "Which key has room 3?", "--max-tokens", "8", "-q")
+    assert second.exit_code == 0, second.stderr
+    assert first.stdout == second.stdout
+
+
+def test_cli_refusals_are_one_line_with_documented_exit_codes(cli, doc, tmp_path):
+    bogus = tmp_path / "bogus.infllm"
+    bogus.write_text("hello\n")
+    for args, code in ((("ask", bogus, "q?"), 5), (("summarize", bogus), 5), (("ask", doc, bogus, "q?"), 2),
+                       (("ask", bogus, "q?", "--window", "128"), 5)):
+        result = cli(*args)
+        assert result.exit_code == code, result.stderr
+        assert result.stdout == "" and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_read_needs_an_output(cli, doc):
+    result = cli("read", doc)
+    assert result.exit_code == 2 and "-o FILE.infllm" in result.stderr
+
+
+def test_ctrl_c_while_writing_leaves_no_file(tiny_model_dir, doc, tmp_path):
+    """A real process, interrupted (SIGINT) inside the snapshot write: exit 130, no snapshot, no temporary."""
+    out = tmp_path / "out" / "rooms.infllm"
+    out.parent.mkdir()
+    code = (
+        "import os, signal, safetensors.torch as st\n"
+        "real = st.save_file\n"
+        "def slow(t, f, metadata=None):\n"
+        "    real(t, f, metadata=metadata)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "st.save_file = slow\n"
+        "from infllm_cli.app import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "INFLLM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code, "read", str(doc), "-o", str(out), "--model",
+                           str(tiny_model_dir), "--device", "cpu", "-q", *ENGINE],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "infllm: interrupted"
+    assert list(out.parent.iterdir()) == []
