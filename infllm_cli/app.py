@@ -341,7 +341,9 @@ def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: 
         spec = stored.get("spec") if isinstance(stored, dict) and isinstance(stored.get("spec"), str) else None
     resolved = resolve_model(spec)
     max_positions = resolved.config.max_position_embeddings
-    config = engine_defaults(resolved.config).with_overrides(**opts.overrides).validate(max_positions)
+    config = engine_defaults(resolved.config).with_overrides(**opts.overrides)
+    if len(snaps) < len(groups):  # something will be read: the settings must suit the model
+        config.validate(max_positions)
     for snap in snaps.values():
         check_model(snap, resolved.fingerprint, resolved.name)
         snapshot_config(snap.meta, opts.overrides, snap.path).validate(max_positions)
