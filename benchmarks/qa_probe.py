@@ -144,7 +144,7 @@ def main() -> None:
                 groups_n = gl // L
                 sel = [gg * L + r for gg in range(groups_n) for r in rows_q]
                 qsum, qq = qm.sum(dim=1), qm[:, sel].sum(dim=1)
-                reprs = torch.cat([p for p in m.store.repr_pages])[:sealed].to(qm.device).float()  # [n, Hkv, R, D]
+                reprs = m.store.reprs()[:sealed].to(qm.device).float()  # [n, Hkv, R, D]
                 k = keys[i]
                 per_tok = torch.einsum("htd,nhbd->tnb", qm[:, sel].reshape(hkv, -1, d), k)  # summed over heads
                 scores = {

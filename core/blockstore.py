@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 KV_PAGE_BLOCKS = 16  # blocks per K/V page: the store grows in steps of this many blocks
-REPR_PAGE_BLOCKS = 256  # blocks per page of representative keys (scored page by page)
 
 
 @dataclass
@@ -42,7 +41,7 @@ class BlockStore:
         self.pin = pin
         self.k_pages: list[torch.Tensor] = []  # each [KV_PAGE_BLOCKS, Hkv, B, D] on host_device
         self.v_pages: list[torch.Tensor] = []
-        self.repr_pages: list[torch.Tensor] = []  # each [REPR_PAGE_BLOCKS, Hkv, R, D] on compute_device
+        self._reprs = torch.empty((0, *self.repr_shape), dtype=dtype, device=compute_device)  # capacity grows x2
         self.count = 0
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
@@ -58,13 +57,21 @@ class BlockStore:
             self.v_pages.append(self._kv_page())
         self.k_pages[page][slot].copy_(k, non_blocking=True)
         self.v_pages[page][slot].copy_(v, non_blocking=True)
-        rpage, rslot = divmod(self.count, REPR_PAGE_BLOCKS)
-        if rpage == len(self.repr_pages):
-            self.repr_pages.append(
-                torch.zeros((REPR_PAGE_BLOCKS, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
-            )
-        self.repr_pages[rpage][rslot].copy_(reprs)
+        self._reserve_reprs(self.count + 1)
+        self._reprs[self.count].copy_(reprs)
         self.count += 1
+
+    def _reserve_reprs(self, count: int) -> None:
+        """One contiguous tensor, so that scoring every block is one matmul; doubling keeps appends O(1)."""
+        if count > self._reprs.shape[0]:
+            grown = torch.empty((max(count, 2 * self._reprs.shape[0], 64), *self.repr_shape), dtype=self.dtype,
+                                device=self.compute_device)
+            grown[: self.count].copy_(self._reprs[: self.count])
+            self._reprs = grown
+
+    def reprs(self) -> torch.Tensor:
+        """Representative keys of every block: [count, Hkv, R, D] (a view; valid until the next append)."""
+        return self._reprs[: self.count]
 
     def truncate(self, count: int) -> None:
         """Drop blocks from `count` on (their pages are reused by later appends)."""
@@ -85,8 +92,7 @@ class BlockStore:
         for p in range(-(-self.count // KV_PAGE_BLOCKS)):
             used = min(KV_PAGE_BLOCKS, self.count - p * KV_PAGE_BLOCKS)
             out[f"k.{p}"], out[f"v.{p}"] = self.k_pages[p][:used], self.v_pages[p][:used]
-        reprs = self.repr_pages or [torch.empty((0, *self.repr_shape), dtype=self.dtype, device=self.compute_device)]
-        out["repr"] = torch.cat(reprs)[: self.count]
+        out["repr"] = self.reprs()
         return out
 
     def expected_shapes(self, count: int) -> dict[str, tuple[int, ...]]:
@@ -105,7 +111,7 @@ class BlockStore:
         Full K/V pages are used in place (they may be memory-mapped: nothing is read until a block is); the
         representative keys and a partial last page are copied. checks[p] runs before page p is first read.
         """
-        self.k_pages, self.v_pages, self.repr_pages = [], [], []
+        self.k_pages, self.v_pages = [], []
         self.count = 0
         self._unchecked = {}
         pages = -(-count // KV_PAGE_BLOCKS)
@@ -122,26 +128,13 @@ class BlockStore:
                 self._unchecked[p] = checks[p]
             self.k_pages.append(k)
             self.v_pages.append(v)
-        reprs = tensors["repr"]
-        for start in range(0, count, REPR_PAGE_BLOCKS):
-            page = torch.zeros((REPR_PAGE_BLOCKS, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
-            part = reprs[start : start + REPR_PAGE_BLOCKS]
-            page[: part.shape[0]].copy_(part)
-            self.repr_pages.append(page)
+        self._reprs = torch.empty((0, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
+        self._reserve_reprs(count)
+        self._reprs[:count].copy_(tensors["repr"])
         self.count = count
 
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        """Relevance of every block to `query` [Hkv, D] (the chunk's summed queries per KV head): for each block,
-        the best of its representative keys, each scored by its dot product summed over heads. Returns [count]."""
-        parts = []
-        for rpage, reprs in enumerate(self.repr_pages):
-            used = min(REPR_PAGE_BLOCKS, self.count - rpage * REPR_PAGE_BLOCKS)
-            per_key = torch.einsum("hd,nhrd->nr", query.to(self.dtype), reprs[:used])  # [n, R]
-            parts.append(per_key.amax(dim=-1))
-        return torch.cat(parts).float()
-
     def nbytes(self) -> int:
-        pages = self.k_pages + self.v_pages + self.repr_pages
+        pages = self.k_pages + self.v_pages + [self._reprs]
         return sum(p.numel() * p.element_size() for p in pages)
 
 

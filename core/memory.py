@@ -35,6 +35,7 @@ from core.attention import Mask, attention_lse, merge
 from core.blockstore import BlockCache, BlockStore, gather_blocks
 from core.config import EngineConfig
 from core.rope import RopeTable
+from core.scoring import block_scores
 
 
 def rope_range(cfg: EngineConfig) -> tuple[int, int]:
@@ -233,7 +234,7 @@ class LayerMemory:
         k = min(self.cfg.topk, self.store.count)
         if k == 0:
             return []
-        scores = self.store.scores(q_mem.sum(dim=1))  # [n_blocks]
+        scores = block_scores(q_mem[None], self.store.reprs())[0]  # [n_blocks]
         return sorted(torch.topk(scores, k).indices.tolist())
 
     # ---- the step --------------------------------------------------------------------------------------

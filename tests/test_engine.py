@@ -11,6 +11,7 @@ from core.config import EngineConfig
 from core.engine import Engine
 from core.errors import ModelError, UsageError
 from core.rope import apply_rotary
+from core.scoring import block_scores
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -130,8 +131,9 @@ def test_block_whose_representatives_match_the_query_is_retrieved():
     planted = 23
     k, v = store.block(planted)
     k[:, 0] = query * 5  # a representative key aligned with the query
-    store.repr_pages[0][planted, :, 0] = query * 5
-    assert int(torch.topk(store.scores(query), 3).indices[0]) == planted
+    store.reprs()[planted, :, 0] = query * 5
+    scores = block_scores(query[None, :, None, :], store.reprs())[0]
+    assert int(torch.topk(scores, 3).indices[0]) == planted
 
 
 def test_retrieval_in_the_engine_finds_the_planted_block():

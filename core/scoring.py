@@ -1,0 +1,21 @@
+"""How memory blocks are ranked against queries: the retrieval score, as pure tensor functions.
+
+Every retrieval (a query chunk in prefill, a question, a decoded token) asks one question: which of the layer's
+blocks do these queries need? A block is summarised by its representative keys; a score turns queries and those
+keys into one number per block. Memory attention and citations both follow this ranking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+    """queries [C, Hkv, M, D]: C independent query chunks, each with M queries per KV head (the head group's
+    queries, rotated as memory sees them); reprs [N, Hkv, R, D]: each block's representative keys, unrotated.
+
+    Returns [C, N] float32, higher is more relevant. InfLLM's score: the chunk's queries summed into one vector
+    per KV head, dotted with each representative key and summed over heads; a block scores its best key.
+    """
+    summed = queries.sum(dim=2).to(reprs.dtype)  # [C, Hkv, D]
+    return torch.einsum("chd,nhrd->cnr", summed, reprs).amax(dim=-1).float()
