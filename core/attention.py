@@ -53,13 +53,19 @@ class Mask:
     dead: torch.Tensor | None  # [M] bool, None when every row sees some key
 
     @staticmethod
-    def from_visible(visible: torch.Tensor, dtype: torch.dtype) -> "Mask":
+    def from_visible(visible: torch.Tensor, dtype: torch.dtype, groups: int = 1, dead_rows: int = 0) -> "Mask":
+        """visible [M, N] bool for M = groups x L rows (each group's rows in order); the first `dead_rows` of each
+        group see nothing. The caller knows that count from positions, so no device value is read back here."""
         rows, cols = visible.shape
         pad = (-cols) % 8 if visible.device.type == "cuda" else 0  # aligned rows for the CUDA kernel
         bias = torch.full((rows, cols + pad), NEG_INF, dtype=dtype, device=visible.device)[:, :cols]
         bias.masked_fill_(visible, 0.0)
-        dead = ~visible.any(dim=-1)
-        return Mask(bias, dead if bool(dead.any()) else None)
+        dead = None
+        if dead_rows:
+            dead = torch.zeros(groups, rows // groups, dtype=torch.bool, device=visible.device)
+            dead[:, :dead_rows] = True
+            dead = dead.view(rows)
+        return Mask(bias, dead)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None,

@@ -46,20 +46,27 @@ class BlockStore:
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
     def _kv_page(self) -> torch.Tensor:
+        # Pinning runs at ~2 GB/s on the H100 machine and holds the driver lock, so a background thread does not
+        # hide it (benchmarks/host_memory.py; docs/benchmarks.md).
         return torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device,
                            pin_memory=self.pin)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
-        """Add one block: k, v [Hkv, B, D] and reprs [Hkv, R, D], all unrotated."""
-        page, slot = divmod(self.count, KV_PAGE_BLOCKS)
-        if page == len(self.k_pages):
-            self.k_pages.append(self._kv_page())
-            self.v_pages.append(self._kv_page())
-        self.k_pages[page][slot].copy_(k, non_blocking=True)
-        self.v_pages[page][slot].copy_(v, non_blocking=True)
-        self._reserve_reprs(self.count + 1)
-        self._reprs[self.count].copy_(reprs)
-        self.count += 1
+        """Add n blocks: k, v [n, Hkv, B, D] and reprs [n, Hkv, R, D], all unrotated."""
+        n = k.shape[0]
+        self._reserve_reprs(self.count + n)
+        self._reprs[self.count : self.count + n].copy_(reprs)
+        done = 0
+        while done < n:
+            page, slot = divmod(self.count + done, KV_PAGE_BLOCKS)
+            if page == len(self.k_pages):
+                self.k_pages.append(self._kv_page())
+                self.v_pages.append(self._kv_page())
+            take = min(n - done, KV_PAGE_BLOCKS - slot)
+            self.k_pages[page][slot : slot + take].copy_(k[done : done + take], non_blocking=True)
+            self.v_pages[page][slot : slot + take].copy_(v[done : done + take], non_blocking=True)
+            done += take
+        self.count += n
 
     def _reserve_reprs(self, count: int) -> None:
         """One contiguous tensor, so that scoring every block is one matmul; doubling keeps appends O(1)."""

@@ -1,7 +1,7 @@
 """The InfLLM engine: streams tokens through the model's layers with a per-layer context memory.
 
-Prefill runs layer-major over pieces of `prefill_chunk` tokens (large matmuls for projections and MLP) and, inside
-each layer, the attention walks the piece in `query_chunk` steps so that each step retrieves its own blocks.
+Prefill runs layer-major over pieces of `prefill_chunk` tokens (large matmuls for projections and MLP); inside
+each layer the memory scores every `query_chunk` step of the piece at once, and each step attends to its own blocks.
 Working memory is fixed when the engine is built; only the block stores grow with the text.
 """
 
@@ -18,7 +18,7 @@ from torch.profiler import record_function
 from core.adapter import DecoderAdapter
 from core.config import EngineConfig
 from core.estimate import store_bytes_per_token
-from core.memory import LayerMemory, rope_range
+from core.memory import LayerMemory, MaskCache, rope_range
 from core.rope import RopeTable
 from core.sampling import SamplingConfig, next_token
 
@@ -39,6 +39,7 @@ class Engine:
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
         lo, hi = rope_range(config)
         self._ropes = {d: RopeTable(self.adapter.rotary, lo, hi, d, self.adapter.dtype) for d in devices}
+        self.masks = MaskCache()
         self.reset()
 
     def reset(self) -> None:
@@ -46,7 +47,7 @@ class Engine:
         a, cfg = self.adapter, self.config
         self.layers = [
             LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
-                        self._ropes[layer.device], self.offload)
+                        self._ropes[layer.device], self.offload, self.masks)
             for layer in a.layers
         ]
 
@@ -60,6 +61,9 @@ class Engine:
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The memory as named tensors (`layer.I.NAME`, views) and the counters every layer shares."""
+        for device in {m.device for m in self.layers}:
+            if device.type == "cuda":  # blocks reach pinned host pages by asynchronous copies: let them land
+                torch.cuda.synchronize(device)
         tensors = {}
         for i, m in enumerate(self.layers):
             tensors.update({f"layer.{i}.{name}": t for name, t in m.export().items()})
@@ -104,17 +108,12 @@ class Engine:
         """ids [L] -> last-layer hidden states [L, hidden]; every layer's memory advances by L tokens."""
         a = self.adapter
         hidden = a.embed(ids.to(a.input_device))
-        step = self.config.query_chunk
+        self.masks.clear()  # masks are per positions: this call's are shared by every layer, then dropped
         for i, layer in enumerate(a.layers):
             hidden = hidden.to(layer.device)
             with record_function("infllm.projections"):
                 q, k, v = a.qkv(i, hidden)
-            mem = self.layers[i]
-            attn = torch.cat(
-                [mem.attend(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step])
-                 for s in range(0, ids.shape[0], step)],
-                dim=1,
-            )
+            attn = self.layers[i].attend(q, k, v)
             with record_function("infllm.projections"):  # o projection and MLP
                 hidden = a.finish(i, hidden, attn)
         return hidden

@@ -1,30 +1,33 @@
-"""One layer's context memory: sinks, the local window, evicted tokens, blocks, retrieval and attention.
+"""One layer's context memory: sinks, the recent tokens, blocks, retrieval and attention.
 
-Token life cycle (positions are absolute token indices, S = sinks, W = window):
-  positions < S              -> sink store, forever
-  otherwise                  -> local window buffer; a query sees the keys less than W behind it
-  left every query's window  -> evicted, in order, into the straggler buffer; each full block of `block_size`
-                                tokens goes to the block store with its `repr_keys` most representative keys
+Token life cycle (positions are absolute token indices, S = sinks, W = window, B = block size):
+  positions < S            -> sink store, forever
+  otherwise                -> the recent buffer (keys unrotated, values, and each token's queries for scoring)
+  a whole block out of reach of every query still to come in this call
+                           -> sealed: copied to the block store with its `repr_keys` most representative keys;
+                              it stays in the recent buffer while some query can still see it locally
 
-Distances the model is shown: local keys at their true distance (< W); memory (stragglers, retrieved blocks and
-window keys already out of a query's reach) all at distance W; sinks at their true distance while the text fits
-in S + W (so such a text gets exactly full attention) and frozen just before the memory, at W..W+S-1, after.
+Distances the model is shown, for a query at position i and a key at j: local keys (i - j < W) at their true
+distance; memory (retrieved blocks, and unsealed tokens with i - j >= W) all at distance W; sinks at their true
+distance while the text fits in S + W (so such a text gets exactly full attention) and frozen just before the
+memory, at W..W+S-1, after. For query chunk c, the blocks it may retrieve are those sealed out of reach of its first
+query; the tokens after them that it cannot see locally are memory it always sees.
 
 Two rotations of the queries cover all of that, so attention is two fused kernels merged by log-sum-exp:
-  local  : queries and keys rotated relative to the window (rotation position = slot + S; sinks at their true
-           positions, valid because the window has not moved while any query can see sinks at true distance)
+  local  : queries and keys rotated relative to the recent buffer (rotation position = slot + S; sinks at their
+           true positions, valid because the buffer has not moved while any query can see sinks at true distance)
   memory : queries rotated at W, memory keys unrotated, sink keys rotated at j - S + 1 (distance W + S - 1 - j)
 
-A key's representative score is the sum of its dot products with the queries that follow it in the window
-(InfLLM's definition), computed at eviction from a running sum of queries: no attention weights are needed.
+A whole prefill piece is handled at once: blocks are sealed for the piece's last chunk first, then every chunk's
+retrieval is scored in one call and its block ids reach the host in one transfer per layer and piece (the host
+needs them for the device cache), so the accelerator is not drained once per chunk.
 
-The window buffer holds W + query_chunk tokens and is compacted (evict, shift, re-rotate) only when full: once
-per query chunk in prefill and once every query_chunk tokens in decoding.
+A key's representative score is the sum of its dot products with the W - 1 queries that follow it (InfLLM's
+definition), from a running sum of the group-summed queries: no attention weights are needed.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -38,66 +41,92 @@ from core.rope import RopeTable
 from core.scoring import block_scores
 
 
+def recent_capacity(cfg: EngineConfig) -> int:
+    """Slots in the recent buffer: the window, the unsealed tail of a block, a query chunk whose blocks were sealed
+    for it but not yet used, and one prefill piece."""
+    return cfg.window + cfg.block_size + cfg.query_chunk + max(cfg.prefill_chunk, cfg.query_chunk)
+
+
 def rope_range(cfg: EngineConfig) -> tuple[int, int]:
-    """Rotation positions the memory uses: sink keys down to -(S-1), window slots up to W + query_chunk + S."""
-    return -max(cfg.sinks, 1), cfg.window + cfg.query_chunk + cfg.sinks + 1
+    """Rotation positions the memory uses: sink keys down to -(S-1), recent slots up to capacity + S."""
+    return -max(cfg.sinks, 1), recent_capacity(cfg) + cfg.sinks + 1
 
 
-@functools.lru_cache(maxsize=8)
+class MaskCache:
+    """Masks depend on positions only, so every layer of one call shares them. The engine clears the cache for
+    each new call: kept longer, masks (~20 MB each for an 8B model's chunk) would pile up on the device."""
+
+    def __init__(self):
+        self._masks: dict = {}
+
+    def clear(self) -> None:
+        self._masks.clear()
+
+    def get(self, build: Callable[..., Mask | None], *args) -> Mask | None:
+        key = (build.__name__, *args)
+        if key not in self._masks:
+            self._masks[key] = build(*args)
+        return self._masks[key]
+
+
 def _local_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                window: int, n_sink_keys: int, win_start: int, n_win: int) -> Mask:
-    """Additive mask [G*L, n_sink_keys + n_win] for the local group. Shared by every layer (same positions)."""
+                window: int, n_sink_keys: int, key_start: int, n_keys: int) -> Mask:
+    """Additive mask [G*L, n_sink_keys + n_keys] for the local group: sinks, then recent keys from key_start."""
     pos = torch.arange(first, first + length, device=device)[:, None]
     sink_pos = torch.arange(n_sink_keys, device=device)[None, :]
-    win_pos = win_start + torch.arange(n_win, device=device)[None, :]
+    key_pos = key_start + torch.arange(n_keys, device=device)[None, :]
     visible = torch.cat([(sink_pos <= pos) & (pos < sinks + window),
-                         (win_pos <= pos) & (pos - win_pos < window)], dim=1)
-    return Mask.from_visible(visible.repeat(groups, 1), dtype)
+                         (key_pos <= pos) & (pos - key_pos < window)], dim=1)
+    return Mask.from_visible(visible.repeat(groups, 1), dtype)  # no dead rows: a query always sees itself
 
 
-@functools.lru_cache(maxsize=8)
 def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                 window: int, n_sink_keys: int, n_free: int, win_start: int, n_tail: int) -> Mask | None:
-    """Additive mask [G*L, keys] for the memory group: sinks | always-visible keys | window tail."""
-    pos = torch.arange(first, first + length, device=device)[:, None]
-    if first >= sinks + window and n_tail == 0:
+                 window: int, n_sink_keys: int, n_blocks_keys: int, free_start: int, n_free: int) -> Mask | None:
+    """Additive mask [G*L, keys] for the memory group: sinks | retrieved blocks | unsealed tokens from free_start,
+    each seen once the query is W past it. None when every key is visible to every query."""
+    if (n_sink_keys == 0 or first >= sinks + window) and (n_free == 0 or first + 1 - window >= free_start + n_free):
         return None
+    pos = torch.arange(first, first + length, device=device)[:, None]
     sink_vis = (pos >= sinks + window).expand(length, n_sink_keys)
-    free_vis = torch.ones(length, n_free, dtype=torch.bool, device=device)
-    tail_vis = pos - (win_start + torch.arange(n_tail, device=device)[None, :]) >= window
-    visible = torch.cat([sink_vis, free_vis, tail_vis], dim=1)
-    return Mask.from_visible(visible.repeat(groups, 1), dtype)
+    block_vis = torch.ones(length, n_blocks_keys, dtype=torch.bool, device=device)
+    free_vis = pos - (free_start + torch.arange(n_free, device=device)[None, :]) >= window
+    visible = torch.cat([sink_vis, block_vis, free_vis], dim=1)
+    # Rows that see nothing: no retrieved block, no sink yet, and no unsealed token W behind them. They form a
+    # prefix of each group's rows, known from positions alone, so no device value is read back to find them.
+    dead = 0
+    if n_blocks_keys == 0:
+        sees_sinks = sinks + window if n_sink_keys else first + length  # first position that sees a sink
+        sees_free = free_start + window if n_free else first + length
+        dead = max(0, min(sees_sinks, sees_free, first + length) - first)
+    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, dead)
 
 
 class LayerMemory:
     def __init__(self, cfg: EngineConfig, heads: int, kv_heads: int, head_dim: int, scale: float,
-                 dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool):
+                 dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool,
+                 masks: MaskCache | None = None):
         self.cfg = cfg
+        self.masks = masks if masks is not None else MaskCache()
+        self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
         self.groups = heads // kv_heads
         self.scale = scale
         self.rope = rope
         self.device = device
         self.dtype = dtype
-        self.capacity = cfg.window + cfg.query_chunk
+        self.capacity = recent_capacity(cfg)
         buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
         self.sink_local, self.sink_mem, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
-        self.win_raw, self.win_rot, self.win_v = buf(self.capacity), buf(self.capacity), buf(self.capacity)
-        self.win_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
-        self.str_k, self.str_v = buf(cfg.block_size), buf(cfg.block_size)
-        self.str_score = torch.zeros(cfg.block_size, dtype=torch.float32, device=device)
+        self.rec_k, self.rec_v = buf(self.capacity), buf(self.capacity)
+        self.rec_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
                                 pin=offload and device.type == "cuda")
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
         self.position = 0  # tokens seen by this layer
-        self.n_win = 0
-        self.win_start = cfg.sinks  # absolute position of window slot 0
-        self.n_str = 0
+        self.rec_start = cfg.sinks  # absolute position of recent slot 0
+        self.rec_len = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
         self.tally: Counter | None = None  # when set, counts every retrieval (for citations)
-
-    def _state_tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in self._STATE)
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
@@ -111,60 +140,56 @@ class LayerMemory:
 
     def checkpoint(self) -> dict:
         """A copy of the mutable state; the block store is append-only, so only its length is kept."""
-        return {"position": self.position, "n_win": self.n_win, "win_start": self.win_start, "n_str": self.n_str,
-                "blocks": self.store.count, "tensors": [t.clone() for t in self._state_tensors()]}
+        return {**self.counters(), "tensors": [t.clone() for t in self._state_tensors()]}
 
     def restore(self, state: dict) -> None:
         """Return to a checkpoint taken earlier on this memory (blocks sealed since are dropped)."""
         for dst, src in zip(self._state_tensors(), state["tensors"]):
             dst.copy_(src)
-        self.position, self.n_win = state["position"], state["n_win"]
-        self.win_start, self.n_str = state["win_start"], state["n_str"]
+        self.position, self.rec_start, self.rec_len = state["position"], state["rec_start"], state["rec_len"]
         self.store.truncate(state["blocks"])
         if self.cache is not None:
             self.cache.forget_from(state["blocks"])
 
     # ---- saving and loading (snapshots) ------------------------------------------------------------------
 
-    _STATE = ("sink_local", "sink_mem", "sink_v", "win_raw", "win_rot", "win_v", "win_q", "str_k", "str_v",
-              "str_score")
+    _STATE = ("sink_local", "sink_mem", "sink_v", "rec_k", "rec_v", "rec_q")
+
+    def _state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self._STATE)
 
     def counters(self) -> dict[str, int]:
-        return {"position": self.position, "n_win": self.n_win, "win_start": self.win_start, "n_str": self.n_str,
+        return {"position": self.position, "rec_start": self.rec_start, "rec_len": self.rec_len,
                 "blocks": self.store.count}
 
     def _used(self, counters: dict[str, int]) -> dict[str, int]:
         """How many token slots of each state buffer hold data."""
         sinks = min(self.cfg.sinks, counters["position"])
-        n_win, n_str = counters["n_win"], counters["n_str"]
-        return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "win_raw": n_win, "win_rot": n_win,
-                "win_v": n_win, "win_q": n_win, "str_k": n_str, "str_v": n_str, "str_score": n_str}
+        n = counters["rec_len"]
+        return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "rec_k": n, "rec_v": n, "rec_q": n}
 
     def export(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue from here: the filled part of each buffer (`state.NAME`) and the block
         store (`store.NAME`, see BlockStore.export). Views, not copies. Pair with `counters()`."""
-        out = {}
-        for name, used in self._used(self.counters()).items():
-            buf = getattr(self, name)
-            out[f"state.{name}"] = buf[:used] if buf.dim() == 1 else buf[:, :used]
+        out = {f"state.{name}": getattr(self, name)[:, :used] for name, used in self._used(self.counters()).items()}
         out.update({f"store.{k}": t for k, t in self.store.export().items()})
         return out
 
     def expected_shapes(self, counters: dict[str, int]) -> dict[str, tuple[int, ...]]:
         """Names and shapes `export` gives at `counters` (for validating a file before reading it)."""
         c = self.cfg
-        # Tokens past the sinks are, in order: sealed blocks, stragglers, then the window up to `position`.
-        consistent = (0 <= counters["n_win"] <= self.capacity and 0 <= counters["n_str"] < c.block_size
-                      and counters["blocks"] >= 0
-                      and counters["win_start"] == c.sinks + counters["blocks"] * c.block_size + counters["n_str"]
-                      and (counters["position"] == counters["win_start"] + counters["n_win"]
-                           or 0 <= counters["position"] <= c.sinks == counters["win_start"] and counters["n_win"] == 0))
+        sealed_end = c.sinks + counters["blocks"] * c.block_size
+        # Tokens past the sinks: sealed blocks, then unsealed ones; the recent buffer ends at `position` and
+        # starts at or before the first unsealed token.
+        consistent = (counters["blocks"] >= 0 and 0 <= counters["rec_len"] <= self.capacity
+                      and c.sinks <= counters["rec_start"] <= sealed_end
+                      and (counters["position"] == counters["rec_start"] + counters["rec_len"] >= sealed_end
+                           or 0 <= counters["position"] <= c.sinks == counters["rec_start"]
+                           and counters["rec_len"] == counters["blocks"] == 0))
         if not consistent:
             raise ValueError(f"inconsistent memory counters {counters} for these engine settings")
-        shapes = {}
-        for name, used in self._used(counters).items():
-            buf = getattr(self, name)
-            shapes[f"state.{name}"] = (used,) if buf.dim() == 1 else (buf.shape[0], used, buf.shape[2])
+        shapes = {f"state.{name}": (getattr(self, name).shape[0], used, getattr(self, name).shape[2])
+                  for name, used in self._used(counters).items()}
         shapes.update({f"store.{k}": v for k, v in self.store.expected_shapes(counters["blocks"]).items()})
         return shapes
 
@@ -174,138 +199,195 @@ class LayerMemory:
         used in place (they may be memory-mapped); checks[p] verifies store page p before its first use."""
         for name in self._STATE:
             src = tensors[f"state.{name}"]
-            buf = getattr(self, name)
-            (buf[: src.shape[0]] if buf.dim() == 1 else buf[:, : src.shape[1]]).copy_(src)
-        self.position, self.n_win = counters["position"], counters["n_win"]
-        self.win_start, self.n_str = counters["win_start"], counters["n_str"]
+            getattr(self, name)[:, : src.shape[1]].copy_(src)
+        self.position, self.rec_start, self.rec_len = counters["position"], counters["rec_start"], counters["rec_len"]
         self.store.adopt({k[len("store."):]: t for k, t in tensors.items() if k.startswith("store.")},
                          counters["blocks"], checks)
         if self.cache is not None:
             self.cache.forget_from(0)
 
-    # ---- eviction ---------------------------------------------------------------------------------------
+    # ---- sealing blocks ---------------------------------------------------------------------------------
 
-    def _representative_scores(self, n: int) -> torch.Tensor:
-        """For window slots [0, n): each key's dot product with the (up to W-1) queries after it, as memory
-        attention sees them (win_q holds them rotated at W), summed over KV heads. One matmul and a band mask:
-        [n] float32."""
+    def _representative_scores(self, start: int, stop: int) -> torch.Tensor:
+        """For recent slots [start, stop): each key's dot product with the W - 1 queries after it, as memory
+        attention sees them (rec_q holds them rotated at W), summed over heads. [stop - start] float32.
+
+        The sum over a sliding band of queries is a difference of running sums, taken along the innermost
+        dimension (an outer-dimension scan was measured at milliseconds per call on an H100)."""
         window = self.cfg.window
-        m = min(self.n_win, n + window - 1)
-        dots = torch.matmul(self.win_raw[:, :n], self.win_q[:, :m].transpose(1, 2)).float().sum(dim=0)  # [n, m]
-        ahead = torch.arange(m, device=self.device)[None, :] - torch.arange(n, device=self.device)[:, None]
-        return dots.masked_fill_((ahead <= 0) | (ahead >= window), 0.0).sum(dim=1)
+        end = min(self.rec_len, stop + window - 1)
+        hkv, _, d = self.rec_q.shape
+        queries = self.rec_q[:, start + 1 : end].float().transpose(1, 2).contiguous()  # [Hkv, D, end - start - 1]
+        running = torch.nn.functional.pad(queries.cumsum(dim=-1), (1, 0))  # running[..., t] = sum of first t
+        n = stop - start
+        upto = torch.clamp(torch.arange(n, device=self.device) + window - 1, max=end - start - 1)
+        since = torch.arange(n, device=self.device)
+        band = running[..., upto] - running[..., since]  # [Hkv, D, n]: queries after each key, up to W - 1
+        keys = self.rec_k[:, start:stop].float()  # [Hkv, n, D]
+        return torch.einsum("hnd,hdn->n", keys, band)
 
-    def _evict_upto(self, last: int) -> None:
-        """Move window tokens at positions <= last into stragglers/blocks, then shift and re-rotate the window."""
-        n = min(self.n_win, last - self.win_start + 1)
+    def _seal_upto(self, last: int) -> None:
+        """Seal every whole block of tokens at positions <= last into the store."""
+        c = self.cfg
+        target = max(0, (last + 1 - c.sinks) // c.block_size)
+        n = target - self.store.count
         if n <= 0:
             return
-        scores = self._representative_scores(n)
-        done = 0
-        while done < n:
-            take = min(self.cfg.block_size - self.n_str, n - done)
-            dst, src = slice(self.n_str, self.n_str + take), slice(done, done + take)
-            self.str_k[:, dst] = self.win_raw[:, src]
-            self.str_v[:, dst] = self.win_v[:, src]
-            self.str_score[dst] = scores[src]
-            self.n_str += take
-            done += take
-            if self.n_str == self.cfg.block_size:
-                self._seal_block()
-        keep = self.n_win - n
-        for buf in (self.win_raw, self.win_v, self.win_q):
-            buf[:, :keep] = buf[:, n : self.n_win].clone()
-        self.n_win = keep
-        self.win_start += n
-        # Re-rotate relative to the new slot 0, so rotation positions stay below W + query_chunk + S.
-        self.win_rot[:, :keep] = self.rope.rotate(self.win_raw[:, :keep], self._slot_positions(0, keep))
+        start = c.sinks + self.store.count * c.block_size - self.rec_start  # recent slot of the first new block
+        stop = start + n * c.block_size
+        scores = self._representative_scores(start, stop).view(n, c.block_size)
+        top = torch.topk(scores, c.repr_keys, dim=1).indices.sort(dim=1).values  # [n, R]
+        hkv, _, d = self.rec_k.shape
+        k = self.rec_k[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)  # [n, Hkv, B, D]
+        v = self.rec_v[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)
+        reprs = torch.gather(k, 2, top[:, None, :, None].expand(n, hkv, c.repr_keys, d))  # [n, Hkv, R, D]
+        self.store.append(k, v, reprs)
 
-    def _slot_positions(self, start: int, stop: int) -> torch.Tensor:
-        return torch.arange(start + self.cfg.sinks, stop + self.cfg.sinks, device=self.device)
+    def _compact(self, first: int) -> None:
+        """Drop recent tokens no query from `first` on needs: sealed and out of the local window."""
+        c = self.cfg
+        keep_from = min(c.sinks + self.store.count * c.block_size, first - c.window + 1)
+        shift = keep_from - self.rec_start
+        if shift <= 0:
+            return
+        keep = self.rec_len - shift
+        for buf in (self.rec_k, self.rec_v, self.rec_q):
+            buf[:, :keep] = buf[:, shift : self.rec_len].clone()
+        self.rec_start, self.rec_len = keep_from, keep
 
-    def _seal_block(self) -> None:
-        top = torch.topk(self.str_score, self.cfg.repr_keys).indices.sort().values
-        self.store.append(self.str_k, self.str_v, self.str_k[:, top])
-        self.n_str = 0
-        self.str_score.zero_()
+    # ---- retrieval --------------------------------------------------------------------------------------
 
-    def _retrieve(self, q_mem: torch.Tensor) -> list[int]:
-        """Top-k block ids for this chunk's memory-rotated queries q_mem [Hkv, G*L, D], in ascending order."""
-        k = min(self.cfg.topk, self.store.count)
+    def _sealed_for(self, first: int) -> int:
+        """Blocks a query chunk starting at `first` may retrieve: those wholly out of its first query's reach."""
+        c = self.cfg
+        return min(self.store.count, max(0, (first - c.window + 1 - c.sinks) // c.block_size))
+
+    def _retrieve(self, q_mem: torch.Tensor, firsts: list[int], length: int) -> list[list[int]]:
+        """Top-k block ids (ascending) for each query chunk: q_mem [Hkv, G, L, D] memory-rotated queries, chunks
+        start at `firsts` (relative offsets 0, C, 2C, ...; the last may be shorter)."""
+        c = self.cfg
+        hkv, g, _, d = q_mem.shape
+        sealed = [self._sealed_for(self.position + f) for f in firsts]
+        k = min(c.topk, max(sealed))
         if k == 0:
-            return []
-        scores = block_scores(q_mem[None], self.store.reprs())[0]  # [n_blocks]
-        return sorted(torch.topk(scores, k).indices.tolist())
+            return [[] for _ in firsts]
+        reprs = self.store.reprs()
+        step = c.query_chunk
+        full = len(firsts) if length % step == 0 else len(firsts) - 1
+        parts = []
+        if full:  # [Hkv, G, full*C, D] -> [full, Hkv, G*C, D]
+            chunks = q_mem[:, :, : full * step].reshape(hkv, g, full, step, d).permute(2, 0, 1, 3, 4)
+            parts.append(block_scores(chunks.reshape(full, hkv, g * step, d), reprs))
+        if full < len(firsts):
+            parts.append(block_scores(q_mem[:, :, full * step :].reshape(1, hkv, -1, d), reprs))
+        scores = torch.cat(parts)  # [chunks, n_blocks]
+        limit = torch.tensor(sealed, device=scores.device)[:, None]
+        scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None, :] >= limit,
+                                    float("-inf"))
+        ids = torch.topk(scores, k, dim=1).indices.tolist()  # the one host transfer per layer and call
+        return [sorted(row[: min(k, n)]) for row, n in zip(ids, sealed)]
 
     # ---- the step --------------------------------------------------------------------------------------
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of the next L tokens: q [H, L, D], k/v [Hkv, L, D] without RoPE. Returns [H, L, D]."""
-        cfg, S, W = self.cfg, self.cfg.sinks, self.cfg.window
-        h, length, d = q.shape
-        hkv = k.shape[0]
-        first = self.position
-        last = first + length - 1
-
-        fold = lambda x: x.reshape(hkv, self.groups * length, d)  # noqa: E731  [H, L, D] -> [Hkv, G*L, D]
-        q_mem = fold(self.rope.rotate(q, W))  # queries as memory sees them: every memory key at distance W
-        n_sink_new = max(0, min(S - first, length))
+    def _write(self, q_mem: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' keys/values (sinks or recent buffer) and their group-summed memory queries."""
+        c = self.cfg
+        first, length = self.position, k.shape[1]
+        n_sink_new = max(0, min(c.sinks - first, length))
         if n_sink_new:
             at = torch.arange(first, first + n_sink_new, device=self.device)
             self.sink_local[:, at] = self.rope.rotate(k[:, :n_sink_new], at)
-            self.sink_mem[:, at] = self.rope.rotate(k[:, :n_sink_new], at - S + 1)
+            self.sink_mem[:, at] = self.rope.rotate(k[:, :n_sink_new], at - c.sinks + 1)
             self.sink_v[:, at] = v[:, :n_sink_new]
         n_new = length - n_sink_new
         if n_new:
-            if self.n_win + n_new > self.capacity:
-                with record_function("infllm.evict"):
-                    self._evict_upto(first - W)  # what no query of this chunk can reach locally
-            at = slice(self.n_win, self.n_win + n_new)
-            self.win_raw[:, at] = k[:, n_sink_new:]
-            self.win_v[:, at] = v[:, n_sink_new:]
-            self.win_rot[:, at] = self.rope.rotate(k[:, n_sink_new:], self._slot_positions(self.n_win, self.n_win + n_new))
-            self.win_q[:, at] = q_mem.view(hkv, self.groups, length, d)[:, :, n_sink_new:].sum(dim=1)
-            self.n_win += n_new
+            if self.rec_len + n_new > self.capacity:
+                self._compact(first)
+            at = slice(self.rec_len, self.rec_len + n_new)
+            self.rec_k[:, at] = k[:, n_sink_new:]
+            self.rec_v[:, at] = v[:, n_sink_new:]
+            self.rec_q[:, at] = q_mem[:, :, n_sink_new:].sum(dim=1)
+            self.rec_len += n_new
 
-        n_sinks = min(S, last + 1)
-        pos = torch.arange(first, last + 1, device=self.device)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the next L tokens: q [H, L, D], k/v [Hkv, L, D] without RoPE. Returns [H, L, D].
 
-        # Local group: sinks at true distance (only while some query is within S + W) and the window.
-        sinks_local = n_sinks if first < S + W else 0
-        q_local = fold(self.rope.rotate(q, pos - self.win_start + S))
-        k_local, v_local = self.win_rot[:, : self.n_win], self.win_v[:, : self.n_win]
-        if sinks_local:  # only early on; later the window is used in place, not copied every layer and chunk
-            k_local = torch.cat([self.sink_local[:, :sinks_local], k_local], dim=1)
-            v_local = torch.cat([self.sink_v[:, :sinks_local], v_local], dim=1)
-        mask = _local_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_local, self.win_start,
-                           self.n_win)
-        with record_function("infllm.attention"):
-            local = attention_lse(q_local, k_local, v_local, mask, self.scale)
-
-        # Memory group: frozen sinks, stragglers, retrieved blocks, and window keys out of some query's reach.
+        Queries share one retrieval per `query_chunk`; L may be a whole prefill piece or one decoded token."""
+        cfg, S, W = self.cfg, self.cfg.sinks, self.cfg.window
+        h, length, d = q.shape
+        hkv, g = k.shape[0], self.groups
+        first = self.position
+        if length > self.capacity - W - cfg.block_size - cfg.query_chunk:
+            raise ValueError(f"attend() takes at most prefill_chunk tokens at once, got {length}")
+        if self._own_masks:
+            self.masks.clear()
+        q_mem = self.rope.rotate(q, W).view(hkv, g, length, d)  # as memory sees them: every key at distance W
+        self._write(q_mem, k, v)
+        firsts = list(range(0, length, cfg.query_chunk))
+        with record_function("infllm.evict"):
+            self._seal_upto(first + firsts[-1] - W)
         with record_function("infllm.retrieve"):
-            self.last_retrieved = self._retrieve(q_mem)
+            retrieved = self._retrieve(q_mem, firsts, length)
+        # Local keys, rotated relative to the recent buffer once for the whole call.
+        local_from = max(0, first - W + 1 - self.rec_start)
+        k_local = self.rope.rotate(self.rec_k[:, local_from : self.rec_len],
+                                   torch.arange(local_from + S, self.rec_len + S, device=self.device))
+        q_local = self.rope.rotate(q, torch.arange(first, first + length, device=self.device) - self.rec_start + S)
+        q_local = q_local.view(hkv, g, length, d)
+        out = torch.empty((hkv, g, length, d), dtype=q.dtype, device=q.device)
+        for f, ids in zip(firsts, retrieved):
+            n = min(cfg.query_chunk, length - f)
+            out[:, :, f : f + n] = self._attend_chunk(first + f, n, q_local[:, :, f : f + n], q_mem[:, :, f : f + n],
+                                                      k_local, local_from, ids)
+        self.position += length
+        return out.view(h, length, d)
+
+    def _attend_chunk(self, first: int, n: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
+                      local_from: int, ids: list[int]) -> torch.Tensor:
+        """One query chunk at positions [first, first + n): q_* [Hkv, G, n, D]. Returns [Hkv, G, n, D]."""
+        cfg, S, W = self.cfg, self.cfg.sinks, self.cfg.window
+        hkv, g, _, d = q_local.shape
+        last = first + n - 1
+        n_sinks = min(S, last + 1)
+
+        # Local group: sinks at true distance (only while some query is within S + W) and the recent keys that
+        # some query of the chunk sees at distance < W.
+        lo = max(local_from, first - W + 1 - self.rec_start)
+        hi = max(lo, last + 1 - self.rec_start)  # a chunk of sinks alone has no recent keys
+        base = lo - local_from
+        keys, values = k_local[:, base : base + hi - lo], self.rec_v[:, lo:hi]
+        sinks_local = n_sinks if first < S + W else 0
+        if sinks_local:  # only early on; later the buffer is used in place, not copied every layer and chunk
+            keys = torch.cat([self.sink_local[:, :sinks_local], keys], dim=1)
+            values = torch.cat([self.sink_v[:, :sinks_local], values], dim=1)
+        mask = self.masks.get(_local_mask, self.device, q_local.dtype, g, first, n, S, W, sinks_local,
+                              self.rec_start + lo, hi - lo)
+        with record_function("infllm.attention"):
+            local = attention_lse(q_local.reshape(hkv, g * n, d), keys, values, mask, self.scale)
+
+        # Memory group: frozen sinks, retrieved blocks, and unsealed tokens at least W behind some query.
+        self.last_retrieved = ids
         if self.tally is not None:
-            self.tally.update(self.last_retrieved)
+            self.tally.update(ids)
         sinks_mem = n_sinks if last >= S + W else 0
-        n_tail = max(0, min(self.n_win, last + 1 - W - self.win_start))
-        mem_k = [self.sink_mem[:, :sinks_mem], self.str_k[:, : self.n_str]]
-        mem_v = [self.sink_v[:, :sinks_mem], self.str_v[:, : self.n_str]]
-        if self.last_retrieved:
+        free_start = S + self._sealed_for(first) * cfg.block_size
+        n_free = max(0, last - W + 1 - free_start)
+        mem_k = [self.sink_mem[:, :sinks_mem]]
+        mem_v = [self.sink_v[:, :sinks_mem]]
+        if ids:
             with record_function("infllm.gather"):
-                bk, bv = gather_blocks(self.store, self.cache, self.last_retrieved)
+                bk, bv = gather_blocks(self.store, self.cache, ids)
             mem_k.append(bk)
             mem_v.append(bv)
-        mem_k.append(self.win_raw[:, :n_tail])
-        mem_v.append(self.win_v[:, :n_tail])
-        n_free = self.n_str + len(self.last_retrieved) * cfg.block_size
-        self.position += length
-        if sinks_mem + n_free + n_tail == 0:
-            out = local[0]
-        else:
-            mask = _memory_mask(self.device, q.dtype, self.groups, first, length, S, W, sinks_mem, n_free,
-                                self.win_start, n_tail)
-            with record_function("infllm.attention"):
-                out = merge(local, attention_lse(q_mem, torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
-                                                 self.scale))
-        return out.reshape(h, length, d)
+        at = free_start - self.rec_start
+        mem_k.append(self.rec_k[:, at : at + n_free])
+        mem_v.append(self.rec_v[:, at : at + n_free])
+        n_block_keys = len(ids) * cfg.block_size
+        if sinks_mem + n_block_keys + n_free == 0:
+            return local[0].view(hkv, g, n, d)
+        mask = self.masks.get(_memory_mask, self.device, q_mem.dtype, g, first, n, S, W, sinks_mem, n_block_keys,
+                              free_start, n_free)
+        with record_function("infllm.attention"):
+            mem = attention_lse(q_mem.reshape(hkv, g * n, d), torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
+                                self.scale)
+        return merge(local, mem).view(hkv, g, n, d)

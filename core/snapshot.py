@@ -31,7 +31,7 @@ from core.session import Session
 from core.sources import Piece
 
 FORMAT = "infllm-snapshot"
-VERSION = 1
+VERSION = 2  # 2: the memory keeps one recent-token buffer (counters rec_start, rec_len)
 SUFFIX = ".infllm"
 _KEY = "infllm"
 _MAX_SETTING = 2**20  # no real engine setting comes near; a larger one is damage, refused before allocating
@@ -90,6 +90,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, _Entry], int]:
     version = meta.get("version")
     if not isinstance(version, int) or version < 1:
         raise _fail(path, "snapshot metadata has no valid format version")
+    if version < VERSION:
+        raise _fail(path, f"written by an older infllm (snapshot format {version}; this one reads {VERSION}): "
+                          "read the document again")
     if version > VERSION:
         raise _fail(path, f"written by a newer infllm (snapshot format {version}; this one reads up to "
                           f"{VERSION}): upgrade infllm")
@@ -322,11 +325,13 @@ def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) ->
                               f"with --{flag} {value} (read the document again to change it)")
     if stored.block_size > stored.window or max(stored.to_dict().values()) > _MAX_SETTING:
         raise _fail(path, f"snapshot metadata has implausible engine settings: {stored.to_dict()}")
-    chunk = overrides.get("query_chunk")
-    if chunk is not None and chunk < stored.query_chunk:
-        # The saved window buffer holds up to window + query_chunk tokens; a smaller chunk could not hold it.
-        raise _fail(path, f"this snapshot was read with --query-chunk {stored.query_chunk}; it can be asked "
-                          f"with that or more, not {chunk}")
+    for name in ("query_chunk", "prefill_chunk"):
+        value = overrides.get(name)
+        if value is not None and value < getattr(stored, name):
+            # The saved recent-token buffer is sized by both; a smaller one might not hold it.
+            flag = name.replace("_", "-")
+            raise _fail(path, f"this snapshot was read with --{flag} {getattr(stored, name)}; it can be asked "
+                              f"with that or more, not {value}")
     return stored.with_overrides(**{k: v for k, v in overrides.items() if k not in _FIXED})
 
 
@@ -361,7 +366,7 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     counters = meta.get("counters")
     try:
         if not isinstance(counters, dict) or not all(isinstance(counters.get(k), int) for k in
-                                                     ("position", "n_win", "win_start", "n_str", "blocks")):
+                                                     ("position", "rec_start", "rec_len", "blocks")):
             raise ValueError("missing memory counters")
         expected = engine.expected_shapes(counters)
         doc_start, tokens = meta["doc_start"], meta["tokens"]

@@ -33,6 +33,19 @@ def test_fits_in_sinks_plus_window_equals_full_attention(arch, query_chunk, pref
     assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("cuts", [[5], [5, 11, 16], [16, 17, 100]])
+def test_feeding_in_calls_of_any_size_equals_full_attention(cuts):
+    """A prompt opening shorter than the sinks, then the rest: as the CLI feeds a document (the tokens of a call
+    may all be sinks, straddle them, or be one)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(4))
+    cfg = EngineConfig(sinks=16, window=284, block_size=16, topk=2, query_chunk=16, cache_blocks=4, prefill_chunk=64)
+    engine = Engine(model, cfg)
+    bounds = [0, *cuts, len(ids)]
+    out = torch.cat([engine.feed(ids[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])])
+    assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
+
+
 def test_rope_scaling_is_honoured():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 256, "rope_theta": 10000.0}
@@ -121,7 +134,7 @@ def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0):
     store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
     for _ in range(n_blocks):
         k = torch.randn(heads, block, dim, generator=gen)
-        store.append(k, torch.randn(heads, block, dim, generator=gen), k[:, :reprs])
+        store.append(k[None], torch.randn(1, heads, block, dim, generator=gen), k[None, :, :reprs])
     return store
 
 

@@ -43,6 +43,7 @@ from core.resources import (
 )
 from core.sources import iter_pieces, read_text
 from infllm_cli.app import app
+from processes import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -639,7 +640,7 @@ class Running:
         self.cwd.mkdir()
         self.proc = subprocess.Popen([sys.executable, "-m", "infllm_cli", *argv], cwd=self.cwd,
                                      env={**_process_env(tmp_path), "PYTHONPATH": str(REPO)}, stdin=stdin,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         self.stdout = b""
         self.stderr = b""
 

@@ -23,10 +23,11 @@ from core.errors import SnapshotError
 from core.loading import load_model
 from core.prompting import build_prompt, builtin_template
 from core.session import Session
-from core.snapshot import SnapshotFile, open_session, read_header, save_session, write_file
+from core.snapshot import VERSION, SnapshotFile, open_session, read_header, save_session, write_file
 from core.citations import SourceMap
 from core.sources import read_text
 from infllm_cli.app import app
+from processes import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
@@ -169,11 +170,12 @@ CORRUPTIONS = {
     "not a snapshot": (lambda data: bytearray(b"Just some text that someone named .infllm\n" * 10), "not an infllm snapshot"),
     "truncated": (lambda data: data[: len(data) - 1000], "truncated"),
     "empty": (lambda data: bytearray(), "too short"),
-    "flipped state byte": (_flip_in("layer.1.state.win_v"), "checksum mismatch"),
+    "flipped state byte": (_flip_in("layer.1.state.rec_v"), "checksum mismatch"),
     "flipped text byte": (_flip_in("doc.text"), "checksum mismatch"),
     "huge tensor claimed": (_huge, "does not match its shape"),
     "unknown field": (_set("surprise", 1), "unknown fields"),
     "newer version": (_set("version", 99), "newer infllm"),
+    "older version": (_set("version", 1), "older infllm"),
     "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)), "another model"),
     "bad counters": (lambda d: _with_meta(d, lambda m: m["counters"].__setitem__("blocks", 5)), "corrupt"),
 }
@@ -230,7 +232,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 def test_the_header_is_read_without_the_data(snapshot, tmp_path):
     meta, entries, start = read_header(snapshot[0])
-    assert meta["format"] == "infllm-snapshot" and meta["version"] == 1
+    assert meta["format"] == "infllm-snapshot" and meta["version"] == VERSION
     assert meta["tokens"] == meta["counters"]["position"]
     assert meta["sources"][0]["sha256"] == hashlib.sha256(_doc_text().encode()).hexdigest()
     assert start + sum(e.end - e.start for e in entries.values()) == snapshot[0].stat().st_size
@@ -313,7 +315,7 @@ def test_ctrl_c_while_writing_leaves_no_file(tiny_model_dir, doc, tmp_path):
     env = {**os.environ, "INFLLM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code, "read", str(doc), "-o", str(out), "--model",
                            str(tiny_model_dir), "--device", "cpu", "-q", *ENGINE],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=default_sigint)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "infllm: interrupted"
     assert list(out.parent.iterdir()) == []
