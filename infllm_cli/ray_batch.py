@@ -212,8 +212,9 @@ def _stream(ray, display: Display, workers: list, groups: list[list[str]], out, 
             display.phase(f"[{finished}/{len(groups)}] {groups[index][0]}: error: {result['error']}")
         else:
             tokens += result.get("tokens_read", 0)
+            timings = result.get("timings", {})
             display.phase(f"[{finished}/{len(groups)}] {groups[index][0]}: {result.get('tokens_read', 0):,} tokens "
-                          f"read, answered in {result.get('timings', {}).get('total_s', 0):.1f} s")
+                          f"read, answered in {timings.get('total_s', 0) - timings.get('load_s', 0):.1f} s")
         done[index] = result
         while written in done:
             line = done.pop(written)
