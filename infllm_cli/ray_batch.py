@@ -164,6 +164,8 @@ def _make_workers(ray, plan, options: RayOptions, display: Display) -> list:
 def run_batch(display: Display, plan, groups: list[list[str]], options: RayOptions, out=None) -> None:
     """Answer every group on Ray; JSON lines to `out` (stdout) in input order. When sources failed, raises
     (after all the others are answered) with the first failure's exit code."""
+    if any(s == "-" for group in groups for s in group):
+        raise UsageError("--ray workers read sources by path; stdin ('-') cannot reach them: save it to a file")
     ray = _import_ray()
     out = out or sys.stdout
     started = time.perf_counter()

@@ -46,6 +46,15 @@ def test_ray_flags_are_checked_before_anything_starts(ask, tmp_path, flags, says
     assert result.stderr.strip().splitlines() == [f"infllm: error: {says}"]
 
 
+def test_stdin_cannot_go_to_ray_workers(ask, tmp_path):
+    doc = tmp_path / "a.txt"
+    doc.write_text("The pass key is 12345.\n")
+    result = ask("--each", "--json", "--ray", "-q", doc, "-", "What is the pass key?")
+    says = "--ray workers read sources by path; stdin ('-') cannot reach them: save it to a file"
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"infllm: error: {says}"]
+
+
 def test_without_ray_installed_the_line_says_how_to_get_it(ask, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail, as when the extra is missing
     doc = tmp_path / "a.txt"
