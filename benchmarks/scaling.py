@@ -135,6 +135,9 @@ def model_dir(shape: str, device: torch.device, dtype: torch.dtype, path: Path) 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the workers of the runs below need this GPU's memory
 
 
 def write_docs(tokenizer_dir: Path, folder: Path, count: int, tokens: int) -> list[str]:

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import logging
+import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -121,7 +122,20 @@ class Worker:
             self.batch.load_s = 0.0  # the model load is counted in the first answer's timings only
 
 
+def _check_reachable(address: str) -> None:
+    """Ray retries an unreachable head for minutes; one TCP connection says at once whether anything listens."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other names Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
 def _start(ray, options: RayOptions, display: Display) -> None:
+    if options.address:
+        _check_reachable(options.address)
     display.phase(f"joining the Ray cluster at {options.address}" if options.address
                   else "starting Ray (a local runtime unless RAY_ADDRESS names a cluster)")
     try:
@@ -129,7 +143,8 @@ def _start(ray, options: RayOptions, display: Display) -> None:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as err:
-        raise UsageError(f"cannot join the Ray cluster at {options.address}: {' '.join(str(err).split())}") from None
+        where = f"join the Ray cluster at {options.address}" if options.address else "start Ray"
+        raise UsageError(f"cannot {where}: {' '.join(str(err).split())}") from None
 
 
 def _make_workers(ray, plan, options: RayOptions, display: Display) -> list:

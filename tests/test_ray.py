@@ -8,6 +8,7 @@ Flag refusals need no Ray and run everywhere.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 
 import pytest
@@ -62,6 +63,19 @@ def test_without_ray_installed_the_line_says_how_to_get_it(ask, tmp_path, monkey
     result = ask("--each", "--json", "--ray", doc, "What is the pass key?")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == "infllm: error: --ray needs Ray: pip install 'infllm[ray]'"
+
+
+def test_an_unreachable_cluster_is_refused_at_once(ask, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'infllm[ray]')")
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    doc = tmp_path / "a.txt"
+    doc.write_text("The pass key is 12345.\n")
+    result = ask("--each", "--json", "-q", "--ray-address", f"127.0.0.1:{port}", doc, "What is the pass key?")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"infllm: error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"]
 
 
 def test_a_batch_on_two_ray_workers_answers_in_input_order(ask, tmp_path):
