@@ -31,6 +31,9 @@ SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                     tie_word_embeddings=True),
+    # For smoke-testing benchmarks on a CPU in seconds (the size of tests/tiny_models.py's models).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096),
 }
 
 

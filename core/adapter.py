@@ -67,10 +67,6 @@ class DecoderAdapter:
     def input_device(self) -> torch.device:
         return self.embed.weight.device
 
-    @property
-    def output_device(self) -> torch.device:
-        return self.lm_head.weight.device
-
     def qkv(self, i: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [L, hidden] -> q [H, L, D], k [Hkv, L, D], v [Hkv, L, D], without RoPE."""
         layer = self.layers[i]
@@ -92,6 +88,7 @@ class DecoderAdapter:
         return hidden + layer.mlp(layer.post_norm(hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [L, hidden] from the last layer -> logits [L, vocab] (float32)."""
-        hidden = hidden.to(self.output_device)
-        return self.lm_head(self.norm(hidden)).float()
+        """hidden [L, hidden] from the last layer -> logits [L, vocab] (float32). With a device map the final
+        norm and the LM head may sit on different devices; each gets the hidden states on its own."""
+        normed = self.norm(hidden.to(self.norm.weight.device))
+        return self.lm_head(normed.to(self.lm_head.weight.device)).float()

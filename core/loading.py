@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_model
 
 from core.errors import ModelError, UsageError
+from core.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
 from core.resources import is_out_of_memory
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -116,7 +117,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (a second batch worker on this host) converted the same file first: use its copy.
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,11 +204,17 @@ def resolve_model(spec: str | None = None) -> ResolvedModel:
     return ResolvedModel(source, name, fingerprint, config)
 
 
-def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dtype: str = "auto",
+               device_map: DeviceMap | None = None) -> LoadedModel:
+    """Load weights and tokenizer onto `device`, or, when a device_map (core.placement.parse_device_map) is given,
+    wherever transformers' device-map mechanism places them (`device` is then not used)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    dev = pick_device(device)
+    if device_map is None:
+        dev = pick_device(device)
+    else:
+        dev = torch.device("cuda" if "cuda" in map_devices(device_map) else "cpu")  # for the dtype's default
     torch_dtype = pick_dtype(dtype, dev)
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     source, name, fingerprint = resolved.source, resolved.name, resolved.fingerprint
@@ -209,12 +222,17 @@ def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dt
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True,
+                                                         device_map=device_map)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - damaged weights (SafetensorError, ...) or tokenizer files
         if is_out_of_memory(err):
             raise
         raise ModelError(f"cannot load model {name}: {one_line(err)}") from None
-    model = model.to(dev).eval()
-    return LoadedModel(model, tokenizer, name, fingerprint)
+    if device_map is None:
+        model = model.to(dev)
+    else:
+        check_placement(model)
+        drop_dispatch_hooks(model)
+    return LoadedModel(model.eval(), tokenizer, name, fingerprint)

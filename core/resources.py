@@ -155,7 +155,8 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     engine = session.engine
     model = session.loaded.model
     dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
+    # Every device of a model split by --device-map holds a layer's activations: check the one with least room.
+    device = min({layer.device for layer in engine.adapter.layers}, key=lambda d: free_gpu_bytes(d) or 0)
     activations = activation_bytes(model.config, engine.config, dtype.itemsize)
     on_gpu = device.type == "cuda"
     check_memory(

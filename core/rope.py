@@ -17,8 +17,9 @@ class RopeTable:
         probe = torch.empty(0, device=device, dtype=dtype)
         with torch.no_grad():
             cos, sin = rotary_emb(probe, positions)
-        self.cos = cos[0].to(dtype)  # [N, D]
-        self.sin = sin[0].to(dtype)  # [N, D]
+        # .to(device): under a device map the rotary module may answer on its own device (accelerate's hooks).
+        self.cos = cos[0].to(device, dtype)  # [N, D]
+        self.sin = sin[0].to(device, dtype)  # [N, D]
         self.lo = lo
 
     def nbytes(self) -> int:

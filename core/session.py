@@ -146,10 +146,14 @@ def rss_mb() -> float | None:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak process RSS and GPU memory in MB."""
+    """Peak process RSS and GPU memory in MB; GPU memory summed over the GPUs, and per GPU when there are several
+    (a model split by --device-map keeps each layer's memory on its own GPU)."""
     import resource
 
     info = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
-        info["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peaks = [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
+        info["peak_gpu_mb"] = sum(peaks)
+        if len(peaks) > 1:
+            info["peak_gpu_mb_per_device"] = [round(p, 1) for p in peaks]
     return info

@@ -12,13 +12,22 @@ from dataclasses import dataclass
 import os
 import sys
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from core.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
 from core.sampling import SamplingConfig
 from infllm_cli.progress import Display, memory_line
+
+if TYPE_CHECKING:  # the CLI imports torch and transformers only once a command runs
+    from core.config import EngineConfig
+    from core.loading import LoadedModel, ResolvedModel
+    from core.placement import DeviceMap
+    from core.prompting import Prompt
+    from core.session import Session
+    from core.snapshot import SnapshotFile
+    from infllm_cli.ray_batch import RayOptions
 
 EPILOG = """\
 Examples:
@@ -40,6 +49,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="INFLLM
                      help="GGUF file, local HF model directory or cached hub id [default: SmolLM2-135M-Instruct]")]
 DeviceOpt = Annotated[str, typer.Option(envvar="INFLLM_DEVICE", help="auto, cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[str, typer.Option(envvar="INFLLM_DTYPE", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(envvar="INFLLM_DEVICE_MAP", metavar="MAP",
+                         help="spread the model's layers over several GPUs: auto, a JSON object {module: GPU} or a "
+                              "JSON file (docs/scaling.md)")]
 
 
 @app.callback()
@@ -125,6 +137,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object (pe
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")]
 SaveOpt = Annotated[Optional[str], typer.Option("--save", metavar="PATH",
                     help="also write the memory to a snapshot file, to ask again without reading")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="with --each --json: spread the sources over Ray workers, each "
+                   "holding the model (pip install 'infllm[ray]'; docs/scaling.md)")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="the Ray cluster to join (implies "
+                          "--ray): auto, HOST:PORT or ray://HOST:PORT [default: RAY_ADDRESS, else a local runtime]")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray workers [default: one per GPU, or 1]")]
 
 
 @dataclass
@@ -134,6 +151,7 @@ class RunOptions:
     model: str | None
     device: str
     dtype: str
+    device_map: DeviceMap | None
     overrides: dict
     sampling: SamplingConfig
     max_tokens: int
@@ -143,14 +161,17 @@ class RunOptions:
     as_json: bool
 
 
-def _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+def _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
              max_tokens, temperature, top_p, seed, system, template, cite, as_json) -> RunOptions:
     overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
     if not 0 < top_p <= 1 or not 0 <= temperature < float("inf") or max_tokens < 1:  # `not <=` also refuses nan
         raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
     if cite < 0:
         raise UsageError("--cite needs a count of passages, 0 or more")
-    return RunOptions(model, device, dtype, overrides, SamplingConfig(temperature, top_p, seed), max_tokens, system,
+    from core.placement import parse_device_map
+
+    return RunOptions(model, device, dtype, parse_device_map(device_map, device), overrides,
+                      SamplingConfig(temperature, top_p, seed), max_tokens, system,
                       template, cite, as_json)
 
 
@@ -159,21 +180,24 @@ def _options(model, device, dtype, window, topk, sinks, block_size, query_chunk,
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", device_map: DeviceMapOpt = None,
     window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
     query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
     max_tokens: MaxTokensOpt = 256, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file with {document} and {question}")] = "ask",
     cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    save: SaveOpt = None,
+    save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
     sources, question = _split_question(args)
-    opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+    opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save)
+    from infllm_cli.ray_batch import options_from_flags
+
+    on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save, on_ray)
 
 
 SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
@@ -185,20 +209,23 @@ SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]",
                        help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", device_map: DeviceMapOpt = None,
     window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
     query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
     max_tokens: MaxTokensOpt = 400, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file")] = "summarize",
     cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    save: SaveOpt = None,
+    save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST])
-    opts = _options(model, device, dtype, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
+    opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save)
+    from infllm_cli.ray_batch import options_from_flags
+
+    on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save, on_ray)
 
 
 @app.command("read", epilog=EPILOG)
@@ -208,7 +235,7 @@ def read_command(
                        help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="PATH",
                       help="snapshot file to write, e.g. book.infllm (replaced atomically)")] = "",
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", device_map: DeviceMapOpt = None,
     window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
     query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
     system: SystemOpt = None,
@@ -219,6 +246,7 @@ def read_command(
     `infllm summarize FILE.infllm` then answer from it without reading the text again."""
     from core.defaults import engine_defaults
     from core.loading import load_model, pick_device, resolve_model
+    from core.placement import parse_device_map
     from core.prompting import build_prompt, builtin_template, load_template
     from core.session import Session, peak_memory
 
@@ -228,13 +256,14 @@ def read_command(
     overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
     display = Display(quiet)
     pick_device(device)
+    placement = parse_device_map(device_map, device)
     resolved = resolve_model(model)
     config = engine_defaults(resolved.config).with_overrides(**overrides)
     config.validate(resolved.config.max_position_embeddings)
     template_text = load_template(template)
     started = time.perf_counter()
     display.phase("loading model")
-    loaded = load_model(resolved, device=device, dtype=dtype)
+    loaded = load_model(resolved, device=device, dtype=dtype, device_map=placement)
     timings = {"load_s": time.perf_counter() - started}
     system = system if system is not None else builtin_template("system").strip()
     session = Session(loaded, config)
@@ -254,7 +283,7 @@ def read_command(
 def info(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]",
                        help="Files, directories or '-' (stdin). With no source, stdin is read.")] = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", device_map: DeviceMapOpt = None,
     window: WindowOpt = None, topk: TopkOpt = None, sinks: SinksOpt = None, block_size: BlockOpt = None,
     query_chunk: QueryChunkOpt = None, cache_blocks: CacheOpt = None, prefill_chunk: PrefillOpt = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False,
@@ -267,6 +296,7 @@ def info(
     from core.defaults import engine_defaults
     from core.estimate import memory_blocks, store_bytes_per_token
     from core.loading import load_model, pick_device, pick_dtype, resolve_model
+    from core.placement import parse_device_map
     from core.session import Session
     from core.sources import describe_source, read_text
 
@@ -274,6 +304,7 @@ def info(
     sources, _ = _split_question([*(sources or []), "info"])
     overrides = _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk)
     dev = pick_device(device)
+    placement = parse_device_map(device_map, device)
     resolved = resolve_model(model)
     config = engine_defaults(resolved.config).with_overrides(**overrides)
     config.validate(resolved.config.max_position_embeddings)
@@ -281,7 +312,7 @@ def info(
     display.phase("extracting text")
     text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
     display.phase("loading model")
-    loaded = load_model(resolved, device=device, dtype=dtype)
+    loaded = load_model(resolved, device=device, dtype=dtype, device_map=placement)
     session = Session(loaded, config)
     tokens = len(session.tokenize(text))
     calibration = session.tokenize(text[: 8 * config.prefill_chunk])[: config.prefill_chunk]
@@ -308,22 +339,60 @@ def info(
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
 
 
-def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str,
-         save: str | None = None) -> None:
-    """Check settings, load the model once, then answer about each group of sources (or snapshot) in order."""
-    from core.defaults import engine_defaults
-    from core.loading import load_model, pick_device, resolve_model
-    from core.prompting import build_prompt, builtin_template, load_template
-    from core.session import Session
-    from core.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
+@dataclass
+class Plan:
+    """A checked run, nothing loaded yet: cheap, so a batch's driver makes it once and sends it to its workers."""
 
-    from core.loading import pick_dtype
+    opts: RunOptions
+    question: str
+    spec: str | None  # the model asked for (--model, or a snapshot's), for workers on other hosts
+    resolved: ResolvedModel
+    config: EngineConfig  # for the documents read
+    snaps: dict[str, SnapshotFile]  # header and metadata checked
+    template: str
+    reads: bool  # whether some group is read (not a snapshot)
+
+
+@dataclass
+class Loaded:
+    """What every group of a run shares once the model is loaded."""
+
+    plan: Plan
+    loaded: LoadedModel
+    load_s: float
+    default_system: str | None
+    prompt: Prompt
+    reader: Session | None  # for the groups read (not snapshots)
+
+
+def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str,
+         save: str | None = None, ray: RayOptions | None = None) -> None:
+    """Check settings, load the model once, then answer about each group of sources (or snapshot) in order;
+    with `ray`, on Ray workers (infllm_cli/ray_batch.py)."""
+    plan = _check(display, opts, groups, question, save)
+    if ray is not None:
+        from infllm_cli.ray_batch import run_batch
+
+        return run_batch(display, plan, groups, ray)
+    batch = _load(display, plan)
+    for sources in groups:
+        if len(groups) > 1 and not opts.as_json:
+            sys.stdout.write(f"==> {sources[0]} <==\n")
+        _answer_group(display, batch, sources, save)
+        batch.load_s = 0.0
+
+
+def _check(display: Display, opts: RunOptions, groups: list[list[str]], question: str, save: str | None) -> Plan:
+    """Everything that can be refused before the model loads: flags, special files, snapshots, settings."""
+    from core.defaults import engine_defaults
+    from core.loading import pick_device, pick_dtype, resolve_model
+    from core.prompting import load_template
     from core.resources import memory_limit_bytes
+    from core.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
+    from core.sources import refuse_special_files
 
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
-    from core.sources import refuse_special_files
-
     refuse_special_files([s for g in groups for s in g])  # a FIFO would block is_snapshot's open forever
     snaps = {}
     for sources in groups:
@@ -347,33 +416,43 @@ def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: 
     for snap in snaps.values():
         check_model(snap, resolved.fingerprint, resolved.name)
         snapshot_config(snap.meta, opts.overrides, snap.path).validate(max_positions)
-    template = load_template(opts.template)
+    return Plan(opts, question, spec, resolved, config, snaps, load_template(opts.template), len(snaps) < len(groups))
+
+
+def _load(display: Display, plan: Plan) -> Loaded:
+    from core.loading import load_model
+    from core.prompting import NO_CHAT_TEMPLATE, build_prompt, builtin_template, has_chat_template
+    from core.session import Session
+
+    opts = plan.opts
     started = time.perf_counter()
     display.phase("loading model")
-    loaded = load_model(resolved, device=opts.device, dtype=opts.dtype)
+    loaded = load_model(plan.resolved, device=opts.device, dtype=opts.dtype, device_map=opts.device_map)
     load_s = time.perf_counter() - started
     default_system = opts.system if opts.system is not None else builtin_template("system").strip()
-    reader = Session(loaded, config) if len(snaps) < len(groups) else None
-    prompt = build_prompt(loaded.tokenizer, template, question, default_system)
-    from core.prompting import NO_CHAT_TEMPLATE, has_chat_template
-
+    reader = Session(loaded, plan.config) if plan.reads else None
+    prompt = build_prompt(loaded.tokenizer, plan.template, plan.question, default_system)
     if not has_chat_template(loaded.tokenizer):
         display.warn(NO_CHAT_TEMPLATE)
-    for sources in groups:
-        if len(groups) > 1 and not opts.as_json:
-            sys.stdout.write(f"==> {sources[0]} <==\n")
-        timings = {"load_s": load_s}
-        if sources[0] in snaps:
-            session, system = _open(display, opts, loaded, snaps[sources[0]], timings)
-            prompt_here = prompt if system == default_system else build_prompt(loaded.tokenizer, template,
-                                                                                 question, system)
-        else:
-            session, prompt_here = reader, prompt
-            _read(display, session, prompt.prefix, sources, timings)
-            if save is not None:
-                _save(display, session, save, opts.model, default_system, timings)
-        _answer(display, opts, session, prompt_here, sources, timings)
-        load_s = 0.0
+    return Loaded(plan, loaded, load_s, default_system, prompt, reader)
+
+
+def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str | None = None) -> None:
+    """Read one group of sources (or open its snapshot) and answer about it."""
+    from core.prompting import build_prompt
+
+    opts, plan = batch.plan.opts, batch.plan
+    timings = {"load_s": batch.load_s}
+    if sources[0] in plan.snaps:
+        session, system = _open(display, opts, batch.loaded, plan.snaps[sources[0]], timings)
+        prompt = batch.prompt if system == batch.default_system else build_prompt(
+            batch.loaded.tokenizer, plan.template, plan.question, system)
+    else:
+        session, prompt = batch.reader, batch.prompt
+        _read(display, session, batch.prompt.prefix, sources, timings)
+        if save is not None:
+            _save(display, session, save, opts.model, batch.default_system, timings)
+    _answer(display, opts, session, prompt, sources, timings)
 
 
 def _open(display: Display, opts: RunOptions, loaded, snap, timings: dict):

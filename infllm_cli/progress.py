@@ -31,7 +31,8 @@ def _rss_mb() -> float:
 def memory_line(block_store_bytes: int = 0) -> str:
     parts = [f"RSS {_rss_mb():,.0f} MB"]
     if torch.cuda.is_available():
-        parts.append(f"GPU {torch.cuda.memory_allocated() / 2**20:,.0f} MB")
+        used = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))  # all GPUs of a map
+        parts.append(f"GPU {used / 2**20:,.0f} MB")
     if block_store_bytes:
         parts.append(f"memory {block_store_bytes / 2**20:,.0f} MB")
     return ", ".join(parts)
