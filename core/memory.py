@@ -25,8 +25,8 @@ per query chunk in prefill and once every query_chunk tokens in decoding.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -36,6 +36,9 @@ from core.blockstore import BlockCache, BlockStore, gather_blocks
 from core.config import EngineConfig
 from core.rope import RopeTable
 from core.scoring import block_scores
+
+if TYPE_CHECKING:
+    from core.citations import RetrievalTally
 
 
 def rope_range(cfg: EngineConfig) -> tuple[int, int]:
@@ -94,7 +97,7 @@ class LayerMemory:
         self.win_start = cfg.sinks  # absolute position of window slot 0
         self.n_str = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
-        self.tally: Counter | None = None  # when set, counts every retrieval (for citations)
+        self.tally: RetrievalTally | None = None  # when set, records every retrieval (for citations)
 
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in self._STATE)
@@ -286,7 +289,7 @@ class LayerMemory:
         with record_function("infllm.retrieve"):
             self.last_retrieved = self._retrieve(q_mem)
         if self.tally is not None:
-            self.tally.update(self.last_retrieved)
+            self.tally.record(self, q_mem, self.last_retrieved)
         sinks_mem = n_sinks if last >= S + W else 0
         n_tail = max(0, min(self.n_win, last + 1 - W - self.win_start))
         mem_k = [self.sink_mem[:, :sinks_mem], self.str_k[:, : self.n_str]]
