@@ -34,13 +34,14 @@ Systems (same model, same prompt template and system prompt, greedy decoding):
 Metrics per system:
   accuracy   an accepted answer, normalised (lowercase; punctuation, underscores and whitespace collapsed to
              one space), occurs in the normalised output as whole words
-  R@k        evidence recall@k. infllm: a memory block overlapping the evidence is among the k blocks the
-             memory retrieved most while reading the question and answering (the ranking behind --cite);
-             bm25: a chunk overlapping the evidence is among the k best lexical hits; streaming and
-             last-slice do not retrieve, so R@k is whether the whole evidence lies in what the model sees.
-             For infllm, evidence still in the local window or the sinks counts as a hit (it is in view).
-             The extra row "infllm (question only)" ranks by the retrievals made while reading the question,
-             before the first answer token.
+  R@k        evidence recall@k. infllm: a memory block overlapping the evidence is among the k passages
+             it cites (Session.rank_blocks, the ranking behind --cite: the question's queries in the heads
+             that locate quoted passages of the document); bm25: a chunk overlapping the evidence is among the
+             k best lexical hits; streaming and last-slice do not retrieve, so R@k is whether the whole
+             evidence lies in what the model sees. For infllm, evidence still in the local window or the
+             sinks counts as a hit (it is in view).
+             The extra row "infllm (retrieval counts)" ranks blocks by how often the memory retrieved them for
+             attention (all layers, question and answer tokens): what the model attended to, not a citation.
   s/q        seconds per question: each group's reading time shared over its questions, plus answering
 
 Example (default model; ~25 minutes on an idle 2-core CPU, ~4 on an H100; docs/benchmarks.md has the results):
@@ -358,28 +359,6 @@ class FullAttention:
 # ---- running ----------------------------------------------------------------------------------------
 
 
-def capture_tally(engine) -> dict:
-    """Keep the retrieval tally that Session.answer starts but does not expose: box['tally'] (question and answer
-    tokens) and box['question'] (a copy taken right after the question, before the first answer token)."""
-    box: dict = {}
-    count, feed = engine.count_retrievals, engine.feed
-
-    def counting(on: bool):
-        tally = count(on)
-        if on:
-            box["tally"], box["question"] = tally, None
-        return tally
-
-    def feeding(*a, **k):
-        out = feed(*a, **k)
-        if box.get("tally") is not None and box.get("question") is None:
-            box["question"] = Counter(box["tally"])  # the first feed after counting starts is the question
-        return out
-
-    engine.count_retrievals, engine.feed = counting, feeding
-    return box
-
-
 def evidence_rank(tally: Counter, evidence_blocks: set[int], is_document) -> int | None:
     """1-based rank of the best evidence block among the document blocks, most retrieved first."""
     ranking = [block for block, _ in tally.most_common() if is_document(block)]
@@ -423,10 +402,9 @@ def run(args) -> dict:
     print(f"model {loaded.name} loaded in {time.perf_counter() - t0:.1f} s; engine {cfg.to_dict()}",
           file=sys.stderr)
 
-    sessions, tallies = {}, {}
+    sessions = {}
     if "infllm" in systems:
         sessions["infllm"] = Session(loaded, cfg)
-        tallies["infllm"] = capture_tally(sessions["infllm"].engine)
     if "streaming" in systems:
         sessions["streaming"] = Session(loaded, cfg.with_overrides(topk=0, cache_blocks=0))
     full = FullAttention(loaded, stops)
@@ -494,12 +472,12 @@ def run(args) -> dict:
                     positions = [[session.doc_start + i for i in occ] for occ in occs]
                     in_view = any(all(p >= sealed_end or p < cfg.sinks for p in occ) for occ in positions)
                     if system == "infllm":
-                        box = tallies["infllm"]
                         blocks = {(p - cfg.sinks) // cfg.block_size for occ in positions for p in occ
                                   if p >= cfg.sinks}
                         is_doc = lambda b: layer.block_span(b)[1] - session.doc_start <= n_doc  # noqa: E731
-                        out["evidence_rank"] = evidence_rank(box["tally"], blocks, is_doc)
-                        out["evidence_rank_question"] = evidence_rank(box["question"], blocks, is_doc)
+                        cited = [b for b, _ in session.ranking]
+                        out["evidence_rank"] = next((r + 1 for r, b in enumerate(cited) if b in blocks), None)
+                        out["evidence_rank_retrieved"] = evidence_rank(session.retrievals, blocks, is_doc)
                         out["cited"] = [{"where": c.location(), "weight": round(c.weight, 3), "excerpt": c.excerpt}
                                         for c in session.citations]
                 elif system == "last-slice":
@@ -519,9 +497,9 @@ def run(args) -> dict:
                 answer_s = time.perf_counter() - t
                 rank = out.get("evidence_rank")
                 hits = {k: bool(in_view or (rank is not None and rank <= k)) for k in ks}
-                if "evidence_rank_question" in out:
-                    qrank = out["evidence_rank_question"]
-                    out["recall_question"] = {k: bool(in_view or (qrank is not None and qrank <= k)) for k in ks}
+                if "evidence_rank_retrieved" in out:
+                    qrank = out["evidence_rank_retrieved"]
+                    out["recall_retrieved"] = {k: bool(in_view or (qrank is not None and qrank <= k)) for k in ks}
                 correct = answered(item.answers, text)
                 rec["systems"][system] = {"output": text.strip(), "correct": correct, "in_view": in_view,
                                           "recall": hits, "answer_s": round(answer_s, 2),
@@ -543,13 +521,14 @@ def run(args) -> dict:
 
 
 def summarise(records: list[dict], systems: list[str], ks: list[int]) -> list[dict]:
-    """One row per system; infllm gets a second row whose recall ranks blocks by the question's retrievals alone."""
+    """One row per system; infllm gets a second row whose recall ranks blocks by how often memory attention
+    retrieved them (its citations are the first row)."""
     k3 = 3 if 3 in ks else ks[0]
     variants = []
     for system in systems:
         variants.append((system, system, "recall"))
         if system == "infllm":
-            variants.append(("infllm (question only)", system, "recall_question"))
+            variants.append(("infllm (retrieval counts)", system, "recall_retrieved"))
     rows = []
     for label, system, key in variants:
         res = [r["systems"][system] for r in records if system in r["systems"]]
@@ -599,7 +578,7 @@ def rescore(args) -> dict:
         rec["answers"] = answers.get(rec["id"], rec["answers"])
         for res in rec["systems"].values():
             res["correct"] = answered(rec["answers"], res["output"])
-            for key in ("recall", "recall_question"):
+            for key in ("recall", "recall_retrieved"):
                 if key in res:
                     res[key] = {int(k): v for k, v in res[key].items()}
     result["summary"] = summarise(records, result["systems"], ks)

@@ -1,20 +1,16 @@
-"""Why do InfLLM's citations miss the evidence? A diagnostic beside benchmarks/qa.py (same question sets).
+"""How well do InfLLM's citations find the evidence, and with how many citing heads? A companion of qa.py.
 
-For every question it reads the document with the default engine, answers as qa.py does (so `rank_answer` and
-`rank_question` are qa.py's infllm rankings), and for the question's query chunk in every layer it also scores
-the sealed memory blocks in other ways, to see which part of the retrieval loses the evidence:
-  engine      what the engine does: the chunk's queries summed (per KV head) vs each block's representative
-              keys, best key per block
-  fullkeys    the same summed query vs all keys of each block: does picking 4 representative keys lose it?
-  qonly       only the question's own tokens summed (no template text around them), vs representative keys
-  qonly_full  question tokens summed, vs all keys
-  qonly_tok   each question token on its own vs all keys; a block scores its best (token, key) pair
-Each variant ranks blocks by votes (in how many layers the block is in that layer's top-k, k = the engine's topk;
-ties by summed per-layer rank) and reports the per-layer hit rate: the share of questions whose evidence block is
-in that layer's top-k. Evidence still in the local window is left out (it is not in a block).
+Reads each excerpt of a qa.py question set once, then asks every question of that excerpt (a few answer tokens
+are enough: citations rank blocks by the question's queries, core/session.py `rank_blocks`) and ranks the
+document's blocks several ways, without reading again:
+  heads=N     the N heads that best locate quoted passages of this document (the calibration `citing_heads`
+              runs once per excerpt); N = all heads is the uncalibrated version of the same score
+  retrieved   how often memory attention retrieved each block (all layers, question and answer tokens)
+For each it prints R@1/R@3/R@8 (the evidence block among the first k) overall and R@3 per document, and the
+heads picked for each document. Evidence still in the window or the sinks counts as found, as in qa.py.
 
-Example (GPU, ~2 minutes for the dev set; the CPU needs as long as qa.py):
-  python benchmarks/qa_probe.py benchmarks/qa/dev.jsonl --dtype float32 --out /tmp/probe.json
+Example (the dev set on this 2-core CPU: about 2 minutes to read each excerpt, then ~1 minute of probes):
+  python benchmarks/qa_probe.py benchmarks/qa/dev.jsonl --dtype float32 --heads 1,3,5,10,20,all
 """
 
 from __future__ import annotations
@@ -23,35 +19,18 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import qa  # noqa: E402
+from core.citations import SourceMap  # noqa: E402
 from core.defaults import engine_defaults  # noqa: E402
 from core.loading import load_model  # noqa: E402
 from core.prompting import build_prompt, builtin_template, load_template  # noqa: E402
 from core.session import Session  # noqa: E402
-
-VARIANTS = ("engine", "fullkeys", "qonly", "qonly_full", "qonly_tok")
-
-
-def question_rows(tok, suffix: list[int], question: str) -> list[int]:
-    """Indices (within the suffix) of the tokens that spell the question."""
-    text, spans = "", []
-    for t in suffix:
-        piece = tok.decode([t])
-        spans.append((len(text), len(text) + len(piece)))
-        text += piece
-    at = text.find(question)
-    if at < 0:
-        return list(range(len(suffix)))
-    return [i for i, (s, e) in enumerate(spans) if s < at + len(question) and e > at]
 
 
 def main() -> None:
@@ -60,132 +39,71 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-new", type=int, default=48)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default=None)
-    ap.add_argument("--max-chars", type=int, default=None)
+    ap.add_argument("--max-new", type=int, default=2, help="answer tokens (only the retrieval counts use them)")
+    ap.add_argument("--heads", default="1,3,5,10,20,all", help="numbers of citing heads to compare")
+    ap.add_argument("--probes", type=int, default=16, help="quoted passages that pick the heads, per document")
+    ap.add_argument("--only", default=None, help="only documents whose path contains this")
+    ap.add_argument("--out", default=None, help="per-question ranks as JSON")
     args = ap.parse_args()
 
-    items = qa.parse_set(Path(args.questions))
-    if args.max_chars is not None:
-        for it in items:
-            it.max_chars = args.max_chars
-    if args.only:
-        items = [i for i in items if args.only in i.document]
-    groups = qa.build_excerpts(items, skip_invalid=True)
+    groups = qa.build_excerpts([i for i in qa.parse_set(Path(args.questions))
+                                if args.only is None or args.only in i.document], skip_invalid=True)
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     tok = loaded.tokenizer
     cfg = engine_defaults(loaded.model.config)
-    template = load_template("ask")
-    system = builtin_template("system").strip()
+    template, system = load_template("ask"), builtin_template("system").strip()
     session = Session(loaded, cfg)
-    box = qa.capture_tally(session.engine)
-    grab: dict = {}
-
-    def wrap(i, layer):
-        orig = layer._retrieve
-
-        def retrieve(q_mem):
-            if grab.get("on") and i not in grab["q"]:
-                grab["q"][i] = q_mem.detach().clone()
-            return orig(q_mem)
-
-        layer._retrieve = retrieve
-
+    session.cite_probes = args.probes
+    n_heads = len(session.engine.layers) * session.engine.adapter.heads
+    counts = [n_heads if h == "all" else int(h) for h in args.heads.split(",")]
+    variants = [f"heads={h}" for h in args.heads.split(",")] + ["retrieved"]
     records = []
     for g in groups:
-        enc = tok(g.text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        offsets = torch.tensor(enc["offset_mapping"], dtype=torch.int64).reshape(-1, 2)
+        name = Path(g.items[0].document).name
+        ids = session.tokenize(g.text, offsets=True)
+        source_map = SourceMap(g.text, g.pieces)
         prompts = [build_prompt(tok, template, it.question, system) for it in g.items]
-        session.tokenize(g.text, offsets=True)
         t = time.perf_counter()
-        session.read(prompts[0].prefix, ids)
+        session.read(prompts[0].prefix, ids, source_map=source_map)
         read_s = time.perf_counter() - t
-        for i, layer in enumerate(session.engine.layers):
-            wrap(i, layer)
-        sealed = session.engine.layers[0].store.count
-        layers = session.engine.layers
-        # all keys of all sealed blocks, per layer: [n, Hkv, B, D]
-        keys = []
-        for m in layers:
-            keys.append(torch.stack([m.store.block(b)[0] for b in range(sealed)]).to(m.device).float())
-        print(f"{Path(g.items[0].document).name}: {len(ids)} tokens, {sealed} blocks, read {read_s:.1f}s",
-              file=sys.stderr, flush=True)
+        layer = session.engine.layers[0]
+        sealed_end = layer.block_span(layer.store.count)[0]
+        is_doc = lambda b: layer.block_span(b)[1] - session.doc_start <= len(ids)  # noqa: E731
+        cite_s = 0.0
         for it, prompt, spans in zip(g.items, prompts, g.spans):
-            occ = qa.token_span(offsets, spans)
-            positions = [session.doc_start + i for o in occ for i in o]
-            ev = {(p - cfg.sinks) // cfg.block_size for p in positions if p >= cfg.sinks}
-            ev = {b for b in ev if b < sealed}
-            grab["on"], grab["q"] = True, {}
+            occs = [[session.doc_start + i for i in occ] for occ in qa.token_span(session.doc_offsets, spans)]
+            in_view = any(all(p >= sealed_end or p < cfg.sinks for p in occ) for occ in occs)
+            blocks = {(p - cfg.sinks) // cfg.block_size for occ in occs for p in occ if p >= cfg.sinks}
+            session.cite_heads = counts[0]
             t = time.perf_counter()
-            out = "".join(session.answer(prompt, args.max_new, cite=8))
-            ans_s = time.perf_counter() - t
-            grab["on"] = False
-            is_doc = lambda b: b < sealed  # noqa: E731
-            rec = {"id": it.id, "output": out.strip(), "correct": qa.answered(it.answers, out),
-                   "evidence_blocks": sorted(ev), "blocks": sealed, "answer_s": round(ans_s, 2),
-                   "rank_answer": qa.evidence_rank(box["tally"], ev, is_doc),
-                   "rank_question": qa.evidence_rank(box["question"], ev, is_doc)}
-            if not ev:
-                rec["note"] = "evidence not in a sealed block"
-                records.append(rec)
-                continue
-            L = len(prompt.suffix)
-            rows_q = question_rows(tok, prompt.suffix, it.question)
-            votes = {v: Counter() for v in VARIANTS}
-            sums = {v: torch.zeros(sealed) for v in VARIANTS}
-            layer_hits = {v: 0 for v in VARIANTS}
-            per_layer = {v: [] for v in VARIANTS}
-            for i, m in enumerate(layers):
-                qm = grab["q"][i].float()  # [Hkv, G*L, D]
-                hkv, gl, d = qm.shape
-                groups_n = gl // L
-                sel = [gg * L + r for gg in range(groups_n) for r in rows_q]
-                qsum, qq = qm.sum(dim=1), qm[:, sel].sum(dim=1)
-                reprs = m.store.reprs()[:sealed].to(qm.device).float()  # [n, Hkv, R, D]
-                k = keys[i]
-                per_tok = torch.einsum("htd,nhbd->tnb", qm[:, sel].reshape(hkv, -1, d), k)  # summed over heads
-                scores = {
-                    "engine": torch.einsum("hd,nhrd->nr", qsum, reprs).amax(-1),
-                    "fullkeys": torch.einsum("hd,nhbd->nb", qsum, k).amax(-1),
-                    "qonly": torch.einsum("hd,nhrd->nr", qq, reprs).amax(-1),
-                    "qonly_full": torch.einsum("hd,nhbd->nb", qq, k).amax(-1),
-                    "qonly_tok": per_tok.amax(-1).amax(0),
-                }
-                kk = min(cfg.topk, sealed)
-                for v, s in scores.items():
-                    s = s.float().cpu()
-                    top = torch.topk(s, kk).indices.tolist()
-                    votes[v].update(top)
-                    layer_hits[v] += bool(ev & set(top))
-                    per_layer[v].append(int(bool(ev & set(top))))
-                    sums[v] += torch.argsort(torch.argsort(-s)).float()  # rank per layer, lower is better
-            for v in VARIANTS:
-                order = sorted(range(sealed), key=lambda b: (-votes[v][b], sums[v][b].item()))
-                rec[f"rank_{v}"] = next(r + 1 for r, b in enumerate(order) if b in ev)
-                rec[f"layer_hit_{v}"] = round(layer_hits[v] / len(layers), 3)
-            rec["per_layer"] = per_layer
+            "".join(session.answer(prompt, args.max_new, source_map=source_map, cite=8))
+            cite_s += time.perf_counter() - t
+            rec = {"id": it.id, "document": name, "in_view": in_view, "ranks": {}}
+            for count, variant in zip(counts, variants):
+                session.cite_heads = count
+                ranking = session.rank_blocks(session.retrievals, prompt, source_map)
+                rec["ranks"][variant] = next((r + 1 for r, (b, _) in enumerate(ranking) if b in blocks), None)
+            rec["ranks"]["retrieved"] = qa.evidence_rank(session.retrievals, blocks, is_doc)
             records.append(rec)
-            print(json.dumps({k: rec[k] for k in rec if k.startswith(("id", "rank", "correct"))}), file=sys.stderr,
-                  flush=True)
-        for i, m in enumerate(layers):  # unwrap before the next group
-            m.__dict__.pop("_retrieve", None)
-    scored = [r for r in records if "rank_engine" in r]
-    n = len(scored)
-    print(f"\n{n} questions with evidence in sealed blocks ({len(records)} in all), {time.perf_counter() - t0:.0f}s")
-    print("| ranking | R@1 | R@3 | R@8 | mean per-layer hit@topk |")
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+        session.cite_heads = 10
+        heads = session.citing_heads(prompts[0].ask, source_map).tolist()
+        per_layer = session.engine.adapter.heads
+        print(f"{name}: {len(ids)} tokens, read {read_s:.0f} s, answers with calibration {cite_s:.0f} s; top-10 "
+              f"heads (layer.head): {' '.join(f'{h // per_layer}.{h % per_layer}' for h in heads)}",
+              file=sys.stderr, flush=True)
+
+    docs = list(dict.fromkeys(r["document"] for r in records))
+    found = lambda r, v, k: r["in_view"] or (r["ranks"][v] is not None and r["ranks"][v] <= k)  # noqa: E731
+    print(f"\n{len(records)} questions, {time.perf_counter() - t0:.0f} s")
+    print("| ranking | R@1 | R@3 | R@8 | R@3 by document (" + ", ".join(docs) + ") |")
     print("|---|---|---|---|---|")
-    for key in ["rank_answer", "rank_question"] + [f"rank_{v}" for v in VARIANTS]:
-        ranks = [r[key] for r in scored]
-        cells = [f"{100 * sum(x is not None and x <= k for x in ranks) / n:.0f}%" for k in (1, 3, 8)]
-        lh = key.replace("rank_", "layer_hit_")
-        hit = f"{100 * sum(r[lh] for r in scored) / n:.0f}%" if lh in scored[0] else ""
-        print(f"| {key} | " + " | ".join(cells) + f" | {hit} |")
-    for v in ("engine", "qonly_tok"):
-        rates = [sum(r["per_layer"][v][i] for r in scored) / n for i in range(len(scored[0]["per_layer"][v]))]
-        print(f"per-layer hit@topk ({v}): " + " ".join(f"{100 * x:.0f}" for x in rates))
+    for v in variants:
+        cells = [f"{100 * sum(found(r, v, k) for r in records) / len(records):.0f}%" for k in (1, 3, 8)]
+        per_doc = ", ".join(f"{sum(found(r, v, 3) for r in records if r['document'] == d)}/"
+                            f"{sum(r['document'] == d for r in records)}" for d in docs)
+        print(f"| {v} | " + " | ".join(cells) + f" | {per_doc} |")
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1))
 

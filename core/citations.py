@@ -2,6 +2,9 @@
 
 A block covers a run of token positions; the tokenizer's character offsets turn those into a character span of
 the extracted text, and the source pieces (in reading order) turn that into a file, a PDF page and lines.
+
+Which blocks to cite is decided by the question's queries in the few heads that locate passages in this document
+(core/scoring.py explains the scores; core/session.py picks the heads with quotes of the document).
 """
 
 from __future__ import annotations
@@ -15,6 +18,28 @@ import torch
 from core.sources import Piece
 
 
+class RetrievalTally(Counter):
+    """Block id -> retrievals over layers and steps, and, while `open`, every query chunk each layer scored
+    (memory -> [Hkv, G*L, D] chunks): the question's own queries, which citations score again in detail."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries: dict[object, list[torch.Tensor]] = {}
+        self.open = True
+
+    def record(self, memory, queries: torch.Tensor, blocks: list[int]) -> None:
+        self.update(blocks)
+        if self.open:
+            self.queries.setdefault(memory, []).append(queries)
+
+
+def quote(text: str, words: int = 10) -> str:
+    """About `words` words from the middle of a passage: a probe question that has one right block."""
+    parts = text.split()
+    start = max(0, (len(parts) - words) // 2)
+    return " ".join(parts[start : start + words])
+
+
 @dataclass
 class Citation:
     source: str
@@ -22,7 +47,7 @@ class Citation:
     first_line: int
     last_line: int
     excerpt: str
-    weight: float  # share of (layer, step) retrievals that picked this block while answering
+    weight: float  # share of the citing heads' attention that the question gave this passage
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,11 +107,11 @@ def passage(block: int, block_span, doc_start: int, offsets: torch.Tensor, sourc
     return Passage(source, page, line, last_line, c0, c1)
 
 
-def cite(tally: Counter, steps: int, block_span, doc_start: int, offsets: torch.Tensor, source_map: SourceMap,
-         limit: int, excerpt_chars: int = 160) -> list[Citation]:
-    """The `limit` blocks retrieved most often, as passages (tally: block id -> retrievals over layers and steps)."""
+def cite(ranking: list[tuple[int, float]], block_span, doc_start: int, offsets: torch.Tensor,
+         source_map: SourceMap, limit: int, excerpt_chars: int = 160) -> list[Citation]:
+    """The first `limit` passages of a ranking [(block id, weight)], best first."""
     out = []
-    for block, count in tally.most_common():
+    for block, weight in ranking:
         if len(out) == limit:
             break
         where = passage(block, block_span, doc_start, offsets, source_map)
@@ -94,5 +119,5 @@ def cite(tally: Counter, steps: int, block_span, doc_start: int, offsets: torch.
             continue
         text = " ".join(source_map.text[where.start : where.end].split())
         excerpt = text if len(text) <= excerpt_chars else text[: excerpt_chars - 1] + "…"
-        out.append(Citation(where.source, where.page, where.first_line, where.last_line, excerpt, count / steps))
+        out.append(Citation(where.source, where.page, where.first_line, where.last_line, excerpt, weight))
     return out

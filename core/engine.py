@@ -7,7 +7,6 @@ Working memory is fixed when the engine is built; only the block stores grow wit
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from core.adapter import DecoderAdapter
+from core.citations import RetrievalTally
 from core.config import EngineConfig
 from core.estimate import store_bytes_per_token
 from core.memory import LayerMemory, MaskCache, rope_range
@@ -84,9 +84,9 @@ class Engine:
             checks = {page: check for (layer, page), check in (page_checks or {}).items() if layer == i}
             m.adopt(mine, counters, checks)
 
-    def count_retrievals(self, on: bool) -> Counter:
-        """Start (on=True) or stop counting which blocks every layer retrieves; returns the shared tally."""
-        tally: Counter = Counter()
+    def count_retrievals(self, on: bool) -> RetrievalTally:
+        """Start (on=True) or stop recording which blocks every layer retrieves; returns the shared tally."""
+        tally = RetrievalTally()
         for m in self.layers:
             m.tally = tally if on else None
         return tally

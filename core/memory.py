@@ -28,8 +28,8 @@ definition), from a running sum of the group-summed queries: no attention weight
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -39,6 +39,9 @@ from core.blockstore import BlockCache, BlockStore, gather_blocks
 from core.config import EngineConfig
 from core.rope import RopeTable
 from core.scoring import block_scores
+
+if TYPE_CHECKING:
+    from core.citations import RetrievalTally
 
 
 def recent_capacity(cfg: EngineConfig) -> int:
@@ -126,7 +129,7 @@ class LayerMemory:
         self.rec_start = cfg.sinks  # absolute position of recent slot 0
         self.rec_len = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
-        self.tally: Counter | None = None  # when set, counts every retrieval (for citations)
+        self.tally: RetrievalTally | None = None  # when set, records every retrieval (for citations)
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
@@ -368,7 +371,7 @@ class LayerMemory:
         # Memory group: frozen sinks, retrieved blocks, and unsealed tokens at least W behind some query.
         self.last_retrieved = ids
         if self.tally is not None:
-            self.tally.update(ids)
+            self.tally.record(self, q_mem.reshape(hkv, g * n, d), ids)
         sinks_mem = n_sinks if last >= S + W else 0
         free_start = S + self._sealed_for(first) * cfg.block_size
         n_free = max(0, last - W + 1 - free_start)

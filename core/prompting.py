@@ -7,7 +7,8 @@ Templates are plain text with `{document}` and `{question}` fields (package data
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,8 @@ _MARK = "\u241e\u241eDOCUMENT\u241e\u241e"  # never appears in real prompts
 class Prompt:
     prefix: list[int]  # tokens before the document
     suffix: list[int]  # tokens after it, up to where the answer starts
+    # Another question asked the same way (template, system prompt); citations use it for probe questions.
+    ask: Callable[[str], "Prompt"] | None = field(default=None, compare=False, repr=False)
 
 
 def builtin_template(name: str) -> str:
@@ -78,7 +81,8 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not prefix or prefix[0] != bos):
         prefix = [bos] + prefix
-    return Prompt(prefix, encode(after))
+    return Prompt(prefix, encode(after),
+                  ask=lambda other: build_prompt(tokenizer, template, other, system, answer_prefix))
 
 
 def _render_chat(tokenizer, system: str | None, user: str) -> str:

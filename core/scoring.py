@@ -2,7 +2,13 @@
 
 Every retrieval (a query chunk in prefill, a question, a decoded token) asks one question: which of the layer's
 blocks do these queries need? A block is summarised by its representative keys; a score turns queries and those
-keys into one number per block. Memory attention and citations both follow this ranking.
+keys into one number per block. Memory attention follows this ranking.
+
+Citations ask a sharper question, once per answer: which passage does the *question* point at? Summing a chunk's
+queries averages its words away, and most heads attend to the sinks, the local window or syntax, not to the
+passage a question is about. So citations score per query head, each head's best (token, key) pair against all
+keys of a block (`head_scores`), and listen only to the heads that find quoted passages in this document
+(`head_quality`, measured with probes built from the document itself, see core/citations.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,35 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
 
     Returns [C, N] float32, higher is more relevant. InfLLM's score: the chunk's queries summed into one vector
     per KV head, dotted with each representative key and summed over heads; a block scores its best key.
+    Cheap (one vector per head), which is what reading a long text needs: every chunk scores every block.
     """
     summed = queries.sum(dim=2).to(reprs.dtype)  # [C, Hkv, D]
     return torch.einsum("chd,nhrd->cnr", summed, reprs).amax(dim=-1).float()
+
+
+def head_scores(queries: torch.Tensor, keys: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each query head's best (token, key) dot product with each block.
+
+    queries [Hkv, G*L, D]: one chunk's memory-rotated queries as the memory holds them (query head h*G + g's
+    token t at row g*L + t of KV head h); keys [N, Hkv, K, D]: any K keys per block (all of them, for citations).
+    Returns [Hkv*G, N] float32. The max over tokens keeps a single word of the question that matches a block,
+    which a sum over the chunk would drown; heads stay apart because their scales and their jobs differ.
+    """
+    hkv, rows, d = queries.shape
+    best = torch.einsum("hmd,nhkd->hmnk", queries.float(), keys.float()).amax(dim=-1)  # [Hkv, G*L, N]
+    return best.reshape(hkv, groups, rows // groups, -1).amax(dim=2).reshape(hkv * groups, -1)
+
+
+def attention_shares(scores: torch.Tensor, scale: float) -> torch.Tensor:
+    """[..., N] head scores -> [..., N] each head's attention split over the blocks (softmax at the model's
+    scale): every head casts one unit of weight, so no head wins by the size of its dot products."""
+    return torch.softmax(scores * scale, dim=-1)
+
+
+def head_quality(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How well each head finds a known block: scores [P, V, N] for P probes and V heads, targets [P] the block
+    each probe quotes. Returns [V], the mean reciprocal rank of the target (ties count against it, so a head
+    that gives every block the same score earns nothing)."""
+    target = scores.gather(2, targets[:, None, None].expand(-1, scores.shape[1], 1))  # [P, V, 1]
+    rank = (scores >= target).sum(dim=2)  # [P, V], 1 when the target is strictly first
+    return (1.0 / rank.float()).mean(dim=0)

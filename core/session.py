@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.citations import SourceMap
+from core.citations import RetrievalTally, SourceMap, passage, quote
 from core.citations import cite as cite_blocks
 from core.config import EngineConfig
 from core.engine import Engine
@@ -22,6 +22,10 @@ from core.errors import UsageError
 from core.loading import LoadedModel
 from core.prompting import Prompt
 from core.sampling import SamplingConfig
+from core.scoring import attention_shares, head_quality, head_scores
+
+SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
+
 
 
 @dataclass
@@ -55,6 +59,11 @@ class Session:
         self.prefix: list[int] = []  # the prompt tokens read before the document
         self.source_map: SourceMap | None = None  # extracted text -> files, pages, lines (for citations)
         self.citations: list = []
+        self.ranking: list[tuple[int, float]] = []  # every document block, best first, behind `citations`
+        self.retrievals: RetrievalTally | None = None  # the last answer's retrievals for memory attention
+        self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
+        self.cite_heads = 10  # heads whose attention ranks the citations
+        self._head_quality: torch.Tensor | None = None  # [layers * heads], per document (citing_heads)
 
     def tokenize(self, text: str, offsets: bool = True) -> list[int]:
         """Token ids of a document; with offsets (fast tokenizers) also each token's character span, for citations
@@ -81,6 +90,7 @@ class Session:
         self.timings.prefill_s = time.perf_counter() - start
         self.timings.tokens_read = len(prefix) + len(document)
         self._read_state = self.engine.checkpoint()
+        self._head_quality = None
 
     def resume(self, prefix: list[int], doc_offsets: torch.Tensor | None, source_map: SourceMap | None) -> None:
         """Take the engine's current memory (adopted from a snapshot) as what was read."""
@@ -88,6 +98,7 @@ class Session:
         self.doc_start = len(prefix)
         self.timings = Timings(tokens_read=self.engine.position)
         self._read_state = self.engine.checkpoint()
+        self._head_quality = None
 
     def rewind(self) -> None:
         """Return the memory to the state right after `read` (or `resume`)."""
@@ -100,7 +111,7 @@ class Session:
         """Stream the answer's text. Starts from the state right after `read`.
 
         With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
-        passages whose blocks the memory retrieved most while reading the question and answering.
+        passages the question's queries point at in the citing heads (`rank_blocks`).
         """
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
@@ -109,9 +120,10 @@ class Session:
                              "--system or --template?); use the same ones, or read the document again")
         source_map = source_map or self.source_map
         self.rewind()
-        tally = self.engine.count_retrievals(cite > 0)
+        tally = self.retrievals = self.engine.count_retrievals(cite > 0)
         start = time.perf_counter()
         logits = self.engine.feed(prompt.suffix)
+        tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
         shown = ""
@@ -130,10 +142,81 @@ class Session:
         self.timings.tokens_generated = len(tokens)
         self.engine.count_retrievals(False)
         if cite > 0 and source_map is not None and self.doc_offsets is not None:
-            chunk = self.engine.config.query_chunk
-            steps = len(self.engine.layers) * (-(-len(prompt.suffix) // chunk) + len(tokens))
-            self.citations = cite_blocks(tally, steps, self.engine.layers[0].block_span, self.doc_start,
+            self.ranking = self.rank_blocks(tally, prompt, source_map)
+            self.citations = cite_blocks(self.ranking, self.engine.layers[0].block_span, self.doc_start,
                                          self.doc_offsets, source_map, cite)
+
+    # ---- citations -----------------------------------------------------------------------------------------
+
+    def _document_blocks(self) -> list[int]:
+        """Sealed blocks that hold document text (not the prompt around it)."""
+        layer = self.engine.layers[0]
+        end = self.doc_start + self.doc_offsets.shape[0]
+        return [b for b in range(layer.store.count)
+                if layer.block_span(b)[0] >= self.doc_start and layer.block_span(b)[1] <= end]
+
+    def _head_scores(self, tally: RetrievalTally, layers: list[int], blocks: list[int]) -> torch.Tensor:
+        """[len(layers) * heads, len(blocks)]: each head's best (question token, key) score against all keys of
+        each block (core/scoring.head_scores), over every chunk of the question."""
+        rows = []
+        for i in layers:
+            m = self.engine.layers[i]
+            per_part = []
+            for at in range(0, len(blocks), SCORE_BLOCKS):  # bounded temporaries, however long the text
+                keys = torch.stack([m.store.block(b)[0] for b in blocks[at : at + SCORE_BLOCKS]]).to(m.device)
+                per_part.append(torch.stack([head_scores(q, keys, m.groups) for q in tally.queries[m]]).amax(dim=0))
+            rows.append(torch.cat(per_part, dim=1))
+        return torch.cat(rows)
+
+    def _ask(self, prompt) -> RetrievalTally:
+        """Read a question's prompt from the state after `read`; the tally holds its queries."""
+        self.rewind()
+        tally = self.engine.count_retrievals(True)
+        self.engine.feed(prompt.suffix)
+        self.engine.count_retrievals(False)
+        return tally
+
+    def citing_heads(self, ask: Callable, source_map: SourceMap) -> torch.Tensor:
+        """The `cite_heads` heads that best find passages of this document, as layer * heads + head.
+
+        Most heads attend to the sinks, the window or syntax; which ones match a question to the passage it is
+        about depends on the model. So the document calibrates them: `cite_probes` of its blocks, evenly spread,
+        are each quoted in a question ("Where does the document say ...?", asked with the user's template), and
+        every head is scored by how high it ranks the quoted block among the probed ones (head_quality). Once
+        per document; no labelled data, so it works for any model and text.
+        """
+        if self._head_quality is None:
+            layer = self.engine.layers[0]
+            blocks = self._document_blocks()
+            n = min(self.cite_probes, len(blocks))
+            probes = [blocks[(2 * i + 1) * len(blocks) // (2 * n)] for i in range(n)]
+            scores = []
+            for b in probes:
+                where = passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map)
+                words = quote(source_map.text[where.start : where.end])
+                tally = self._ask(ask(f'Where does the document say "{words}"?'))
+                scores.append(self._head_scores(tally, list(range(len(self.engine.layers))), probes))
+            self.rewind()
+            self._head_quality = head_quality(torch.stack(scores), torch.arange(n))
+        quality = self._head_quality
+        return quality.topk(min(self.cite_heads, quality.numel())).indices.sort().values
+
+    def rank_blocks(self, tally: RetrievalTally, prompt, source_map: SourceMap) -> list[tuple[int, float]]:
+        """Every document block with its weight, best first: the citing heads' attention (softmax of each head's
+        scores over the blocks, at the model's scale) averaged over those heads, for the question's queries."""
+        blocks = self._document_blocks()
+        if not blocks:
+            return []
+        ask = prompt.ask or (lambda question: type(prompt)(prompt.prefix, self.loaded.tokenizer.encode(
+            question, add_special_tokens=False)))
+        heads = self.citing_heads(ask, source_map).tolist()
+        per_layer = self.engine.adapter.heads
+        layers = sorted({h // per_layer for h in heads})
+        scores = self._head_scores(tally, layers, blocks)
+        rows = [layers.index(h // per_layer) * per_layer + h % per_layer for h in heads]
+        weights = attention_shares(scores[rows], self.engine.layers[0].scale).mean(dim=0)  # [N]
+        order = torch.argsort(weights, descending=True, stable=True).tolist()
+        return [(blocks[i], float(weights[i])) for i in order]
 
 
 def rss_mb() -> float | None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
-
 import torch
 from typer.testing import CliRunner
 
 from core.citations import SourceMap, cite
-from core.sources import Piece, read_text
+from core.config import EngineConfig
+from core.sources import Piece
 from infllm_cli.app import app
 
 
@@ -24,7 +23,7 @@ def test_blocks_map_to_the_right_page_and_lines():
     offsets = torch.tensor(spans)
     # block b covers positions [10 + 2b, 12 + 2b); the document starts at position 10
     block_span = lambda b: (10 + 2 * b, 12 + 2 * b)  # noqa: E731
-    cites = cite(Counter({1: 5, 0: 2}), 10, block_span, 10, offsets, SourceMap(text, pieces), limit=2)
+    cites = cite([(1, 0.5), (0, 0.2)], block_span, 10, offsets, SourceMap(text, pieces), limit=2)
     assert [(c.page, c.first_line, c.last_line) for c in cites] == [(2, 1, 2), (1, 1, 2)]
     assert cites[0].excerpt == "beta one beta two" and cites[0].weight == 0.5
 
@@ -43,8 +42,41 @@ def test_cli_cites_passages_that_are_really_at_the_reported_lines(tiny_model_dir
     lines = doc.read_text().splitlines()
     for s in sources:
         assert s["source"] == str(doc) and s["page"] is None and 0 < s["weight"] <= 1
-        first_words = s["excerpt"].split()[:2]
-        assert " ".join(first_words) in lines[s["first_line"] - 1]
         assert s["first_line"] <= s["last_line"]
-    text, _ = read_text([str(doc)])
-    assert all(s["excerpt"].rstrip("…").split()[-1] in text for s in sources)
+        # The excerpt (whitespace collapsed, maybe cut short) is the text of exactly the reported lines: it
+        # starts on the first one and reaches the last one.
+        reported = " ".join(" ".join(lines[s["first_line"] - 1 : s["last_line"]]).split())
+        excerpt = s["excerpt"].rstrip("…")
+        assert excerpt in reported
+        assert excerpt.split()[0] in lines[s["first_line"] - 1]
+        if not s["excerpt"].endswith("…"):
+            assert excerpt.split()[-1] in lines[s["last_line"] - 1]
+
+
+def test_citing_does_not_disturb_the_next_answer_and_ranks_every_document_block(tiny_model_dir):
+    """Citations probe the memory with quoted passages (once per document): answers must not notice."""
+    from core.loading import load_model
+    from core.prompting import build_prompt
+    from core.session import Session
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    cfg = EngineConfig(sinks=16, window=128, block_size=32, repr_keys=4, topk=2, query_chunk=32, cache_blocks=2,
+                       prefill_chunk=128)
+    session = Session(loaded, cfg)
+    text = "".join(f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80))
+    ids = session.tokenize(text)
+    source_map = SourceMap(text, [Piece(text, "notes.txt", None, 1)])
+    prompt = build_prompt(loaded.tokenizer, "{document}\n{question}", "What is on line 7?", None)
+    session.read(prompt.prefix, ids, source_map=source_map)
+    plain = "".join(session.answer(prompt, 6))
+    cited = "".join(session.answer(prompt, 6, cite=3))  # calibrates the citing heads after answering
+    again = "".join(session.answer(prompt, 6, cite=3))
+    assert plain == cited == again
+    blocks = [b for b, _ in session.ranking]
+    layer = session.engine.layers[0]
+    document = [b for b in range(layer.store.count) if layer.block_span(b)[0] >= len(prompt.prefix)
+                and layer.block_span(b)[1] <= len(prompt.prefix) + len(ids)]
+    assert sorted(blocks) == document and len(document) > 3
+    weights = [w for _, w in session.ranking]
+    assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) < 1e-4
+    assert [c.weight for c in session.citations] == weights[:3]

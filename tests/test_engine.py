@@ -11,7 +11,7 @@ from core.config import EngineConfig
 from core.engine import Engine
 from core.errors import ModelError, UsageError
 from core.rope import apply_rotary
-from core.scoring import block_scores
+from core.scoring import attention_shares, block_scores, head_quality, head_scores
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -147,6 +147,45 @@ def test_block_whose_representatives_match_the_query_is_retrieved():
     store.reprs()[planted, :, 0] = query * 5
     scores = block_scores(query[None, :, None, :], store.reprs())[0]
     assert int(torch.topk(scores, 3).indices[0]) == planted
+
+
+def test_one_question_token_finds_its_block_among_many_unrelated_tokens():
+    """The question's one telling word must not be averaged away by the template and filler words around it."""
+    gen = torch.Generator().manual_seed(3)
+    groups, length, dim = 2, 24, 16
+    common, word = torch.zeros(dim), torch.zeros(dim)
+    common[0], word[1] = 1.0, 1.0
+    keys = torch.randn(30, 1, 8, dim, generator=gen) * 0.05  # [N, Hkv, K, D]
+    decoy, planted = 11, 19
+    keys[decoy, 0, 5] = common * 2  # matches what every filler token looks for, a little
+    keys[planted, 0, 2] = word * 4  # matches the one telling token strongly
+    queries = common.expand(groups * length, dim) + torch.randn(groups * length, dim, generator=gen) * 0.05
+    queries[3] = word * 4  # head 0, token 3: the only one that asks for `word`
+    queries = queries[None]  # [Hkv, G*L, D]
+    per_head = head_scores(queries, keys, groups)  # [G, N]
+    assert int(per_head[0].argmax()) == planted
+    assert int(per_head[1].argmax()) == decoy  # the other head never saw the word
+    assert int(block_scores(queries[None], keys)[0].argmax()) == decoy  # the summed chunk drowns it
+
+
+def test_head_quality_rewards_heads_that_rank_the_quoted_block_first():
+    gen = torch.Generator().manual_seed(4)
+    probes, blocks = 6, 10
+    targets = torch.randperm(blocks, generator=gen)[:probes]
+    good = torch.randn(probes, blocks, generator=gen)
+    good[torch.arange(probes), targets] = 10.0  # always first
+    second = good.clone()
+    second[torch.arange(probes), (targets + 1) % blocks] = 20.0  # always second
+    flat = torch.zeros(probes, blocks)  # every block the same: it ranks nothing
+    quality = head_quality(torch.stack([good, second, flat], dim=1), targets)
+    assert torch.allclose(quality, torch.tensor([1.0, 0.5, 1 / blocks]))
+
+
+def test_attention_shares_give_every_head_one_vote():
+    scores = torch.tensor([[1000.0, 990.0, 0.0], [0.1, 0.2, 0.3]])  # very different scales per head
+    shares = attention_shares(scores, scale=0.125)
+    assert torch.allclose(shares.sum(dim=-1), torch.ones(2))
+    assert int(shares[0].argmax()) == 0 and int(shares[1].argmax()) == 2
 
 
 def test_retrieval_in_the_engine_finds_the_planted_block():
