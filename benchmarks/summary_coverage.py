@@ -9,7 +9,8 @@ document into the context memory with the default model, writes the summary gree
     layers, every query chunk of the request and every generated token, top-k blocks each), split by the
     third of the document the retrieved block lies in. "uniform" is the share of the document's memory blocks
     in each third, i.e. what retrieving blocks at random would give. The last ~window tokens of the document
-    are not in blocks: the local window always sees them, so they are never retrieved. "early" / "late" split
+    are in the local window, not in blocks, until the request and summary push some of them out; blocks made
+    then count too (in "uniform" and the breadth table as well). "early" / "late" split
     the retrievals by the half of the summary's tokens they were made for (do later sentences move on?).
 (b) lexical coverage: content words of the summary (4+ letters, not stop words, not words of the prompt) that
     occur in the document; "only" counts those found in exactly one third, and "soft" spreads every such word
@@ -139,7 +140,6 @@ def run_one(session: Session, prompt, name: str, text: str, max_tokens: int, pro
     t1 = time.perf_counter()
     layer0 = session.engine.layers[0]
     stored = layer0.store.count
-    uniform = retrieval_split(Counter(range(stored)), layer0.block_span, session.doc_start, n)
     snapshots = []  # (tokens generated so far, copy of the tally) at every streamed chunk
     answer = []
     tally = None
@@ -151,6 +151,8 @@ def run_one(session: Session, prompt, name: str, text: str, max_tokens: int, pro
         answer.append(chunk)
         snapshots.append(Counter(tally))
     t2 = time.perf_counter()
+    # Every block the summary could have retrieved: those of the read and those sealed while it was written.
+    uniform = retrieval_split(Counter(range(layer0.store.count)), layer0.block_span, session.doc_start, n)
     summary = "".join(answer).strip()
     generated = session.timings.tokens_generated
     total = retrieval_split(tally or Counter(), layer0.block_span, session.doc_start, n)

@@ -1,15 +1,16 @@
 """Read a document once, then answer questions about it: the API the CLI stands on.
 
 A `Session` owns one engine. `read` feeds the prompt's prefix and the document and keeps a checkpoint; each
-`answer` starts from that checkpoint, so questions never disturb one another or what was read. A session can
-also `resume` from a memory saved earlier (core/snapshot.py), with no reading at all.
+`answer` starts from that checkpoint, so questions never disturb one another or what was read. `read_stream`
+reads a text that arrives in pieces (a pipe) as it comes, holding neither the whole text nor its ids. A session
+can also `resume` from a memory saved earlier (core/snapshot.py), with no reading at all.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +24,10 @@ from core.loading import LoadedModel
 from core.prompting import Prompt
 from core.sampling import SamplingConfig
 from core.scoring import attention_shares, head_quality, head_scores
+from core.sources import Piece
+from core.tokenstream import stream_tokens
 
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
-
 
 
 @dataclass
@@ -79,16 +81,67 @@ class Session:
     def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None,
              source_map: SourceMap | None = None) -> None:
         """Read the prompt prefix and the document into memory (from a fresh memory)."""
+        self.source_map = source_map
+        self._consume(prefix, [document] if document else [], on_progress)
+
+    def read_stream(self, prefix: list[int], pieces: Iterable[Piece], *, keep_text: bool = False,
+                    on_progress: Callable[[int], None] | None = None,
+                    before_step: Callable[[int], None] | None = None) -> None:
+        """Read a document that arrives as text pieces (a pipe): tokenized and fed as it comes, so only the block
+        store grows with it. The ids equal tokenizing the whole text (core/tokenstream.py) and go to the engine
+        in the same prefill steps as `read`'s, so the memory is the same too.
+
+        The text and each token's character span are kept only with keep_text (citations and snapshots need
+        them). before_step(tokens) runs before each prefill step with the document tokens read by its end.
+        """
+        kept: list[Piece] = []
+        spans: list[torch.Tensor] = []
+
+        def texts() -> Iterator[str]:
+            for piece in pieces:
+                if keep_text:
+                    kept.append(piece)
+                yield piece.text
+
+        def steps() -> Iterator[list[int]]:
+            size = self.engine.config.prefill_chunk
+            pending: list[int] = []
+            for ids, offsets in stream_tokens(self.loaded.tokenizer, texts()):
+                pending += ids
+                if keep_text:
+                    spans.append(torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2))
+                while len(pending) >= size:
+                    yield pending[:size]
+                    del pending[:size]
+            if pending:
+                yield pending
+
+        self.source_map = None
+        self._consume(prefix, steps(), on_progress, before_step)
+        if keep_text:
+            self.doc_offsets = torch.cat(spans) if spans else torch.zeros((0, 2), dtype=torch.int64)
+            self.source_map = SourceMap("".join(piece.text for piece in kept), kept)
+        else:
+            self.doc_offsets = None
+
+    def _consume(self, prefix: list[int], steps: Iterable[list[int]], on_progress: Callable[[int], None] | None,
+                 before_step: Callable[[int], None] | None = None) -> None:
+        """Feed the prefix, then the document in `steps` of ids, from a fresh memory; checkpoint the result."""
         self.engine.reset()
-        self.prefix, self.source_map = list(prefix), source_map
+        self.prefix = list(prefix)
         self.doc_start = len(prefix)
         start = time.perf_counter()
         if prefix:
             self.engine.feed(prefix)
-        if document:
-            self.engine.feed(document, on_progress=on_progress)
+        done = 0
+        for ids in steps:
+            if before_step is not None:
+                before_step(done + len(ids))
+            progress = None if on_progress is None else (lambda n, base=done: on_progress(base + n))
+            self.engine.feed(ids, on_progress=progress)
+            done += len(ids)
         self.timings.prefill_s = time.perf_counter() - start
-        self.timings.tokens_read = len(prefix) + len(document)
+        self.timings.tokens_read = len(prefix) + done
         self._read_state = self.engine.checkpoint()
         self._head_quality = None
 

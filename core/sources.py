@@ -182,6 +182,31 @@ def read_text(sources: list[str], stdin: BinaryIO | None = None) -> tuple[str, l
     return "".join(piece.text for piece in pieces), pieces
 
 
+def read_path_list(path: str, stdin: BinaryIO | None = None) -> list[str]:
+    """The paths a list file names (like `tar -T` or `rsync --files-from`), "-" reading the list from stdin.
+
+    One path a line (LF or CRLF), or NUL-separated if the list holds a NUL (`find -print0`). Blank lines are
+    skipped; anything else is a path as written, spaces included. Names that are not UTF-8 are kept as the
+    bytes they are (os.fsdecode). The list is read whole: it is small next to the documents it names.
+    """
+    if path == STDIN:
+        stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+        if stream is None:
+            raise SourceError("'--files-from -' was given but this process has no stdin")
+        data = stream.read()
+    else:
+        try:  # a plain open: a list may well come from a pipe, e.g. --files-from <(find . -name '*.md')
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+    if b"\0" in data:
+        entries = data.split(b"\0")
+    else:
+        entries = [line.removesuffix(b"\r") for line in data.split(b"\n")]
+    return [os.fsdecode(entry) for entry in entries if entry.strip()]
+
+
 def describe_source(path: str) -> SourceInfo:
     """Cheap facts about one source, without reading it whole; refuses it as reading would, except for
     problems only a full read finds (a PDF without text, bad data deep inside)."""

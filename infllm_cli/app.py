@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -106,10 +107,13 @@ def _engine_overrides(window, topk, sinks, block_size, query_chunk, cache_blocks
     return overrides
 
 
-def _split_question(args: list[str]) -> tuple[list[str], str]:
+def _split_question(args: list[str], files_from: str | None = None) -> tuple[list[str], str]:
+    """(sources, question) from the arguments, the sources named by --files-from appended; stdin if none."""
     if not args:
         raise UsageError("a question is needed: infllm ask SOURCE... \"question\"")
     *sources, question = args
+    if files_from is not None:
+        sources += _listed(files_from, sources)
     if not sources:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no document given: name a file, a directory or '-', or pipe text in")
@@ -117,6 +121,21 @@ def _split_question(args: list[str]) -> tuple[list[str], str]:
     if not question.strip():
         raise UsageError("the question is empty")
     return sources, question
+
+
+def _listed(files_from: str, sources: list[str]) -> list[str]:
+    from core.errors import SourceError
+    from core.sources import STDIN, read_path_list
+
+    try:
+        listed = read_path_list(files_from, stdin=sys.stdin.buffer if files_from == STDIN else None)
+    except SourceError as err:
+        raise SourceError(f"--files-from {err}") from None
+    if files_from == STDIN and STDIN in sources + listed:
+        raise UsageError("stdin holds the list of files (--files-from -), so '-' cannot also be a source")
+    if not listed and not sources:
+        raise UsageError(f"--files-from {files_from}: the list names no sources")
+    return listed
 
 
 WindowOpt = Annotated[Optional[int], typer.Option(envvar="INFLLM_WINDOW", help="local window, tokens")]
@@ -133,6 +152,9 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="sampling seed")]
 SystemOpt = Annotated[Optional[str], typer.Option(help="system prompt (default: prompts/system.txt)")]
 CiteOpt = Annotated[int, typer.Option(help="print on stderr the N passages of memory the question points at (0: none)")]
 EachOpt = Annotated[bool, typer.Option("--each", help="answer per source (model loaded once); with --json one line each")]
+FilesFromOpt = Annotated[Optional[str], typer.Option("--files-from", metavar="FILE",
+                         help="also read the sources named in FILE, one a line or NUL-separated ('-': stdin), "
+                              "e.g. find . -name '*.md' | infllm ask --each --files-from - \"q\"")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object (per source with --each) instead of the bare answer")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")]
 SaveOpt = Annotated[Optional[str], typer.Option("--save", metavar="PATH",
@@ -186,18 +208,19 @@ def ask(
     max_tokens: MaxTokensOpt = 256, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file with {document} and {question}")] = "ask",
-    cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
+    cite: CiteOpt = 0, each: EachOpt = False, files_from: FilesFromOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
-    sources, question = _split_question(args)
+    sources, question = _split_question(args, files_from)
     opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
     from infllm_cli.ray_batch import options_from_flags
 
     on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save, on_ray)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save, on_ray, each)
 
 
 SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
@@ -215,17 +238,18 @@ def summarize(
     max_tokens: MaxTokensOpt = 400, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0, seed: SeedOpt = None,
     system: SystemOpt = None,
     template: Annotated[str, typer.Option(help="built-in template name or a template file")] = "summarize",
-    cite: CiteOpt = 0, each: EachOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
-    save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
+    cite: CiteOpt = 0, each: EachOpt = False, files_from: FilesFromOpt = None, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, save: SaveOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
-    sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST])
+    sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], files_from)
     opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
     from infllm_cli.ray_batch import options_from_flags
 
     on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
-    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save, on_ray)
+    _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save, on_ray, each)
 
 
 @app.command("read", epilog=EPILOG)
@@ -351,6 +375,7 @@ class Plan:
     snaps: dict[str, SnapshotFile]  # header and metadata checked
     template: str
     reads: bool  # whether some group is read (not a snapshot)
+    failures: dict[int, InfllmError]  # --each: group index -> why it cannot be answered
 
 
 @dataclass
@@ -366,43 +391,59 @@ class Loaded:
 
 
 def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: str,
-         save: str | None = None, ray: RayOptions | None = None) -> None:
+         save: str | None = None, ray: RayOptions | None = None, each: bool = False) -> None:
     """Check settings, load the model once, then answer about each group of sources (or snapshot) in order;
-    with `ray`, on Ray workers (infllm_cli/ray_batch.py)."""
-    plan = _check(display, opts, groups, question, save)
+    with `ray`, on Ray workers (infllm_cli/ray_batch.py).
+
+    With --each (`each`), a source that cannot be read, a bad snapshot or a source too big for memory is that
+    source's failure (its line on stderr, with --json also its JSON line) and the others are still answered;
+    the run then exits with the first failure's code. (Ray workers report their documents' failures themselves.)"""
+    plan = _check(display, opts, groups, question, save, each and ray is None)
     if ray is not None:
         from infllm_cli.ray_batch import run_batch
 
         return run_batch(display, plan, groups, ray)
+    failures = plan.failures
     batch = _load(display, plan)
-    for sources in groups:
-        if len(groups) > 1 and not opts.as_json:
-            sys.stdout.write(f"==> {sources[0]} <==\n")
-        _answer_group(display, batch, sources, save)
-        batch.load_s = 0.0
+    for i, sources in enumerate(groups):
+        if i not in failures:
+            with _per_document(each, failures, i):
+                _answer_group(display, batch, sources, save, header=len(groups) > 1 and not opts.as_json)
+                batch.load_s = 0.0
+        if i in failures:
+            _report_failure(display, opts, sources, failures[i])
+    if failures:
+        _raise_summary(failures, len(groups))
 
 
-def _check(display: Display, opts: RunOptions, groups: list[list[str]], question: str, save: str | None) -> Plan:
+def _check(display: Display, opts: RunOptions, groups: list[list[str]], question: str, save: str | None,
+           each: bool = False) -> Plan:
     """Everything that can be refused before the model loads: flags, special files, snapshots, settings."""
     from core.defaults import engine_defaults
     from core.loading import pick_device, pick_dtype, resolve_model
     from core.prompting import load_template
     from core.resources import memory_limit_bytes
     from core.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
-    from core.sources import refuse_special_files
+    from core.sources import STDIN, refuse_special_files
 
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
-    refuse_special_files([s for g in groups for s in g])  # a FIFO would block is_snapshot's open forever
-    snaps = {}
-    for sources in groups:
-        found = [s for s in sources if s != "-" and is_snapshot(s)]
-        if found and len(sources) > 1:
-            raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
-        if found:
-            snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
+    failures: dict[int, InfllmError] = {}
+    snaps = {}  # first source of a group -> its snapshot
+    for i, sources in enumerate(groups):
+        with _per_document(each, failures, i):
+            refuse_special_files(sources)  # a FIFO would block is_snapshot's open forever
+            found = [s for s in sources if s != STDIN and is_snapshot(s)]
+            if found and len(sources) > 1:
+                raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
+            if found:
+                snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
     if save is not None and (len(groups) > 1 or snaps):
         raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
+    if len(failures) == len(groups):  # nothing is left to answer: no model to load
+        for i, sources in enumerate(groups):
+            _report_failure(display, opts, sources, failures[i])
+        _raise_summary(failures, len(groups))
     display.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
     spec = opts.model
     if spec is None and snaps:  # ask a snapshot with the model it was read with
@@ -411,12 +452,17 @@ def _check(display: Display, opts: RunOptions, groups: list[list[str]], question
     resolved = resolve_model(spec)
     max_positions = resolved.config.max_position_embeddings
     config = engine_defaults(resolved.config).with_overrides(**opts.overrides)
-    if len(snaps) < len(groups):  # something will be read: the settings must suit the model
+    to_read = [i for i, sources in enumerate(groups) if sources[0] not in snaps and i not in failures]
+    if to_read:  # something will be read: the settings must suit the model
         config.validate(max_positions)
-    for snap in snaps.values():
-        check_model(snap, resolved.fingerprint, resolved.name)
-        snapshot_config(snap.meta, opts.overrides, snap.path).validate(max_positions)
-    return Plan(opts, question, spec, resolved, config, snaps, load_template(opts.template), len(snaps) < len(groups))
+    for i, sources in enumerate(groups):
+        snap = snaps.get(sources[0])
+        if snap is not None and i not in failures:
+            with _per_document(each, failures, i):
+                check_model(snap, resolved.fingerprint, resolved.name)
+                snapshot_config(snap.meta, opts.overrides, snap.path).validate(max_positions)
+    return Plan(opts, question, spec, resolved, config, snaps, load_template(opts.template), bool(to_read),
+                failures)
 
 
 def _load(display: Display, plan: Plan) -> Loaded:
@@ -437,8 +483,10 @@ def _load(display: Display, plan: Plan) -> Loaded:
     return Loaded(plan, loaded, load_s, default_system, prompt, reader)
 
 
-def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str | None = None) -> None:
-    """Read one group of sources (or open its snapshot) and answer about it."""
+def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str | None = None,
+                  header: bool = False) -> None:
+    """Read one group of sources (or open its snapshot) and answer about it; header: a `==> name <==` line first,
+    as `head` does for several files."""
     from core.prompting import build_prompt
 
     opts, plan = batch.plan.opts, batch.plan
@@ -449,10 +497,40 @@ def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str
             batch.loaded.tokenizer, plan.template, plan.question, system)
     else:
         session, prompt = batch.reader, batch.prompt
-        _read(display, session, batch.prompt.prefix, sources, timings)
+        _read(display, session, batch.prompt.prefix, sources, timings, keep_text=opts.cite > 0 or save is not None)
         if save is not None:
             _save(display, session, save, opts.model, batch.default_system, timings)
+    if header:
+        sys.stdout.write(f"==> {sources[0]} <==\n")
     _answer(display, opts, session, prompt, sources, timings)
+
+
+@contextmanager
+def _per_document(each: bool, failures: dict, index: int):
+    """With --each, keep a failure that concerns one source for its turn instead of ending the run."""
+    from core.errors import ResourceError, SnapshotError, SourceError
+
+    try:
+        yield
+    except (SourceError, SnapshotError, ResourceError) as err:
+        if not each:
+            raise
+        failures.setdefault(index, err)
+
+
+def _report_failure(display: Display, opts: RunOptions, sources: list[str], err: InfllmError) -> None:
+    display.error(str(err))
+    if opts.as_json:
+        json.dump({"inputs": sources, "error": str(err), "exit_code": err.exit_code}, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _raise_summary(failures: dict[int, InfllmError], groups: int) -> None:
+    """End an --each run that had failures: one closing line, and the exit code of the first failure."""
+    summary = InfllmError(f"{len(failures)} of {groups} sources could not be answered (the lines above say why)")
+    summary.exit_code = failures[min(failures)].exit_code
+    raise summary
 
 
 def _open(display: Display, opts: RunOptions, loaded, snap, timings: dict):
@@ -470,14 +548,22 @@ def _open(display: Display, opts: RunOptions, loaded, snap, timings: dict):
     return session, opts.system if opts.system is not None else (stored if isinstance(stored, str) else None)
 
 
-def _read(display: Display, session, prefix: list[int], sources: list[str], timings: dict) -> None:
-    """Extract, tokenize and read `sources` into the session's memory, after the prompt's prefix."""
-    from core.citations import SourceMap
-    from core.sources import read_text
+def _read(display: Display, session, prefix: list[int], sources: list[str], timings: dict,
+          keep_text: bool = True) -> None:
+    """Extract, tokenize and read `sources` into the session's memory, after the prompt's prefix.
 
+    With stdin among them, the text is read as it arrives (`_read_stream`); keep_text: citations or a snapshot
+    will need the text (only a stream can do without it)."""
+    from core.citations import SourceMap
+    from core.resources import check_reading
+    from core.sources import STDIN, read_text
+
+    if STDIN in sources:
+        _read_stream(display, session, prefix, sources, timings, keep_text)
+        return
     started = time.perf_counter()
     display.phase("extracting text from " + ", ".join(sources))
-    text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
+    text, pieces = read_text(sources)
     t_extract = time.perf_counter()
     display.phase("tokenizing")
     document = session.tokenize(text)
@@ -485,13 +571,29 @@ def _read(display: Display, session, prefix: list[int], sources: list[str], timi
     per_token = session.engine.memory_report_per_token()
     display.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
                   f"{len(document) * per_token / 2**20:,.0f} MB")
-    from core.resources import check_reading
-
     check_reading(session, len(document), sources)  # refuse now, with numbers and flags, if it cannot fit
     with display.reading(len(document), lambda: session.engine.memory_report().block_store_bytes) as update:
         session.read(prefix, document, on_progress=update, source_map=SourceMap(text, pieces))
     timings.update(extract_s=t_extract - started, tokenize_s=t_tok - t_extract,
                    prefill_s=time.perf_counter() - t_tok)
+
+
+def _read_stream(display: Display, session, prefix: list[int], sources: list[str], timings: dict,
+                 keep_text: bool) -> None:
+    """Read sources that include stdin as the text arrives: extracting, tokenizing and prefill in one pass, so
+    memory grows only by the block store. Its size is unknown until the end, so the memory check runs before
+    every prefill step instead of once."""
+    from core.resources import check_reading
+    from core.sources import iter_pieces
+
+    started = time.perf_counter()
+    display.phase("extracting text from " + ", ".join(sources) + " (a stream: tokenized and read as it arrives, "
+                  "so no total and no ETA)")
+    pieces = iter_pieces(sources, stdin=sys.stdin.buffer)
+    with display.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
+        session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
+                            before_step=lambda tokens: check_reading(session, tokens, sources))
+    timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing included: they overlap
 
 
 def _save(display: Display, session, path: str, model_spec: str | None, system: str, timings: dict) -> int:

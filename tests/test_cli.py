@@ -412,3 +412,89 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     assert report["sources"][0]["kind"] == "text"
     plain = CliRunner().invoke(app, ["info", *base, str(docs["a"])], prog_name="infllm")
     assert plain.exit_code == 0 and f"{report['tokens']:,} tokens" in plain.stdout
+
+
+# --- stdin as a stream ---------------------------------------------------------------------------------------
+
+
+def test_stdin_is_read_as_a_stream_with_no_total_and_no_eta(ask, docs):
+    result = ask("-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8"))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    lines = result.stderr.splitlines()
+    assert any("a stream" in line for line in lines)
+    reading = [line for line in lines if line.startswith("infllm: read ") and "answered" not in line]
+    assert reading and all("ETA" not in line and "/" not in line.replace("tok/s", "") for line in reading)
+    assert "tokenizing" not in result.stderr  # tokenized as it is read, not as a phase of its own
+
+
+def test_stdin_cites_the_same_passages_as_the_file(ask, docs):
+    from_file = run_json(ask, "--cite", "3", docs["a"], "What is the pass key?")
+    piped = run_json(ask, "--cite", "3", "-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8"))
+    assert piped["sources"] and piped["answer"] == from_file["answer"]
+    assert [{**s, "source": "<stdin>"} for s in from_file["sources"]] == piped["sources"]
+
+
+def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, monkeypatch):
+    """Its size is unknown in advance, so each prefill step is checked: ~1.2 MB of activations and ~0.5 KB of block
+    store per token fit ~5,000 tokens in a 4 MB cap; the stream holds ~9,400."""
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")
+    result = ask("-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8") * 3)
+    line = assert_one_error_line(result, 6)
+    assert line.startswith("infllm: error: not enough memory: reading ") and "INFLLM_MEMORY_LIMIT_MB cap" in line
+    assert "infllm: read " in result.stderr  # part of the stream was read before it outgrew the cap
+
+
+# --- --files-from and --each failures ------------------------------------------------------------------------
+
+
+def test_files_from_a_list_answers_each_and_reports_missing_ones_in_place(ask, docs, tmp_path):
+    missing = tmp_path / "missing.txt"
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(f"{docs['a']}\n\n{missing}\r\n   \n{docs['b']}\n".encode())  # blank lines, CRLF
+    result = ask("--each", "--json", "--files-from", listing, "What is the pass key?")
+    assert result.exit_code == 3, result.stderr  # the first failure's code; the others were answered
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["inputs"] for r in records] == [[str(docs["a"])], [str(missing)], [str(docs["b"])]]
+    assert records[1] == {"inputs": [str(missing)], "error": f"{missing}: no such file or directory", "exit_code": 3}
+    assert "answer" in records[0] and "answer" in records[2]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("infllm: error: ")]
+    assert errors == [f"infllm: error: {missing}: no such file or directory",
+                      "infllm: error: 1 of 3 sources could not be answered (the lines above say why)"]
+    assert "Traceback" not in result.stderr and result.stderr.count("loading model") == 1
+
+
+def test_files_from_stdin_like_find_piped_in(ask, docs):
+    listing = f"{docs['b']}\n{docs['a']}\n"
+    result = ask("--each", "--files-from", "-", "What is the pass key?", input=listing)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"==> {docs['b']} <==\n") and f"\n==> {docs['a']} <==\n" in result.stdout
+    nul = ask("--each", "--files-from", "-", "What is the pass key?", input=f"{docs['b']}\0{docs['a']}\0")
+    assert nul.exit_code == 0 and nul.stdout == result.stdout  # find -print0 lists too
+
+
+def test_files_from_without_each_reads_the_listed_sources_into_one_memory(ask, docs, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{docs['b']}\n")
+    listed = run_json(ask, "--files-from", listing, docs["a"], "What is the pass key?")
+    named = run_json(ask, docs["a"], docs["b"], "What is the pass key?")
+    assert listed["inputs"] == named["inputs"] and listed["tokens_read"] == named["tokens_read"]
+
+
+def test_each_without_json_leaves_out_the_heading_of_a_failed_source(ask, docs, tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = ask("--each", missing, docs["a"], "What is the pass key?")
+    assert result.exit_code == 3
+    assert result.stdout.startswith(f"==> {docs['a']} <==\n") and str(missing) not in result.stdout
+    assert f"infllm: error: {missing}: no such file or directory" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("listing, args, code, words", [
+    (None, ["--files-from", "{tmp}/no-list.txt"], 3, "--files-from {tmp}/no-list.txt: no such file or directory"),
+    ("\n\n", ["--files-from", "-"], 2, "the list names no sources"),
+    ("{a}\n-\n", ["--files-from", "-"], 2, "'-' cannot also be a source"),
+    ("{a}\n", ["--files-from", "-", "-"], 2, "'-' cannot also be a source"),
+])
+def test_bad_lists_are_refused_with_one_line(ask, docs, tmp_path, listing, args, code, words):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = ask("--each", *args, "What is the pass key?", input=listing and listing.format(a=docs["a"]))
+    assert words.format(tmp=tmp_path) in assert_one_error_line(result, code)

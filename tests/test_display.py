@@ -2,6 +2,8 @@
 
 A terminal is simulated with rich's own switches, which `Display` honours because it lets rich decide:
 TTY_COMPATIBLE=1 (or FORCE_COLOR) makes stderr count as a terminal, TTY_COMPATIBLE=0 makes it count as a pipe.
+NO_COLOR is stricter here than no-color.org asks: no escape code at all (no dim, no cursor moves), the reading line
+redrawn with a carriage return. A stream (stdin) shows tokens and a rate, never a total or an ETA.
 Every run uses the tiny random Llama from conftest on the CPU, with a document longer than its window.
 """
 
@@ -31,10 +33,7 @@ SGR = re.compile(r"\x1b\[([0-9;]*)m")  # Select Graphic Rendition: colours and s
 
 
 def colour_codes(text: str) -> list[str]:
-    """The SGR sequences in `text` that set a colour (foreground or background, any palette).
-
-    Styles such as bold or dim (1, 2) are not colours: NO_COLOR (no-color.org) leaves them allowed.
-    """
+    """The SGR sequences in `text` that set a colour (foreground or background, any palette)."""
     found = []
     for match in SGR.finditer(text):
         params = [p for p in match.group(1).split(";") if p]
@@ -88,20 +87,47 @@ def test_display_decides_terminal_from_the_stream_and_rich_env(monkeypatch, env,
     assert Display(quiet=True, stream=io.StringIO()).live is False
 
 
-def test_display_no_color_keeps_colour_out_of_every_kind_of_line(monkeypatch):
+def test_display_no_color_writes_no_escape_code_in_any_kind_of_line(monkeypatch):
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     monkeypatch.setenv("NO_COLOR", "1")
     out = io.StringIO()
     display = Display(stream=out)
+    assert display.live
     display.phase("loading model")
     display.warn("something odd")
+    display.error("one source failed")
     display.always("[1] a citation")
-    with display.reading(100, lambda: 2**20) as update:
-        for done in range(0, 101, 10):
+    for total in (100, None):
+        with display.reading(total, lambda: 2**20) as update:
+            for done in range(0, 101, 10):
+                update(done)
+    text = out.getvalue()
+    assert "loading model" in text and "something odd" in text and "one source failed" in text
+    assert ESC not in text
+    assert "\rread 50/100 tokens" in text and "\rread 50 tokens" in text  # redrawn in place, not scrolled
+    assert text.endswith("\r")  # the reading line is cleared at the end, as rich's transient bar is
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_stream_shows_tokens_and_rate_but_no_total_and_no_eta(monkeypatch, live):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1" if live else "0")
+    out = io.StringIO()
+    with Display(stream=out).reading(None, lambda: 0) as update:
+        for done in range(0, 5000, 128):
             update(done)
     text = out.getvalue()
-    assert "loading model" in text and "something odd" in text
-    assert colour_codes(text) == []
+    assert "tok/s" in text and ("4,992 tok" if live else "read 4,096 tokens") in text
+    assert "ETA" not in text and "/" not in text.replace("tok/s", "") and not re.search(r"\d:\d\d:\d\d", text)
+
+
+def test_a_stream_in_a_log_gets_lines_at_doubling_counts(monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    out = io.StringIO()
+    with Display(stream=out).reading(None, lambda: 0) as update:
+        for done in range(128, 5000, 128):
+            update(done)
+    counts = [int(line.split()[2].replace(",", "")) for line in out.getvalue().splitlines()]
+    assert counts == [128, 256, 512, 1024, 2048, 4096]
 
 
 def test_display_colours_without_no_color(monkeypatch):
@@ -130,11 +156,21 @@ def test_forced_terminal_shows_the_live_display_on_stderr_only(ask):
     assert ESC not in result.stdout and "infllm:" not in result.stdout and "tok/s" not in result.stdout
 
 
-def test_no_color_in_a_forced_terminal_has_no_colour_codes(ask):
+def test_no_color_in_a_forced_terminal_has_no_escape_codes(ask):
     result = ask(env={"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "120"})
-    assert "reading" in result.stderr  # still the live display ...
-    assert colour_codes(result.stderr) == []  # ... without colour
+    assert "\rread " in result.stderr and "tok/s" in result.stderr  # still a live line, redrawn in place ...
+    assert ESC not in result.stderr  # ... with no colour, no dim text and no cursor codes
     assert ESC not in result.stdout
+
+
+def test_a_stream_in_a_forced_terminal_has_a_live_display_without_eta(tiny_model_dir, doc):
+    argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE, "-", "q"]
+    result = CliRunner().invoke(app, argv, input=doc.read_text(encoding="utf-8"), prog_name="infllm",
+                                env={"TTY_COMPATIBLE": "1", "COLUMNS": "120"})
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "reading" in result.stderr and "tok/s" in result.stderr and "\x1b[?25l" in result.stderr
+    assert not re.search(r"\d:\d\d:\d\d", result.stderr)  # rich's time-remaining column is left out
+    assert "a stream" in result.stderr
 
 
 def test_forced_terminal_does_colour_without_no_color(ask):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import EXIT_INPUT, SourceError
-from core.sources import Piece, SkipReport, describe_source, iter_pieces, read_text
+from core.sources import Piece, SkipReport, describe_source, iter_pieces, read_path_list, read_text
 
 DATA = Path(__file__).resolve().parent / "data"
 THREE_PAGES = str(DATA / "three-pages.pdf")
@@ -531,3 +531,22 @@ def test_text_round_trips_exactly(text, max_chars):
         assert piece.line == text.count("\n", 0, offset) + 1
         offset += len(piece.text)
 
+
+
+# --- read_path_list (--files-from) ---------------------------------------------------------------------------
+
+
+def test_path_list_lines_nul_separators_and_odd_names(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.txt\r\n\n   \nname with spaces.txt \n\xff.txt\nlast-without-newline")
+    assert read_path_list(str(listing)) == ["a.txt", "name with spaces.txt ", os.fsdecode(b"\xff.txt"),
+                                            "last-without-newline"]
+    assert read_path_list("-", stdin=io.BytesIO(b"a\nb\0c\n\0\0")) == ["a\nb", "c\n"]  # NUL-separated: as is
+    assert read_path_list("-", stdin=io.BytesIO(b"")) == []
+
+
+def test_path_list_that_cannot_be_read(tmp_path):
+    with pytest.raises(SourceError, match="no such file or directory"):
+        read_path_list(str(tmp_path / "missing.txt"))
+    with pytest.raises(SourceError, match="cannot be read"):
+        read_path_list(str(tmp_path))
