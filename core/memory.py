@@ -284,9 +284,12 @@ class LayerMemory:
         if full < len(firsts):
             parts.append(block_scores(q_mem[:, :, full * step :].reshape(1, hkv, -1, d), reprs))
         scores = torch.cat(parts)  # [chunks, n_blocks]
-        limit = torch.tensor(sealed, device=scores.device)[:, None]
-        scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None, :] >= limit,
-                                    float("-inf"))
+        if min(sealed) < scores.shape[1]:  # some chunk may not see the newest blocks: hide them from it
+            # The same arithmetic as _sealed_for, on the device: no host-to-device copy in the layer loop.
+            starts = torch.arange(len(firsts), device=scores.device) * step + (self.position - c.window + 1 - c.sinks)
+            limit = starts.div(c.block_size, rounding_mode="floor").clamp(0, scores.shape[1])[:, None]
+            scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None, :] >= limit,
+                                        float("-inf"))
         ids = torch.topk(scores, k, dim=1).indices.tolist()  # the one host transfer per layer and call
         return [sorted(row[: min(k, n)]) for row, n in zip(ids, sealed)]
 

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny random model saved as a local HF directory with a locally trained tokenizer."""
+"""Shared fixtures: a tiny random model saved as a local HF directory with a locally trained tokenizer, and an
+unreadable file."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -17,3 +20,24 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def deny_reading(monkeypatch):
+    """Make a file unreadable, as a user without permission meets it. Root reads anything whatever the mode, so
+    then the open itself is made to fail."""
+
+    def deny(path):
+        if os.geteuid() != 0:
+            path.chmod(0)
+            return
+        real_open = os.open
+
+        def denying_open(file, flags, *args, **kwargs):
+            if os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", denying_open)
+
+    return deny

@@ -166,20 +166,10 @@ def test_missing_path(infllm, tmp_path):
     assert line.endswith("missing.txt: no such file or directory")
 
 
-def test_unreadable_permissions(infllm, tmp_path, monkeypatch):
+def test_unreadable_permissions(infllm, tmp_path, deny_reading):
     path = tmp_path / "secret.txt"
     path.write_text("hidden\n")
-    if os.geteuid() == 0:  # root reads anything: make the open fail as it would for a user
-        real_open = os.open
-
-        def denying_open(file, flags, *args, **kwargs):
-            if os.fspath(file) == str(path):
-                raise PermissionError(13, "Permission denied", str(file))
-            return real_open(file, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", denying_open)
-    else:
-        path.chmod(0)
+    deny_reading(path)
     assert one_error_line(infllm(path, "q"), EXIT_INPUT).endswith("secret.txt: permission denied")
 
 

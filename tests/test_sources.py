@@ -151,19 +151,9 @@ def test_missing_path_is_refused_before_anything_is_read(tmp_path):
     assert missing in str(caught.value)
 
 
-def test_permission_denied(tmp_path, monkeypatch):
+def test_permission_denied(tmp_path, deny_reading):
     path = write(tmp_path, "secret.txt", b"hidden\n")
-    if os.geteuid() == 0:  # root reads anything whatever the mode, so make the open fail instead
-        real_open = os.open
-
-        def denying_open(file, flags, *args, **kwargs):
-            if os.fspath(file) == str(path):
-                raise PermissionError(13, "Permission denied", str(file))
-            return real_open(file, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", denying_open)
-    else:
-        path.chmod(0)
+    deny_reading(path)
     message = refusal([str(path)])
     assert str(path) in message and "permission denied" in message
 
