@@ -91,6 +91,38 @@ def peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def print_table(rows: list[dict], device_type: str) -> None:
+    print(f"\n| system | length | passkey | retrieval hit (trial x layer) | prefill tok/s | peak MB ({device_type}) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['length']:,} | {r['accuracy']} | {r['retrieval_hit']} | "
+              f"{r['prefill_tok_s']:,} | {r['peak_mb']:,} |")
+
+
+def merge(paths: list[str]) -> None:
+    """One table from the --json files of runs that split a set of trials with --only."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        for t in run["trials"]:
+            cells.setdefault((t["system"], t["length"]), []).append(t)
+    peaks = {(r["system"], r["length"]): 0 for run in runs for r in run["rows"]}
+    for run in runs:
+        for r in run["rows"]:
+            peaks[r["system"], r["length"]] = max(peaks[r["system"], r["length"]], r["peak_mb"])
+    rows = []
+    for (system, length), trials in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        counted = [t for t in trials if "layer_hits" in t]
+        layers = runs[0]["layers"]
+        rows.append({"system": system, "length": length,
+                     "accuracy": f"{sum(t['success'] for t in trials)}/{len(trials)}",
+                     "retrieval_hit": f"{sum(t['layer_hits'] for t in counted) / (layers * len(counted)):.0%}"
+                     if counted else "",
+                     "prefill_tok_s": round(sum(t["tokens"] for t in trials) / sum(t["prefill_s"] for t in trials)),
+                     "peak_mb": peaks[system, length]})
+    print_table(rows, runs[0]["device"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -109,8 +141,15 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--cache-blocks", type=int, default=None)
     ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated trial indices to run out of --trials (to split one set of trials over "
+                         "processes: each trial's depth and key depend on its index only)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from the --json files of several runs")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -124,6 +163,9 @@ def main() -> None:
     prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
     systems = args.systems.split(",")
     depths = [float(d) for d in args.depths.split(",")] if args.depths else None
+    run_trials = [int(t) for t in args.only.split(",")] if args.only else list(range(args.trials))
+    if not all(0 <= t < args.trials for t in run_trials):
+        ap.error(f"--only takes trial indices from 0 to {args.trials - 1}")
     engines = {}
     if "infllm" in systems:
         engines["infllm"] = Engine(model, cfg)
@@ -139,7 +181,7 @@ def main() -> None:
             prefill_total = tokens_total = 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for t in range(args.trials):
+            for t in run_trials:
                 depth = depths[t % len(depths)] if depths else t / max(1, args.trials - 1)
                 key = random.Random(length * 1000 + t).randint(10000, 99999)
                 text, span = make_document(tok, length, depth, key)
@@ -169,16 +211,14 @@ def main() -> None:
                     record["blocks"] = engine.layers[0].store.count
                 trials.append(record)
                 print(json.dumps(record), file=sys.stderr, flush=True)
-            rows.append({"system": system, "length": length, "accuracy": f"{ok}/{args.trials}",
+            rows.append({"system": system, "length": length, "accuracy": f"{ok}/{len(run_trials)}",
                          "retrieval_hit": f"{hits / layer_trials:.0%}" if layer_trials else "",
                          "prefill_tok_s": round(tokens_total / prefill_total), "peak_mb": round(peak_mb(device))})
-    print(f"\n| system | length | passkey | retrieval hit (trial x layer) | prefill tok/s | peak MB ({device.type}) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['system']} | {r['length']:,} | {r['accuracy']} | {r['retrieval_hit']} | "
-              f"{r['prefill_tok_s']:,} | {r['peak_mb']:,} |")
+    print_table(rows, device.type)
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "rows": rows, "trials": trials}, indent=1))
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "device": device.type,
+                                              "layers": len(engines["infllm"].layers) if "infllm" in engines else 0,
+                                              "rows": rows, "trials": trials}, indent=1))
 
 
 if __name__ == "__main__":

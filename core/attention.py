@@ -28,9 +28,8 @@ def _reference(q, k, v, bias, scale):
 def _cpu_flash(q, k, v, bias, scale):
     if bias is not None:
         bias = bias.to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[None], k[None], v[None], attn_mask=bias, scale=scale)
-    return out[0], lse[0]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    return out, lse
 
 
 def _cuda_efficient(q, k, v, bias, scale):
@@ -39,10 +38,9 @@ def _cuda_efficient(q, k, v, bias, scale):
         bias = bias.to(q.dtype)
         if bias.stride(-2) % 8:  # the kernel wants 16-byte aligned bias rows (Mask pads them already)
             bias = torch.nn.functional.pad(bias, (0, (-n) % 8), value=NEG_INF)[..., :n]
-        bias = bias.expand(q.shape[0], *bias.shape[-2:])[None]
-    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q[None], k[None], v[None], bias, True, scale=scale)
-    return out[0], lse[0, :, : q.shape[-2]]
+        bias = bias.expand(*q.shape[:2], *bias.shape[-2:])
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
+    return out, lse[..., : q.shape[-2]]
 
 
 @dataclass(frozen=True)
@@ -70,17 +68,23 @@ class Mask:
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, M, D], k/v [B, N, D], mask over [M, N] or None for all visible.
+    """q [(C,) B, M, D], k/v [(C,) B, N, D] (C: optional query chunks, batched), mask over [M, N] shared by every
+    chunk and head, or None for all visible.
 
-    Returns out [B, M, D] and lse [B, M] (float32; -inf for rows with no visible key, whose out is 0).
+    Returns out [(C,) B, M, D] and lse [(C,) B, M] (float32; -inf for rows with no visible key, whose out is 0).
     """
     bias = None if mask is None else mask.bias
+    single = q.dim() == 3
+    if single:
+        q, k, v = q[None], k[None], v[None]
     if q.device.type == "cpu":
         out, lse = _cpu_flash(q, k, v, bias, scale)
     elif q.device.type == "cuda":
         out, lse = _cuda_efficient(q, k, v, bias, scale)
     else:
-        return _reference(q, k, v, bias, scale)
+        out, lse = _reference(q, k, v, bias, scale)
+    if single:
+        out, lse = out[0], lse[0]
     lse = lse.float()
     if mask is not None and mask.dead is not None:
         lse = lse.masked_fill(mask.dead, NEG_INF)
@@ -89,7 +93,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
 
 
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Combine two partial attentions (out [B, M, D], lse [B, M]) over disjoint keys into one."""
+    """Combine two partial attentions (out [..., M, D], lse [..., M]) over disjoint keys into one."""
     (out_a, lse_a), (out_b, lse_b) = a, b
     top = torch.maximum(lse_a, lse_b)  # rows always see their own key, so top is finite
     wa = torch.exp(lse_a - top)

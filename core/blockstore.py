@@ -191,9 +191,12 @@ class BlockCache:
             self.slots = OrderedDict((b, i) for i, (b, _) in enumerate(order))
 
     def gather(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [n, Hkv, B, D] of `blocks` on the device."""
+        """K, V [n, Hkv, B, D] of `blocks` on the device. Repeats are allowed (several query chunks' blocks in
+        one request); at most `capacity` distinct blocks."""
         keep = set(blocks)
-        idx = torch.tensor([self._slot_for(b, keep) for b in blocks], device=self.k.device)
+        slots = {b: self._slot_for(b, keep) for b in dict.fromkeys(blocks)}
+        # Not blocking: a blocking host-to-device copy drains the stream, once per layer and chunk.
+        idx = torch.tensor([slots[b] for b in blocks]).to(self.k.device, non_blocking=True)
         return self.k.index_select(0, idx), self.v.index_select(0, idx)
 
     def nbytes(self) -> int:
@@ -201,12 +204,9 @@ class BlockCache:
 
 
 def gather_blocks(store: BlockStore, cache: BlockCache | None, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V [Hkv, n*B, D] of `blocks`, through the device cache when there is one."""
+    """K, V [n, Hkv, B, D] of `blocks`, through the device cache when there is one."""
     if cache is not None:
-        k, v = cache.gather(blocks)
-    else:
-        pairs = [store.block(b) for b in blocks]
-        k = torch.stack([p[0] for p in pairs]).to(store.dtype)  # adopted pages may hold another dtype
-        v = torch.stack([p[1] for p in pairs]).to(store.dtype)
-    n, h, b, d = k.shape
-    return k.transpose(0, 1).reshape(h, n * b, d), v.transpose(0, 1).reshape(h, n * b, d)
+        return cache.gather(blocks)
+    pairs = [store.block(b) for b in blocks]
+    # adopted pages may hold another dtype
+    return torch.stack([p[0] for p in pairs]).to(store.dtype), torch.stack([p[1] for p in pairs]).to(store.dtype)

@@ -340,13 +340,89 @@ class LayerMemory:
                                    torch.arange(local_from + S, self.rec_len + S, device=self.device))
         q_local = self.rope.rotate(q, torch.arange(first, first + length, device=self.device) - self.rec_start + S)
         q_local = q_local.view(hkv, g, length, d)
-        out = torch.empty((hkv, g, length, d), dtype=q.dtype, device=q.device)
-        for f, ids in zip(firsts, retrieved):
-            n = min(cfg.query_chunk, length - f)
-            out[:, :, f : f + n] = self._attend_chunk(first + f, n, q_local[:, :, f : f + n], q_mem[:, :, f : f + n],
-                                                      k_local, local_from, ids)
+        if self._uniform(first, length, retrieved):
+            out = self._attend_chunks(first, q_local, q_mem, k_local, local_from, retrieved)
+        else:
+            out = torch.empty((hkv, g, length, d), dtype=q.dtype, device=q.device)
+            for f, ids in zip(firsts, retrieved):
+                n = min(cfg.query_chunk, length - f)
+                out[:, :, f : f + n] = self._attend_chunk(first + f, n, q_local[:, :, f : f + n],
+                                                          q_mem[:, :, f : f + n], k_local, local_from, ids)
         self.position += length
         return out.view(h, length, d)
+
+    def _free_span(self, first: int, n: int) -> tuple[int, int]:
+        """Start and count of the unsealed tokens that the chunk [first, first + n) sees as memory."""
+        start = self.cfg.sinks + self._sealed_for(first) * self.cfg.block_size
+        return start, max(0, first + n - self.cfg.window - start)
+
+    def _uniform(self, first: int, length: int, retrieved: list[list[int]]) -> bool:
+        """Whether every query chunk of this call has keys of the same shapes at the same relative positions, so
+        that one attention call per group covers them all: past the sinks' reach (first >= S + W), whole chunks,
+        the same number of retrieved blocks and of unsealed memory tokens. True for almost every prefill piece
+        of a long text; the first pieces, the last one and decoding take the per-chunk path."""
+        c = self.cfg
+        if len(retrieved) < 2 or first < c.sinks + c.window or length % c.query_chunk:
+            return False
+        if any(len(ids) != len(retrieved[0]) for ids in retrieved):
+            return False
+        spans = [self._free_span(first + f, c.query_chunk) for f in range(0, length, c.query_chunk)]
+        return spans[0][1] > 0 and all(n == spans[0][1] and start - spans[0][0] == f * c.query_chunk
+                                       for f, (start, n) in enumerate(spans))
+
+    def _attend_chunks(self, first: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
+                       local_from: int, retrieved: list[list[int]]) -> torch.Tensor:
+        """All query chunks of a call in one local and one memory attention (see _uniform): each chunk's keys are
+        a strided view of the recent buffer or a batched gather, and one mask serves every chunk.
+        q_* [Hkv, G, L, D] -> [Hkv, G, L, D]."""
+        cfg, S, W, C = self.cfg, self.cfg.sinks, self.cfg.window, self.cfg.query_chunk
+        hkv, g, length, d = q_local.shape
+        n = length // C
+        span = W - 1 + C  # recent keys a chunk sees locally, from W - 1 before its first query to its last
+
+        def per_chunk(x: torch.Tensor) -> torch.Tensor:  # [Hkv, G, n*C, D] -> [n, Hkv, G*C, D]
+            return x.view(hkv, g, n, C, d).permute(2, 0, 1, 3, 4).reshape(n, hkv, g * C, d)
+
+        def windows(x: torch.Tensor, size: int) -> torch.Tensor:  # [Hkv, (n-1)*C + size, D] -> [n, Hkv, size, D]
+            return x.unfold(1, size, C).permute(1, 0, 3, 2)
+
+        mask = self.masks.get(_local_mask, self.device, q_local.dtype, g, first, C, S, W, 0, first - W + 1, span)
+        with record_function("infllm.attention"):
+            local = attention_lse(per_chunk(q_local), windows(k_local, span),
+                                  windows(self.rec_v[:, local_from : self.rec_len], span), mask, self.scale)
+
+        self.last_retrieved = retrieved[-1]
+        if self.tally is not None:
+            for i, ids in enumerate(retrieved):
+                self.tally.record(self, q_mem[:, :, i * C : (i + 1) * C].reshape(hkv, g * C, d), ids)
+        mem_k = [self.sink_mem[None, :, :S].expand(n, -1, -1, -1)]  # [n, Hkv, S, D]
+        mem_v = [self.sink_v[None, :, :S].expand(n, -1, -1, -1)]
+        k = len(retrieved[0])
+        if k:
+            with record_function("infllm.gather"):
+                bk, bv = self._gather_chunks(retrieved)  # [n, k, Hkv, B, D]
+            mem_k.append(bk.transpose(1, 2).reshape(n, hkv, k * cfg.block_size, d))
+            mem_v.append(bv.transpose(1, 2).reshape(n, hkv, k * cfg.block_size, d))
+        free_start, n_free = self._free_span(first, C)
+        at = free_start - self.rec_start
+        for buf, keys in ((self.rec_k, mem_k), (self.rec_v, mem_v)):
+            keys.append(windows(buf[:, at : at + (n - 1) * C + n_free], n_free))
+        mask = self.masks.get(_memory_mask, self.device, q_mem.dtype, g, first, C, S, W, S, k * cfg.block_size,
+                              free_start, n_free)
+        with record_function("infllm.attention"):
+            mem = attention_lse(per_chunk(q_mem), torch.cat(mem_k, dim=2), torch.cat(mem_v, dim=2), mask,
+                                self.scale)
+        out = merge(local, mem)  # [n, Hkv, G*C, D]
+        return out.view(n, hkv, g, C, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, length, d)
+
+    def _gather_chunks(self, retrieved: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [n, k, Hkv, B, D] of each chunk's k blocks: one gather when the device cache holds them all."""
+        flat = [b for ids in retrieved for b in ids]
+        if self.cache is None or len(set(flat)) <= self.cache.capacity:
+            k, v = gather_blocks(self.store, self.cache, flat)
+            return k.view(len(retrieved), -1, *k.shape[1:]), v.view(len(retrieved), -1, *v.shape[1:])
+        pairs = [gather_blocks(self.store, self.cache, ids) for ids in retrieved]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _attend_chunk(self, first: int, n: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
                       local_from: int, ids: list[int]) -> torch.Tensor:
@@ -376,15 +452,14 @@ class LayerMemory:
         if self.tally is not None:
             self.tally.record(self, q_mem.reshape(hkv, g * n, d), ids)
         sinks_mem = n_sinks if last >= S + W else 0
-        free_start = S + self._sealed_for(first) * cfg.block_size
-        n_free = max(0, last - W + 1 - free_start)
+        free_start, n_free = self._free_span(first, n)
         mem_k = [self.sink_mem[:, :sinks_mem]]
         mem_v = [self.sink_v[:, :sinks_mem]]
         if ids:
             with record_function("infllm.gather"):
-                bk, bv = gather_blocks(self.store, self.cache, ids)
-            mem_k.append(bk)
-            mem_v.append(bv)
+                bk, bv = gather_blocks(self.store, self.cache, ids)  # [k, Hkv, B, D]
+            mem_k.append(bk.transpose(0, 1).reshape(hkv, -1, d))
+            mem_v.append(bv.transpose(0, 1).reshape(hkv, -1, d))
         at = free_start - self.rec_start
         mem_k.append(self.rec_k[:, at : at + n_free])
         mem_v.append(self.rec_v[:, at : at + n_free])

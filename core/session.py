@@ -209,7 +209,7 @@ class Session:
                 if layer.block_span(b)[0] >= self.doc_start and layer.block_span(b)[1] <= end]
 
     def _head_scores(self, tally: RetrievalTally, layers: list[int], blocks: list[int]) -> torch.Tensor:
-        """[len(layers) * heads, len(blocks)]: each head's best (question token, key) score against all keys of
+        """[len(layers) * heads, len(blocks)] on the CPU: each head's best (question token, key) score against all keys of
         each block (core/scoring.head_scores), over every chunk of the question."""
         rows = []
         for i in layers:
@@ -218,7 +218,7 @@ class Session:
             for at in range(0, len(blocks), SCORE_BLOCKS):  # bounded temporaries, however long the text
                 keys = torch.stack([m.store.block(b)[0] for b in blocks[at : at + SCORE_BLOCKS]]).to(m.device)
                 per_part.append(torch.stack([head_scores(q, keys, m.groups) for q in tally.queries[m]]).amax(dim=0))
-            rows.append(torch.cat(per_part, dim=1))
+            rows.append(torch.cat(per_part, dim=1).cpu())  # layers may sit on different devices
         return torch.cat(rows)
 
     def _ask(self, prompt) -> RetrievalTally:

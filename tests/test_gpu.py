@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from core.attention import Mask, _reference, attention_lse
 from core.config import EngineConfig
 from core.engine import Engine
+from core.memory import LayerMemory
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
@@ -29,6 +32,23 @@ def test_cuda_kernel_matches_reference(dtype, tol, n_keys):
     live = torch.isfinite(ref_lse)
     assert (lse[live] - ref_lse[live]).abs().max().item() <= tol
     assert torch.all(lse[~live] == float("-inf")) and torch.all(out[:, :2] == 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_kernel_takes_query_chunks_over_strided_windows_of_one_buffer(dtype, tol):
+    """The batched path's layout: [chunks, Hkv, rows, D] queries against overlapping windows of one key buffer
+    (unfold views, no copy), one mask shared by every chunk."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    chunks, step, span = 4, 64, 191
+    q = torch.randn(chunks, 3, 128, 64, device="cuda", dtype=dtype, generator=gen)
+    buf = torch.randn(2, 3, (chunks - 1) * step + span, 64, device="cuda", dtype=dtype, generator=gen)
+    k, v = (b.unfold(1, span, step).permute(1, 0, 3, 2) for b in buf)  # [chunks, 3, span, 64] views
+    mask = Mask.from_visible(torch.rand(128, span, device="cuda", generator=gen) > 0.5, dtype)
+    out, lse = attention_lse(q, k, v, mask, 0.125)
+    ref_out, ref_lse = _reference(q.float(), k.float(), v.float(), mask.bias.float(), 0.125)
+    assert out.shape == (chunks, 3, 128, 64) and lse.shape == (chunks, 3, 128)
+    assert (out.float() - ref_out).abs().max().item() <= tol
+    assert (lse - ref_lse).abs().max().item() <= tol
 
 
 def test_engine_on_gpu_matches_hf_when_text_fits():
@@ -61,3 +81,18 @@ def test_engine_on_gpu_matches_cpu_beyond_the_window():
     cpu = Engine(tiny_model("llama"), cfg).feed(ids, all_logits=True)
     gpu = Engine(tiny_model("llama").cuda(), cfg).feed(ids, all_logits=True).cpu()
     assert (gpu - cpu).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_batched_query_chunks_on_gpu_equal_chunks_one_at_a_time(dtype, tol):
+    model = tiny_model("llama").to("cuda", dtype)
+    ids = torch.randint(0, 256, (1200,), generator=torch.Generator().manual_seed(4))
+    cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=3, query_chunk=32, cache_blocks=8,
+                       prefill_chunk=128)
+    with mock.patch.object(LayerMemory, "_uniform", return_value=False):
+        one_at_a_time = Engine(model, cfg).feed(ids, all_logits=True)
+    with mock.patch.object(LayerMemory, "_attend_chunks", autospec=True,
+                           side_effect=LayerMemory._attend_chunks) as batched:
+        together = Engine(model, cfg).feed(ids, all_logits=True)
+    assert batched.call_count >= 6 * len(model.model.layers)
+    assert (together - one_at_a_time).abs().max().item() <= tol

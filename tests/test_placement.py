@@ -145,7 +145,7 @@ ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2
           "--prefill-chunk", "128", "--cache-blocks", "4"]
 
 
-def test_the_cli_answers_the_same_through_a_device_map(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_cli_answers_and_cites_the_same_through_a_device_map(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
     doc = tmp_path / "doc.txt"
     doc.write_text("".join(f"Line {i}: the pass key is {i * 7 % 101}.\n" for i in range(120)))
@@ -156,7 +156,7 @@ def test_the_cli_answers_the_same_through_a_device_map(tiny_model_dir, tmp_path,
 
     def answer(*placement: str) -> dict:
         result = runner.invoke(app, ["ask", "--model", str(tiny_model_dir), "--max-tokens", "6", "--json", "-q",
-                                     *ENGINE, *placement, str(doc), "What is the pass key?"])
+                                     "--cite", "2", *ENGINE, *placement, str(doc), "What is the pass key?"])
         assert result.exit_code == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -167,6 +167,9 @@ def test_the_cli_answers_the_same_through_a_device_map(tiny_model_dir, tmp_path,
         assert plain["tokens_read"] > 256 + 16  # the memory is used
         got = answer(*placement)
         assert (got["answer"], got["tokens_read"]) == (plain["answer"], plain["tokens_read"])
+        # Citations score every layer's heads where that layer sits (on a GPU, or split over several).
+        cited = lambda out: [(s["first_line"], s["last_line"]) for s in out["sources"]]  # noqa: E731
+        assert len(plain["sources"]) == 2 and cited(got) == cited(plain)
 
     refused = runner.invoke(app, ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--device-map", "auto",
                                   str(doc), "Why?"])
