@@ -315,14 +315,14 @@ def info(
     """What would be read: documents, pages, characters, exact tokens, memory blocks, memory and time estimates.
 
     The time estimate comes from reading one prefill chunk with the real model on this machine (the engine's
-    rate is flat in length), so it loads the model.
+    rate is flat in length), so it loads the model. stdin is counted as it arrives, in flat memory.
     """
     from core.defaults import engine_defaults
-    from core.estimate import memory_blocks, store_bytes_per_token
+    from core.estimate import TextSize, measure_stream, memory_blocks, store_bytes_per_token
     from core.loading import load_model, pick_device, pick_dtype, resolve_model
     from core.placement import parse_device_map
     from core.session import Session
-    from core.sources import describe_source, read_text
+    from core.sources import STDIN, describe_source, iter_pieces, read_text
 
     display = Display(quiet)
     sources, _ = _split_question([*(sources or []), "info"])
@@ -332,20 +332,30 @@ def info(
     resolved = resolve_model(model)
     config = engine_defaults(resolved.config).with_overrides(**overrides)
     config.validate(resolved.config.max_position_embeddings)
-    described = [describe_source(s).__dict__ for s in sources if s != "-"]
-    display.phase("extracting text")
-    text, pieces = read_text(sources, stdin=sys.stdin.buffer if "-" in sources else None)
+    described = [describe_source(s).__dict__ for s in sources if s != STDIN]
+    # A pipe may be endless: with stdin among the sources the text is counted as it arrives, as `ask` reads it
+    # (so only once the tokenizer is loaded). Files are extracted first, so an unreadable one fails before the load.
+    streamed = STDIN in sources
+    if not streamed:
+        display.phase("extracting text")
+        text, pieces = read_text(sources)
     display.phase("loading model")
     loaded = load_model(resolved, device=device, dtype=dtype, device_map=placement)
     session = Session(loaded, config)
-    tokens = len(session.tokenize(text))
-    calibration = session.tokenize(text[: 8 * config.prefill_chunk])[: config.prefill_chunk]
+    if streamed:
+        display.phase("counting " + ", ".join(sources) + " (a stream: tokenized in pieces as it arrives, the same "
+                      "tokens as the whole text)")
+        size = measure_stream(loaded.tokenizer, iter_pieces(sources, stdin=sys.stdin.buffer), config.prefill_chunk)
+    else:
+        ids = session.tokenize(text)
+        size = TextSize(len(text), len(pieces), len(ids), ids[: config.prefill_chunk])
+    tokens, calibration = size.tokens, size.head
     session.read([], calibration[:64])  # first calls pay one-off kernel set-up; keep it out of the rate
     start = time.perf_counter()
     session.read([], calibration)
     rate = len(calibration) / max(time.perf_counter() - start, 1e-9)
     store = tokens * store_bytes_per_token(resolved.config, config, pick_dtype(dtype, dev))
-    report = {"sources": described, "characters": len(text), "pieces": len(pieces), "tokens": tokens,
+    report = {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
               "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
               "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1),
               "device": str(dev), "estimated_read_s": round(tokens / rate, 1), "engine": config.to_dict()}
@@ -357,7 +367,7 @@ def info(
         extra = "".join(f", {d[k]} {k}" for k in ("pages", "files") if d.get(k))
         sys.stdout.write(f"{d['source']}: {d['kind']}, {d['bytes']:,} bytes{extra}\n")
     sys.stdout.write(
-        f"{len(text):,} characters, {tokens:,} tokens ({loaded.name})\n"
+        f"{size.characters:,} characters, {tokens:,} tokens ({loaded.name})\n"
         f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
         f" + {report['working_mb']:,} MB working buffers ({dev})\n"
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")

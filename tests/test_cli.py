@@ -6,6 +6,7 @@ a couple of thousand tokens overflows the local window, so the context memory is
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer.testing
 from typer.testing import CliRunner
 
 from infllm_cli.app import app
@@ -415,6 +417,61 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
 
 
 # --- stdin as a stream ---------------------------------------------------------------------------------------
+
+
+class TrickleStdin(io.BytesIO):
+    """stdin that records what it hands over (its reads and their sizes in `events`) and refuses a whole read."""
+
+    def __init__(self, data: bytes, events: list):
+        super().__init__(data)
+        self.events = events
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            raise AssertionError("stdin was read whole")
+        self.events.append(("read", size))
+        return super().read(size)
+
+    read1 = read
+
+
+def test_info_counts_stdin_as_it_streams_with_the_file_counts(tiny_model_dir, docs, tmp_path, monkeypatch):
+    """`info -` reports the characters and tokens `info FILE` does (the file tokenized whole), yet stdin is read
+    in pieces, each tokenized while the rest still waits: the tokenizer never sees more than its buffer."""
+    from core.sources import DEFAULT_MAX_PIECE_CHARS, READ_CHUNK
+    from core.tokenstream import CONTEXT_CHARS, LOOKAHEAD_CHARS, MIN_CHARS
+    from transformers import PreTrainedTokenizerBase
+
+    text = docs["a"].read_text(encoding="utf-8") * 30  # ~200K characters: several reads and many cuts
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    events: list[tuple[str, int]] = []
+    tokenize = PreTrainedTokenizerBase.__call__
+
+    def spy(self, text, *args, **kwargs):
+        events.append(("tokenize", len(text)))
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
+    base = ["info", "--model", str(tiny_model_dir), "--device", "cpu", *ENGINE, "--json"]
+    whole = CliRunner().invoke(app, [*base, str(path)], prog_name="infllm")
+    assert whole.exit_code == 0, (whole.stderr, whole.exception)
+    events.clear()
+    # typer's runner takes only str or bytes as input: let it take the stream as it is.
+    monkeypatch.setattr(typer.testing, "make_input_stream", lambda stream, charset: stream)
+    piped = CliRunner().invoke(app, [*base, "-"], input=TrickleStdin(text.encode("utf-8"), events),
+                               prog_name="infllm")
+    assert piped.exit_code == 0, (piped.stderr, piped.exception)
+
+    counts = ("characters", "pieces", "tokens", "memory_blocks_per_layer", "block_store_mb", "working_mb")
+    from_file, from_stdin = json.loads(whole.stdout), json.loads(piped.stdout)
+    assert {k: from_stdin[k] for k in counts} == {k: from_file[k] for k in counts}
+    assert from_stdin["characters"] == len(text) and from_stdin["sources"] == []
+    reads = [i for i, (what, _) in enumerate(events) if what == "read"]
+    assert len(reads) >= len(text) // READ_CHUNK and all(events[i][1] <= READ_CHUNK for i in reads)
+    bound = DEFAULT_MAX_PIECE_CHARS + MIN_CHARS + CONTEXT_CHARS + LOOKAHEAD_CHARS  # a piece and the buffer's margins
+    assert max(n for what, n in events if what == "tokenize") <= bound < len(text)
+    assert "tokenize" in [what for what, _ in events[: reads[-1]]]  # counted as it came, not once all had come
 
 
 def test_stdin_is_read_as_a_stream_with_no_total_and_no_eta(ask, docs):
