@@ -20,7 +20,9 @@ Two rotations of the queries cover all of that, so attention is two fused kernel
 
 A whole prefill piece is handled at once: blocks are sealed for the piece's last chunk first, then every chunk's
 retrieval is scored in one call and its block ids reach the host in one transfer per layer and piece (the host
-needs them for the device cache), so the accelerator is not drained once per chunk.
+needs them for the device cache), so the accelerator is not drained once per chunk. Past the first window the
+chunks of a piece also attend together, one local and one memory call for all of them (`_uniform`), since their
+keys then have the same shapes at the same relative positions.
 
 A key's representative score is the sum of its dot products with the W - 1 queries that follow it (InfLLM's
 definition), from a running sum of the group-summed queries: no attention weights are needed.
