@@ -23,7 +23,7 @@ from core.errors import UsageError
 from core.loading import LoadedModel
 from core.prompting import Prompt
 from core.sampling import SamplingConfig
-from core.scoring import attention_shares, head_quality, head_scores
+from core.scoring import attention_shares, head_quality, head_scores, token_scores
 from core.sources import Piece
 from core.tokenstream import stream_tokens
 
@@ -209,16 +209,18 @@ class Session:
                 if layer.block_span(b)[0] >= self.doc_start and layer.block_span(b)[1] <= end]
 
     def _head_scores(self, tally: RetrievalTally, layers: list[int], blocks: list[int]) -> torch.Tensor:
-        """[len(layers) * heads, len(blocks)] on the CPU: each head's best (question token, key) score against all keys of
-        each block (core/scoring.head_scores), over every chunk of the question."""
+        """[len(layers) * heads, len(blocks)] on the CPU: each head's score of each block (core/scoring.head_scores,
+        standardized over `blocks`), its best over every chunk of the question."""
         rows = []
         for i in layers:
             m = self.engine.layers[i]
-            per_part = []
+            per_chunk: list[list[torch.Tensor]] = [[] for _ in tally.queries[m]]
             for at in range(0, len(blocks), SCORE_BLOCKS):  # bounded temporaries, however long the text
                 keys = torch.stack([m.store.block(b)[0] for b in blocks[at : at + SCORE_BLOCKS]]).to(m.device)
-                per_part.append(torch.stack([head_scores(q, keys, m.groups) for q in tally.queries[m]]).amax(dim=0))
-            rows.append(torch.cat(per_part, dim=1).cpu())  # layers may sit on different devices
+                for parts, q in zip(per_chunk, tally.queries[m]):
+                    parts.append(token_scores(q, keys))
+            scores = [head_scores(torch.cat(parts, dim=-1), m.groups) for parts in per_chunk]
+            rows.append(torch.stack(scores).amax(dim=0).cpu())  # layers may sit on different devices
         return torch.cat(rows)
 
     def _ask(self, prompt) -> RetrievalTally:
@@ -255,8 +257,8 @@ class Session:
         return quality.topk(min(self.cite_heads, quality.numel())).indices.sort().values
 
     def rank_blocks(self, tally: RetrievalTally, prompt, source_map: SourceMap) -> list[tuple[int, float]]:
-        """Every document block with its weight, best first: the citing heads' attention (softmax of each head's
-        scores over the blocks, at the model's scale) averaged over those heads, for the question's queries."""
+        """Every document block with its weight, best first: the citing heads' votes (softmax of each head's
+        standardized scores over the blocks) averaged over those heads, for the question's queries."""
         blocks = self._document_blocks()
         if not blocks:
             return []
@@ -267,7 +269,7 @@ class Session:
         layers = sorted({h // per_layer for h in heads})
         scores = self._head_scores(tally, layers, blocks)
         rows = [layers.index(h // per_layer) * per_layer + h % per_layer for h in heads]
-        weights = attention_shares(scores[rows], self.engine.layers[0].scale).mean(dim=0)  # [N]
+        weights = attention_shares(scores[rows]).mean(dim=0)  # [N]
         order = torch.argsort(weights, descending=True, stable=True).tolist()
         return [(blocks[i], float(weights[i])) for i in order]
 

@@ -14,7 +14,7 @@ from core.engine import Engine
 from core.memory import LayerMemory
 from core.errors import ModelError, UsageError
 from core.rope import apply_rotary
-from core.scoring import attention_shares, block_scores, head_quality, head_scores
+from core.scoring import attention_shares, block_scores, head_quality, head_scores, token_scores
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -185,7 +185,7 @@ def test_one_question_token_finds_its_block_among_many_unrelated_tokens():
     queries = common.expand(groups * length, dim) + torch.randn(groups * length, dim, generator=gen) * 0.05
     queries[3] = word * 4  # head 0, token 3: the only one that asks for `word`
     queries = queries[None]  # [Hkv, G*L, D]
-    per_head = head_scores(queries, keys, groups)  # [G, N]
+    per_head = head_scores(token_scores(queries, keys), groups)  # [G, N]
     assert int(per_head[0].argmax()) == planted
     assert int(per_head[1].argmax()) == decoy  # the other head never saw the word
     assert int(block_scores(queries[None], keys)[0].argmax()) == decoy  # the summed chunk drowns it
@@ -204,9 +204,22 @@ def test_head_quality_rewards_heads_that_rank_the_quoted_block_first():
     assert torch.allclose(quality, torch.tensor([1.0, 0.5, 1 / blocks]))
 
 
+def test_a_word_that_matches_every_block_does_not_outvote_one_that_matches_a_few():
+    """Scores are standardized per token over the blocks: a common word's large dot products everywhere carry no
+    information, a rare word's moderate match in one block does (inverse document frequency, in key space)."""
+    gen = torch.Generator().manual_seed(5)
+    blocks, planted = 40, 27
+    best = torch.empty(1, 2, blocks)  # [Hkv, G*L, N]: one head, two question tokens
+    best[0, 0] = 50.0 + torch.randn(blocks, generator=gen)  # the common word: large everywhere, a little noise
+    best[0, 1] = torch.randn(blocks, generator=gen) * 0.5
+    best[0, 1, planted] = 6.0  # the rare word: far smaller than the common word's scores, but only here
+    assert int(best[0].amax(dim=0).argmax()) != planted  # the raw best token is the common word's noise
+    assert int(head_scores(best, groups=1)[0].argmax()) == planted
+
+
 def test_attention_shares_give_every_head_one_vote():
-    scores = torch.tensor([[1000.0, 990.0, 0.0], [0.1, 0.2, 0.3]])  # very different scales per head
-    shares = attention_shares(scores, scale=0.125)
+    scores = torch.tensor([[9.0, 8.5, 0.0], [0.1, 0.2, 0.3]])
+    shares = attention_shares(scores)
     assert torch.allclose(shares.sum(dim=-1), torch.ones(2))
     assert int(shares[0].argmax()) == 0 and int(shares[1].argmax()) == 2
 
