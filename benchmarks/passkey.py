@@ -106,14 +106,13 @@ def merge(paths: list[str]) -> None:
     for run in runs:
         for t in run["trials"]:
             cells.setdefault((t["system"], t["length"]), []).append(t)
-    peaks = {(r["system"], r["length"]): 0 for run in runs for r in run["rows"]}
-    for run in runs:
-        for r in run["rows"]:
-            peaks[r["system"], r["length"]] = max(peaks[r["system"], r["length"]], r["peak_mb"])
+    peaks: dict[tuple[str, int], int] = {}
+    for r in (r for run in runs for r in run["rows"]):
+        peaks[r["system"], r["length"]] = max(peaks.get((r["system"], r["length"]), 0), r["peak_mb"])
+    layers = runs[0]["layers"]
     rows = []
     for (system, length), trials in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        counted = [t for t in trials if "layer_hits" in t]
-        layers = runs[0]["layers"]
+        counted = [t for t in trials if "layer_hits" in t]  # trials whose key was in a block
         rows.append({"system": system, "length": length,
                      "accuracy": f"{sum(t['success'] for t in trials)}/{len(trials)}",
                      "retrieval_hit": f"{sum(t['layer_hits'] for t in counted) / (layers * len(counted)):.0%}"

@@ -47,7 +47,7 @@ class Citation:
     first_line: int
     last_line: int
     excerpt: str
-    weight: float  # share of the citing heads' attention that the question gave this passage
+    weight: float  # the citing heads' mean vote for this passage (core/scoring.attention_shares)
 
     def to_dict(self) -> dict:
         return asdict(self)

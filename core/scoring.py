@@ -6,9 +6,10 @@ keys into one number per block. Memory attention follows this ranking.
 
 Citations ask a sharper question, once per answer: which passage does the *question* point at? Summing a chunk's
 queries averages its words away, and most heads attend to the sinks, the local window or syntax, not to the
-passage a question is about. So citations score per query head, each head's best token (its best key in the
-block, standardized over the blocks) against all keys of a block (`head_scores`), and listen only to the heads that find quoted passages in this document
-(`head_quality`, measured with probes built from the document itself, see core/citations.py).
+passage a question is about. So citations score per query head, each head's best token against all keys of a
+block, standardized over the blocks (`token_scores`, `head_scores`), and listen only to the heads that find
+quoted passages in this document (`head_quality`, measured with probes built from the document itself, see
+core/session.py `citing_heads`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def head_scores(best: torch.Tensor, groups: int) -> torch.Tensor:
     matches every block (a template word, a common name) then stands out nowhere, while one that matches a few
     blocks much better than the rest stands out there: an inverse document frequency, in key space. The max
     over tokens keeps a single telling word, which a sum over the chunk would drown. On the QA development set
-    the standardization raised R@3 from 81% to 92% (docs/benchmarks.md, "Citations").
+    the standardization raised R@3 from 81% to 92% (docs/benchmarks.md, "Standardized head scores").
     """
     hkv, rows, n = best.shape
     z = (best - best.mean(dim=-1, keepdim=True)) / best.std(dim=-1, correction=0, keepdim=True).clamp_min(1e-6)
