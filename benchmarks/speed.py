@@ -1,7 +1,8 @@
 """Prefill and decode speed of infllm against plain transformers, on random-weight models (speed ignores weights).
 
 Rows: one dense 4K forward without cache (the practical roofline), transformers full attention (SDPA,
-chunked prefill + greedy decode, as ../shared/reference/full_attention_bench.py), and infllm.
+chunked prefill + greedy decode, as ../shared/reference/full_attention_bench.py), and infllm (also with
+INFLLM_KERNELS=masked, to weigh the band kernel against the masked one in the same run).
 Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
 row of the same run.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -153,6 +155,35 @@ def breakdown(model, device, length, overrides) -> None:
         print(f"  {e.self_device_time_total / 1e3:9,.1f} ms  {e.count:7,}x  {e.key[:100]}")
 
 
+VIEW_OPS = {"as_strided", "slice", "transpose", "select", "narrow", "view", "reshape", "unbind", "expand", "t",
+            "empty", "_unsafe_view", "permute", "unsqueeze", "alias", "detach", "squeeze", "unfold", "empty_strided",
+            "numpy_T", "item", "_local_scalar_dense", "lift_fresh", "to", "_to_copy", "resolve_conj", "resolve_neg"}
+
+
+def decode_ops(model, length, overrides) -> None:
+    """Operators per layer per decoded token: on a GPU each is about one kernel launch, and decoding is
+    launch-bound there, so this CPU-countable figure tracks what a GPU token costs the host. Top-level aten
+    calls only (an op's own sub-calls are not launches of ours), views and allocations left out."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, engine_defaults(model.config).with_overrides(**overrides))
+    engine.feed(torch.randint(0, 32000, (length,)))
+    for _ in range(2):
+        engine.feed([5])
+    tokens = 4
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(tokens):
+            engine.feed([5])
+    ops = Counter(e.name[6:] for e in prof.events() if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    ops = {k: n for k, n in ops.items() if k not in VIEW_OPS}
+    per = len(model.model.layers) * tokens
+    print(f"decode after {length:,} tokens: {sum(ops.values()) / per:.1f} operators per layer per token")
+    print(", ".join(f"{k} {n / per:.1f}" for k, n in sorted(ops.items(), key=lambda x: -x[1])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="llama8b")
@@ -161,13 +192,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--full-max", type=int, default=131072)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--systems", default="dense,full,infllm")
+    ap.add_argument("--systems", default="dense,full,infllm", help="any of dense,full,infllm,infllm-masked")
     ap.add_argument("--window", type=int)
     ap.add_argument("--topk", type=int)
     ap.add_argument("--prefill-chunk", type=int)
     ap.add_argument("--query-chunk", type=int)
     ap.add_argument("--cache-blocks", type=int)
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
+    ap.add_argument("--count-ops", action="store_true", help="count operators per layer per decoded token instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -175,6 +207,9 @@ def main() -> None:
     model = build(args.shape, device, dtype)
     overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk,
                                        query_chunk=args.query_chunk, cache_blocks=args.cache_blocks).items() if v}
+    if args.count_ops:
+        decode_ops(model, int(args.lengths.split(",")[0]), overrides)
+        return
     if args.breakdown:
         breakdown(model, device, int(args.lengths.split(",")[0]), overrides)
         return
@@ -189,6 +224,11 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if "infllm" in systems:
             rows.append(infllm(model, device, length, args.decode, overrides))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if "infllm-masked" in systems:  # the same engine with every mask read densely (no band kernel)
+            os.environ["INFLLM_KERNELS"] = "masked"
+            rows.append({**infllm(model, device, length, args.decode, overrides), "system": "infllm, masked kernel"})
+            del os.environ["INFLLM_KERNELS"]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
     print(f"\n{args.shape} on {device} ({args.dtype})\n")

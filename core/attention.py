@@ -4,15 +4,34 @@ A query chunk attends to two key groups whose queries are rotated differently (l
 positions; memory: one fixed distance). Each group runs as one fused kernel returning (out, lse); merging by
 log-sum-exp equals one softmax over the union of keys. Kernels are picked by device at run time; the plain
 torch path is the reference and the fallback.
+
+Past the first window both groups' masks are bands aligned to the last key (the local window, and the unsealed
+tokens a query sees once they are W behind it). A mask that knows it is such a `Band` lets a CUDA flash kernel
+follow it by index arithmetic, skipping hidden tiles, instead of reading a dense additive mask.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
+from core.errors import UsageError
+
 NEG_INF = float("-inf")
+KERNEL_CHOICES = ("auto", "masked", "reference")
+
+
+def kernel_choice() -> str:
+    """`INFLLM_KERNELS`: auto (the fastest kernel that agrees with the reference on this device; the default),
+    masked (no band kernel: every mask is read as a dense bias) or reference (plain torch everywhere). For
+    comparing kernels in one run, and for ruling a kernel out when a result looks wrong."""
+    choice = os.environ.get("INFLLM_KERNELS", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise UsageError(f"INFLLM_KERNELS must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
+    return choice
 
 
 def _reference(q, k, v, bias, scale):
@@ -43,17 +62,76 @@ def _cuda_efficient(q, k, v, bias, scale):
     return out, lse[..., : q.shape[-2]]
 
 
+def _cuda_flash(q, k, v, band: Band, groups: int, scale):
+    """FlashAttention over a band: q [C, Hkv, G*L, D], k/v [C, Hkv, N, D] (any strides with a contiguous last
+    dimension, such as unfold windows). The kernel wants [C, L, H, D] with query head h reading KV head h // G,
+    which is our grouping once the G heads of a KV head are laid side by side."""
+    c, hkv, rows, d = q.shape
+    length = rows // groups
+    q = q.view(c, hkv, groups, length, d).permute(0, 3, 1, 2, 4).reshape(c, length, hkv * groups, d)
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k.transpose(1, 2), v.transpose(1, 2), None, None, length, k.shape[-2], 0.0, True, False, scale=scale,
+        window_size_left=band.left, window_size_right=0)
+    out = out.view(c, length, hkv, groups, d).permute(0, 2, 3, 1, 4).reshape(c, hkv, rows, d)
+    return out, lse.view(c, hkv, rows)  # [C, H, L] is [C, Hkv, G*L]
+
+
+@functools.cache
+def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this build's flash kernel runs here and follows `Band` as the reference does. Checked once per
+    device and dtype on a small problem, so a torch build with another convention (or none) falls back to the
+    masked kernel instead of computing something else."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    groups, length, keys, d = 2, 24, 70, 64
+    try:
+        for band in (Band(left=40), Band()):
+            q = torch.randn(2, 2, groups * length, d, device=device, dtype=dtype, generator=gen)
+            k, v = (torch.randn(2, 2, keys, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+            out, lse = _cuda_flash(q, k, v, band, groups, 0.125)
+            bias = torch.zeros(length, keys, device=device).masked_fill_(~band.visible(length, keys, device), NEG_INF)
+            ref_out, ref_lse = _reference(q.float(), k.float(), v.float(), bias.repeat(groups, 1), 0.125)
+            if (out.float() - ref_out).abs().max().item() > 0.05 or (lse.float() - ref_lse).abs().max().item() > 0.05:
+                return False
+    except RuntimeError:  # no flash kernel in this build or for this GPU
+        return False
+    return True
+
+
+def _flash_usable(q: torch.Tensor, mask: Mask | None) -> bool:
+    return (mask is not None and mask.band is not None and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_agrees(q.device, q.dtype))
+
+
+@dataclass(frozen=True)
+class Band:
+    """A mask aligned to the last key: of L queries and N keys (N >= L), query i stands at key N - L + i and sees
+    that key and the `left` keys before it (left None: every key before it)."""
+
+    left: int | None = None
+
+    def visible(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
+        """[L, N] bool, the band written out (for the reference path and the tests)."""
+        at = keys - length + torch.arange(length, device=device)[:, None]
+        j = torch.arange(keys, device=device)[None, :]
+        seen = j <= at
+        return seen if self.left is None else seen & (j >= at - self.left)
+
+
 @dataclass(frozen=True)
 class Mask:
-    """An additive mask and the rows it hides completely (kernels report those rows inconsistently)."""
+    """An additive mask, the rows it hides completely (kernels report those rows inconsistently), and its
+    structure when it has one that a kernel can follow without reading it."""
 
     bias: torch.Tensor  # [M, N], 0 where visible, -inf where not
     dead: torch.Tensor | None  # [M] bool, None when every row sees some key
+    groups: int = 1  # M = groups x L rows, each group's rows in order (query heads sharing one KV head)
+    band: Band | None = None  # set only when each group's [L, N] rows are exactly this band
 
     @staticmethod
-    def from_visible(visible: torch.Tensor, dtype: torch.dtype, groups: int = 1, dead_rows: int = 0) -> "Mask":
-        """visible [M, N] bool for M = groups x L rows (each group's rows in order); the first `dead_rows` of each
-        group see nothing. The caller knows that count from positions, so no device value is read back here."""
+    def from_visible(visible: torch.Tensor, dtype: torch.dtype, groups: int = 1, dead_rows: int = 0,
+                     band: Band | None = None) -> "Mask":
+        """visible [M, N] bool for M = groups x L rows; the first `dead_rows` of each group see nothing. The
+        caller knows that count (and the band) from positions, so no device value is read back here."""
         rows, cols = visible.shape
         pad = (-cols) % 8 if visible.device.type == "cuda" else 0  # aligned rows for the CUDA kernel
         bias = torch.full((rows, cols + pad), NEG_INF, dtype=dtype, device=visible.device)[:, :cols]
@@ -63,7 +141,7 @@ class Mask:
             dead = torch.zeros(groups, rows // groups, dtype=torch.bool, device=visible.device)
             dead[:, :dead_rows] = True
             dead = dead.view(rows)
-        return Mask(bias, dead)
+        return Mask(bias, dead, groups, band if not dead_rows else None)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None,
@@ -77,12 +155,15 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
     single = q.dim() == 3
     if single:
         q, k, v = q[None], k[None], v[None]
-    if q.device.type == "cpu":
-        out, lse = _cpu_flash(q, k, v, bias, scale)
-    elif q.device.type == "cuda":
-        out, lse = _cuda_efficient(q, k, v, bias, scale)
-    else:
+    choice = kernel_choice()
+    if choice == "reference" or q.device.type not in ("cpu", "cuda"):
         out, lse = _reference(q, k, v, bias, scale)
+    elif q.device.type == "cpu":
+        out, lse = _cpu_flash(q, k, v, bias, scale)
+    elif choice == "auto" and _flash_usable(q, mask):
+        out, lse = _cuda_flash(q, k, v, mask.band, mask.groups, scale)
+    else:
+        out, lse = _cuda_efficient(q, k, v, bias, scale)
     if single:
         out, lse = out[0], lse[0]
     lse = lse.float()
@@ -93,10 +174,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
 
 
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Combine two partial attentions (out [..., M, D], lse [..., M]) over disjoint keys into one."""
+    """Combine two partial attentions (out [..., M, D], lse [..., M]) over disjoint keys into one: a's rows
+    always see some key (a query sees itself locally), b's may see none (lse -inf, weight 0)."""
     (out_a, lse_a), (out_b, lse_b) = a, b
-    top = torch.maximum(lse_a, lse_b)  # rows always see their own key, so top is finite
-    wa = torch.exp(lse_a - top)
-    wb = torch.exp(lse_b - top)
-    total = wa + wb
-    return (out_a.float() * (wa / total)[..., None] + out_b.float() * (wb / total)[..., None]).to(out_a.dtype)
+    share_b = torch.sigmoid(lse_b - lse_a)  # b's share of the union's softmax mass, e^b / (e^a + e^b)
+    return torch.lerp(out_a.float(), out_b.float(), share_b[..., None]).to(out_a.dtype)

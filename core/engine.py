@@ -15,6 +15,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from core.adapter import DecoderAdapter
+from core.attention import kernel_choice
 from core.citations import RetrievalTally
 from core.config import EngineConfig
 from core.estimate import store_bytes_per_token
@@ -34,6 +35,7 @@ class Engine:
     def __init__(self, model: nn.Module, config: EngineConfig, offload: bool | None = None):
         self.adapter = DecoderAdapter(model)
         self.config = config.validate(self.adapter.max_positions)
+        kernel_choice()  # a bad INFLLM_KERNELS is refused before any work
         self.model = model
         devices = {layer.device for layer in self.adapter.layers}
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
-from core.attention import Mask, attention_lse, merge
+from core.attention import Band, Mask, attention_lse, merge
 from core.blockstore import BlockCache, BlockStore, gather_blocks
 from core.config import EngineConfig
 from core.rope import RopeTable
@@ -82,7 +82,9 @@ def _local_mask(device: torch.device, dtype: torch.dtype, groups: int, first: in
     key_pos = key_start + torch.arange(n_keys, device=device)[None, :]
     visible = torch.cat([(sink_pos <= pos) & (pos < sinks + window),
                          (key_pos <= pos) & (pos - key_pos < window)], dim=1)
-    return Mask.from_visible(visible.repeat(groups, 1), dtype)  # no dead rows: a query always sees itself
+    # Without sinks, and with the keys ending at the last query, this is the window band by definition.
+    band = Band(left=window - 1) if n_sink_keys == 0 and key_start + n_keys == first + length else None
+    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, band=band)  # a query always sees itself
 
 
 def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
@@ -103,7 +105,12 @@ def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: i
         sees_sinks = sinks + window if n_sink_keys else first + length  # first position that sees a sink
         sees_free = free_start + window if n_free else first + length
         dead = max(0, min(sees_sinks, sees_free, first + length) - first)
-    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, dead)
+    # A band aligned to the last key when every query sees all sinks and blocks and the unsealed tokens end
+    # where the last query's reach does: query i then sees free tokens up to n_free - L + i, which needs
+    # n_free >= L - 1 for query 0 to reach every block.
+    aligned = (n_sink_keys == 0 or first >= sinks + window) and n_free == first + length - window - free_start
+    band = Band() if aligned and n_free >= length - 1 and n_sink_keys + n_blocks_keys + n_free >= length else None
+    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, dead, band)
 
 
 class LayerMemory:
@@ -285,7 +292,7 @@ class LayerMemory:
             parts.append(block_scores(chunks.reshape(full, hkv, g * step, d), reprs))
         if full < len(firsts):
             parts.append(block_scores(q_mem[:, :, full * step :].reshape(1, hkv, -1, d), reprs))
-        scores = torch.cat(parts)  # [chunks, n_blocks]
+        scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, n_blocks]
         if min(sealed) < scores.shape[1]:  # some chunk may not see the newest blocks: hide them from it
             # The same arithmetic as _sealed_for, on the device: no host-to-device copy in the layer loop.
             starts = torch.arange(len(firsts), device=scores.device) * step + (self.position - c.window + 1 - c.sinks)
@@ -344,6 +351,8 @@ class LayerMemory:
         q_local = q_local.view(hkv, g, length, d)
         if self._uniform(first, length, retrieved):
             out = self._attend_chunks(first, q_local, q_mem, k_local, local_from, retrieved)
+        elif len(firsts) == 1:  # decoding, or a short call: no output buffer to fill
+            out = self._attend_chunk(first, length, q_local, q_mem, k_local, local_from, retrieved[0])
         else:
             out = torch.empty((hkv, g, length, d), dtype=q.dtype, device=q.device)
             for f, ids in zip(firsts, retrieved):
@@ -403,8 +412,8 @@ class LayerMemory:
         if k:
             with record_function("infllm.gather"):
                 bk, bv = self._gather_chunks(retrieved)  # [n, k, Hkv, B, D]
-            mem_k.append(bk.transpose(1, 2).reshape(n, hkv, k * cfg.block_size, d))
-            mem_v.append(bv.transpose(1, 2).reshape(n, hkv, k * cfg.block_size, d))
+            mem_k.extend(bk.unbind(1))  # k views [n, Hkv, B, D]: the one cat below copies them
+            mem_v.extend(bv.unbind(1))
         free_start, n_free = self._free_span(first, C)
         at = free_start - self.rec_start
         for buf, keys in ((self.rec_k, mem_k), (self.rec_v, mem_v)):
@@ -444,8 +453,8 @@ class LayerMemory:
         if sinks_local:  # only early on; later the buffer is used in place, not copied every layer and chunk
             keys = torch.cat([self.sink_local[:, :sinks_local], keys], dim=1)
             values = torch.cat([self.sink_v[:, :sinks_local], values], dim=1)
-        mask = self.masks.get(_local_mask, self.device, q_local.dtype, g, first, n, S, W, sinks_local,
-                              self.rec_start + lo, hi - lo)
+        mask = None if n == 1 else self.masks.get(  # a lone query (decoding) sees every key sliced for it
+            _local_mask, self.device, q_local.dtype, g, first, n, S, W, sinks_local, self.rec_start + lo, hi - lo)
         with record_function("infllm.attention"):
             local = attention_lse(q_local.reshape(hkv, g * n, d), keys, values, mask, self.scale)
 
@@ -460,8 +469,8 @@ class LayerMemory:
         if ids:
             with record_function("infllm.gather"):
                 bk, bv = gather_blocks(self.store, self.cache, ids)  # [k, Hkv, B, D]
-            mem_k.append(bk.transpose(0, 1).reshape(hkv, -1, d))
-            mem_v.append(bv.transpose(0, 1).reshape(hkv, -1, d))
+            mem_k.extend(bk.unbind(0))  # views [Hkv, B, D]: the one cat below copies them
+            mem_v.extend(bv.unbind(0))
         at = free_start - self.rec_start
         mem_k.append(self.rec_k[:, at : at + n_free])
         mem_v.append(self.rec_v[:, at : at + n_free])

@@ -19,14 +19,17 @@ import torch
 
 def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
     """queries [C, Hkv, M, D]: C independent query chunks, each with M queries per KV head (the head group's
-    queries, rotated as memory sees them); reprs [N, Hkv, R, D]: each block's representative keys, unrotated.
+    queries, rotated as memory sees them); reprs [N, R, Hkv, D]: each block's representative keys, unrotated.
 
     Returns [C, N] float32, higher is more relevant. InfLLM's score: the chunk's queries summed into one vector
     per KV head, dotted with each representative key and summed over heads; a block scores its best key.
     Cheap (one vector per head), which is what reading a long text needs: every chunk scores every block.
+    The sum over heads and dims is one product over (Hkv, D), reading the keys where they lie.
     """
-    summed = queries.sum(dim=2).to(reprs.dtype)  # [C, Hkv, D]
-    return torch.einsum("chd,nhrd->cnr", summed, reprs).amax(dim=-1).float()
+    c, hkv, _, d = queries.shape
+    n, r = reprs.shape[:2]
+    summed = queries.sum(dim=2).to(reprs.dtype).reshape(c, hkv * d)
+    return (summed @ reprs.reshape(n * r, hkv * d).t()).view(c, n, r).amax(dim=-1).float()
 
 
 def token_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -429,6 +429,7 @@ def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: 
 def _check(display: Display, opts: RunOptions, groups: list[list[str]], question: str, save: str | None,
            each: bool = False) -> Plan:
     """Everything that can be refused before the model loads: flags, special files, snapshots, settings."""
+    from core.attention import kernel_choice
     from core.defaults import engine_defaults
     from core.loading import pick_device, pick_dtype, resolve_model
     from core.prompting import load_template
@@ -438,6 +439,7 @@ def _check(display: Display, opts: RunOptions, groups: list[list[str]], question
 
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
+    kernel_choice()  # and a bad INFLLM_KERNELS
     failures: dict[int, InfllmError] = {}
     snaps = {}  # first source of a group -> its snapshot
     for i, sources in enumerate(groups):

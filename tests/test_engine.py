@@ -126,6 +126,57 @@ def test_query_chunks_batched_in_one_call_equal_chunks_one_at_a_time(arch, cache
     assert (together - one_at_a_time).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("sinks,query_chunk,prefill_chunk", [(8, 16, 48), (0, 16, 64), (8, 32, 128), (4, 8, 8)])
+def test_masks_that_claim_a_band_are_that_band(sinks, query_chunk, prefill_chunk):
+    """A mask marked as a Band is followed by the CUDA flash kernel without being read, so the claim must be
+    exact: every mask built while reading and decoding a long text is checked against its band written out."""
+    from core.attention import Mask
+
+    built = []
+    real = Mask.from_visible
+
+    def spy(visible, dtype, groups=1, dead_rows=0, band=None):
+        mask = real(visible, dtype, groups, dead_rows, band)
+        built.append((visible, groups, mask.band))
+        return mask
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (420,), generator=torch.Generator().manual_seed(7))
+    cfg = EngineConfig(sinks=sinks, window=64, block_size=16, repr_keys=2, topk=3, query_chunk=query_chunk,
+                       cache_blocks=8, prefill_chunk=prefill_chunk)
+    with mock.patch.object(Mask, "from_visible", side_effect=spy):
+        engine = Engine(model, cfg)
+        engine.feed(ids[:400])
+        for t in range(400, 420):
+            engine.feed(ids[t : t + 1])
+    bands = [(visible, groups, band) for visible, groups, band in built if band is not None]
+    assert {band.left for _, _, band in bands} == {None, cfg.window - 1}  # both groups' masks claim bands
+    for visible, groups, band in bands:
+        rows, keys = visible.shape
+        assert torch.equal(visible, band.visible(rows // groups, keys, visible.device).repeat(groups, 1))
+
+
+@pytest.mark.parametrize("choice", ["masked", "reference"])
+def test_every_kernel_choice_gives_the_same_logits(choice, monkeypatch):
+    """INFLLM_KERNELS only picks how attention is computed, never what: plain torch and the fused kernels agree
+    on a long text with decoding (the default choice is checked against dense attention elsewhere)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(10))
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=3, query_chunk=16, cache_blocks=6, prefill_chunk=64)
+
+    def run():
+        engine = Engine(model, cfg)
+        return torch.cat([engine.feed(ids[:380], all_logits=True),
+                          torch.stack([engine.feed(ids[t : t + 1]) for t in range(380, 400)])])
+
+    auto = run()
+    monkeypatch.setenv("INFLLM_KERNELS", choice)
+    assert (run() - auto).abs().max().item() <= 1e-4
+    monkeypatch.setenv("INFLLM_KERNELS", "fastest")
+    with pytest.raises(UsageError, match="INFLLM_KERNELS must be one of"):
+        Engine(model, cfg)
+
+
 def test_offloaded_store_gives_identical_logits():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(4))
@@ -167,7 +218,7 @@ def test_block_whose_representatives_match_the_query_is_retrieved():
     planted = 23
     k, v = store.block(planted)
     k[:, 0] = query * 5  # a representative key aligned with the query
-    store.reprs()[planted, :, 0] = query * 5
+    store.reprs()[planted, 0] = query * 5  # [R, Hkv, D] per block
     scores = block_scores(query[None, :, None, :], store.reprs())[0]
     assert int(torch.topk(scores, 3).indices[0]) == planted
 
@@ -188,7 +239,7 @@ def test_one_question_token_finds_its_block_among_many_unrelated_tokens():
     per_head = head_scores(token_scores(queries, keys), groups)  # [G, N]
     assert int(per_head[0].argmax()) == planted
     assert int(per_head[1].argmax()) == decoy  # the other head never saw the word
-    assert int(block_scores(queries[None], keys)[0].argmax()) == decoy  # the summed chunk drowns it
+    assert int(block_scores(queries[None], keys.transpose(1, 2))[0].argmax()) == decoy  # the summed chunk drowns it
 
 
 def test_head_quality_rewards_heads_that_rank_the_quoted_block_first():
