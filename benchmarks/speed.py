@@ -182,6 +182,9 @@ def decode_ops(model, length, overrides) -> None:
     per = len(model.model.layers) * tokens
     print(f"decode after {length:,} tokens: {sum(ops.values()) / per:.1f} operators per layer per token")
     print(", ".join(f"{k} {n / per:.1f}" for k, n in sorted(ops.items(), key=lambda x: -x[1])))
+    timed = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    print("host time per token (self): " + ", ".join(f"{e.key} {e.self_cpu_time_total / tokens / 1e3:.1f} ms"
+                                                     for e in timed))
 
 
 def main() -> None:
@@ -199,7 +202,8 @@ def main() -> None:
     ap.add_argument("--query-chunk", type=int)
     ap.add_argument("--cache-blocks", type=int)
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
-    ap.add_argument("--count-ops", action="store_true", help="count operators per layer per decoded token instead")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="profile decoding after the first length instead: operators per layer per token, host time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)

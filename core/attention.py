@@ -92,7 +92,7 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
             ref_out, ref_lse = _reference(q.float(), k.float(), v.float(), bias.repeat(groups, 1), 0.125)
             if (out.float() - ref_out).abs().max().item() > 0.05 or (lse.float() - ref_lse).abs().max().item() > 0.05:
                 return False
-    except RuntimeError:  # no flash kernel in this build or for this GPU
+    except (RuntimeError, TypeError):  # no flash kernel (or not this signature) in this build, or for this GPU
         return False
     return True
 
