@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -230,9 +231,9 @@ def main() -> None:
             rows.append(infllm(model, device, length, args.decode, overrides))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if "infllm-masked" in systems:  # the same engine with every mask read densely (no band kernel)
-            os.environ["INFLLM_KERNELS"] = "masked"
-            rows.append({**infllm(model, device, length, args.decode, overrides), "system": "infllm, masked kernel"})
-            del os.environ["INFLLM_KERNELS"]
+            with mock.patch.dict(os.environ, {"INFLLM_KERNELS": "masked"}):
+                row = infllm(model, device, length, args.decode, overrides)
+            rows.append({**row, "system": "infllm, masked kernel"})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
     print(f"\n{args.shape} on {device} ({args.dtype})\n")

@@ -27,7 +27,7 @@ KERNEL_CHOICES = ("auto", "masked", "reference")
 def kernel_choice() -> str:
     """`INFLLM_KERNELS`: auto (the fastest kernel that agrees with the reference on this device; the default),
     masked (no band kernel: every mask is read as a dense bias) or reference (plain torch everywhere). For
-    comparing kernels in one run, and for ruling a kernel out when a result looks wrong."""
+    comparing kernels in one run, and for ruling a kernel out when a result looks wrong. Read once per engine."""
     choice = os.environ.get("INFLLM_KERNELS", "auto")
     if choice not in KERNEL_CHOICES:
         raise UsageError(f"INFLLM_KERNELS must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
@@ -62,6 +62,25 @@ def _cuda_efficient(q, k, v, bias, scale):
     return out, lse[..., : q.shape[-2]]
 
 
+@dataclass(frozen=True)
+class Band:
+    """A mask aligned to the last key: of L queries and N keys (N >= L), query i stands at key N - L + i and sees
+    that key and the `left` keys before it (left None: every key before it)."""
+
+    left: int | None = None
+
+    def visible(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
+        """[L, N] bool, the band written out (for the reference path and the tests)."""
+        at = keys - length + torch.arange(length, device=device)[:, None]
+        j = torch.arange(keys, device=device)[None, :]
+        seen = j <= at
+        return seen if self.left is None else seen & (j >= at - self.left)
+
+    def bias(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
+        """[L, N] float32 additive mask of the band: 0 where visible, -inf where not."""
+        return torch.zeros(length, keys, device=device).masked_fill_(~self.visible(length, keys, device), NEG_INF)
+
+
 def _cuda_flash(q, k, v, band: Band, groups: int, scale):
     """FlashAttention over a band: q [C, Hkv, G*L, D], k/v [C, Hkv, N, D] (any strides with a contiguous last
     dimension, such as unfold windows). The kernel wants [C, L, H, D] with query head h reading KV head h // G,
@@ -88,8 +107,8 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
             q = torch.randn(2, 2, groups * length, d, device=device, dtype=dtype, generator=gen)
             k, v = (torch.randn(2, 2, keys, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
             out, lse = _cuda_flash(q, k, v, band, groups, 0.125)
-            bias = torch.zeros(length, keys, device=device).masked_fill_(~band.visible(length, keys, device), NEG_INF)
-            ref_out, ref_lse = _reference(q.float(), k.float(), v.float(), bias.repeat(groups, 1), 0.125)
+            bias = band.bias(length, keys, device).repeat(groups, 1)
+            ref_out, ref_lse = _reference(q.float(), k.float(), v.float(), bias, 0.125)
             if (out.float() - ref_out).abs().max().item() > 0.05 or (lse.float() - ref_lse).abs().max().item() > 0.05:
                 return False
     except (RuntimeError, TypeError):  # no flash kernel (or not this signature) in this build, or for this GPU
@@ -100,21 +119,6 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 def _flash_usable(q: torch.Tensor, mask: Mask | None) -> bool:
     return (mask is not None and mask.band is not None and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_agrees(q.device, q.dtype))
-
-
-@dataclass(frozen=True)
-class Band:
-    """A mask aligned to the last key: of L queries and N keys (N >= L), query i stands at key N - L + i and sees
-    that key and the `left` keys before it (left None: every key before it)."""
-
-    left: int | None = None
-
-    def visible(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
-        """[L, N] bool, the band written out (for the reference path and the tests)."""
-        at = keys - length + torch.arange(length, device=device)[:, None]
-        j = torch.arange(keys, device=device)[None, :]
-        seen = j <= at
-        return seen if self.left is None else seen & (j >= at - self.left)
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,10 @@ class Mask:
         return Mask(bias, dead, groups, band if not dead_rows else None)
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None, scale: float,
+                  kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """q [(C,) B, M, D], k/v [(C,) B, N, D] (C: optional query chunks, batched), mask over [M, N] shared by every
-    chunk and head, or None for all visible.
+    chunk and head, or None for all visible. `kernels` is one of KERNEL_CHOICES (see kernel_choice).
 
     Returns out [(C,) B, M, D] and lse [(C,) B, M] (float32; -inf for rows with no visible key, whose out is 0).
     """
@@ -155,12 +159,11 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
     single = q.dim() == 3
     if single:
         q, k, v = q[None], k[None], v[None]
-    choice = kernel_choice()
-    if choice == "reference" or q.device.type not in ("cpu", "cuda"):
+    if kernels == "reference" or q.device.type not in ("cpu", "cuda"):
         out, lse = _reference(q, k, v, bias, scale)
     elif q.device.type == "cpu":
         out, lse = _cpu_flash(q, k, v, bias, scale)
-    elif choice == "auto" and _flash_usable(q, mask):
+    elif kernels == "auto" and _flash_usable(q, mask):
         out, lse = _cuda_flash(q, k, v, mask.band, mask.groups, scale)
     else:
         out, lse = _cuda_efficient(q, k, v, bias, scale)

@@ -74,8 +74,8 @@ class BlockStore:
         O(1) and the unused tail under 25% of the used part: at 1M tokens an 8B model's keys take 2 GB of the
         accelerator, so doubling could leave 2 GB more reserved and unused."""
         if count > self._reprs.shape[0]:
-            grown = torch.empty((max(count, self._reprs.shape[0] * 5 // 4, 64), *self.repr_shape), dtype=self.dtype,
-                                device=self.compute_device)
+            rows = max(count, self._reprs.shape[0] * 5 // 4, 64)
+            grown = torch.empty((rows, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
             grown[: self.count].copy_(self._reprs[: self.count])
             self._reprs = grown
 
@@ -111,7 +111,8 @@ class BlockStore:
         for p in range(-(-count // KV_PAGE_BLOCKS)):
             used = min(KV_PAGE_BLOCKS, count - p * KV_PAGE_BLOCKS)
             shapes[f"k.{p}"] = shapes[f"v.{p}"] = (used, *self.shape)
-        shapes["repr"] = (count, self.repr_shape[1], self.repr_shape[0], self.repr_shape[2])
+        repr_keys, heads, head_dim = self.repr_shape
+        shapes["repr"] = (count, heads, repr_keys, head_dim)  # the [Hkv, R, D] layout of `export`
         return shapes
 
     def adopt(self, tensors: dict[str, torch.Tensor], count: int,

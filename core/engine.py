@@ -35,7 +35,7 @@ class Engine:
     def __init__(self, model: nn.Module, config: EngineConfig, offload: bool | None = None):
         self.adapter = DecoderAdapter(model)
         self.config = config.validate(self.adapter.max_positions)
-        kernel_choice()  # a bad INFLLM_KERNELS is refused before any work
+        self.kernels = kernel_choice()  # a bad INFLLM_KERNELS is refused before any work
         self.model = model
         devices = {layer.device for layer in self.adapter.layers}
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
@@ -49,7 +49,7 @@ class Engine:
         a, cfg = self.adapter, self.config
         self.layers = [
             LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
-                        self._ropes[layer.device], self.offload, self.masks)
+                        self._ropes[layer.device], self.offload, self.masks, self.kernels)
             for layer in a.layers
         ]
 

@@ -116,12 +116,13 @@ def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: i
 class LayerMemory:
     def __init__(self, cfg: EngineConfig, heads: int, kv_heads: int, head_dim: int, scale: float,
                  dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool,
-                 masks: MaskCache | None = None):
+                 masks: MaskCache | None = None, kernels: str = "auto"):
         self.cfg = cfg
         self.masks = masks if masks is not None else MaskCache()
         self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
         self.groups = heads // kv_heads
         self.scale = scale
+        self.kernels = kernels  # attention kernels (core.attention.kernel_choice)
         self.rope = rope
         self.device = device
         self.dtype = dtype
@@ -400,7 +401,8 @@ class LayerMemory:
         mask = self.masks.get(_local_mask, self.device, q_local.dtype, g, first, C, S, W, 0, first - W + 1, span)
         with record_function("infllm.attention"):
             local = attention_lse(per_chunk(q_local), windows(k_local, span),
-                                  windows(self.rec_v[:, local_from : self.rec_len], span), mask, self.scale)
+                                  windows(self.rec_v[:, local_from : self.rec_len], span), mask, self.scale,
+                                  self.kernels)
 
         self.last_retrieved = retrieved[-1]
         if self.tally is not None:
@@ -422,7 +424,7 @@ class LayerMemory:
                               free_start, n_free)
         with record_function("infllm.attention"):
             mem = attention_lse(per_chunk(q_mem), torch.cat(mem_k, dim=2), torch.cat(mem_v, dim=2), mask,
-                                self.scale)
+                                self.scale, self.kernels)
         out = merge(local, mem)  # [n, Hkv, G*C, D]
         return out.view(n, hkv, g, C, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, length, d)
 
@@ -456,7 +458,7 @@ class LayerMemory:
         mask = None if n == 1 else self.masks.get(  # a lone query (decoding) sees every key sliced for it
             _local_mask, self.device, q_local.dtype, g, first, n, S, W, sinks_local, self.rec_start + lo, hi - lo)
         with record_function("infllm.attention"):
-            local = attention_lse(q_local.reshape(hkv, g * n, d), keys, values, mask, self.scale)
+            local = attention_lse(q_local.reshape(hkv, g * n, d), keys, values, mask, self.scale, self.kernels)
 
         # Memory group: frozen sinks, retrieved blocks, and unsealed tokens at least W behind some query.
         self.last_retrieved = ids
@@ -481,5 +483,5 @@ class LayerMemory:
                               free_start, n_free)
         with record_function("infllm.attention"):
             mem = attention_lse(q_mem.reshape(hkv, g * n, d), torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
-                                self.scale)
+                                self.scale, self.kernels)
         return merge(local, mem).view(hkv, g, n, d)

@@ -212,6 +212,20 @@ def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0):
     return store
 
 
+def test_representative_keys_grow_by_a_quarter_and_round_trip_their_file_layout():
+    """Appends keep under a quarter of the tensor unused (doubling could leave 2 GB idle at 1M tokens on an 8B
+    model), and the [N, R, Hkv, D] layout held for scoring exports and adopts as [N, Hkv, R, D]."""
+    store = _store(1, heads=2, reprs=3)
+    for n in range(2, 700):
+        store.append(*(torch.randn(1, 2, 8, 16) for _ in range(2)), torch.randn(1, 2, 3, 16))
+        assert store._reprs.shape[0] <= max(64, n * 5 // 4 + 1)
+    exported = store.export()["repr"]
+    assert exported.shape == store.expected_shapes(store.count)["repr"] == (699, 2, 3, 16)
+    copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
+    copy.adopt({k: t.contiguous() for k, t in store.export().items()}, store.count)
+    assert torch.equal(copy.reprs(), store.reprs()) and copy.reprs().shape == (699, 3, 2, 16)
+
+
 def test_block_whose_representatives_match_the_query_is_retrieved():
     store = _store(40, seed=1)
     query = torch.randn(2, 16, generator=torch.Generator().manual_seed(9))
