@@ -67,7 +67,7 @@ def build(shape: str, device, dtype):
 
 
 def dense(model, device, n=4096):
-    x = torch.randint(0, 32000, (1, n), device=device)
+    x = torch.randint(0, model.config.vocab_size, (1, n), device=device)
     with torch.inference_mode():
         for _ in range(2):
             sync(device)
@@ -80,7 +80,7 @@ def dense(model, device, n=4096):
 def full(model, device, length, decode, chunk=8192):
     from transformers import DynamicCache
 
-    ids = torch.randint(0, 32000, (1, length), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = DynamicCache()
@@ -104,7 +104,7 @@ def full(model, device, length, decode, chunk=8192):
 def infllm(model, device, length, decode, overrides):
     cfg = engine_defaults(model.config).with_overrides(**overrides)
     engine = Engine(model, cfg)
-    ids = torch.randint(0, 32000, (length,))
+    ids = torch.randint(0, model.config.vocab_size, (length,))
     engine.feed(ids[: cfg.prefill_chunk])  # warm-up (allocations, kernel selection)
     engine.reset()
     if device.type == "cuda":
@@ -130,7 +130,7 @@ def breakdown(model, device, length, overrides) -> None:
 
     cfg = engine_defaults(model.config).with_overrides(**overrides)
     engine = Engine(model, cfg)
-    ids = torch.randint(0, 32000, (length,))
+    ids = torch.randint(0, model.config.vocab_size, (length,))
     engine.feed(ids[: cfg.prefill_chunk])
     engine.reset()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -170,7 +170,7 @@ def decode_ops(model, length, overrides) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     engine = Engine(model, engine_defaults(model.config).with_overrides(**overrides))
-    engine.feed(torch.randint(0, 32000, (length,)))
+    engine.feed(torch.randint(0, model.config.vocab_size, (length,)))
     for _ in range(2):
         engine.feed([5])
     tokens = 4
