@@ -2,7 +2,7 @@
 
 Rows: one dense 4K forward without cache (the practical roofline), transformers full attention (SDPA,
 chunked prefill + greedy decode, as ../shared/reference/full_attention_bench.py), and infllm (also with
-INFLLM_KERNELS=masked, to weigh the band kernel against the masked one in the same run).
+INFLLM_KERNELS=masked and =band, to weigh the kernels against each other in the same run).
 Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
 row of the same run.
 
@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--full-max", type=int, default=131072)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--systems", default="dense,full,infllm", help="any of dense,full,infllm,infllm-masked")
+    ap.add_argument("--systems", default="dense,full,infllm", help="any of dense,full,infllm,infllm-masked,infllm-band")
     ap.add_argument("--window", type=int)
     ap.add_argument("--topk", type=int)
     ap.add_argument("--prefill-chunk", type=int)
@@ -230,11 +230,12 @@ def main() -> None:
         if "infllm" in systems:
             rows.append(infllm(model, device, length, args.decode, overrides))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        if "infllm-masked" in systems:  # the same engine with every mask read densely (no band kernel)
-            with mock.patch.dict(os.environ, {"INFLLM_KERNELS": "masked"}):
-                row = infllm(model, device, length, args.decode, overrides)
-            rows.append({**row, "system": "infllm, masked kernel"})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for kernels in ("masked", "band"):  # the same engine on one kernel family (auto picks between them)
+            if f"infllm-{kernels}" in systems:
+                with mock.patch.dict(os.environ, {"INFLLM_KERNELS": kernels}):
+                    row = infllm(model, device, length, args.decode, overrides)
+                rows.append({**row, "system": f"infllm, {kernels} kernel"})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
     print(f"\n{args.shape} on {device} ({args.dtype})\n")
     print("| system | tokens | prefill tok/s | vs dense 4K | decode ms/token | peak GPU GB | peak RSS GB |")

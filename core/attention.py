@@ -21,13 +21,14 @@ import torch
 from core.errors import UsageError
 
 NEG_INF = float("-inf")
-KERNEL_CHOICES = ("auto", "masked", "reference")
+KERNEL_CHOICES = ("auto", "masked", "band", "reference")
 
 
 def kernel_choice() -> str:
-    """`INFLLM_KERNELS`: auto (the fastest kernel that agrees with the reference on this device; the default),
-    masked (no band kernel: every mask is read as a dense bias) or reference (plain torch everywhere). For
-    comparing kernels in one run, and for ruling a kernel out when a result looks wrong. Read once per engine."""
+    """`INFLLM_KERNELS`: auto (the kernel measured fastest here, see `_band_wins`; the default), masked (every
+    mask read as a dense bias), band (the flash kernel wherever a mask is a band and the kernel agrees with the
+    reference) or reference (plain torch everywhere). For comparing kernels in one run, and for ruling a kernel
+    out when a result looks wrong. Read once per engine."""
     choice = os.environ.get("INFLLM_KERNELS", "auto")
     if choice not in KERNEL_CHOICES:
         raise UsageError(f"INFLLM_KERNELS must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
@@ -116,6 +117,13 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def _band_wins(q: torch.Tensor, mask: Mask) -> bool:
+    """Whether `auto` takes the band kernel: for query chunks, not for a lone decoded query. On an H200 (8B shape,
+    bf16 and fp16, 32K and 128K tokens) the band kernel prefilled 1.0-2.2x faster than the masked kernel in every
+    run, and decoded no faster (0.5-1.0x); docs/benchmarks.md, "Attention kernels", has the table."""
+    return q.shape[-2] > mask.groups  # more than one query per head
+
+
 def _flash_usable(q: torch.Tensor, mask: Mask | None) -> bool:
     return (mask is not None and mask.band is not None and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_agrees(q.device, q.dtype))
@@ -163,7 +171,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
         out, lse = _reference(q, k, v, bias, scale)
     elif q.device.type == "cpu":
         out, lse = _cpu_flash(q, k, v, bias, scale)
-    elif kernels == "auto" and _flash_usable(q, mask):
+    elif kernels in ("band", "auto") and _flash_usable(q, mask) and (kernels == "band" or _band_wins(q, mask)):
         out, lse = _cuda_flash(q, k, v, mask.band, mask.groups, scale)
     else:
         out, lse = _cuda_efficient(q, k, v, bias, scale)
@@ -181,4 +189,7 @@ def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Ten
     always see some key (a query sees itself locally), b's may see none (lse -inf, weight 0)."""
     (out_a, lse_a), (out_b, lse_b) = a, b
     share_b = torch.sigmoid(lse_b - lse_a)  # b's share of the union's softmax mass, e^b / (e^a + e^b)
-    return torch.lerp(out_a.float(), out_b.float(), share_b[..., None]).to(out_a.dtype)
+    merged = torch.lerp(out_a.float(), out_b.float(), share_b[..., None])
+    # lerp keeps its input's strides, and CUDA kernels return [.., M, H, D]-ordered outputs seen as [.., H, M, D]:
+    # the dtype cast copies anyway, so it also lays the result out in order for the callers' views.
+    return merged.to(out_a.dtype, memory_format=torch.contiguous_format)

@@ -361,7 +361,7 @@ class LayerMemory:
                 out[:, :, f : f + n] = self._attend_chunk(first + f, n, q_local[:, :, f : f + n],
                                                           q_mem[:, :, f : f + n], k_local, local_from, ids)
         self.position += length
-        return out.view(h, length, d)
+        return out.reshape(h, length, d)  # a view unless a kernel's layout needs the copy
 
     def _free_span(self, first: int, n: int) -> tuple[int, int]:
         """Start and count of the unsealed tokens that the chunk [first, first + n) sees as memory."""
@@ -478,7 +478,7 @@ class LayerMemory:
         mem_v.append(self.rec_v[:, at : at + n_free])
         n_block_keys = len(ids) * cfg.block_size
         if sinks_mem + n_block_keys + n_free == 0:
-            return local[0].view(hkv, g, n, d)
+            return local[0].reshape(hkv, g, n, d)  # a CUDA kernel's output may be laid out [M, Hkv, D]
         mask = self.masks.get(_memory_mask, self.device, q_mem.dtype, g, first, n, S, W, sinks_mem, n_block_keys,
                               free_start, n_free)
         with record_function("infllm.attention"):

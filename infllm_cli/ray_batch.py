@@ -205,6 +205,8 @@ def _stream(ray, display: Display, workers: list, groups: list[list[str]], out, 
     written = finished = tokens = 0
     failures: list[dict] = []
 
+    number = {id(w): i + 1 for i, w in enumerate(workers)}  # "worker N" in the progress lines
+
     def give(worker) -> None:
         item = next(pending, None)
         if item is not None:
@@ -231,7 +233,8 @@ def _stream(ray, display: Display, workers: list, groups: list[list[str]], out, 
             tokens += result.get("tokens_read", 0)
             timings = result.get("timings", {})
             display.phase(f"[{finished}/{len(groups)}] {groups[index][0]}: {result.get('tokens_read', 0):,} tokens "
-                          f"read, answered in {timings.get('total_s', 0) - timings.get('load_s', 0):.1f} s")
+                          f"read, answered in {timings.get('total_s', 0) - timings.get('load_s', 0):.1f} s "
+                          f"by worker {number[id(worker)]}")
         done[index] = result
         while written in done:
             line = done.pop(written)

@@ -156,7 +156,7 @@ def test_masks_that_claim_a_band_are_that_band(sinks, query_chunk, prefill_chunk
         assert torch.equal(visible, band.visible(rows // groups, keys, visible.device).repeat(groups, 1))
 
 
-@pytest.mark.parametrize("choice", ["masked", "reference"])
+@pytest.mark.parametrize("choice", ["masked", "band", "reference"])
 def test_every_kernel_choice_gives_the_same_logits(choice, monkeypatch):
     """INFLLM_KERNELS only picks how attention is computed, never what: plain torch and the fused kernels agree
     on a long text with decoding (the default choice is checked against dense attention elsewhere)."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from unittest import mock
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import core.attention
-from core.attention import Band, Mask, _cuda_flash, _flash_agrees, _reference, attention_lse
+from core.attention import KERNEL_CHOICES, Band, Mask, _cuda_flash, _flash_agrees, _reference, attention_lse
 from core.config import EngineConfig
 from core.engine import Engine
 from core.memory import LayerMemory
+from infllm_cli.app import app
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
@@ -118,16 +121,49 @@ def test_flash_kernel_follows_a_band_over_strided_windows(dtype, left):
     assert (lse - ref_lse).abs().max().item() <= 2e-2
 
 
-def test_engine_with_the_band_kernel_equals_the_masked_kernel_in_bf16():
-    """Past the first window both attention groups run on the flash kernel; the logits stay those of the
-    masked kernel within bf16 tolerance."""
+def test_engine_with_the_band_kernel_equals_the_masked_kernel_in_bf16(monkeypatch):
+    """With INFLLM_KERNELS=band both attention groups run on the flash kernel past the first window; the logits
+    stay those of the masked kernel within bf16 tolerance, and the masked choice never calls the flash kernel."""
     model = tiny_model("llama").to("cuda", torch.bfloat16)
     ids = torch.randint(0, 256, (1200,), generator=torch.Generator().manual_seed(8))
     cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=3, query_chunk=32, cache_blocks=8,
                        prefill_chunk=128)
-    with mock.patch.object(core.attention, "_flash_usable", return_value=False):
-        masked = Engine(model, cfg).feed(ids, all_logits=True)
-    with mock.patch.object(core.attention, "_cuda_flash", side_effect=_cuda_flash) as flash:
-        banded = Engine(model, cfg).feed(ids, all_logits=True)
-    assert flash.call_count >= 2 * 6 * len(model.model.layers)  # local and memory group of most pieces
-    assert (banded - masked).abs().max().item() <= 2e-2
+    runs = {}
+    for choice in ("masked", "band"):
+        monkeypatch.setenv("INFLLM_KERNELS", choice)
+        with mock.patch.object(core.attention, "_cuda_flash", side_effect=_cuda_flash) as flash:
+            runs[choice] = Engine(model, cfg).feed(ids, all_logits=True), flash.call_count
+    assert runs["masked"][1] == 0
+    assert runs["band"][1] >= 2 * 6 * len(model.model.layers)  # local and memory group of most pieces
+    assert (runs["band"][0] - runs["masked"][0]).abs().max().item() <= 2e-2
+
+
+def test_decoding_on_gpu_matches_cpu_token_by_token():
+    """Decoding one token at a time past the window (the step that answers) gives the CPU engine's logits."""
+    ids = torch.randint(0, 256, (720,), generator=torch.Generator().manual_seed(9))
+    cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=40, query_chunk=32, cache_blocks=40,
+                       prefill_chunk=64)
+    logits = {}
+    for device in ("cpu", "cuda"):
+        engine = Engine(tiny_model("llama").to(device), cfg)
+        engine.feed(ids[:700])
+        logits[device] = torch.stack([engine.feed(ids[t : t + 1]) for t in range(700, 720)]).cpu()
+    assert (logits["cuda"] - logits["cpu"]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kernels", KERNEL_CHOICES)
+def test_the_cli_reads_past_the_window_and_answers_on_cuda(tiny_model_dir, tmp_path, monkeypatch, kernels, dtype):
+    """`infllm ask` end to end on the GPU, for every kernel choice: the text is read past the window into blocks,
+    then the answer is decoded token by token (where a kernel's output layout once broke the first token)."""
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("INFLLM_KERNELS", kernels)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("".join(f"Line {i}: the key of room {i} is {i * 7 % 101}.\n" for i in range(200)))
+    argv = ["ask", "--model", str(tiny_model_dir), "--device", "cuda", "--dtype", dtype, "--max-tokens", "12",
+            "--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+            "--prefill-chunk", "128", "--cache-blocks", "4", "--json", str(doc), "What is the key of room 7?"]
+    result = CliRunner().invoke(app, argv, prog_name="infllm")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    answer = json.loads(result.stdout)
+    assert answer["tokens_read"] > 4 * 256 and isinstance(answer["answer"], str)

@@ -1,8 +1,10 @@
 """`infllm ask --each --json --ray`: a local Ray runtime on this machine, two CPU workers and the tiny model.
 
 One Ray run (starting Ray and two workers takes ~20 s on 2 cores) answers a batch whose sources finish out of
-order and two of which cannot be read; its lines must come in input order, equal to a local --each --json run's.
-Flag refusals need no Ray and run everywhere.
+order and two of which cannot be read; its lines must come in input order, with the errors in place, each source
+read to the same tokens as a local --each --json run, and both workers answering. The answers' text is not
+compared: the workers run on the CPUs Ray gives them, and a random model's near-flat logits can change their
+argmax with the thread count. Flag refusals need no Ray and run everywhere.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def test_a_batch_on_two_ray_workers_answers_in_input_order(ask, tmp_path):
     got = [json.loads(line) for line in result.stdout.splitlines()]
     assert [g["inputs"] for g in got] == [[str(s)] for s in sources]
     answered = [g for g in got if "error" not in g]
-    assert [(g["answer"], g["tokens_read"]) for g in answered] == [(e["answer"], e["tokens_read"]) for e in expected]
+    assert [(g["inputs"], g["tokens_read"]) for g in answered] == [(e["inputs"], e["tokens_read"]) for e in expected]
+    assert all(isinstance(g["answer"], str) and isinstance(g["tokens_generated"], int) for g in answered)
     errors = {g["inputs"][0]: g for g in got if "error" in g}
     assert set(errors) == {str(empty), str(missing)}
     assert all(g["exit_code"] == 3 and "\n" not in g["error"] for g in errors.values())
@@ -106,5 +109,7 @@ def test_a_batch_on_two_ray_workers_answers_in_input_order(ask, tmp_path):
     assert result.exit_code == 3  # the first failure's code, once every other source is answered
     stderr = result.stderr.strip().splitlines()
     assert stderr[-1].startswith(f"infllm: error: 2 of 7 sources failed; the first, {empty}: ")
-    assert sum("tokens read, answered" in line for line in stderr) == 5
+    answers = [line for line in stderr if "tokens read, answered" in line]
+    assert len(answers) == 5
+    assert {line.rsplit(" by ", 1)[1] for line in answers} == {"worker 1", "worker 2"}
     assert any("2 workers (1 CPU each)" in line for line in stderr)

@@ -489,7 +489,7 @@ def test_bad_memory_limit(infllm, doc, monkeypatch):
 def test_bad_kernel_choice(infllm, doc, monkeypatch):
     monkeypatch.setenv("INFLLM_KERNELS", "fastest")
     result = infllm(doc, "q")
-    assert "INFLLM_KERNELS must be one of auto, masked, reference, got 'fastest'" in one_error_line(result, EXIT_USAGE)
+    assert "INFLLM_KERNELS must be one of auto, masked, band, reference, got 'fastest'" in one_error_line(result, EXIT_USAGE)
     assert nothing_was_read(result)
 
 
