@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import EngineConfig  # noqa: E402
-from core.engine import Engine  # noqa: E402
-from core.loading import load_model  # noqa: E402
-from core.prompting import build_prompt  # noqa: E402
-from core.session import stop_token_ids  # noqa: E402
+from infllm.config import EngineConfig  # noqa: E402
+from infllm.engine.engine import Engine  # noqa: E402
+from infllm.runtime.loading import load_model  # noqa: E402
+from infllm.documents.prompting import build_prompt  # noqa: E402
+from infllm.session import stop_token_ids  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TEMPLATE = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -153,7 +153,7 @@ def main() -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    from core.defaults import engine_defaults
+    from infllm.defaults import engine_defaults
 
     cfg = engine_defaults(model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,

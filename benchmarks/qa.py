@@ -2,7 +2,7 @@
 
 This file owns the evaluation harness of issue 8: the JSONL question format, document excerpts, locating each
 evidence sentence in tokens and memory blocks, the four systems, the metrics, the printed table and the JSON
-result file. It changes nothing in core/; it drives the engine through `core.session.Session`.
+result file. It changes nothing in core/; it drives the engine through `infllm.session.Session`.
 
 Input, one JSON object per line (blank lines and lines starting with '#' are ignored):
 
@@ -14,7 +14,7 @@ Input, one JSON object per line (blank lines and lines starting with '#' are ign
    "pages": [11, 30],                                               optional, PDFs only: 1-based, inclusive
    "start_char": 339249, "max_chars": 73463}                        optional excerpt of the extracted text
 
-The text is extracted as the CLI does (`core.sources.read_text`), narrowed to `pages`, then to `max_chars`
+The text is extracted as the CLI does (`infllm.documents.readers.read_text`), narrowed to `pages`, then to `max_chars`
 characters from `start_char`; both cuts move to line boundaries (the excerpt starts at the first line that
 begins at or after start_char and ends at the last newline before the limit). Evidence must occur in the
 excerpt; runs of whitespace match any whitespace, since extracted PDF text breaks lines inside sentences.
@@ -69,7 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.sources import Piece  # noqa: E402
+from infllm.documents.readers import Piece  # noqa: E402
 
 SYSTEMS = ("infllm", "streaming", "last-slice", "bm25")
 BUCKETS = ("early", "middle", "late")
@@ -223,8 +223,8 @@ def cut_excerpt(text: str, pieces: list[Piece], pages, start_char: int, max_char
 
 def build_excerpts(items: list[Item], skip_invalid: bool) -> list[Excerpt]:
     """Extract each document once, cut the excerpts, locate every evidence sentence."""
-    from core.errors import SourceError
-    from core.sources import read_text
+    from infllm.errors import SourceError
+    from infllm.documents.readers import read_text
 
     extracted: dict[str, tuple[str, list[Piece]]] = {}
     unreadable: dict[str, int] = {}  # document -> items refused with it (its error is reported once)
@@ -366,11 +366,11 @@ def evidence_rank(tally: Counter, evidence_blocks: set[int], is_document) -> int
 
 
 def run(args) -> dict:
-    from core.citations import SourceMap
-    from core.defaults import engine_defaults
-    from core.loading import load_model
-    from core.prompting import build_prompt, builtin_template, load_template
-    from core.session import Session, stop_token_ids
+    from infllm.citations.passages import SourceMap
+    from infllm.defaults import engine_defaults
+    from infllm.runtime.loading import load_model
+    from infllm.documents.prompting import build_prompt, builtin_template, load_template
+    from infllm.session import Session, stop_token_ids
 
     items = parse_set(Path(args.questions))
     if args.start_char is not None or args.max_chars is not None:
@@ -587,7 +587,7 @@ def rescore(args) -> dict:
 
 def check(args) -> None:
     """Validate the set and show where each evidence sentence sits, without running a model."""
-    from core.loading import load_model
+    from infllm.runtime.loading import load_model
 
     items = parse_set(Path(args.questions))
     excerpts = build_excerpts(items, args.skip_invalid)

@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import qa  # noqa: E402
-from core.citations import SourceMap  # noqa: E402
-from core.defaults import engine_defaults  # noqa: E402
-from core.loading import load_model  # noqa: E402
-from core.prompting import build_prompt, builtin_template, load_template  # noqa: E402
-from core.session import Session  # noqa: E402
+from infllm.citations.passages import SourceMap  # noqa: E402
+from infllm.defaults import engine_defaults  # noqa: E402
+from infllm.runtime.loading import load_model  # noqa: E402
+from infllm.documents.prompting import build_prompt, builtin_template, load_template  # noqa: E402
+from infllm.session import Session  # noqa: E402
 
 
 def main() -> None:

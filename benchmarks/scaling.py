@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
-from core.defaults import engine_defaults  # noqa: E402
-from core.engine import Engine  # noqa: E402
-from core.placement import check_placement, drop_dispatch_hooks  # noqa: E402
+from infllm.defaults import engine_defaults  # noqa: E402
+from infllm.engine.engine import Engine  # noqa: E402
+from infllm.runtime.placement import check_placement, drop_dispatch_hooks  # noqa: E402
 from speed import SHAPES, build  # noqa: E402
 
 
@@ -162,7 +162,7 @@ STARTED = ("infllm: extracting text", "infllm: workers ready")
 def answer_all(argv: list[str], count: int, env: dict) -> dict:
     """Run one `infllm ask`: wall time, time to the first JSON line, and documents/min after start-up."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "infllm_cli", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "infllm.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ready, stderr = [], []
 

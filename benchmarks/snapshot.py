@@ -30,7 +30,7 @@ def make_document(tokens: int, path: Path) -> int:
     """Write the first `tokens` tokens of the reference texts to `path`; returns the exact count."""
     from transformers import AutoTokenizer
 
-    from core.loading import resolve_model
+    from infllm.runtime.loading import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(None).source, local_files_only=True)
     text = "\n\n".join(p.read_text(encoding="utf-8") for p in DOCS)
@@ -44,7 +44,7 @@ def make_document(tokens: int, path: Path) -> int:
 def infllm(*args: str) -> tuple[dict, float]:
     """Run the CLI; returns its --json object and the command's wall time."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "infllm_cli", *args, "--json", "-q", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "infllm.cli", *args, "--json", "-q", "--device", "cpu",
                            "--max-tokens", "32"], capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - start
     if proc.returncode:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.defaults import engine_defaults  # noqa: E402
-from core.engine import Engine  # noqa: E402
+from infllm.defaults import engine_defaults  # noqa: E402
+from infllm.engine.engine import Engine  # noqa: E402
 
 SHAPES = {
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

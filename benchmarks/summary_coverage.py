@@ -2,7 +2,7 @@
 
 For each document (an excerpt of about --tokens tokens, cut at a line break, from the start of a real long text
 in ../shared/docs), this builds the prompt exactly as `infllm summarize` does (the "summarize" template, the
-"system" template and `SUMMARY_REQUEST` from infllm_cli.app, through core.prompting.build_prompt), reads the
+"system" template and `SUMMARY_REQUEST` from infllm_cli.app, through infllm.documents.prompting.build_prompt), reads the
 document into the context memory with the default model, writes the summary greedily, and measures:
 
 (a) retrieval coverage: every memory retrieval made while reading the request and writing the summary (all
@@ -40,13 +40,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.defaults import engine_defaults  # noqa: E402
-from core.loading import load_model, resolve_model  # noqa: E402
-from core.prompting import build_prompt, builtin_template, load_template  # noqa: E402
-from core.sampling import SamplingConfig  # noqa: E402
-from core.session import Session  # noqa: E402
-from core.sources import read_text  # noqa: E402
-from infllm_cli.app import SUMMARY_REQUEST  # noqa: E402
+from infllm.defaults import engine_defaults  # noqa: E402
+from infllm.runtime.loading import load_model, resolve_model  # noqa: E402
+from infllm.documents.prompting import build_prompt, builtin_template, load_template  # noqa: E402
+from infllm.engine.sampling import SamplingConfig  # noqa: E402
+from infllm.session import Session  # noqa: E402
+from infllm.documents.readers import read_text  # noqa: E402
+from infllm.cli.app import SUMMARY_REQUEST  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "docs"
 DOCS = {

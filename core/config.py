@@ -1,10 +1,33 @@
-"""Engine settings: one typed dataclass, validated against the model before any work starts."""
+"""The model's attention shape and the engine settings: typed dataclasses, validated before any work starts."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from core.errors import UsageError
+from infllm.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder the engine needs, read once from its Hugging Face config."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    max_positions: int
+
+    @staticmethod
+    def from_config(config) -> "ModelShape":
+        heads = config.num_attention_heads
+        hidden = config.hidden_size
+        return ModelShape(layers=config.num_hidden_layers, hidden=hidden, heads=heads,
+                          kv_heads=getattr(config, "num_key_value_heads", None) or heads,  # None: no GQA
+                          head_dim=getattr(config, "head_dim", None) or hidden // heads,  # None: hidden / heads
+                          intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                          max_positions=config.max_position_embeddings)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Any model gets a window that fits its training length.
 
 from __future__ import annotations
 
-from core.config import EngineConfig
+from infllm.config import EngineConfig
 
 SMALL_MODEL_HIDDEN = 1024  # hidden size at or below which a model counts as small (SmolLM2-135M: 576)
 

@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.citations import RetrievalTally, SourceMap, passage, quote
-from core.citations import cite as cite_blocks
-from core.config import EngineConfig
-from core.engine import Engine
-from core.errors import UsageError
-from core.loading import LoadedModel
-from core.prompting import Prompt
-from core.sampling import SamplingConfig
-from core.scoring import attention_shares, head_quality, head_scores, token_scores
-from core.sources import Piece
-from core.tokenstream import stream_tokens
+from infllm.citations.passages import SourceMap, passage, quote
+from infllm.engine.tally import RetrievalTally
+from infllm.citations.passages import cite as cite_blocks
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.errors import UsageError
+from infllm.runtime.loading import LoadedModel
+from infllm.documents.prompting import Prompt
+from infllm.engine.sampling import SamplingConfig
+from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
+from infllm.documents.readers import Piece
+from infllm.documents.tokenstream import stream_tokens
 
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 

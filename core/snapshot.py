@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from core.citations import SourceMap, passage
-from core.config import EngineConfig
-from core.errors import ResourceError, SnapshotError, UsageError
-from core.loading import LoadedModel
-from core.session import Session
-from core.sources import Piece
+from infllm.citations.passages import SourceMap, passage
+from infllm.config import EngineConfig
+from infllm.errors import ResourceError, SnapshotError, UsageError
+from infllm.runtime.loading import LoadedModel
+from infllm.session import Session
+from infllm.documents.readers import Piece
 
 FORMAT = "infllm-snapshot"
 VERSION = 2  # 2: the memory keeps one recent-token buffer (counters rec_start, rec_len)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130  # core.errors.EXIT_INTERRUPTED; not imported, to keep this module free of imports
+EXIT_INTERRUPTED = 130  # infllm.errors.EXIT_INTERRUPTED; not imported, to keep this module free of imports
 
 
 def _interrupted_while_starting(signum, frame) -> None:

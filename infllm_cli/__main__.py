@@ -1,3 +1,3 @@
-from infllm_cli.app import main
+from infllm.cli.app import main
 
 main()

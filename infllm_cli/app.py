@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from core.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
-from core.sampling import SamplingConfig
-from infllm_cli.progress import Display, memory_line
+from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
+from infllm.engine.sampling import SamplingConfig
+from infllm.cli.progress import Display, memory_line
 
 if TYPE_CHECKING:  # the CLI imports torch and transformers only once a command runs
-    from core.config import EngineConfig
-    from core.loading import LoadedModel, ResolvedModel
-    from core.placement import DeviceMap
-    from core.prompting import Prompt
-    from core.session import Session
-    from core.snapshot import SnapshotFile
-    from infllm_cli.ray_batch import RayOptions
+    from infllm.config import EngineConfig
+    from infllm.runtime.loading import LoadedModel, ResolvedModel
+    from infllm.runtime.placement import DeviceMap
+    from infllm.documents.prompting import Prompt
+    from infllm.session import Session
+    from infllm.snapshot import SnapshotFile
+    from infllm.cli.ray_batch import RayOptions
 
 EPILOG = """\
 Examples:
@@ -65,7 +65,7 @@ def guarded(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from infllm_cli import restore_interrupts
+        from infllm.cli import restore_interrupts
 
         restore_interrupts()  # Ctrl-C while starting exited at once (infllm_cli/__init__.py); now it raises
         try:
@@ -82,7 +82,7 @@ def guarded(command):
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(0) from None
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            from core.resources import is_out_of_memory, out_of_memory_error
+            from infllm.runtime.resources import is_out_of_memory, out_of_memory_error
 
             if is_out_of_memory(err):  # RAM or GPU ran out mid-run: explained, exit 6
                 print(f"infllm: error: {out_of_memory_error(err)}", file=sys.stderr)
@@ -124,8 +124,8 @@ def _split_question(args: list[str], files_from: str | None = None) -> tuple[lis
 
 
 def _listed(files_from: str, sources: list[str]) -> list[str]:
-    from core.errors import SourceError
-    from core.sources import STDIN, read_path_list
+    from infllm.errors import SourceError
+    from infllm.documents.readers import STDIN, read_path_list
 
     try:
         listed = read_path_list(files_from, stdin=sys.stdin.buffer if files_from == STDIN else None)
@@ -190,7 +190,7 @@ def _options(model, device, dtype, device_map, window, topk, sinks, block_size, 
         raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
     if cite < 0:
         raise UsageError("--cite needs a count of passages, 0 or more")
-    from core.placement import parse_device_map
+    from infllm.runtime.placement import parse_device_map
 
     return RunOptions(model, device, dtype, parse_device_map(device_map, device), overrides,
                       SamplingConfig(temperature, top_p, seed), max_tokens, system,
@@ -217,7 +217,7 @@ def ask(
     sources, question = _split_question(args, files_from)
     opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    from infllm_cli.ray_batch import options_from_flags
+    from infllm.cli.ray_batch import options_from_flags
 
     on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
     _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], question, save, on_ray, each)
@@ -246,7 +246,7 @@ def summarize(
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], files_from)
     opts = _options(model, device, dtype, device_map, window, topk, sinks, block_size, query_chunk, cache_blocks, prefill_chunk,
                     max_tokens, temperature, top_p, seed, system, template, cite, as_json)
-    from infllm_cli.ray_batch import options_from_flags
+    from infllm.cli.ray_batch import options_from_flags
 
     on_ray = options_from_flags(ray, ray_address, workers, each, as_json, save)
     _run(Display(quiet), opts, [[s] for s in sources] if each else [sources], SUMMARY_REQUEST, save, on_ray, each)
@@ -268,11 +268,11 @@ def read_command(
 ) -> None:
     """Read documents once and save the context memory as a snapshot: `infllm ask FILE.infllm "..."` and
     `infllm summarize FILE.infllm` then answer from it without reading the text again."""
-    from core.defaults import engine_defaults
-    from core.loading import load_model, pick_device, resolve_model
-    from core.placement import parse_device_map
-    from core.prompting import build_prompt, builtin_template, load_template
-    from core.session import Session, peak_memory
+    from infllm.defaults import engine_defaults
+    from infllm.runtime.loading import load_model, pick_device, resolve_model
+    from infllm.runtime.placement import parse_device_map
+    from infllm.documents.prompting import build_prompt, builtin_template, load_template
+    from infllm.session import Session, peak_memory
 
     if not output:
         raise UsageError("name the snapshot to write: infllm read SOURCE... -o FILE.infllm")
@@ -317,12 +317,13 @@ def info(
     The time estimate comes from reading one prefill chunk with the real model on this machine (the engine's
     rate is flat in length), so it loads the model. stdin is counted as it arrives, in flat memory.
     """
-    from core.defaults import engine_defaults
-    from core.estimate import TextSize, measure_stream, memory_blocks, store_bytes_per_token
-    from core.loading import load_model, pick_device, pick_dtype, resolve_model
-    from core.placement import parse_device_map
-    from core.session import Session
-    from core.sources import STDIN, describe_source, iter_pieces, read_text
+    from infllm.defaults import engine_defaults
+    from infllm.documents.measure import TextSize, measure_stream
+    from infllm.engine.sizing import memory_blocks, store_bytes_per_token
+    from infllm.runtime.loading import load_model, pick_device, pick_dtype, resolve_model
+    from infllm.runtime.placement import parse_device_map
+    from infllm.session import Session
+    from infllm.documents.readers import STDIN, describe_source, iter_pieces, read_text
 
     display = Display(quiet)
     sources, _ = _split_question([*(sources or []), "info"])
@@ -410,7 +411,7 @@ def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: 
     the run then exits with the first failure's code. (Ray workers report their documents' failures themselves.)"""
     plan = _check(display, opts, groups, question, save, each and ray is None)
     if ray is not None:
-        from infllm_cli.ray_batch import run_batch
+        from infllm.cli.ray_batch import run_batch
 
         return run_batch(display, plan, groups, ray)
     failures = plan.failures
@@ -429,13 +430,13 @@ def _run(display: Display, opts: RunOptions, groups: list[list[str]], question: 
 def _check(display: Display, opts: RunOptions, groups: list[list[str]], question: str, save: str | None,
            each: bool = False) -> Plan:
     """Everything that can be refused before the model loads: flags, special files, snapshots, settings."""
-    from core.attention import kernel_choice
-    from core.defaults import engine_defaults
-    from core.loading import pick_device, pick_dtype, resolve_model
-    from core.prompting import load_template
-    from core.resources import memory_limit_bytes
-    from core.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
-    from core.sources import STDIN, refuse_special_files
+    from infllm.engine.attention import kernel_choice
+    from infllm.defaults import engine_defaults
+    from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
+    from infllm.documents.prompting import load_template
+    from infllm.runtime.resources import memory_limit_bytes
+    from infllm.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
+    from infllm.documents.readers import STDIN, refuse_special_files
 
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
@@ -478,9 +479,9 @@ def _check(display: Display, opts: RunOptions, groups: list[list[str]], question
 
 
 def _load(display: Display, plan: Plan) -> Loaded:
-    from core.loading import load_model
-    from core.prompting import NO_CHAT_TEMPLATE, build_prompt, builtin_template, has_chat_template
-    from core.session import Session
+    from infllm.runtime.loading import load_model
+    from infllm.documents.prompting import NO_CHAT_TEMPLATE, build_prompt, builtin_template, has_chat_template
+    from infllm.session import Session
 
     opts = plan.opts
     started = time.perf_counter()
@@ -499,7 +500,7 @@ def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str
                   header: bool = False) -> None:
     """Read one group of sources (or open its snapshot) and answer about it; header: a `==> name <==` line first,
     as `head` does for several files."""
-    from core.prompting import build_prompt
+    from infllm.documents.prompting import build_prompt
 
     opts, plan = batch.plan.opts, batch.plan
     timings = {"load_s": batch.load_s}
@@ -520,7 +521,7 @@ def _answer_group(display: Display, batch: Loaded, sources: list[str], save: str
 @contextmanager
 def _per_document(each: bool, failures: dict, index: int):
     """With --each, keep a failure that concerns one source for its turn instead of ending the run."""
-    from core.errors import ResourceError, SnapshotError, SourceError
+    from infllm.errors import ResourceError, SnapshotError, SourceError
 
     try:
         yield
@@ -547,8 +548,8 @@ def _raise_summary(failures: dict[int, InfllmError], groups: int) -> None:
 
 def _open(display: Display, opts: RunOptions, loaded, snap, timings: dict):
     """A session resumed from a snapshot, and the system prompt it was read with (unless --system overrides)."""
-    from core.session import rss_mb
-    from core.snapshot import open_session
+    from infllm.session import rss_mb
+    from infllm.snapshot import open_session
 
     started = time.perf_counter()
     meta = snap.meta
@@ -566,9 +567,9 @@ def _read(display: Display, session, prefix: list[int], sources: list[str], timi
 
     With stdin among them, the text is read as it arrives (`_read_stream`); keep_text: citations or a snapshot
     will need the text (only a stream can do without it)."""
-    from core.citations import SourceMap
-    from core.resources import check_reading
-    from core.sources import STDIN, read_text
+    from infllm.citations.passages import SourceMap
+    from infllm.runtime.resources import check_reading
+    from infllm.documents.readers import STDIN, read_text
 
     if STDIN in sources:
         _read_stream(display, session, prefix, sources, timings, keep_text)
@@ -595,8 +596,8 @@ def _read_stream(display: Display, session, prefix: list[int], sources: list[str
     """Read sources that include stdin as the text arrives: extracting, tokenizing and prefill in one pass, so
     memory grows only by the block store. Its size is unknown until the end, so the memory check runs before
     every prefill step instead of once."""
-    from core.resources import check_reading
-    from core.sources import iter_pieces
+    from infllm.runtime.resources import check_reading
+    from infllm.documents.readers import iter_pieces
 
     started = time.perf_counter()
     display.phase("extracting text from " + ", ".join(sources) + " (a stream: tokenized and read as it arrives, "
@@ -609,7 +610,7 @@ def _read_stream(display: Display, session, prefix: list[int], sources: list[str
 
 
 def _save(display: Display, session, path: str, model_spec: str | None, system: str, timings: dict) -> int:
-    from core.snapshot import save_session
+    from infllm.snapshot import save_session
 
     display.phase(f"writing snapshot {path}")
     started = time.perf_counter()
@@ -621,7 +622,7 @@ def _save(display: Display, session, path: str, model_spec: str | None, system: 
 
 def _answer(display: Display, opts: RunOptions, session, prompt, sources: list[str], timings: dict) -> None:
     """Stream the answer to stdout (or one JSON object), then citations and a summary line on stderr."""
-    from core.session import peak_memory, rss_mb
+    from infllm.session import peak_memory, rss_mb
 
     display.phase("answering")
     started = time.perf_counter()

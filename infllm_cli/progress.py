@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from core.session import rss_mb
+from infllm.session import rss_mb
 
 STREAM_LINE_TOKENS = 1_000_000  # in a log, a stream's line comes at 2x the tokens of the last, at most this apart
 

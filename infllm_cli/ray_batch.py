@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.errors import EXIT_INTERNAL, InfllmError, ResourceError, UsageError
-from infllm_cli.progress import Display
+from infllm.errors import EXIT_INTERNAL, InfllmError, ResourceError, UsageError
+from infllm.cli.progress import Display
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def _import_ray():
 
 def _failure(sources: list[str], err: BaseException) -> dict:
     """The line a failed source gets: what `guarded` would print for it, and the exit code it would give."""
-    from core.loading import one_line
-    from core.resources import is_out_of_memory, out_of_memory_error
+    from infllm.runtime.loading import one_line
+    from infllm.runtime.resources import is_out_of_memory, out_of_memory_error
 
     if is_out_of_memory(err):
         err = out_of_memory_error(err)
@@ -85,7 +85,7 @@ class Worker:
     """One Ray actor: loads the model once, then answers one source at a time."""
 
     def __init__(self, plan, threads: int | None):
-        from infllm_cli import app
+        from infllm.cli import app
 
         self.display = Display(quiet=True)  # progress is the driver's
         self.failed: dict | None = None
@@ -96,7 +96,7 @@ class Worker:
                 torch.set_num_threads(threads)  # the CPUs Ray gave this worker, not every core of the host
             source = plan.resolved.source
             if isinstance(source, Path) and not source.exists():  # another host: find the model here
-                from core.loading import resolve_model
+                from infllm.runtime.loading import resolve_model
 
                 plan = replace(plan, resolved=resolve_model(plan.spec))
             self.batch = app._load(self.display, plan)
@@ -109,7 +109,7 @@ class Worker:
 
     def answer(self, sources: list[str]) -> dict:
         """The JSON object a local `--each --json` prints for these sources, or their failure."""
-        from infllm_cli import app
+        from infllm.cli import app
 
         out = io.StringIO()
         try:

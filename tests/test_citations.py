@@ -6,10 +6,10 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from core.citations import SourceMap, cite
-from core.config import EngineConfig
-from core.sources import Piece
-from infllm_cli.app import app
+from infllm.citations.passages import SourceMap, cite
+from infllm.config import EngineConfig
+from infllm.documents.readers import Piece
+from infllm.cli.app import app
 
 
 def test_blocks_map_to_the_right_page_and_lines():
@@ -55,9 +55,9 @@ def test_cli_cites_passages_that_are_really_at_the_reported_lines(tiny_model_dir
 
 def test_citing_does_not_disturb_the_next_answer_and_ranks_every_document_block(tiny_model_dir):
     """Citations probe the memory with quoted passages (once per document): answers must not notice."""
-    from core.loading import load_model
-    from core.prompting import build_prompt
-    from core.session import Session
+    from infllm.runtime.loading import load_model
+    from infllm.documents.prompting import build_prompt
+    from infllm.session import Session
 
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     cfg = EngineConfig(sinks=16, window=128, block_size=32, repr_keys=4, topk=2, query_chunk=32, cache_blocks=2,

@@ -17,7 +17,7 @@ import pytest
 import typer.testing
 from typer.testing import CliRunner
 
-from infllm_cli.app import app
+from infllm.cli.app import app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -284,12 +284,12 @@ def test_unknown_template_exits_2(ask, docs):
 
 
 def test_unexpected_exception_is_one_line_exit_1(ask, docs, monkeypatch):
-    import core.loading
+    import infllm.runtime.loading
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(core.loading, "load_model", boom)
+    monkeypatch.setattr(infllm.runtime.loading, "load_model", boom)
     result = ask(docs["a"], "q")
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -298,12 +298,12 @@ def test_unexpected_exception_is_one_line_exit_1(ask, docs, monkeypatch):
 
 
 def test_interrupt_exits_130(ask, docs, monkeypatch):
-    import core.loading
+    import infllm.runtime.loading
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(core.loading, "load_model", interrupted)
+    monkeypatch.setattr(infllm.runtime.loading, "load_model", interrupted)
     result = ask(docs["a"], "q")
     assert result.exit_code == 130
     assert result.stderr.splitlines()[-1] == "infllm: interrupted"
@@ -337,7 +337,7 @@ def test_subprocess_stdout_is_only_the_answer(ask, docs, tiny_model_dir, tmp_pat
             str(docs["a"]), "What is the pass key?"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFLLM_") and k != "FORCE_COLOR"}
     env.update(NO_COLOR="1", INFLLM_CACHE=str(tmp_path / "cache"), PYTHONIOENCODING="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "infllm_cli", *argv], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "infllm.cli", *argv], cwd=REPO, env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
     stdout, stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
     assert proc.returncode == 0, stderr
@@ -358,7 +358,7 @@ def test_subprocess_closed_stdout_ends_quietly(docs, tiny_model_dir, tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "infllm_cli", *argv], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", "infllm.cli", *argv], cwd=REPO, env=env,
                               stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
     finally:
         os.close(write_end)
@@ -438,8 +438,8 @@ class TrickleStdin(io.BytesIO):
 def test_info_counts_stdin_as_it_streams_with_the_file_counts(tiny_model_dir, docs, tmp_path, monkeypatch):
     """`info -` reports the characters and tokens `info FILE` does (the file tokenized whole), yet stdin is read
     in pieces, each tokenized while the rest still waits: the tokenizer never sees more than its buffer."""
-    from core.sources import DEFAULT_MAX_PIECE_CHARS, READ_CHUNK
-    from core.tokenstream import CONTEXT_CHARS, LOOKAHEAD_CHARS, MIN_CHARS
+    from infllm.documents.readers import DEFAULT_MAX_PIECE_CHARS, READ_CHUNK
+    from infllm.documents.tokenstream import CONTEXT_CHARS, LOOKAHEAD_CHARS, MIN_CHARS
     from transformers import PreTrainedTokenizerBase
 
     text = docs["a"].read_text(encoding="utf-8") * 30  # ~200K characters: several reads and many cuts

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from core.loading import cache_dir, default_model_path, resolve
+from infllm.runtime.loading import cache_dir, default_model_path, resolve
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_default_model_finds_a_fact_beyond_its_local_window(shared_cache, tmp_pa
     doc.write_text(filler * 10 + "The pass key is 71432. Remember it. 71432 is the pass key. " + filler * 120)
     env = {"INFLLM_CACHE": str(shared_cache), "PATH": "/usr/bin:/bin", "NO_COLOR": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "infllm_cli", "ask", "--json", "--cite", "3", "--max-tokens", "24", str(doc),
+        [sys.executable, "-m", "infllm.cli", "ask", "--json", "--cite", "3", "--max-tokens", "24", str(doc),
          "What is the pass key?"],
         capture_output=True, text=True, env=env, timeout=600,
     )

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infllm_cli.app import app
-from infllm_cli.progress import Display
+from infllm.cli.app import app
+from infllm.cli.progress import Display
 
 ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
           "--prefill-chunk", "128", "--cache-blocks", "4"]

@@ -7,14 +7,15 @@ from unittest import mock
 import pytest
 import torch
 
-from core.adapter import DecoderAdapter
-from core.blockstore import BlockCache, BlockStore
-from core.config import EngineConfig
-from core.engine import Engine
-from core.memory import LayerMemory
-from core.errors import ModelError, UsageError
-from core.rope import apply_rotary
-from core.scoring import attention_shares, block_scores, head_quality, head_scores, token_scores
+from infllm.engine.adapter import DecoderAdapter
+from infllm.engine.blockstore import BlockCache, BlockStore
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.engine.memory import LayerMemory
+from infllm.errors import ModelError, UsageError
+from infllm.engine.rope import apply_rotary
+from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
+from infllm.engine.scoring import block_scores
 from tiny_models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -130,7 +131,7 @@ def test_query_chunks_batched_in_one_call_equal_chunks_one_at_a_time(arch, cache
 def test_masks_that_claim_a_band_are_that_band(sinks, query_chunk, prefill_chunk):
     """A mask marked as a Band is followed by the CUDA flash kernel without being read, so the claim must be
     exact: every mask built while reading and decoding a long text is checked against its band written out."""
-    from core.attention import Mask
+    from infllm.engine.attention import Mask
 
     built = []
     real = Mask.from_visible
@@ -291,8 +292,8 @@ def test_attention_shares_give_every_head_one_vote():
 
 def test_retrieval_in_the_engine_finds_the_planted_block():
     """End to end in one layer: the queries of a chunk retrieve the block whose keys they match."""
-    from core.memory import LayerMemory
-    from core.rope import RopeTable
+    from infllm.engine.memory import LayerMemory
+    from infllm.engine.rope import RopeTable
 
     cfg = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=1, query_chunk=8, cache_blocks=2,
                        prefill_chunk=8)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import core.attention
-from core.attention import KERNEL_CHOICES, Band, Mask, _cuda_flash, _flash_agrees, _reference, attention_lse
-from core.config import EngineConfig
-from core.engine import Engine
-from core.memory import LayerMemory
-from infllm_cli.app import app
+import infllm.engine.attention
+from infllm.engine.attention import KERNEL_CHOICES, Band, Mask, _cuda_flash, _flash_agrees, _reference, attention_lse
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.engine.memory import LayerMemory
+from infllm.cli.app import app
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
@@ -131,7 +131,7 @@ def test_engine_with_the_band_kernel_equals_the_masked_kernel_in_bf16(monkeypatc
     runs = {}
     for choice in ("masked", "band"):
         monkeypatch.setenv("INFLLM_KERNELS", choice)
-        with mock.patch.object(core.attention, "_cuda_flash", side_effect=_cuda_flash) as flash:
+        with mock.patch.object(infllm.engine.attention, "_cuda_flash", side_effect=_cuda_flash) as flash:
             runs[choice] = Engine(model, cfg).feed(ids, all_logits=True), flash.call_count
     assert runs["masked"][1] == 0
     assert runs["band"][1] >= 2 * 6 * len(model.model.layers)  # local and memory group of most pieces

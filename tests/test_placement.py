@@ -15,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core.config import EngineConfig
-from core.engine import Engine
-from core.errors import ResourceError, UsageError
-from core.memory import LayerMemory
-from core.placement import check_placement, drop_dispatch_hooks, parse_device_map
-from infllm_cli.app import app
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.errors import ResourceError, UsageError
+from infllm.engine.memory import LayerMemory
+from infllm.runtime.placement import check_placement, drop_dispatch_hooks, parse_device_map
+from infllm.cli.app import app
 from tiny_models import tiny_model
 
 CFG = EngineConfig(sinks=4, window=64, block_size=16, repr_keys=2, topk=2, query_chunk=16, cache_blocks=4,

@@ -16,7 +16,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from infllm_cli.app import app
+from infllm.cli.app import app
 
 ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
           "--prefill-chunk", "128", "--cache-blocks", "4"]

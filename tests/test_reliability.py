@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from core.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES, EXIT_USAGE, ResourceError, SourceError, UsageError
-from core.resources import (
+from infllm.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES, EXIT_USAGE, ResourceError, SourceError, UsageError
+from infllm.runtime.resources import (
     ENV_LIMIT,
     available_ram_bytes,
     check_memory,
@@ -41,8 +41,8 @@ from core.resources import (
     memory_limit_bytes,
     out_of_memory_error,
 )
-from core.sources import iter_pieces, read_text
-from infllm_cli.app import app
+from infllm.documents.readers import iter_pieces, read_text
+from infllm.cli.app import app
 from processes import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def test_directory_that_is_not_a_model(infllm, doc, tmp_path):
 
 
 def _default_gguf() -> Path | None:
-    from core.loading import ModelError, default_model_path
+    from infllm.runtime.loading import ModelError, default_model_path
 
     try:
         path = default_model_path()
@@ -406,8 +406,8 @@ def test_tokenizer_without_chat_template(infllm, doc, tiny_model_dir, tmp_path):
 def test_chat_template_that_raises(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from core.errors import ModelError
-    from core.prompting import build_prompt
+    from infllm.errors import ModelError
+    from infllm.documents.prompting import build_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # Like early Mistral templates: no system turn allowed. The system text moves into the user's turn.
@@ -565,7 +565,7 @@ def test_available_ram_reads_meminfo_and_falls_back(tmp_path):
 
 
 def test_gpu_short_is_refused_with_flags():
-    from core.config import EngineConfig
+    from infllm.config import EngineConfig
 
     with pytest.raises(ResourceError) as caught:
         check_memory(GIB, FakeDevice("cuda"), tokens=10**6, dtype_name="float32", gpu_need_bytes=3 * GIB,
@@ -605,9 +605,9 @@ def _failing_read(error: BaseException):
      "out of GPU memory during the run (CUDA out of memory. Tried to allocate 2.00 GiB."),
 ])
 def test_out_of_memory_during_the_run(infllm, doc, monkeypatch, error, shown):
-    import core.session
+    from infllm.session import Session
 
-    monkeypatch.setattr(core.session.Session, "read", _failing_read(error))
+    monkeypatch.setattr(Session, "read", _failing_read(error))
     line = one_error_line(infllm(doc, "q"), EXIT_RESOURCES)
     assert line.startswith("infllm: error: " + shown)
 
@@ -635,7 +635,7 @@ class Running:
     def __init__(self, argv: list[str], tmp_path: Path, stdin=subprocess.DEVNULL):
         self.cwd = tmp_path / "cwd"
         self.cwd.mkdir()
-        self.proc = subprocess.Popen([sys.executable, "-m", "infllm_cli", *argv], cwd=self.cwd,
+        self.proc = subprocess.Popen([sys.executable, "-m", "infllm.cli", *argv], cwd=self.cwd,
                                      env={**_process_env(tmp_path), "PYTHONPATH": str(REPO)}, stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         self.stdout = b""

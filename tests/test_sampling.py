@@ -2,7 +2,7 @@
 
 import torch
 
-from core.sampling import SamplingConfig, next_token
+from infllm.engine.sampling import SamplingConfig, next_token
 
 
 def test_greedy_takes_the_argmax():

@@ -18,15 +18,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core.config import EngineConfig
-from core.errors import SnapshotError
-from core.loading import load_model
-from core.prompting import build_prompt, builtin_template
-from core.session import Session
-from core.snapshot import VERSION, SnapshotFile, open_session, read_header, save_session, write_file
-from core.citations import SourceMap
-from core.sources import read_text
-from infllm_cli.app import app
+from infllm.config import EngineConfig
+from infllm.errors import SnapshotError
+from infllm.runtime.loading import load_model
+from infllm.documents.prompting import build_prompt, builtin_template
+from infllm.session import Session
+from infllm.snapshot import VERSION, SnapshotFile, open_session, read_header, save_session, write_file
+from infllm.citations.passages import SourceMap
+from infllm.documents.readers import read_text
+from infllm.cli.app import app
 from processes import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,7 +213,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    from core.errors import ResourceError
+    from infllm.errors import ResourceError
 
     with pytest.raises(ResourceError, match="disk space"):
         write_file(path, {"x": torch.zeros(3)}, {"format": "infllm-snapshot", "version": 1})
@@ -309,7 +309,7 @@ def test_ctrl_c_while_writing_leaves_no_file(tiny_model_dir, doc, tmp_path):
         "    real(t, f, metadata=metadata)\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "st.save_file = slow\n"
-        "from infllm_cli.app import main\n"
+        "from infllm.cli.app import main\n"
         "main()\n"
     )
     env = {**os.environ, "INFLLM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}

@@ -14,14 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.citations import SourceMap
-from core.config import EngineConfig
-from core.errors import SnapshotError
-from core.loading import load_model
-from core.prompting import build_prompt, builtin_template
-from core.session import Session
-from core.snapshot import SnapshotFile, open_session, save_session
-from core.sources import read_text
+from infllm.citations.passages import SourceMap
+from infllm.config import EngineConfig
+from infllm.errors import SnapshotError
+from infllm.runtime.loading import load_model
+from infllm.documents.prompting import build_prompt, builtin_template
+from infllm.session import Session
+from infllm.snapshot import SnapshotFile, open_session, save_session
+from infllm.documents.readers import read_text
 
 CONFIG = EngineConfig(sinks=8, window=64, block_size=16, topk=2, query_chunk=16, prefill_chunk=64, cache_blocks=4)
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

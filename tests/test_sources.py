@@ -1,4 +1,4 @@
-"""Tests for core.sources: every kind of source, every refusal, laziness, and exact round trips."""
+"""Tests for infllm.documents.readers: every kind of source, every refusal, laziness, and exact round trips."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.errors import EXIT_INPUT, SourceError
-from core.sources import Piece, SkipReport, describe_source, iter_pieces, read_path_list, read_text
+from infllm.errors import EXIT_INPUT, SourceError
+from infllm.documents.readers import Piece, SkipReport, describe_source, iter_pieces, read_path_list, read_text
 
 DATA = Path(__file__).resolve().parent / "data"
 THREE_PAGES = str(DATA / "three-pages.pdf")

@@ -8,13 +8,13 @@ import io
 import pytest
 import torch
 
-from core.citations import SourceMap
-from core.config import EngineConfig
-from core.loading import load_model
-from core.prompting import build_prompt, builtin_template
-from core.session import Session
-from core.sources import iter_pieces, read_text
-from core.tokenstream import CONTEXT_CHARS, LOOKAHEAD_CHARS, MIN_CHARS
+from infllm.citations.passages import SourceMap
+from infllm.config import EngineConfig
+from infllm.runtime.loading import load_model
+from infllm.documents.prompting import build_prompt, builtin_template
+from infllm.session import Session
+from infllm.documents.readers import iter_pieces, read_text
+from infllm.documents.tokenstream import CONTEXT_CHARS, LOOKAHEAD_CHARS, MIN_CHARS
 
 # Large chunks: the tiny model reads ~4K tokens/s with them, so a stream several buffers long takes seconds.
 CONFIG = EngineConfig(sinks=16, window=256, block_size=32, topk=2, query_chunk=256, prefill_chunk=1024,
@@ -109,7 +109,7 @@ def test_a_stream_is_read_in_flat_memory(loaded, prompt, monkeypatch):
 
 
 def test_an_empty_stream_is_refused(loaded, prompt):
-    from core.errors import SourceError
+    from infllm.errors import SourceError
 
     with pytest.raises(SourceError, match="no input on stdin"):
         Session(loaded, CONFIG).read_stream(prompt.prefix, stdin_pieces(""))

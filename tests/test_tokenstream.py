@@ -18,8 +18,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import build_tokenizer
-from core.loading import default_model_path
-from core.tokenstream import stream_tokens
+from infllm.runtime.loading import default_model_path
+from infllm.documents.tokenstream import stream_tokens
 
 CORPUS = ["The pass key is 12345. Remember it.", "naïve café 日本語のテキスト", "Elizabeth Bennet and Mr. Darcy",
           "line one\r\nline two\n\n  indented\tcode()"] * 20

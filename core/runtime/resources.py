@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from core.errors import ResourceError, UsageError
+from infllm.config import ModelShape
+from infllm.errors import ResourceError, UsageError
 
 ENV_LIMIT = "INFLLM_MEMORY_LIMIT_MB"
 RAM_USABLE = 0.9  # share of the available RAM the block store may take: the rest is the OS's, the answer's
@@ -72,11 +73,9 @@ def activation_bytes(model_config, cfg, element_size: int) -> int:
     """A low estimate of the temporary memory one prefill step takes: hidden states, q/k/v and MLP
     activations for `prefill_chunk` tokens, and float32 attention scores for one query chunk against the
     sinks, the window and the retrieved blocks."""
-    hidden = model_config.hidden_size
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    shape = ModelShape.from_config(model_config)
+    hidden, heads, kv_heads, head_dim = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim
+    intermediate = shape.intermediate
     tokens = cfg.prefill_chunk
     per_token = 4 * hidden + (heads + 2 * kv_heads) * head_dim + 3 * intermediate
     keys = cfg.sinks + cfg.window + cfg.query_chunk + cfg.topk * cfg.block_size

@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch.profiler import record_function
 
-from core.attention import Band, Mask, attention_lse, merge
-from core.blockstore import BlockCache, BlockStore, gather_blocks
-from core.config import EngineConfig
-from core.rope import RopeTable
-from core.scoring import block_scores
+from infllm.engine.attention import Band, Mask, attention_lse, merge
+from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
+from infllm.config import EngineConfig
+from infllm.engine.rope import RopeTable
+from infllm.engine.scoring import block_scores
 
 if TYPE_CHECKING:
-    from core.citations import RetrievalTally
+    from infllm.engine.tally import RetrievalTally
 
 
 def recent_capacity(cfg: EngineConfig) -> int:
@@ -122,7 +122,7 @@ class LayerMemory:
         self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
         self.groups = heads // kv_heads
         self.scale = scale
-        self.kernels = kernels  # attention kernels (core.attention.kernel_choice)
+        self.kernels = kernels  # attention kernels (infllm.engine.attention.kernel_choice)
         self.rope = rope
         self.device = device
         self.dtype = dtype

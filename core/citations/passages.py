@@ -4,7 +4,7 @@ A block covers a run of token positions; the tokenizer's character offsets turn 
 the extracted text, and the source pieces (in reading order) turn that into a file, a PDF page and lines.
 
 Which blocks to cite is decided by the question's queries in the few heads that locate passages in this document
-(core/scoring.py explains the scores; core/session.py picks the heads with quotes of the document).
+(citations/scores.py explains the scores; session.py picks the heads with quotes of the document).
 """
 
 from __future__ import annotations
@@ -15,22 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from core.sources import Piece
-
-
-class RetrievalTally(Counter):
-    """Block id -> retrievals over layers and steps, and, while `open`, every query chunk each layer scored
-    (memory -> [Hkv, G*L, D] chunks): the question's own queries, which citations score again in detail."""
-
-    def __init__(self):
-        super().__init__()
-        self.queries: dict[object, list[torch.Tensor]] = {}
-        self.open = True
-
-    def record(self, memory, queries: torch.Tensor, blocks: list[int]) -> None:
-        self.update(blocks)
-        if self.open:
-            self.queries.setdefault(memory, []).append(queries)
+from infllm.documents.readers import Piece
 
 
 def quote(text: str, words: int = 10) -> str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.errors import ModelError
+from infllm.config import ModelShape
+from infllm.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -47,10 +48,9 @@ class DecoderAdapter:
         self.norm = base.norm
         self.lm_head = model.lm_head
         self.rotary = base.rotary_emb
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.max_positions = config.max_position_embeddings
+        shape = ModelShape.from_config(config)
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
+        self.max_positions = shape.max_positions
         self.dtype = self.embed.weight.dtype
         self.layers = []
         for layer in base.layers:

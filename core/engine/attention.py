@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.errors import UsageError
+from infllm.errors import UsageError
 
 NEG_INF = float("-inf")
 KERNEL_CHOICES = ("auto", "masked", "band", "reference")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from core.errors import ModelError, UsageError
+from infllm.errors import ModelError, UsageError
 
 _MARK = "\u241e\u241eDOCUMENT\u241e\u241e"  # never appears in real prompts
 
@@ -26,7 +26,7 @@ class Prompt:
 
 
 def builtin_template(name: str) -> str:
-    return resources.files("prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8")
+    return resources.files("infllm.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8")
 
 
 def load_template(name_or_path: str) -> str:

@@ -1,35 +1,17 @@
-"""How memory blocks are ranked against queries: the retrieval score, as pure tensor functions.
+"""How citations rank memory blocks against the question, as pure tensor functions.
 
-Every retrieval (a query chunk in prefill, a question, a decoded token) asks one question: which of the layer's
-blocks do these queries need? A block is summarised by its representative keys; a score turns queries and those
-keys into one number per block. Memory attention follows this ranking.
-
-Citations ask a sharper question, once per answer: which passage does the *question* point at? Summing a chunk's
+Memory attention ranks blocks by one summed query per chunk (engine/scoring.py). Citations ask a sharper
+question, once per answer: which passage does the *question* point at? Summing a chunk's
 queries averages its words away, and most heads attend to the sinks, the local window or syntax, not to the
 passage a question is about. So citations score per query head, each head's best token against all keys of a
 block, standardized over the blocks (`token_scores`, `head_scores`), and listen only to the heads that find
 quoted passages in this document (`head_quality`, measured with probes built from the document itself, see
-core/session.py `citing_heads`).
+session.py `citing_heads`).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
-    """queries [C, Hkv, M, D]: C independent query chunks, each with M queries per KV head (the head group's
-    queries, rotated as memory sees them); reprs [N, R, Hkv, D]: each block's representative keys, unrotated.
-
-    Returns [C, N] float32, higher is more relevant. InfLLM's score: the chunk's queries summed into one vector
-    per KV head, dotted with each representative key and summed over heads; a block scores its best key.
-    Cheap (one vector per head), which is what reading a long text needs: every chunk scores every block.
-    The sum over heads and dims is one product over (Hkv, D), reading the keys where they lie.
-    """
-    c, hkv, _, d = queries.shape
-    n, r = reprs.shape[:2]
-    summed = queries.sum(dim=2).to(reprs.dtype).reshape(c, hkv * d)
-    return (summed @ reprs.reshape(n * r, hkv * d).t()).view(c, n, r).amax(dim=-1).float()
 
 
 def token_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from core.adapter import DecoderAdapter
-from core.attention import kernel_choice
-from core.citations import RetrievalTally
-from core.config import EngineConfig
-from core.estimate import store_bytes_per_token
-from core.memory import LayerMemory, MaskCache, rope_range
-from core.rope import RopeTable
-from core.sampling import SamplingConfig, next_token
+from infllm.engine.adapter import DecoderAdapter
+from infllm.engine.attention import kernel_choice
+from infllm.engine.tally import RetrievalTally
+from infllm.config import EngineConfig
+from infllm.engine.sizing import store_bytes_per_token
+from infllm.engine.memory import LayerMemory, MaskCache, rope_range
+from infllm.engine.rope import RopeTable
+from infllm.engine.sampling import SamplingConfig, next_token
 
 
 @dataclass

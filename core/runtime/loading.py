@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from core.errors import ModelError, UsageError
-from core.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
-from core.resources import is_out_of_memory
+from infllm.errors import ModelError, UsageError
+from infllm.runtime.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
+from infllm.runtime.resources import is_out_of_memory
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -195,7 +195,7 @@ def resolve_model(spec: str | None = None) -> ResolvedModel:
     except Exception as err:  # noqa: BLE001 - a damaged config.json fails in many ways
         raise ModelError(f"cannot load model {name}: {one_line(err)}") from None
     # Checked here, before the weights are loaded (seconds to minutes), not only when the engine wraps them.
-    from core.adapter import SUPPORTED_ARCHITECTURES
+    from infllm.engine.adapter import SUPPORTED_ARCHITECTURES
 
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
@@ -206,7 +206,7 @@ def resolve_model(spec: str | None = None) -> ResolvedModel:
 
 def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dtype: str = "auto",
                device_map: DeviceMap | None = None) -> LoadedModel:
-    """Load weights and tokenizer onto `device`, or, when a device_map (core.placement.parse_device_map) is given,
+    """Load weights and tokenizer onto `device`, or, when a device_map (infllm.runtime.placement.parse_device_map) is given,
     wherever transformers' device-map mechanism places them (`device` is then not used)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

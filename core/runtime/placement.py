@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import ResourceError, UsageError
+from infllm.errors import ResourceError, UsageError
 
 # transformers computes these maps itself from the free memory of every visible GPU.
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

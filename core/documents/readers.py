@@ -57,7 +57,7 @@ from typing import BinaryIO
 from pypdf import PasswordType, PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError
 
-from .errors import SourceError
+from infllm.errors import SourceError
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
