@@ -19,12 +19,10 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infllm.defaults import engine_defaults  # noqa: E402
-from infllm.engine.engine import Engine  # noqa: E402
-from infllm.runtime.loading import load_model  # noqa: E402
-from infllm.engine.memory import LayerMemory  # noqa: E402
+from infllm.defaults import engine_defaults
+from infllm.engine.engine import Engine
+from infllm.runtime.loading import load_model
+from infllm.engine.memory import LayerMemory
 
 LLAMA8B_BLOCK_BYTES_PER_LAYER = 2 * 8 * 128 * 2  # K and V of one token, 8 KV heads of 128, bf16
 LLAMA8B_LAYERS = 32

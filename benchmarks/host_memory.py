@@ -2,8 +2,8 @@
 
 The block store of an 8B model grows by 128 KB per token: at 25K tokens/s that is 3.3 GB/s of new host memory.
 Rows: allocating pinned pages (torch.empty(pin_memory=True)), allocating and touching pageable pages, and the
-device-to-host copy into each. The last row pins pages on a background thread (as core/blockstore.py does) while
-the main thread keeps launching GPU work, and reports how much the main thread was slowed: ~1.0x means pinning
+device-to-host copy into each. The last row pins pages on a background thread (core/engine/blockstore.py pins
+on demand instead) while the main thread keeps launching GPU work, and reports how much the main thread was slowed: ~1.0x means pinning
 releases the interpreter lock and runs beside the compute.
 
   python benchmarks/host_memory.py --page-mb 8 --pages 64

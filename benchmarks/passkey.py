@@ -1,7 +1,7 @@
 """Passkey retrieval: full attention vs sinks + window (StreamingLLM) vs InfLLM, per length.
 
-The prompt follows ../shared/reference/FIGURES.md: a chat-template user turn with filler text hiding
-"The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth, then "What is the pass key?", and the
+The prompt is the common passkey test's: a chat-template user turn with repeated filler ("The grass is green. ...")
+hiding "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth, then "What is the pass key?", and the
 assistant turn opened with "The pass key is". Greedy decoding; a trial succeeds if the key appears.
 
 For InfLLM it also reports the retrieval hit rate: the share of (trial, layer) pairs in which a block holding
@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infllm.config import EngineConfig  # noqa: E402
-from infllm.engine.engine import Engine  # noqa: E402
-from infllm.runtime.loading import load_model  # noqa: E402
-from infllm.documents.prompting import build_prompt  # noqa: E402
-from infllm.session import stop_token_ids  # noqa: E402
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.runtime.loading import load_model
+from infllm.documents.prompting import build_prompt
+from infllm.session import stop_token_ids
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TEMPLATE = ("There is an important piece of information hidden inside a lot of irrelevant text. "

@@ -1,6 +1,6 @@
 """Question answering with citations: InfLLM against three baselines, on any set of documents and questions.
 
-This file owns the evaluation harness of issue 8: the JSONL question format, document excerpts, locating each
+This file owns the question-answering evaluation harness: the JSONL question format, document excerpts, locating each
 evidence sentence in tokens and memory blocks, the four systems, the metrics, the printed table and the JSON
 result file. It changes nothing in core/; it drives the engine through `infllm.session.Session`.
 
@@ -44,7 +44,7 @@ Metrics per system:
              attention (all layers, question and answer tokens): what the model attended to, not a citation.
   s/q        seconds per question: each group's reading time shared over its questions, plus answering
 
-Example (default model; ~25 minutes on an idle 2-core CPU, ~4 on an H100; docs/benchmarks.md has the results):
+Example (default model; ~25 minutes on an idle 2-core CPU, ~4 on one GPU; docs/benchmarks.md has the results):
   .venv/bin/python benchmarks/qa.py benchmarks/qa/dev.jsonl --json /tmp/qa-dev.json
 Check a set without running any model (locates evidence, prints positions):
   .venv/bin/python benchmarks/qa.py my-set.jsonl --check
@@ -67,9 +67,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infllm.documents.readers import Piece  # noqa: E402
+from infllm.documents.readers import Piece
 
 SYSTEMS = ("infllm", "streaming", "last-slice", "bm25")
 BUCKETS = ("early", "middle", "late")

@@ -1,7 +1,7 @@
 """How well do InfLLM's citations find the evidence, and with how many citing heads? A companion of qa.py.
 
 Reads each excerpt of a qa.py question set once, then asks every question of that excerpt (a few answer tokens
-are enough: citations rank blocks by the question's queries, core/session.py `rank_blocks`) and ranks the
+are enough: citations rank blocks by the question's queries, `Session.rank_blocks` in core/session.py) and ranks the
 document's blocks several ways, without reading again:
   heads=N     the N heads that best locate quoted passages of this document (the calibration `citing_heads`
               runs once per excerpt); N = all heads is the uncalibrated version of the same score
@@ -9,7 +9,7 @@ document's blocks several ways, without reading again:
 For each it prints R@1/R@3/R@8 (the evidence block among the first k) overall and R@3 per document, and the
 heads picked for each document. Evidence still in the window or the sinks counts as found, as in qa.py.
 
-Example (the dev set on this 2-core CPU: about 2 minutes to read each excerpt, then ~1 minute of probes):
+Example (the dev set on a 2-core CPU: about 2 minutes to read each excerpt, then ~1 minute of probes):
   python benchmarks/qa_probe.py benchmarks/qa/dev.jsonl --dtype float32 --heads 1,3,5,10,20,all
 """
 
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# The sibling harness qa.py is imported as a module: benchmarks/ is on the path when this runs as a script, and
+# this keeps it there when the file is loaded some other way. The package itself is installed (`infllm`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qa  # noqa: E402
 from infllm.citations.passages import SourceMap  # noqa: E402

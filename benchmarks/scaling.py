@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+# Sibling files, not the package (installed as `infllm`): speed.py's shapes and builder, and the test suite's
+# tokenizer (tests/tiny_models.py) for the Ray run's model directory.
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 from infllm.defaults import engine_defaults  # noqa: E402
 from infllm.engine.engine import Engine  # noqa: E402
@@ -79,7 +81,7 @@ def run_engine(model, ids: torch.Tensor, decode: int) -> tuple[list[int], dict]:
 
 
 def spread(model, gpus: int) -> dict:
-    """Place the model as `--device-map auto` would (core/loading.py): accelerate's balanced map over `gpus` GPUs,
+    """Place the model as `--device-map auto` would (core/runtime/loading.py): accelerate's balanced map over `gpus` GPUs,
     dispatched, checked and unhooked like a loaded model. On a CPU every module maps to 'cpu' (the mechanics only)."""
     from accelerate import dispatch_model
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
@@ -194,8 +196,7 @@ def ray_batches(args) -> int:
                                     ("cuda" if torch.cuda.is_available() else "cpu"))
         model_dir(args.shape, build_device, getattr(torch, args.dtype), tmp / "model")
         docs = write_docs(tmp / "model", tmp, args.docs, args.doc_tokens)
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # workers import infllm
-        env = {**os.environ, "INFLLM_CACHE": str(tmp / "cache"), "PYTHONPATH": path}
+        env = {**os.environ, "INFLLM_CACHE": str(tmp / "cache")}  # workers import the installed infllm
         env.pop("RAY_ADDRESS", None)
         common = ["ask", "--model", str(tmp / "model"), "--device", args.device, "--dtype", args.dtype,
                   "--max-tokens", str(args.max_tokens), "--each", "--json", *docs, "What is the key?"]

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DOCS = [REPO.parent / "shared/docs/austen-pride-and-prejudice.txt", REPO.parent / "shared/docs/kjv-new-testament.txt"]
 QUESTION = "What is the name of the family that lives at Longbourn?"

@@ -1,7 +1,7 @@
 """Prefill and decode speed of infllm against plain transformers, on random-weight models (speed ignores weights).
 
 Rows: one dense 4K forward without cache (the practical roofline), transformers full attention (SDPA,
-chunked prefill + greedy decode, as ../shared/reference/full_attention_bench.py), and infllm (also with
+chunked prefill + greedy decode through transformers' own cache), and infllm (also with
 INFLLM_KERNELS=masked and =band, to weigh the kernels against each other in the same run).
 Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
 row of the same run.
@@ -23,10 +23,8 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infllm.defaults import engine_defaults  # noqa: E402
-from infllm.engine.engine import Engine  # noqa: E402
+from infllm.defaults import engine_defaults
+from infllm.engine.engine import Engine
 
 SHAPES = {
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

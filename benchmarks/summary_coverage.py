@@ -2,7 +2,7 @@
 
 For each document (an excerpt of about --tokens tokens, cut at a line break, from the start of a real long text
 in ../shared/docs), this builds the prompt exactly as `infllm summarize` does (the "summarize" template, the
-"system" template and `SUMMARY_REQUEST` from infllm_cli.app, through infllm.documents.prompting.build_prompt), reads the
+"system" template and `SUMMARY_REQUEST` from infllm.cli.app, through infllm.documents.prompting.build_prompt), reads the
 document into the context memory with the default model, writes the summary greedily, and measures:
 
 (a) retrieval coverage: every memory retrieval made while reading the request and writing the summary (all
@@ -23,7 +23,7 @@ taken by the 8 most retrieved blocks, with where they lie. Results and findings:
   python benchmarks/summary_coverage.py --docs austen,kjv --tokens 0 --dtype float32 --json whole.json
   python benchmarks/summary_coverage.py --docs austen --tokens 8000 --max-tokens 200   # a quick look
 
-The first command reads 60K tokens and writes 1,200: roughly 6 minutes on this 2-core CPU when it has the CPU
+The first command reads 60K tokens and writes 1,200: roughly 6 minutes on a 2-core CPU when it has the CPU
 to itself (from the rates in docs/benchmarks.md), far longer when other jobs share it.
 """
 
@@ -32,22 +32,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from infllm.defaults import engine_defaults
+from infllm.runtime.loading import load_model, resolve_model
+from infllm.documents.prompting import build_prompt, builtin_template, load_template
+from infllm.engine.sampling import SamplingConfig
+from infllm.session import Session
+from infllm.documents.readers import read_text
+from infllm.cli.app import SUMMARY_REQUEST
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from infllm.defaults import engine_defaults  # noqa: E402
-from infllm.runtime.loading import load_model, resolve_model  # noqa: E402
-from infllm.documents.prompting import build_prompt, builtin_template, load_template  # noqa: E402
-from infllm.engine.sampling import SamplingConfig  # noqa: E402
-from infllm.session import Session  # noqa: E402
-from infllm.documents.readers import read_text  # noqa: E402
-from infllm.cli.app import SUMMARY_REQUEST  # noqa: E402
-
 SHARED = REPO.parent / "shared" / "docs"
 DOCS = {
     "austen": "austen-pride-and-prejudice.txt",

@@ -1,6 +1,6 @@
 """Engine settings chosen per model when the user does not set them.
 
-The issue defaults (4K window, 16 blocks of 128) suit 7-8B models. Small models read short contexts best and
+The general defaults (4K window, 16 blocks of 128) suit 7-8B models. Small models read short contexts best and
 attention dominates their CPU time, so they get a shorter window; see docs/benchmarks.md for the measurements.
 Any model gets a window that fits its training length.
 """

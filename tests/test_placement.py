@@ -114,7 +114,7 @@ def test_offloaded_weights_are_refused():
         check_placement(model)
 
 
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (the lead's 2-GPU machine)")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 
 @two_gpus

@@ -1,4 +1,4 @@
-"""Issue 7: every bad input ends in one clear stderr line and a documented exit code; nothing is lost, nothing hangs.
+"""Reliability: every bad input ends in one clear stderr line and a documented exit code; nothing is lost, nothing hangs.
 
 One test per case of docs/reliability.md (sources, models, flags, resources, interruptions), then property-based
 fuzzing of the document readers. CLI cases run through typer's CliRunner with the tiny model from conftest;
@@ -630,7 +630,7 @@ def _process_env(tmp_path: Path) -> dict:
 
 
 class Running:
-    """A real `python -m infllm_cli` process whose stderr and stdout are read as they come."""
+    """A real `python -m infllm.cli` process whose stderr and stdout are read as they come."""
 
     def __init__(self, argv: list[str], tmp_path: Path, stdin=subprocess.DEVNULL):
         self.cwd = tmp_path / "cwd"

@@ -1,4 +1,5 @@
-"""core/tokenstream.py: a text tokenized as it arrives gives exactly the ids (and offsets) of tokenizing it whole.
+"""The token stream (infllm.documents.tokenstream): a text tokenized as it arrives gives exactly the ids (and
+offsets) of tokenizing it whole.
 
 Four tokenizer families: the test tokenizer (byte-level BPE, GPT-2 split), the default model's own (SmolLM2,
 from its GGUF), a Llama-3/Qwen2-style split (newline runs and digit groups are pre-tokens of their own) and a

@@ -118,7 +118,7 @@ def _flash_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _band_wins(q: torch.Tensor, mask: Mask) -> bool:
-    """Whether `auto` takes the band kernel: for query chunks, not for a lone decoded query. On an H200 (8B shape,
+    """Whether `auto` takes the band kernel: for query chunks, not for a lone decoded query. On one GPU (8B shape,
     bf16 and fp16, 32K and 128K tokens) the band kernel prefilled 1.0-2.2x faster than the masked kernel in every
     run, and decoded no faster (0.5-1.0x); docs/benchmarks.md, "Attention kernels", has the table."""
     return q.shape[-2] > mask.groups  # more than one query per head

@@ -47,7 +47,7 @@ class BlockStore:
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
     def _kv_page(self) -> torch.Tensor:
-        # Pinning runs at ~2 GB/s on the H100 machine and holds the driver lock, so a background thread does not
+        # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
         # hide it (benchmarks/host_memory.py; docs/benchmarks.md).
         return torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device,
                            pin_memory=self.pin)

@@ -226,7 +226,7 @@ class LayerMemory:
         attention sees them (rec_q holds them rotated at W), summed over heads. [stop - start] float32.
 
         The sum over a sliding band of queries is a difference of running sums, taken along the innermost
-        dimension (an outer-dimension scan was measured at milliseconds per call on an H100)."""
+        dimension (an outer-dimension scan was measured at milliseconds per call on a GPU)."""
         window = self.cfg.window
         end = min(self.rec_len, stop + window - 1)
         hkv, _, d = self.rec_q.shape
