@@ -31,7 +31,7 @@ def head_scores(best: torch.Tensor, groups: int) -> torch.Tensor:
     matches every block (a template word, a common name) then stands out nowhere, while one that matches a few
     blocks much better than the rest stands out there: an inverse document frequency, in key space. The max
     over tokens keeps a single telling word, which a sum over the chunk would drown. On the QA development set
-    the standardization raised R@3 from 81% to 92% (docs/benchmarks.md, "Standardized head scores").
+    the standardization raised R@3 from 81% to 92% (CHANGELOG.md, "Standardized head scores").
     """
     hkv, rows, n = best.shape
     z = (best - best.mean(dim=-1, keepdim=True)) / best.std(dim=-1, correction=0, keepdim=True).clamp_min(1e-6)
