@@ -1,7 +1,7 @@
 """A model over several devices (--device-map): parsing maps, refusing placements the engine cannot run, and
 running layers where their weights are.
 
-This machine has one device, so two checks stand in for a second one: the `meta` device (a forward pass with
+A test run may have only one device, so two checks stand in for a second one: the `meta` device (a forward pass with
 layer 1, the final norm and the LM head on `meta` proves that hidden states reach each layer on that layer's
 device and that nothing assumes a single device), and accelerate's dispatch hooks on the CPU (the same
 mechanism transformers uses for a multi-GPU map) giving the same logits as a plain model.
