@@ -9,6 +9,7 @@ included), so a rule holds whether or not the import runs.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -92,8 +93,13 @@ def test_no_module_imports_itself_back():
 def test_the_wheel_installs_one_name_and_every_module(tmp_path):
     """`pip install infllm` puts `infllm` and its metadata in site-packages, nothing else, and every module and
     template of the three source folders is in it."""
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    for folder in FOLDERS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True)
+                    str(tmp_path), str(source)], check=True, capture_output=True)
     [wheel] = tmp_path.glob("infllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"infllm", wheel.name.split("-py3")[0] + ".dist-info"}
