@@ -2,7 +2,7 @@
 
 For each document (an excerpt of about --tokens tokens, cut at a line break, from the start of a real long text
 in ../shared/docs), this builds the prompt exactly as `infllm summarize` does (the "summarize" template, the
-"system" template and `SUMMARY_REQUEST` from infllm.cli.app, through infllm.documents.prompting.build_prompt), reads the
+"system" template and `SUMMARY_REQUEST`, through infllm.documents.prompting.build_prompt), reads the
 document into the context memory with the default model, writes the summary greedily, and measures:
 
 (a) retrieval coverage: every memory retrieval made while reading the request and writing the summary (all
@@ -38,11 +38,10 @@ from pathlib import Path
 
 from infllm.defaults import engine_defaults
 from infllm.runtime.loading import load_model, resolve_model
-from infllm.documents.prompting import build_prompt, builtin_template, load_template
+from infllm.documents.prompting import SUMMARY_REQUEST, build_prompt, builtin_template, load_template
 from infllm.engine.sampling import SamplingConfig
 from infllm.session import Session
 from infllm.documents.readers import read_text
-from infllm.cli.app import SUMMARY_REQUEST
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "docs"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from infllm.errors import UsageError
 
@@ -30,6 +30,12 @@ class ModelShape:
                           max_positions=config.max_position_embeddings)
 
 
+def _setting(default: int, help: str):
+    """An engine setting: its default and the one line `--help` shows for its flag (the command line generates
+    one flag per setting, --block-size for block_size, with INFLLM_BLOCK_SIZE as its environment variable)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the context memory is laid out. All sizes are in tokens unless named otherwise.
@@ -39,14 +45,14 @@ class EngineConfig:
     tokens that do not fill a block yet. Retrieval is shared by `query_chunk` consecutive queries.
     """
 
-    sinks: int = 128
-    window: int = 4096
-    block_size: int = 128
-    repr_keys: int = 4  # representative keys per block, scored against the queries
-    topk: int = 16  # blocks retrieved per query chunk
-    query_chunk: int = 512  # queries that share one retrieval
-    cache_blocks: int = 32  # blocks per layer kept on the accelerator (LRU); unused on CPU-only runs
-    prefill_chunk: int = 2048  # tokens pushed through the projections/MLP at once; a multiple of query_chunk
+    sinks: int = _setting(128, "initial tokens always attended")
+    window: int = _setting(4096, "local window, tokens")
+    block_size: int = _setting(128, "tokens per memory block")
+    repr_keys: int = _setting(4, "representative keys per block, scored against the queries")
+    topk: int = _setting(16, "memory blocks retrieved per query chunk")
+    query_chunk: int = _setting(512, "queries sharing one retrieval")
+    cache_blocks: int = _setting(32, "blocks per layer cached on the GPU (LRU); unused on CPU-only runs")
+    prefill_chunk: int = _setting(2048, "tokens per prefill step; a multiple of query_chunk")
 
     def validate(self, max_positions: int | None = None) -> "EngineConfig":
         """Return self, or raise UsageError naming the first setting that cannot work."""

@@ -10,6 +10,16 @@ from __future__ import annotations
 from infllm.config import EngineConfig
 
 SMALL_MODEL_HIDDEN = 1024  # hidden size at or below which a model counts as small (SmolLM2-135M: 576)
+# Measured on SmolLM2-135M (docs/benchmarks.md, passkey): window 1024 with 8 blocks retrieved the key's block in
+# 97% of (trial, layer) pairs at 32K and answered at least as often as windows of 2048 and 4096, at ~3x the CPU speed.
+SMALL_WINDOW = 1024
+SMALL_TOPK = 8
+
+
+def settings_for(model_config, overrides: dict[str, int | None], validate: bool = True) -> EngineConfig:
+    """A model's engine settings: its defaults, then the settings given (None: the default), then validated."""
+    config = engine_defaults(model_config).with_overrides(**overrides)
+    return config.validate(getattr(model_config, "max_position_embeddings", None)) if validate else config
 
 
 def engine_defaults(model_config) -> EngineConfig:
@@ -26,9 +36,3 @@ def engine_defaults(model_config) -> EngineConfig:
         cfg = cfg.with_overrides(sinks=sinks, window=window, query_chunk=chunk,
                                  prefill_chunk=max(chunk, cfg.prefill_chunk - cfg.prefill_chunk % chunk))
     return cfg
-
-
-# Measured on SmolLM2-135M (docs/benchmarks.md, passkey): window 1024 with 8 blocks retrieved the key's block in
-# 97% of (trial, layer) pairs at 32K and answered at least as often as windows of 2048 and 4096, at ~3x the CPU speed.
-SMALL_WINDOW = 1024
-SMALL_TOPK = 8

@@ -21,8 +21,10 @@ class InfllmError(Exception):
 
     exit_code = EXIT_INTERNAL
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)
+        if exit_code is not None:  # a code decided at run time: a batch's first failure, a worker's
+            self.exit_code = exit_code
 
 
 class UsageError(InfllmError):
@@ -43,3 +45,11 @@ class SnapshotError(InfllmError):
 
 class ResourceError(InfllmError):
     exit_code = EXIT_RESOURCES
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (library messages often span several), or its type's name."""
+    text = " ".join(str(err).split())
+    if not text:
+        return type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,7 +8,6 @@ can also `resume` from a memory saved earlier (core/snapshot.py), with no readin
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -274,25 +273,3 @@ class Session:
         order = torch.argsort(weights, descending=True, stable=True).tolist()
         return [(blocks[i], float(weights[i])) for i in order]
 
-
-def rss_mb() -> float | None:
-    """The process's resident memory now, in MB (Linux; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_memory() -> dict[str, float]:
-    """Peak process RSS and GPU memory in MB; GPU memory summed over the GPUs, and per GPU when there are several
-    (a model split by --device-map keeps each layer's memory on its own GPU)."""
-    import resource
-
-    info = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peaks = [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
-        info["peak_gpu_mb"] = sum(peaks)
-        if len(peaks) > 1:
-            info["peak_gpu_mb_per_device"] = [round(p, 1) for p in peaks]
-    return info

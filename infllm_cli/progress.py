@@ -22,24 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from infllm.session import rss_mb
+from infllm.reporting import Reporter, memory_line
 
 STREAM_LINE_TOKENS = 1_000_000  # in a log, a stream's line comes at 2x the tokens of the last, at most this apart
-
-
-def memory_line(block_store_bytes: int = 0) -> str:
-    rss = rss_mb()
-    parts = [] if rss is None else [f"RSS {rss:,.0f} MB"]
-    if torch.cuda.is_available():
-        used = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))  # all GPUs of a map
-        parts.append(f"GPU {used / 2**20:,.0f} MB")
-    if block_store_bytes:
-        parts.append(f"memory {block_store_bytes / 2**20:,.0f} MB")
-    return ", ".join(parts)
 
 
 def reading_status(done: int, total: int | None, rate: float, memory: str) -> str:
@@ -52,7 +40,7 @@ def reading_status(done: int, total: int | None, rate: float, memory: str) -> st
     return f"{text}, {memory}" if memory else text
 
 
-class Display:
+class Display(Reporter):
     def __init__(self, quiet: bool = False, stream=None):
         self.stream = stream or sys.stderr
         self.quiet = quiet

@@ -76,6 +76,26 @@ def test_the_library_never_imports_the_command_line():
     assert not broken, sorted(broken)
 
 
+PUBLIC = ("infllm", "infllm.api", "infllm.run", "infllm.batch", "infllm.estimate", "infllm.errors", "infllm.config",
+          "infllm.reporting")  # what the command line (and any other program) builds on
+
+
+def test_the_command_line_imports_only_the_public_api():
+    broken = {f"{m} imports {dep}" for m, deps in GRAPH.items() if under(m, "infllm.cli")
+              for dep in deps if not under(dep, "infllm.cli") and dep not in PUBLIC}
+    assert not broken, sorted(broken)
+
+
+def test_help_and_usage_errors_import_no_torch():
+    """`infllm --help` and a bad flag answer at once: the command line loads torch only once a command runs."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom infllm.cli.app import app\n"
+            "r = CliRunner().invoke(app, ['ask', '--help'])\nassert r.exit_code == 0, r.output\n"
+            "r = CliRunner().invoke(app, ['ask', '--window', '-1', 'a.txt', 'q'])\nassert r.exit_code == 2\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'pypdf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_no_module_imports_itself_back():
     """No import cycle between modules, lazy (function-level) imports included: a cycle makes the import order
     matter and the layers meaningless."""

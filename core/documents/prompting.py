@@ -16,6 +16,9 @@ from infllm.errors import ModelError, UsageError
 
 _MARK = "\u241e\u241eDOCUMENT\u241e\u241e"  # never appears in real prompts
 
+SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
+                   "who or what it is about, and its main parts in order.")
+
 
 @dataclass
 class Prompt:

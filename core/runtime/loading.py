@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from infllm.errors import ModelError, UsageError
+from infllm.errors import ModelError, UsageError, one_line
 from infllm.runtime.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
 from infllm.runtime.resources import is_out_of_memory
 
@@ -127,14 +127,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (library messages often span several), or its type's name."""
-    text = " ".join(str(err).split())
-    if not text:
-        return type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve(spec: str | None) -> tuple[Path | str, str, str]:

@@ -30,6 +30,37 @@ MB = 2**20
 _MEASURE = object()  # default for measurements: take them from this machine
 
 
+# --- what the process uses -----------------------------------------------------------------------
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak process RSS and GPU memory in MB; GPU memory summed over the GPUs, and per GPU when there are several
+    (a model split by --device-map keeps each layer's memory on its own GPU)."""
+    import resource
+
+    import torch
+
+    info = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peaks = [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
+        info["peak_gpu_mb"] = sum(peaks)
+        if len(peaks) > 1:
+            info["peak_gpu_mb_per_device"] = [round(p, 1) for p in peaks]
+    return info
+
+
+# --- will it fit ---------------------------------------------------------------------------------
+
+
 def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     """RAM that can be allocated without swapping: MemAvailable, else free pages; None when unknown."""
     try:

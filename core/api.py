@@ -1,0 +1,220 @@
+"""The public Python API: load a model, read sources (or open a snapshot), ask, save.
+
+    import infllm
+    model = infllm.Model.load()                       # the default model; or a GGUF, a model folder, a hub id
+    book = model.read(["book.txt"])                   # the whole text into the context memory
+    answer = book.ask("Who does Elizabeth marry?", cite=3)
+    print(answer.text, [c.location() for c in answer.citations])
+    book.save("book.infllm")                          # later: model.open("book.infllm").ask(...)
+
+Every answer starts from the state right after the read, so questions never disturb one another. An `Answer`
+holds what `infllm ask --json` prints (`Answer.to_dict()`). Failures are `infllm.InfllmError`s whose message
+is one line for the user and whose `exit_code` is the command line's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from infllm.citations.passages import Citation, SourceMap
+from infllm.config import EngineConfig
+from infllm.defaults import settings_for
+from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Prompt, build_prompt, builtin_template,
+                                        has_chat_template, load_template)
+from infllm.documents.readers import STDIN, iter_pieces, read_text
+from infllm.engine.sampling import SamplingConfig
+from infllm.reporting import Reporter
+from infllm.runtime import loading
+from infllm.runtime.loading import LoadedModel, ResolvedModel
+from infllm.runtime.placement import DeviceMap
+from infllm.runtime.resources import check_reading, peak_memory, rss_mb
+from infllm.session import Session
+
+
+@dataclass
+class Answer:
+    """One answer and how it came about: exactly what `--json` prints, plus the citations as objects."""
+
+    text: str
+    model: str
+    inputs: list[str]
+    tokens_read: int
+    tokens_generated: int
+    timings: dict[str, float]  # seconds per phase (load_s, extract_s, tokenize_s, prefill_s or open_s, answer_s,
+    #                            total_s, save_s); the model load is counted in a run's first answer only
+    memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
+    engine: dict[str, int]  # the engine settings used
+    citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
+
+    def to_dict(self) -> dict:
+        return {"answer": self.text, "model": self.model, "inputs": self.inputs, "tokens_read": self.tokens_read,
+                "tokens_generated": self.tokens_generated,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
+                "engine": self.engine, "sources": [c.to_dict() for c in self.citations]}
+
+
+class Model:
+    """A loaded model. `read` and `open` give a `Reading` to ask questions of."""
+
+    def __init__(self, loaded: LoadedModel, report: Reporter | None = None, load_s: float = 0.0):
+        self.loaded = loaded
+        self.report = report or Reporter()
+        self.load_s = load_s  # handed to the first answer's timings, then zero
+        self.default_system = builtin_template("system").strip()
+        if not has_chat_template(loaded.tokenizer):
+            self.report.warn(NO_CHAT_TEMPLATE)
+
+    @classmethod
+    def load(cls, model: str | ResolvedModel | None = None, *, device: str = "auto", dtype: str = "auto",
+             device_map: DeviceMap | None = None, report: Reporter | None = None) -> "Model":
+        """model: a GGUF file, a local Hugging Face model folder, a cached hub id, or None for the default model."""
+        report = report or Reporter()
+        resolved = model if isinstance(model, ResolvedModel) else loading.resolve_model(model)
+        started = time.perf_counter()
+        report.phase("loading model")
+        loaded = loading.load_model(resolved, device=device, dtype=dtype, device_map=device_map)
+        return cls(loaded, report, time.perf_counter() - started)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def settings(self, **engine: int | None) -> EngineConfig:
+        """This model's engine settings: its defaults, then the given ones (None: the default), validated."""
+        return settings_for(self.loaded.model.config, engine)
+
+    def _first_timings(self) -> dict[str, float]:
+        timings, self.load_s = {"load_s": self.load_s}, 0.0
+        return timings
+
+    def read(self, sources: Sequence[str], *, engine: EngineConfig | None = None, template: str = "ask",
+             system: str | None = None, question: str = "", keep_text: bool = True) -> "Reading":
+        """Read files, directories or '-' (stdin, read as it arrives) into a fresh memory.
+
+        The template's opening (up to {document}) is read first, so answers must use the same template and system
+        prompt; `question` matters only for a template that asks before the document. keep_text: keep the text for
+        citations and snapshots (only a stream can do without it)."""
+        template_text = load_template(template)
+        system = self.default_system if system is None else system
+        prompt = build_prompt(self.loaded.tokenizer, template_text, question, system)
+        session = Session(self.loaded, engine or self.settings())
+        reading = Reading(self, session, template_text, system, list(sources), self._first_timings())
+        if STDIN in sources:
+            reading._read_stream(prompt.prefix, keep_text)
+        else:
+            reading._read_files(prompt.prefix)
+        return reading
+
+    def open(self, snapshot, *, engine: dict[str, int | None] | None = None, system: str | None = None,
+             template: str = "ask") -> "Reading":
+        """A reading saved earlier (a path or an `infllm.snapshot.SnapshotFile`): nothing is read again.
+        engine: settings that may differ from the snapshot's (those that do not shape the memory)."""
+        from infllm.snapshot import SnapshotFile, open_session
+
+        snap = snapshot if isinstance(snapshot, SnapshotFile) else SnapshotFile(snapshot)
+        timings = self._first_timings()
+        started = time.perf_counter()
+        self.report.phase(f"opening snapshot {snap.path}: {snap.meta.get('tokens', 0):,} tokens read earlier")
+        session = open_session(self.loaded, snap, engine or {})
+        timings["open_s"] = time.perf_counter() - started
+        stored = snap.meta.get("system")
+        if system is None:
+            system = stored if isinstance(stored, str) else None
+        reading = Reading(self, session, load_template(template), system, [str(snap.path)], timings)
+        reading.memory["rss_after_open_mb"] = rss_mb()
+        return reading
+
+
+class Reading:
+    """What one read (or snapshot) holds; ask it as often as you like."""
+
+    def __init__(self, model: Model, session: Session, template: str, system: str | None, sources: list[str],
+                 timings: dict[str, float]):
+        self.model, self.session, self.template, self.system = model, session, template, system
+        self.sources = sources
+        self.timings = timings  # the read's phases; each answer's timings start from a copy
+        self.memory: dict = {}
+
+    @property
+    def tokens(self) -> int:
+        return self.session.timings.tokens_read
+
+    @staticmethod
+    def peak_memory() -> dict[str, float]:
+        """Peak process RSS and GPU memory so far, in MB."""
+        return peak_memory()
+
+    def _read_files(self, prefix: list[int]) -> None:
+        """Extract, tokenize, check that the memory will fit, then read."""
+        report, session = self.model.report, self.session
+        started = time.perf_counter()
+        report.phase("extracting text from " + ", ".join(self.sources))
+        text, pieces = read_text(self.sources)
+        t_extract = time.perf_counter()
+        report.phase("tokenizing")
+        document = session.tokenize(text)
+        t_tok = time.perf_counter()
+        per_token = session.engine.memory_report_per_token()
+        report.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
+                     f"{len(document) * per_token / 2**20:,.0f} MB")
+        check_reading(session, len(document), self.sources)  # refuse now, with numbers and flags, if it cannot fit
+        with report.reading(len(document), lambda: session.engine.memory_report().block_store_bytes) as update:
+            session.read(prefix, document, on_progress=update, source_map=SourceMap(text, pieces))
+        self.timings.update(extract_s=t_extract - started, tokenize_s=t_tok - t_extract,
+                            prefill_s=time.perf_counter() - t_tok)
+
+    def _read_stream(self, prefix: list[int], keep_text: bool) -> None:
+        """Sources that include stdin, read as the text arrives: extracting, tokenizing and prefill in one pass, so
+        memory grows only by the block store. Its size is unknown until the end, so the memory check runs before
+        every prefill step instead of once."""
+        report, session = self.model.report, self.session
+        started = time.perf_counter()
+        report.phase("extracting text from " + ", ".join(self.sources) + " (a stream: tokenized and read as it "
+                     "arrives, so no total and no ETA)")
+        pieces = iter_pieces(self.sources, stdin=sys.stdin.buffer)
+        with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
+            session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
+                                before_step=lambda tokens: check_reading(session, tokens, self.sources))
+        self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
+
+    def prompt(self, question: str) -> Prompt:
+        return build_prompt(self.model.loaded.tokenizer, self.template, question, self.system)
+
+    def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
+            cite: int = 0, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer from the state right after the read. on_text receives the answer as it is generated."""
+        session = self.session
+        self.model.report.phase("answering")
+        timings = dict(self.timings)
+        self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
+        started = time.perf_counter()
+        parts = []
+        for chunk in session.answer(self.prompt(question), max_tokens, sampling, cite=cite):
+            parts.append(chunk)
+            if on_text is not None:
+                on_text(chunk)
+        timings["answer_s"] = time.perf_counter() - started
+        timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
+        memory = {**peak_memory(), "rss_mb": rss_mb(), **self.memory}
+        return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
+                      session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
+                      list(session.citations) if cite > 0 else [])
+
+    def summarize(self, **options) -> Answer:
+        """ask() with the summary request (read with the "summarize" template for the built-in wording)."""
+        return self.ask(SUMMARY_REQUEST, **options)
+
+    def save(self, path: str, model_spec: str | None = None) -> int:
+        """Write this reading to a snapshot file (replaced atomically); returns its size in bytes.
+        model_spec: how to find the model again (default: the name it was loaded by)."""
+        from infllm.snapshot import save_session
+
+        self.model.report.phase(f"writing snapshot {path}")
+        started = time.perf_counter()
+        size = save_session(self.session, path, model_spec, self.system)
+        self.timings["save_s"] = time.perf_counter() - started
+        self.model.report.phase(f"wrote {path}: {size / 2**20:,.1f} MB in {self.timings['save_s']:.1f} s")
+        return size
