@@ -48,12 +48,15 @@ class Answer:
     memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
     engine: dict[str, int]  # the engine settings used
     citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
+    finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
+    tokens_question: int = 0  # the question's prompt tokens, read after the document
 
     def to_dict(self) -> dict:
-        return {"answer": self.text, "model": self.model, "inputs": self.inputs, "tokens_read": self.tokens_read,
+        return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
+                "tokens_read": self.tokens_read, "tokens_question": self.tokens_question,
                 "tokens_generated": self.tokens_generated,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
-                "engine": self.engine, "sources": [c.to_dict() for c in self.citations]}
+                "engine": self.engine, "citations": [c.to_dict() for c in self.citations]}
 
 
 class Model:
@@ -192,7 +195,8 @@ class Reading:
         self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
         started = time.perf_counter()
         parts = []
-        for chunk in session.answer(self.prompt(question), max_tokens, sampling, cite=cite):
+        prompt = self.prompt(question)
+        for chunk in session.answer(prompt, max_tokens, sampling, cite=cite):
             parts.append(chunk)
             if on_text is not None:
                 on_text(chunk)
@@ -201,7 +205,7 @@ class Reading:
         memory = {**peak_memory(), "rss_mb": rss_mb(), **self.memory}
         return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
                       session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
-                      list(session.citations) if cite > 0 else [])
+                      list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix))
 
     def summarize(self, **options) -> Answer:
         """ask() with the summary request (read with the "summarize" template for the built-in wording)."""

@@ -40,6 +40,7 @@ class RunOptions:
         s = self.sampling
         if not 0 < s.top_p <= 1 or not 0 <= s.temperature < float("inf") or self.max_tokens < 1:  # `not` refuses nan
             raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
+        s.validate()
         if self.cite < 0:
             raise UsageError("--cite needs a count of passages, 0 or more")
 

@@ -118,7 +118,9 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice) 
     from infllm.run import RunOptions
 
     return RunOptions(model_choice.model, model_choice.device, model_choice.dtype, model_choice.device_map, engine,
-                      SamplingConfig(answer.temperature, answer.top_p, answer.seed), answer.max_tokens,
+                      SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
+                                     answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
+                      answer.max_tokens,
                       answer.system, answer.template, answer.cite)
 
 

@@ -487,8 +487,8 @@ def test_stdin_is_read_as_a_stream_with_no_total_and_no_eta(ask, docs):
 def test_stdin_cites_the_same_passages_as_the_file(ask, docs):
     from_file = run_json(ask, "--cite", "3", docs["a"], "What is the pass key?")
     piped = run_json(ask, "--cite", "3", "-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8"))
-    assert piped["sources"] and piped["answer"] == from_file["answer"]
-    assert [{**s, "source": "<stdin>"} for s in from_file["sources"]] == piped["sources"]
+    assert piped["citations"] and piped["answer"] == from_file["answer"]
+    assert [{**s, "source": "<stdin>"} for s in from_file["citations"]] == piped["citations"]
 
 
 def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, monkeypatch):
@@ -555,3 +555,17 @@ def test_bad_lists_are_refused_with_one_line(ask, docs, tmp_path, listing, args,
     args = [arg.format(tmp=tmp_path) for arg in args]
     result = ask("--each", *args, "What is the pass key?", input=listing and listing.format(a=docs["a"]))
     assert words.format(tmp=tmp_path) in assert_one_error_line(result, code)
+
+
+def test_json_says_why_the_answer_ended_and_a_stop_string_ends_it(ask, docs):
+    full = run_json(ask, "--max-tokens", "12", docs["a"], "What is the pass key?")
+    assert full["finish_reason"] == ("length" if full["tokens_generated"] == 12 else "stop")
+    assert full["tokens_question"] > 0 and full["citations"] == []
+    words = full["answer"].split()
+    assert len(words) >= 3, full  # the fixture model writes text, so the stop string can be picked from it
+    stop = words[2]
+    cut = run_json(ask, "--max-tokens", "12", "--stop", stop, docs["a"], "What is the pass key?")
+    assert cut["answer"] == full["answer"][: full["answer"].find(stop)].strip()
+    assert cut["finish_reason"] == "stop" and cut["tokens_generated"] < full["tokens_generated"]
+    plain = ask("--max-tokens", "12", "--stop", stop, docs["a"], "What is the pass key?")
+    assert plain.stdout.strip() == cut["answer"]  # what is streamed stops there too
