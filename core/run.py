@@ -35,6 +35,7 @@ class RunOptions:
     system: str | None = None  # None: prompts/system.txt (or, for a snapshot, the system prompt it was read with)
     template: str = "ask"
     cite: int = 0  # passages to cite per answer
+    cache: bool = False  # open the reads kept in the read cache, keep new ones there (infllm.cache)
 
     def __post_init__(self):
         s = self.sampling
@@ -73,6 +74,7 @@ def per_source(each: bool, failures: dict[int, InfllmError], index: int) -> Iter
 def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str | None = None,
           each: bool = False, report: Reporter | None = None) -> Plan:
     """Everything that can be refused before the model loads: settings, special files, snapshots."""
+    from infllm.cache import limit_bytes
     from infllm.defaults import settings_for
     from infllm.documents.prompting import load_template
     from infllm.documents.readers import STDIN, refuse_special_files
@@ -87,6 +89,8 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     device_map = parse_device_map(opts.device_map, opts.device)
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
     kernel_choice()  # and a bad INFLLM_KERNELS
+    if opts.cache:
+        limit_bytes()  # and a bad INFLLM_CACHE_LIMIT_MB
     load_template(opts.template)  # and a missing or unusable template
     failures: dict[int, InfllmError] = {}
     snaps = {}
@@ -165,26 +169,38 @@ class Runner:
     def __init__(self, plan: Plan, report: Reporter | None = None):
         from infllm.api import Model
 
+        from infllm.cache import ReadCache
+
         self.plan = plan
         opts = plan.opts
         self.model = Model.load(plan.resolved, device=opts.device, dtype=opts.dtype, device_map=plan.device_map,
                                 report=report)
+        self.cache = ReadCache(report=self.model.report) if opts.cache else None
 
-    def answer(self, sources: list[str], *, save: str | None = None,
-               on_text: Callable[[str], None] | None = None):
-        """Read one group of sources (or open its snapshot), save it if asked, and answer the plan's question.
-        Returns an infllm.api.Answer; on_text receives the answer as it is generated."""
+    def reading(self, sources: list[str], *, save: str | None = None):
+        """Read one group of sources (or open its snapshot, or the cached read of the same bytes) and save it if
+        asked: an infllm.api.Reading to ask the plan's question, or others."""
         plan, opts = self.plan, self.plan.opts
         snap = plan.snaps.get(sources[0])
         if snap is not None:
-            reading = self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
-        else:
-            reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
-                                      question=plan.question, keep_text=opts.cite > 0 or save is not None)
-            if save is not None:
-                reading.save(save, opts.model)
-        return reading.ask(plan.question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
+            return self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
+        reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
+                                  question=plan.question, keep_text=opts.cite > 0 or save is not None,
+                                  cache=self.cache)
+        if save is not None:
+            reading.save(save, opts.model)
+        return reading
+
+    def ask(self, reading, question: str, on_text: Callable[[str], None] | None = None):
+        """An infllm.api.Answer to `question` with the plan's answer settings; on_text receives it as it comes."""
+        opts = self.plan.opts
+        return reading.ask(question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
                            on_text=on_text)
+
+    def answer(self, sources: list[str], *, save: str | None = None,
+               on_text: Callable[[str], None] | None = None):
+        """Read one group of sources (`reading`) and answer the plan's question (an infllm.api.Answer)."""
+        return self.ask(self.reading(sources, save=save), self.plan.question, on_text)
 
 
 def batch_failure(failures: list[Failure], groups: int) -> InfllmError:

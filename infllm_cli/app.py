@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, AnswerChoice, BatchChoice, ModelChoice, Output,
-                                answer_options, options)
+from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, AnswerChoice, BatchChoice, ModelChoice, Output,
+                                Reuse, answer_options, options)
 from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
 
 
 
-def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice) -> RunOptions:
+def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse) -> RunOptions:
     from infllm.api import SamplingConfig
     from infllm.run import RunOptions
 
@@ -121,7 +121,7 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice) 
                       SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
                                      answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
                       answer.max_tokens,
-                      answer.system, answer.template, answer.cite)
+                      answer.system, answer.template, answer.cite, reuse.cache)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
@@ -130,31 +130,33 @@ SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read
 @app.command(epilog=EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), BATCH, OUTPUT)
+                                       "and {question}"), BATCH, REUSE, OUTPUT)
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
-    model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, output: Output,
+    model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
+    output: Output,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
     sources, question = _split_question(args, batch.files_from)
-    _answer_all(sources, question, _run_options(model_choice, engine, answer_choice), batch, output)
+    _answer_all(sources, question, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
 
 
 @app.command(epilog=EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file"), BATCH,
-         OUTPUT)
+         REUSE, OUTPUT)
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
-    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, output: Output,
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
+    output: Output,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
     from infllm.api import SUMMARY_REQUEST
 
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], batch.files_from)
-    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice), batch, output)
+    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
 
 
 @app.command("read", epilog=EPILOG)
@@ -216,6 +218,41 @@ def info(
         f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
         f" + {report['working_mb']:,} MB working buffers ({report['device']})\n"
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
+
+
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="The read cache: reads kept so that asking about the same bytes again opens them.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@guarded
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON object per entry")] = False) -> None:
+    """The cached reads, most recently used first: size, last use, tokens, model and sources."""
+    from infllm.api import ReadCache
+
+    cache = ReadCache()
+    entries = cache.entries()
+    for e in entries:
+        if as_json:
+            _print_json(e.to_dict())
+        else:
+            sys.stdout.write(f"{e.bytes / 2**20:10,.1f} MB  {e.to_dict()['last_used'][:16]}  {e.tokens:>9,} tokens  "
+                             f"{e.model}  {', '.join(e.sources)}\n")
+    total = sum(e.bytes for e in entries)
+    print(f"infllm: {len(entries)} cached reads, {total / 2**20:,.1f} MB of {cache.limit / 2**20:,.0f} MB "
+          f"(INFLLM_CACHE_LIMIT_MB) in {cache.root}", file=sys.stderr)
+
+
+@cache_app.command("clear")
+@guarded
+def cache_clear() -> None:
+    """Remove every cached read."""
+    from infllm.api import ReadCache
+
+    cache = ReadCache()
+    count, size = cache.clear()
+    print(f"infllm: removed {count} cached reads ({size / 2**20:,.1f} MB) from {cache.root}", file=sys.stderr)
 
 
 def _display(output: Output) -> Display:

@@ -182,3 +182,16 @@ OUTPUT = OptionGroup("output", (
             help="print one JSON object (per source with --each) instead of the bare answer"),
     _option("quiet", bool, False, "--quiet", "-q", help="no progress on stderr"),
 ), Output)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Whether earlier reads may answer instead of reading again."""
+
+    cache: bool
+
+
+REUSE = OptionGroup("reuse", (
+    _option("no_cache", bool, False, "--no-cache",
+            help="read the sources even if the read cache holds them, and keep nothing there (infllm cache list)"),
+), lambda no_cache: Reuse(cache=not no_cache))
