@@ -97,6 +97,21 @@ def _split_question(args: list[str], files_from: str | None = None) -> tuple[lis
     return sources, question
 
 
+def _question_list(path: str, sources: list[str]) -> list[str]:
+    from infllm.errors import SourceError
+    from infllm.run import STDIN, read_path_list
+
+    if path == STDIN and STDIN in sources:
+        raise UsageError("stdin holds the questions (--questions -), so it cannot also be the document")
+    try:  # the same rules as a list of files: one a line, blank lines skipped, CRLF accepted
+        listed = read_path_list(path, stdin=sys.stdin.buffer if path == STDIN else None)
+    except SourceError as err:
+        raise SourceError(f"--questions {err}") from None
+    if not listed:
+        raise UsageError(f"--questions {path}: no questions in it")
+    return listed
+
+
 def _listed(files_from: str, sources: list[str]) -> list[str]:
     from infllm.errors import SourceError
     from infllm.run import STDIN, read_path_list
@@ -134,13 +149,24 @@ SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
-    model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
+    questions: Annotated[Optional[str], typer.Option("--questions", metavar="FILE", help=(
+        "ask every question in FILE (one a line; '-': stdin), each from the state after the read: one answer a "
+        "line on stdout (a JSON line each with --json); the arguments are then all sources"))] = None,
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
     output: Output,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
-    sources, question = _split_question(args, batch.files_from)
-    _answer_all(sources, question, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
+    opts = _run_options(model_choice, engine, answer_choice, reuse)
+    if questions is None:
+        sources, question = _split_question(args, batch.files_from)
+        _answer_all(sources, question, opts, batch, output)
+        return
+    if batch.each or batch.on_ray:
+        raise UsageError("--questions asks one reading several questions: not with --each or --ray")
+    sources, _ = _split_question([*args, "questions"], batch.files_from)
+    asked = _question_list(questions, sources)
+    _ask_many(sources, asked[0], iter(asked), opts, output, save=batch.save, one_line=True)
 
 
 @app.command(epilog=EPILOG)
@@ -255,6 +281,53 @@ def cache_clear() -> None:
     print(f"infllm: removed {count} cached reads ({size / 2**20:,.1f} MB) from {cache.root}", file=sys.stderr)
 
 
+@app.command(epilog=EPILOG)
+@guarded
+@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
+                                       "and {question}"), REUSE, OUTPUT)
+def chat(
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...|SNAPSHOT",
+                       help="files, directories or a snapshot (stdin holds the questions)")],
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, reuse: Reuse, output: Output,
+) -> None:
+    """Read once, then answer the questions typed at the `> ` prompt (on stderr), one a line, until end of input
+    (Ctrl-D). Each question is answered from the state right after the read, independently of the others."""
+    from infllm.run import STDIN
+
+    if STDIN in sources:
+        raise UsageError("chat reads its questions from stdin, so stdin cannot be a source: name a file")
+
+    def typed():
+        while True:
+            if not output.quiet:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                if not output.quiet:
+                    sys.stderr.write("\n")
+                return
+            if line.strip():
+                yield line.strip()
+
+    _ask_many(sources, "", typed(), _run_options(model_choice, engine, answer_choice, reuse), output)
+
+
+def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, output: Output, *,
+              save: str | None = None, one_line: bool = False) -> None:
+    """Read (or open) the sources once, then answer each question from the state after the read. first: the
+    question the prompt's opening is built with (only a template that asks before the document uses it)."""
+    from infllm.run import Runner, check
+
+    display = _display(output)
+    plan = check(opts, [sources], first, save=save, report=display)
+    runner = Runner(plan, display)
+    reading = runner.reading(sources, save=save)
+    for question in questions:
+        out = _AnswerOut(None, output.as_json, question if one_line else None)
+        _show(runner.ask(reading, question, on_text=out.write), out, display)
+
+
 def _display(output: Output) -> Display:
     from infllm.cli.progress import Display
 
@@ -310,13 +383,14 @@ def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: Batc
 
 class _AnswerOut:
     """The answer on stdout as it comes (nothing with --json); when several are answered, a `==> name <==` line
-    before each, as `head` does for several files."""
+    before each, as `head` does for several files. For one of a list of questions, the answer on one line once
+    complete (its JSON line then names the question)."""
 
-    def __init__(self, header: str | None, as_json: bool):
-        self.header, self.as_json = header, as_json
+    def __init__(self, header: str | None, as_json: bool, question: str | None = None):
+        self.header, self.as_json, self.question = header, as_json, question
 
     def write(self, text: str) -> None:
-        if self.as_json:
+        if self.as_json or self.question is not None:
             return
         if self.header is not None:
             sys.stdout.write(f"==> {self.header} <==\n")
@@ -326,8 +400,11 @@ class _AnswerOut:
 
     def close(self, answer: Answer) -> None:
         if self.as_json:
-            _print_json(answer.to_dict())
+            _print_json(answer.to_dict() if self.question is None else {"question": self.question,
+                                                                         **answer.to_dict()})
             return
+        if self.question is not None:
+            sys.stdout.write(" ".join(answer.text.split("\n")))
         self.write("")
         sys.stdout.write("\n")
         sys.stdout.flush()
