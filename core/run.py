@@ -36,6 +36,7 @@ class RunOptions:
     template: str = "ask"
     cite: int = 0  # passages to cite per answer
     cache: bool = False  # open the reads kept in the read cache, keep new ones there (infllm.cache)
+    refuse_stale: bool = False  # refuse a snapshot whose source files changed since it was read (else: a warning)
 
     def __post_init__(self):
         s = self.sampling
@@ -82,7 +83,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
     from infllm.runtime.placement import parse_device_map
     from infllm.runtime.resources import memory_limit_bytes
-    from infllm.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
+    from infllm.snapshot import SnapshotFile, changed_sources, check_model, is_snapshot, snapshot_config
 
     report = report or Reporter()
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
@@ -101,7 +102,12 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
             if found and len(sources) > 1:
                 raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
             if found:
-                snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
+                snaps[found[0]] = snap = SnapshotFile(found[0])  # header and metadata checked now, before loading
+                for name in changed_sources(snap):
+                    stale = f"{name} changed since {snap.path} was read; read it again"
+                    if opts.refuse_stale:
+                        raise SnapshotError(stale)
+                    report.warn(stale)
     if save is not None and (len(groups) > 1 or snaps):
         raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
     plan = Plan(opts, question, None, None, snaps, failures)

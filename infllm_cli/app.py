@@ -136,7 +136,7 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, 
                       SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
                                      answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
                       answer.max_tokens,
-                      answer.system, answer.template, answer.cite, reuse.cache)
+                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."

@@ -189,9 +189,12 @@ class Reuse:
     """Whether earlier reads may answer instead of reading again."""
 
     cache: bool
+    refuse_stale: bool
 
 
 REUSE = OptionGroup("reuse", (
     _option("no_cache", bool, False, "--no-cache",
             help="read the sources even if the read cache holds them, and keep nothing there (infllm cache list)"),
-), lambda no_cache: Reuse(cache=not no_cache))
+    _option("refuse_stale", bool, False, "--refuse-stale",
+            help="refuse (exit 5) a snapshot whose source files changed since it was read, instead of a warning"),
+), lambda no_cache, refuse_stale: Reuse(not no_cache, refuse_stale))
