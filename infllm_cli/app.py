@@ -53,14 +53,22 @@ def guarded(command):
         from infllm.cli import restore_interrupts
 
         restore_interrupts()  # Ctrl-C while starting exited at once (infllm_cli/__init__.py); now it raises
+        json_lines = _json_lines
+
+        def failed(error: str, code: int) -> typer.Exit:
+            # With --json a script reads stdout only: a failure that left no JSON line there is one.
+            if kwargs.get("as_json") and _json_lines == json_lines:
+                _print_json({"error": error, "exit_code": code})
+            return typer.Exit(code)
+
         try:
             return command(*args, **kwargs)
         except InfllmError as err:
             print(f"infllm: error: {err}", file=sys.stderr)
-            raise typer.Exit(err.exit_code) from None
+            raise failed(str(err), err.exit_code) from None
         except KeyboardInterrupt:
             print("infllm: interrupted", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise failed("interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -76,7 +84,7 @@ def guarded(command):
                 raise
             else:
                 print(f"infllm: {failure.error} (INFLLM_DEBUG=1 shows the traceback)", file=sys.stderr)
-            raise typer.Exit(failure.exit_code) from None
+            raise failed(failure.error, failure.exit_code) from None
 
     return run
 
@@ -340,7 +348,12 @@ def _model_options(model_choice: ModelChoice, engine: dict) -> RunOptions:
     return RunOptions(model_choice.model, model_choice.device, model_choice.dtype, model_choice.device_map, engine)
 
 
+_json_lines = 0  # JSON lines printed by this process so far (guarded prints a failure as one if none came)
+
+
 def _print_json(obj: dict) -> None:
+    global _json_lines
+    _json_lines += 1
     json.dump(obj, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()

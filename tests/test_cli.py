@@ -569,3 +569,17 @@ def test_json_says_why_the_answer_ended_and_a_stop_string_ends_it(ask, docs):
     assert cut["finish_reason"] == "stop" and cut["tokens_generated"] < full["tokens_generated"]
     plain = ask("--max-tokens", "12", "--stop", stop, docs["a"], "What is the pass key?")
     assert plain.stdout.strip() == cut["answer"]  # what is streamed stops there too
+
+
+def test_with_json_a_failure_is_a_json_object_on_stdout(ask, docs, tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = ask("--json", missing, "What is the pass key?")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout) == {"error": f"{missing}: no such file or directory", "exit_code": 3}
+    assert result.stderr.splitlines()[-1] == f"infllm: error: {missing}: no such file or directory"
+    bad = ask("--json", "--top-p", "0", docs["a"], "q")
+    assert bad.exit_code == 2 and json.loads(bad.stdout)["exit_code"] == 2 and "top-p" in json.loads(bad.stdout)["error"]
+    # With --each the failed source's line is already there: nothing is added after it.
+    each = ask("--json", "--each", missing, "q")
+    assert each.exit_code == 3 and [json.loads(line) for line in each.stdout.splitlines()] == [
+        {"inputs": [str(missing)], "error": f"{missing}: no such file or directory", "exit_code": 3}]
