@@ -105,6 +105,19 @@ def _split_question(args: list[str], files_from: str | None = None) -> tuple[lis
     return sources, question
 
 
+def _check_question_order(args: list[str]) -> None:
+    """Catch a forgotten question (the one argument names a file) or one put first (the last argument names a
+    file, an earlier one does not) before the model loads, instead of reading stdin or failing on a missing file."""
+    *sources, last = args
+    if not os.path.exists(last):
+        return
+    stray = next((s for s in sources if s != "-" and not os.path.exists(s)), None)
+    if stray is None:
+        raise UsageError(f"the question is missing: {last} is a file; infllm ask SOURCE... \"question\"")
+    raise UsageError(f"the question comes last: {stray!r} is not a file and {last} is; "
+                     "infllm ask SOURCE... \"question\"")
+
+
 def _question_list(path: str, sources: list[str]) -> list[str]:
     from infllm.errors import SourceError
     from infllm.run import STDIN, read_path_list
@@ -167,6 +180,7 @@ def ask(
     written by `infllm read` (FILE.infllm: nothing is read again)."""
     opts = _run_options(model_choice, engine, answer_choice, reuse)
     if questions is None:
+        _check_question_order(args)
         sources, question = _split_question(args, batch.files_from)
         _answer_all(sources, question, opts, batch, output)
         return

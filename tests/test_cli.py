@@ -583,3 +583,15 @@ def test_with_json_a_failure_is_a_json_object_on_stdout(ask, docs, tmp_path):
     each = ask("--json", "--each", missing, "q")
     assert each.exit_code == 3 and [json.loads(line) for line in each.stdout.splitlines()] == [
         {"inputs": [str(missing)], "error": f"{missing}: no such file or directory", "exit_code": 3}]
+
+
+def test_a_forgotten_or_misplaced_question_is_named_before_the_model_loads(ask, docs):
+    forgotten = ask(docs["a"], input="piped text")  # stdin is not taken for the document then
+    line = assert_one_error_line(forgotten, 2)
+    assert "question is missing" in line and str(docs["a"]) in line
+    swapped = ask("What is the pass key?", docs["a"])
+    line = assert_one_error_line(swapped, 2)
+    assert "the question comes last" in line and "'What is the pass key?' is not a file" in line
+    assert "question is missing" in assert_one_error_line(ask(docs["a"], docs["b"]), 2)
+    assert "loading model" not in forgotten.stderr + swapped.stderr
+    assert ask("-", docs["a"], "q", input="text").exit_code == 0  # stdin and a file, then the question
