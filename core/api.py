@@ -30,7 +30,7 @@ from infllm.engine.sampling import SamplingConfig
 from infllm.errors import SnapshotError
 from infllm.reporting import Reporter
 from infllm.runtime import loading
-from infllm.runtime.loading import LoadedModel, ResolvedModel
+from infllm.runtime.loading import FoundModel, LoadedModel, ResolvedModel, find_models  # noqa: F401 - `infllm models`
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
 from infllm.session import Session

@@ -24,24 +24,53 @@ if TYPE_CHECKING:
     from infllm.cli.progress import Display
     from infllm.run import RunOptions
 
-EPILOG = """\
-Examples:
-
-  infllm ask book.txt "Who does Elizabeth marry?"
-
-  cat server.log | infllm ask "Which error came first?"
-
-  infllm ask --model ./Qwen2.5-1.5B-Instruct --window 2048 notes/ "What is left to do?"
-
-Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
+EXIT_CODES = """Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
 6 not enough memory, 130 interrupted.
 """
 
+
+def _epilog(*examples: str) -> str:
+    """A command's --help ends with its examples and the exit codes."""
+    return "Examples:\n\n" + "".join(f"  {example}\n\n" for example in examples) + EXIT_CODES
+
+
+EPILOG = _epilog('infllm ask book.txt "Who does Elizabeth marry?"', 'cat server.log | infllm ask "Which error came first?"',
+                 'infllm ask --model ./Qwen2.5-1.5B-Instruct --window 2048 notes/ "What is left to do?"')
+ASK_EPILOG = _epilog('infllm ask book.txt "Who does Elizabeth marry?"',
+                     'cat server.log | infllm ask "Which error came first?"',
+                     'infllm ask --json --cite 3 notes/ "What is left to do?" | jq .answer',
+                     "infllm ask --questions questions.txt book.txt",
+                     'infllm ask --each --json --files-from list.txt "Any errors?"')
+SUMMARIZE_EPILOG = _epilog("infllm summarize book.txt", "infllm summarize --each --json logs/*.log",
+                           "infllm summarize --max-tokens 800 book.infllm")
+READ_EPILOG = _epilog("infllm read book.pdf -o book.infllm", 'infllm ask book.infllm "Who betrayed whom?"')
+INFO_EPILOG = _epilog("infllm info book.pdf notes/", "zcat huge.log.gz | infllm info -")
+CHAT_EPILOG = _epilog("infllm chat book.txt", "infllm chat -q book.infllm < questions.txt")
+MODELS_EPILOG = _epilog("infllm models", 'infllm ask --model Qwen/Qwen2.5-1.5B-Instruct book.txt "..."')
+CACHE_EPILOG = _epilog("infllm cache list", "infllm cache clear", "INFLLM_CACHE_LIMIT_MB=20000 infllm ask book.txt "
+                       '"..."')
+
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Ask a local LLM about documents far longer than its context window.", epilog=EPILOG)
 
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"infllm {version('infllm')}")
+        except PackageNotFoundError:
+            print("infllm (not installed: version unknown)")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="print the version and exit")] = False,
+) -> None:
     """Ask a local LLM about documents far longer than its context window."""
 
 
@@ -163,7 +192,7 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=ASK_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
                                        "and {question}"), BATCH, REUSE, OUTPUT)
@@ -191,7 +220,7 @@ def ask(
     _ask_many(sources, asked[0], iter(asked), opts, output, save=batch.save, one_line=True)
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=SUMMARIZE_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file"), BATCH,
          REUSE, OUTPUT)
@@ -207,7 +236,7 @@ def summarize(
     _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
 
 
-@app.command("read", epilog=EPILOG)
+@app.command("read", epilog=READ_EPILOG)
 @guarded
 @options(MODEL, ENGINE, OUTPUT)
 def read_command(
@@ -235,7 +264,7 @@ def read_command(
                      "memory": reading.peak_memory(), "engine": settings.to_dict()})
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=INFO_EPILOG)
 @guarded
 @options(MODEL, ENGINE, OUTPUT)
 def info(
@@ -268,12 +297,26 @@ def info(
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
 
 
-cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+@app.command(epilog=MODELS_EPILOG)
+@guarded
+def models() -> None:
+    """The models --model can name on this machine without a download (nothing is downloaded at run time), and
+    where infllm looked: the default model, GGUFs converted earlier, the local Hugging Face cache."""
+    from infllm.api import find_models
+
+    found, looked = find_models()
+    for m in found:
+        sys.stdout.write(f"{m.spec}\t{m.kind}" + (f", {m.model_type}" if m.model_type else "") + "\n")
+    print("infllm: looked in " + "; ".join(looked) + ". --model also takes any GGUF file or model folder by path",
+          file=sys.stderr)
+
+
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, epilog=CACHE_EPILOG,
                         help="The read cache: reads kept so that asking about the same bytes again opens them.")
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("list")
+@cache_app.command("list", epilog=CACHE_EPILOG)
 @guarded
 def cache_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON object per entry")] = False) -> None:
     """The cached reads, most recently used first: size, last use, tokens, model and sources."""
@@ -292,7 +335,7 @@ def cache_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON ob
           f"(INFLLM_CACHE_LIMIT_MB) in {cache.root}", file=sys.stderr)
 
 
-@cache_app.command("clear")
+@cache_app.command("clear", epilog=CACHE_EPILOG)
 @guarded
 def cache_clear() -> None:
     """Remove every cached read."""
@@ -303,7 +346,7 @@ def cache_clear() -> None:
     print(f"infllm: removed {count} cached reads ({size / 2**20:,.1f} MB) from {cache.root}", file=sys.stderr)
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=CHAT_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
                                        "and {question}"), REUSE, OUTPUT)

@@ -595,3 +595,36 @@ def test_a_forgotten_or_misplaced_question_is_named_before_the_model_loads(ask, 
     assert "question is missing" in assert_one_error_line(ask(docs["a"], docs["b"]), 2)
     assert "loading model" not in forgotten.stderr + swapped.stderr
     assert ask("-", docs["a"], "q", input="text").exit_code == 0  # stdin and a file, then the question
+
+
+def test_version_short_help_and_examples_per_command():
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"], prog_name="infllm")
+    assert version.exit_code == 0 and version.stdout.startswith("infllm ")
+    assert runner.invoke(app, ["-h"], prog_name="infllm").stdout == runner.invoke(app, ["--help"], prog_name="infllm").stdout
+    for command, example in [("ask", "infllm ask --questions questions.txt book.txt"),
+                             ("summarize", "infllm summarize book.txt"), ("read", "infllm read book.pdf -o book.infllm"),
+                             ("info", "zcat huge.log.gz | infllm info -"), ("chat", "infllm chat book.txt"),
+                             ("models", "infllm models"), ("cache", "infllm cache clear")]:
+        shown = runner.invoke(app, [command, "-h"], prog_name="infllm")
+        assert shown.exit_code == 0 and example in shown.stdout and "Exit codes" in shown.stdout, command
+
+
+def test_models_lists_what_can_be_used_and_where_it_looked(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    converted = tmp_path / "cache" / "models" / "Tiny-0123456789abcdef"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text('{"model_type": "qwen2"}')
+    hub = tmp_path / "hub"
+    (hub / "models--org--Some-Model" / "snapshots" / "abc").mkdir(parents=True)
+    (hub / "models--org--Some-Model" / "snapshots" / "abc" / "config.json").write_text('{"model_type": "llama"}')
+    (hub / "models--org--no-weights").mkdir()  # a download that never finished: no snapshot
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    result = CliRunner().invoke(app, ["models"], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"{converted}\ta GGUF converted earlier, qwen2" in lines
+    assert "org/Some-Model\tthe Hugging Face cache, llama" in lines
+    assert "no-weights" not in result.stdout
+    assert str(hub) in result.stderr and str(tmp_path / "cache" / "models") in result.stderr
