@@ -628,3 +628,22 @@ def test_models_lists_what_can_be_used_and_where_it_looked(tmp_path, monkeypatch
     assert "org/Some-Model\tthe Hugging Face cache, llama" in lines
     assert "no-weights" not in result.stdout
     assert str(hub) in result.stderr and str(tmp_path / "cache" / "models") in result.stderr
+
+
+def test_summaries_are_kept_from_repeating_themselves_and_answers_stay_greedy(tiny_model_dir, docs, monkeypatch):
+    from infllm.api import Reading
+
+    used = {}
+    real_ask = Reading.ask
+
+    def spy(self, question, **options):
+        used[command] = options["sampling"]
+        return real_ask(self, question, **options)
+
+    monkeypatch.setattr(Reading, "ask", spy)
+    for command, extra in [("summarize", []), ("ask", ["q"])]:
+        argv = [command, "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "2", *ENGINE,
+                str(docs["a"]), *extra]
+        assert CliRunner().invoke(app, argv, prog_name="infllm").exit_code == 0
+    assert (used["summarize"].repetition_penalty, used["summarize"].no_repeat_ngram) == (1.2, 4)
+    assert (used["ask"].repetition_penalty, used["ask"].no_repeat_ngram, used["ask"].temperature) == (1.0, 0, 0.0)
