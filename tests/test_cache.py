@@ -14,18 +14,7 @@ ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2
           "--prefill-chunk", "128", "--cache-blocks", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
-    for name in ("INFLLM_CACHE_LIMIT_MB", "INFLLM_MODEL", "INFLLM_WINDOW", "INFLLM_TOPK", "INFLLM_SINKS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def doc(tmp_path):
-    path = tmp_path / "book.txt"
-    path.write_text("".join(f"Line {i}: the pass key is {i * 7 % 101}. Remember it.\n" for i in range(150)))
-    return path
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 @pytest.fixture
@@ -46,96 +35,96 @@ def cache_command(*args):
     return CliRunner().invoke(app, ["cache", *args], prog_name="infllm")
 
 
-def test_asking_the_same_bytes_again_opens_the_cached_read(infllm, doc, tmp_path):
-    first = infllm("ask", "--json", doc, "What is the pass key?")
+def test_asking_the_same_bytes_again_opens_the_cached_read(infllm, book, tmp_path):
+    first = infllm("ask", "--json", book, "What is the pass key?")
     assert first.exit_code == 0, first.stderr
     assert len(entries(tmp_path)) == 1 and "keeping the read in the cache" in first.stderr
-    second = infllm("ask", "--json", doc, "What is the pass key?")
+    second = infllm("ask", "--json", book, "What is the pass key?")
     assert second.exit_code == 0, second.stderr
     assert "opening the cached read of" in second.stderr and "extracting text" not in second.stderr
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert "prefill_s" in a["timings"] and "open_s" in b["timings"] and "prefill_s" not in b["timings"]
     assert (b["answer"], b["tokens_read"], b["inputs"]) == (a["answer"], a["tokens_read"], a["inputs"])
     # summarize's template opens as ask's does (the request comes after the document): the same memory.
-    summary = infllm("summarize", doc)
+    summary = infllm("summarize", book)
     assert summary.exit_code == 0 and "opening the cached read" in summary.stderr and len(entries(tmp_path)) == 1
-    other = infllm("ask", "--system", "Answer in French.", doc, "q")  # another opening: a read of its own
+    other = infllm("ask", "--system", "Answer in French.", book, "q")  # another opening: a read of its own
     assert "extracting text" in other.stderr and len(entries(tmp_path)) == 2
 
 
-def test_no_cache_reads_again_and_keeps_nothing(infllm, doc, tmp_path):
-    assert infllm("ask", "--no-cache", doc, "q").exit_code == 0
+def test_no_cache_reads_again_and_keeps_nothing(infllm, book, tmp_path):
+    assert infllm("ask", "--no-cache", book, "q").exit_code == 0
     assert entries(tmp_path) == []
-    assert infllm("ask", doc, "q").exit_code == 0
-    again = infllm("ask", "--no-cache", doc, "q")
+    assert infllm("ask", book, "q").exit_code == 0
+    again = infllm("ask", "--no-cache", book, "q")
     assert "extracting text" in again.stderr and "cached read" not in again.stderr
 
 
-def test_changed_bytes_or_settings_read_again(infllm, doc, tmp_path):
-    assert infllm("ask", doc, "q").exit_code == 0
-    doc.write_text(doc.read_text().replace("Line 3:", "Line 4:"))  # same size, other bytes
-    changed = infllm("ask", doc, "q")
+def test_changed_bytes_or_settings_read_again(infllm, book, tmp_path):
+    assert infllm("ask", book, "q").exit_code == 0
+    book.write_text(book.read_text().replace("Line 3:", "Line 4:"))  # same size, other bytes
+    changed = infllm("ask", book, "q")
     assert "extracting text" in changed.stderr and len(entries(tmp_path)) == 2
     other = [*ENGINE[:ENGINE.index("--topk")], "--topk", "3", *ENGINE[ENGINE.index("--topk") + 2:]]
-    assert "extracting text" in infllm("ask", doc, "q", engine=other).stderr and len(entries(tmp_path)) == 3
+    assert "extracting text" in infllm("ask", book, "q", engine=other).stderr and len(entries(tmp_path)) == 3
 
 
-def test_stdin_is_not_cached(infllm, doc, tmp_path):
-    assert infllm("ask", "-", "q", input=doc.read_text()).exit_code == 0
+def test_stdin_is_not_cached(infllm, book, tmp_path):
+    assert infllm("ask", "-", "q", input=book.read_text()).exit_code == 0
     assert entries(tmp_path) == []
 
 
-def test_least_recently_used_reads_are_evicted_to_stay_within_the_limit(infllm, doc, tmp_path, monkeypatch):
-    assert infllm("ask", doc, "q").exit_code == 0
+def test_least_recently_used_reads_are_evicted_to_stay_within_the_limit(infllm, book, tmp_path, monkeypatch):
+    assert infllm("ask", book, "q").exit_code == 0
     [entry] = entries(tmp_path)
     size_mb = entry.stat().st_size / 2**20
     monkeypatch.setenv("INFLLM_CACHE_LIMIT_MB", str(int(size_mb * 2.5) + 1))  # room for two entries, not three
     others = []
     for i in range(2):
         other = tmp_path / f"other{i}.txt"
-        other.write_text(doc.read_text() + f"and {i}\n")
+        other.write_text(book.read_text() + f"and {i}\n")
         others.append(other)
     assert infllm("ask", others[0], "q").exit_code == 0
-    assert "opening the cached read" in infllm("ask", doc, "q").stderr  # doc is now the most recently used
+    assert "opening the cached read" in infllm("ask", book, "q").stderr  # book is now the most recently used
     assert infllm("ask", others[1], "q").exit_code == 0
     kept = entries(tmp_path)
     assert len(kept) == 2 and entry in kept  # others[0], the least recently used, made room
     assert sum(p.stat().st_size for p in kept) <= (int(size_mb * 2.5) + 1) * 2**20
 
 
-def test_a_read_larger_than_the_limit_is_not_cached_and_said_once(infllm, doc, tmp_path, monkeypatch):
+def test_a_read_larger_than_the_limit_is_not_cached_and_said_once(infllm, book, tmp_path, monkeypatch):
     monkeypatch.setenv("INFLLM_CACHE_LIMIT_MB", "0")
-    result = infllm("ask", "--each", doc, doc, "q")
+    result = infllm("ask", "--each", book, book, "q")
     assert result.exit_code == 0, result.stderr
     assert entries(tmp_path) == []
     said = [line for line in result.stderr.splitlines() if "is not cached" in line]
     assert len(said) == 1 and "INFLLM_CACHE_LIMIT_MB" in said[0]
 
 
-def test_a_bad_limit_is_refused_before_the_model_loads(infllm, doc, monkeypatch):
+def test_a_bad_limit_is_refused_before_the_model_loads(infllm, book, monkeypatch):
     monkeypatch.setenv("INFLLM_CACHE_LIMIT_MB", "lots")
-    result = infllm("ask", doc, "q")
+    result = infllm("ask", book, "q")
     assert result.exit_code == 2 and "INFLLM_CACHE_LIMIT_MB" in result.stderr
     assert "loading model" not in result.stderr
 
 
-def test_cache_list_and_clear(infllm, doc, tmp_path):
-    assert infllm("ask", doc, "q").exit_code == 0
+def test_cache_list_and_clear(infllm, book, tmp_path):
+    assert infllm("ask", book, "q").exit_code == 0
     listed = cache_command("list", "--json")
     assert listed.exit_code == 0, listed.stderr
     [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert entry["sources"] == [str(doc)] and entry["tokens"] > 1000 and entry["bytes"] > 0
+    assert entry["sources"] == [str(book)] and entry["tokens"] > 1000 and entry["bytes"] > 0
     assert str(tmp_path / "cache" / "reads") in listed.stderr
-    assert str(doc) in cache_command("list").stdout
+    assert str(book) in cache_command("list").stdout
     cleared = cache_command("clear")
     assert cleared.exit_code == 0 and "removed 1 cached reads" in cleared.stderr
     assert entries(tmp_path) == [] and cache_command("list").stdout == ""
 
 
-def test_a_damaged_entry_is_read_again(infllm, doc, tmp_path):
-    assert infllm("ask", doc, "q").exit_code == 0
+def test_a_damaged_entry_is_read_again(infllm, book, tmp_path):
+    assert infllm("ask", book, "q").exit_code == 0
     [entry] = entries(tmp_path)
     entry.write_bytes(entry.read_bytes()[:1000])
-    again = infllm("ask", doc, "q")
+    again = infllm("ask", book, "q")
     assert again.exit_code == 0, again.stderr
     assert "extracting text" in again.stderr and entries(tmp_path)[0].stat().st_size > 1000

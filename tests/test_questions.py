@@ -15,18 +15,7 @@ ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2
 QUESTIONS = ["What is the pass key?", "Which line comes first?"]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
-    for name in ("INFLLM_MODEL", "INFLLM_WINDOW", "INFLLM_TOPK", "INFLLM_SINKS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def doc(tmp_path):
-    path = tmp_path / "book.txt"
-    path.write_text("".join(f"Line {i}: the pass key is {i * 7 % 101}. Remember it.\n" for i in range(150)))
-    return path
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 @pytest.fixture
@@ -40,37 +29,37 @@ def infllm(tiny_model_dir):
 
 
 @pytest.fixture
-def alone(infllm, doc):
+def alone(infllm, book):
     """Each question's answer from a run that asks it alone (--no-cache: read afresh each time)."""
-    return [infllm("ask", "--no-cache", doc, q) for q in QUESTIONS]
+    return [infllm("ask", "--no-cache", book, q) for q in QUESTIONS]
 
 
-def test_questions_file_gives_one_answer_a_line_each_as_if_asked_alone(infllm, doc, tmp_path, alone):
+def test_questions_file_gives_one_answer_a_line_each_as_if_asked_alone(infllm, book, tmp_path, alone):
     listing = tmp_path / "questions.txt"
     listing.write_text(f"{QUESTIONS[0]}\r\n\n{QUESTIONS[1]}\n")  # CRLF and blank lines as in --files-from
-    result = infllm("ask", "--questions", listing, doc)
+    result = infllm("ask", "--questions", listing, book)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [" ".join(r.stdout.strip().split("\n")) for r in alone]
     assert result.stderr.count("extracting text") == 1  # read once
-    as_json = infllm("ask", "--json", "--questions", listing, doc)
+    as_json = infllm("ask", "--json", "--questions", listing, book)
     records = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["question"] for r in records] == QUESTIONS
     assert [r["answer"] for r in records] == [r.stdout.strip() for r in alone]
 
 
-def test_questions_from_stdin_and_refusals(infllm, doc, tmp_path):
-    piped = infllm("ask", "--questions", "-", doc, input="\n".join(QUESTIONS) + "\n")
+def test_questions_from_stdin_and_refusals(infllm, book, tmp_path):
+    piped = infllm("ask", "--questions", "-", book, input="\n".join(QUESTIONS) + "\n")
     assert piped.exit_code == 0 and len(piped.stdout.splitlines()) == 2
     both = infllm("ask", "--questions", "-", "-", input="q\n")
     assert both.exit_code == 2 and "cannot also be the document" in both.stderr
     empty = tmp_path / "none.txt"
     empty.write_text("\n\n")
-    assert infllm("ask", "--questions", empty, doc).exit_code == 2
-    assert infllm("ask", "--each", "--questions", empty, doc).exit_code == 2
+    assert infllm("ask", "--questions", empty, book).exit_code == 2
+    assert infllm("ask", "--each", "--questions", empty, book).exit_code == 2
 
 
-def test_chat_answers_each_typed_question_as_if_asked_alone(infllm, doc, alone):
-    result = infllm("chat", doc, input=f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n")
+def test_chat_answers_each_typed_question_as_if_asked_alone(infllm, book, alone):
+    result = infllm("chat", book, input=f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "".join(r.stdout for r in alone)
     assert result.stderr.count("> ") == 4  # before each of the three lines, and at the end of input

@@ -15,11 +15,7 @@ ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2
           "--prefill-chunk", "128", "--cache-blocks", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
-    for name in ("INFLLM_MODEL", "INFLLM_WINDOW", "INFLLM_TOPK", "INFLLM_SINKS"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 @pytest.fixture(scope="module")
