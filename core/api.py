@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from infllm.cache import ReadCache
 from infllm.citations.passages import Citation, SourceMap
 from infllm.config import EngineConfig
 from infllm.defaults import settings_for
@@ -26,9 +27,10 @@ from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Promp
                                         has_chat_template, load_template)
 from infllm.documents.readers import STDIN, iter_pieces, read_text
 from infllm.engine.sampling import SamplingConfig
+from infllm.errors import SnapshotError
 from infllm.reporting import Reporter
 from infllm.runtime import loading
-from infllm.runtime.loading import LoadedModel, ResolvedModel
+from infllm.runtime.loading import FoundModel, LoadedModel, ResolvedModel, find_models  # noqa: F401 - `infllm models`
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
 from infllm.session import Session
@@ -48,12 +50,15 @@ class Answer:
     memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
     engine: dict[str, int]  # the engine settings used
     citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
+    finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
+    tokens_question: int = 0  # the question's prompt tokens, read after the document
 
     def to_dict(self) -> dict:
-        return {"answer": self.text, "model": self.model, "inputs": self.inputs, "tokens_read": self.tokens_read,
+        return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
+                "tokens_read": self.tokens_read, "tokens_question": self.tokens_question,
                 "tokens_generated": self.tokens_generated,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
-                "engine": self.engine, "sources": [c.to_dict() for c in self.citations]}
+                "engine": self.engine, "citations": [c.to_dict() for c in self.citations]}
 
 
 class Model:
@@ -91,39 +96,60 @@ class Model:
         return timings
 
     def read(self, sources: Sequence[str], *, engine: EngineConfig | None = None, template: str = "ask",
-             system: str | None = None, question: str = "", keep_text: bool = True) -> "Reading":
+             system: str | None = None, question: str = "", keep_text: bool = True,
+             cache: ReadCache | None = None) -> "Reading":
         """Read files, directories or '-' (stdin, read as it arrives) into a fresh memory.
 
         The template's opening (up to {document}) is read first, so answers must use the same template and system
         prompt; `question` matters only for a template that asks before the document. keep_text: keep the text for
-        citations and snapshots (only a stream can do without it)."""
+        citations and snapshots (only a stream can do without it). cache: open the read kept there for the same
+        bytes, model, settings and prompt opening instead of reading, or keep this one (infllm.cache)."""
         template_text = load_template(template)
         system = self.default_system if system is None else system
         prompt = build_prompt(self.loaded.tokenizer, template_text, question, system)
-        session = Session(self.loaded, engine or self.settings())
+        config = engine or self.settings()
+        key = cache.key(list(sources), self.loaded, config, prompt.prefix) if cache is not None else None
+        snap = cache.find(key) if key is not None else None
+        if snap is not None:
+            try:
+                return self._open(snap, config.to_dict(), system, template_text, list(sources),
+                                  f"opening the cached read of {', '.join(sources)} ({snap.path})")
+            except SnapshotError:  # damaged since it was written: read again
+                cache.discard(key)
+        session = Session(self.loaded, config)
         reading = Reading(self, session, template_text, system, list(sources), self._first_timings())
         if STDIN in sources:
             reading._read_stream(prompt.prefix, keep_text)
         else:
             reading._read_files(prompt.prefix)
+        if key is not None:
+            reading._keep(cache, key)
         return reading
 
     def open(self, snapshot, *, engine: dict[str, int | None] | None = None, system: str | None = None,
              template: str = "ask") -> "Reading":
         """A reading saved earlier (a path or an `infllm.snapshot.SnapshotFile`): nothing is read again.
         engine: settings that may differ from the snapshot's (those that do not shape the memory)."""
-        from infllm.snapshot import SnapshotFile, open_session
+        from infllm.snapshot import SnapshotFile
 
         snap = snapshot if isinstance(snapshot, SnapshotFile) else SnapshotFile(snapshot)
-        timings = self._first_timings()
-        started = time.perf_counter()
-        self.report.phase(f"opening snapshot {snap.path}: {snap.meta.get('tokens', 0):,} tokens read earlier")
-        session = open_session(self.loaded, snap, engine or {})
-        timings["open_s"] = time.perf_counter() - started
         stored = snap.meta.get("system")
         if system is None:
             system = stored if isinstance(stored, str) else None
-        reading = Reading(self, session, load_template(template), system, [str(snap.path)], timings)
+        return self._open(snap, engine or {}, system, load_template(template), [str(snap.path)],
+                          f"opening snapshot {snap.path}")
+
+    def _open(self, snap, engine: dict[str, int | None], system: str | None, template_text: str,
+              sources: list[str], what: str) -> "Reading":
+        from infllm.snapshot import open_session
+
+        started = time.perf_counter()
+        tokens = snap.meta.get("tokens")
+        self.report.phase(f"{what}: {tokens if isinstance(tokens, int) else 0:,} tokens read earlier")
+        session = open_session(self.loaded, snap, engine)
+        timings = self._first_timings()
+        timings["open_s"] = time.perf_counter() - started
+        reading = Reading(self, session, template_text, system, sources, timings)
         reading.memory["rss_after_open_mb"] = rss_mb()
         return reading
 
@@ -180,6 +206,17 @@ class Reading:
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
         self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
 
+    def _keep(self, cache: ReadCache, key: str) -> None:
+        """Keep this read in the cache, if it fits (its size estimated from the memory, over rather than under)."""
+        session = self.session
+        memory = session.engine.memory_report()
+        text = session.source_map.text if session.source_map is not None else ""
+        size = memory.block_store_bytes + memory.working_bytes + 4 * len(text) + 16 * session.timings.tokens_read
+        started = time.perf_counter()
+        self.model.report.phase(f"keeping the read in the cache ({cache.root})")
+        if cache.keep(key, session, size, None, self.system):
+            self.timings["cache_s"] = time.perf_counter() - started
+
     def prompt(self, question: str) -> Prompt:
         return build_prompt(self.model.loaded.tokenizer, self.template, question, self.system)
 
@@ -192,7 +229,8 @@ class Reading:
         self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
         started = time.perf_counter()
         parts = []
-        for chunk in session.answer(self.prompt(question), max_tokens, sampling, cite=cite):
+        prompt = self.prompt(question)
+        for chunk in session.answer(prompt, max_tokens, sampling, cite=cite):
             parts.append(chunk)
             if on_text is not None:
                 on_text(chunk)
@@ -201,7 +239,7 @@ class Reading:
         memory = {**peak_memory(), "rss_mb": rss_mb(), **self.memory}
         return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
                       session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
-                      list(session.citations) if cite > 0 else [])
+                      list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix))
 
     def summarize(self, **options) -> Answer:
         """ask() with the summary request (read with the "summarize" template for the built-in wording)."""

@@ -35,11 +35,14 @@ class RunOptions:
     system: str | None = None  # None: prompts/system.txt (or, for a snapshot, the system prompt it was read with)
     template: str = "ask"
     cite: int = 0  # passages to cite per answer
+    cache: bool = False  # open the reads kept in the read cache, keep new ones there (infllm.cache)
+    refuse_stale: bool = False  # refuse a snapshot whose source files changed since it was read (else: a warning)
 
     def __post_init__(self):
         s = self.sampling
         if not 0 < s.top_p <= 1 or not 0 <= s.temperature < float("inf") or self.max_tokens < 1:  # `not` refuses nan
             raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
+        s.validate()
         if self.cite < 0:
             raise UsageError("--cite needs a count of passages, 0 or more")
 
@@ -72,6 +75,7 @@ def per_source(each: bool, failures: dict[int, InfllmError], index: int) -> Iter
 def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str | None = None,
           each: bool = False, report: Reporter | None = None) -> Plan:
     """Everything that can be refused before the model loads: settings, special files, snapshots."""
+    from infllm.cache import limit_bytes
     from infllm.defaults import settings_for
     from infllm.documents.prompting import load_template
     from infllm.documents.readers import STDIN, refuse_special_files
@@ -79,13 +83,15 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
     from infllm.runtime.placement import parse_device_map
     from infllm.runtime.resources import memory_limit_bytes
-    from infllm.snapshot import SnapshotFile, check_model, is_snapshot, snapshot_config
+    from infllm.snapshot import SnapshotFile, changed_sources, check_model, is_snapshot, snapshot_config
 
     report = report or Reporter()
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     device_map = parse_device_map(opts.device_map, opts.device)
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
     kernel_choice()  # and a bad INFLLM_KERNELS
+    if opts.cache:
+        limit_bytes()  # and a bad INFLLM_CACHE_LIMIT_MB
     load_template(opts.template)  # and a missing or unusable template
     failures: dict[int, InfllmError] = {}
     snaps = {}
@@ -96,7 +102,12 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
             if found and len(sources) > 1:
                 raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
             if found:
-                snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
+                snaps[found[0]] = snap = SnapshotFile(found[0])  # header and metadata checked now, before loading
+                for name in changed_sources(snap):
+                    stale = f"{name} changed since {snap.path} was read; read it again"
+                    if opts.refuse_stale:
+                        raise SnapshotError(stale)
+                    report.warn(stale)
     if save is not None and (len(groups) > 1 or snaps):
         raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
     plan = Plan(opts, question, None, None, snaps, failures)
@@ -164,26 +175,38 @@ class Runner:
     def __init__(self, plan: Plan, report: Reporter | None = None):
         from infllm.api import Model
 
+        from infllm.cache import ReadCache
+
         self.plan = plan
         opts = plan.opts
         self.model = Model.load(plan.resolved, device=opts.device, dtype=opts.dtype, device_map=plan.device_map,
                                 report=report)
+        self.cache = ReadCache(report=self.model.report) if opts.cache else None
 
-    def answer(self, sources: list[str], *, save: str | None = None,
-               on_text: Callable[[str], None] | None = None):
-        """Read one group of sources (or open its snapshot), save it if asked, and answer the plan's question.
-        Returns an infllm.api.Answer; on_text receives the answer as it is generated."""
+    def reading(self, sources: list[str], *, save: str | None = None):
+        """Read one group of sources (or open its snapshot, or the cached read of the same bytes) and save it if
+        asked: an infllm.api.Reading to ask the plan's question, or others."""
         plan, opts = self.plan, self.plan.opts
         snap = plan.snaps.get(sources[0])
         if snap is not None:
-            reading = self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
-        else:
-            reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
-                                      question=plan.question, keep_text=opts.cite > 0 or save is not None)
-            if save is not None:
-                reading.save(save, opts.model)
-        return reading.ask(plan.question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
+            return self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
+        reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
+                                  question=plan.question, keep_text=opts.cite > 0 or save is not None,
+                                  cache=self.cache)
+        if save is not None:
+            reading.save(save, opts.model)
+        return reading
+
+    def ask(self, reading, question: str, on_text: Callable[[str], None] | None = None):
+        """An infllm.api.Answer to `question` with the plan's answer settings; on_text receives it as it comes."""
+        opts = self.plan.opts
+        return reading.ask(question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
                            on_text=on_text)
+
+    def answer(self, sources: list[str], *, save: str | None = None,
+               on_text: Callable[[str], None] | None = None):
+        """Read one group of sources (`reading`) and answer the plan's question (an infllm.api.Answer)."""
+        return self.ask(self.reading(sources, save=save), self.plan.question, on_text)
 
 
 def batch_failure(failures: list[Failure], groups: int) -> InfllmError:

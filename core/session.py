@@ -22,7 +22,7 @@ from infllm.engine.engine import Engine
 from infllm.errors import UsageError
 from infllm.runtime.loading import LoadedModel
 from infllm.documents.prompting import Prompt
-from infllm.engine.sampling import SamplingConfig
+from infllm.engine.sampling import SamplingConfig, next_token, visible_text
 from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
 from infllm.documents.readers import Piece
 from infllm.documents.tokenstream import stream_tokens
@@ -63,6 +63,7 @@ class Session:
         self.citations: list = []
         self.ranking: list[tuple[int, float]] = []  # every document block, best first, behind `citations`
         self.retrievals: RetrievalTally | None = None  # the last answer's retrievals for memory attention
+        self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
         self.cite_heads = 10  # heads whose attention ranks the citations
         self._head_quality: torch.Tensor | None = None  # [layers * heads], per document (citing_heads)
@@ -180,15 +181,28 @@ class Session:
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
         shown = ""
-        for token in self.engine.generate(logits, max_new_tokens, self._stops, sampling):
+        self.finish_reason = "length"
+        generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+        # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
+        for step in range(max_new_tokens):
+            token = next_token(logits, sampling, generator, tokens)
+            if token in self._stops:
+                self.finish_reason = "stop"
+                break
             tokens.append(token)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
+            if stopped:
+                self.finish_reason = "stop"
+                break
             # Hold back a trailing replacement char: a multi-byte character may be split across tokens.
-            if text.endswith("\ufffd"):
-                continue
-            yield text[len(shown):]
-            shown = text
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if step + 1 < max_new_tokens:
+                logits = self.engine.feed([token])
         text = tokenizer.decode(tokens, skip_special_tokens=True)
+        before_stop, stopped = visible_text(text, sampling.stop)
+        text = before_stop if stopped else text  # a tail held back for a stop string that never came is shown
         if len(text) > len(shown):
             yield text[len(shown):]
         self.timings.answer_s = time.perf_counter() - start

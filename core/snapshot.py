@@ -420,3 +420,48 @@ def _source_map(snap: SnapshotFile) -> SourceMap | None:
     if at != len(text):
         raise _fail(snap.path, "corrupt metadata: the source pieces do not cover the text")
     return SourceMap(text, pieces) if pieces else None
+
+
+def changed_sources(snap: SnapshotFile) -> list[str]:
+    """The snapshot's source files that still exist here but no longer hold the text it read.
+
+    Cheap when nothing changed: a file whose size differs has changed; one of the same size is read again only
+    if it was modified after the snapshot was made (its text then compared with the text the snapshot holds).
+    Files that are gone, or were named relative to another directory, cannot be checked and are not reported.
+    """
+    from datetime import datetime
+
+    from infllm.documents.readers import read_text
+    from infllm.errors import SourceError
+
+    try:
+        made = datetime.strptime(str(snap.meta.get("created")), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        made = 0.0  # unknown: compare every file of the same size
+    held = None
+    changed = []
+    for entry in snap.meta.get("sources") or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not os.path.isfile(name):
+            continue
+        status = os.stat(name)
+        if isinstance(entry.get("bytes"), int) and status.st_size != entry["bytes"]:
+            changed.append(name)
+            continue
+        if status.st_mtime < made:  # `created` has whole seconds: a change in its second is still compared
+            continue
+        if held is None:
+            source_map = _source_map(snap)
+            held = source_map.pieces if source_map is not None else []
+        before = "".join(piece.text for piece in held if piece.source == name)
+        try:
+            now = read_text([name])[0]
+        except SourceError:
+            changed.append(name)
+            continue
+        # A directory's file was read after a header line naming it (infllm.documents.readers).
+        header = before[: len(before) - len(now)]
+        if not (before.endswith(now) and (not header or (header.startswith("===== FILE: ")
+                                                          and header.count("\n") == 1 and header.endswith("\n")))):
+            changed.append(name)
+    return changed

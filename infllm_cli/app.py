@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, AnswerChoice, BatchChoice, ModelChoice, Output,
-                                answer_options, options)
+from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, AnswerChoice, BatchChoice, ModelChoice, Output,
+                                Reuse, answer_options, options)
 from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
 
 if TYPE_CHECKING:
@@ -24,24 +24,53 @@ if TYPE_CHECKING:
     from infllm.cli.progress import Display
     from infllm.run import RunOptions
 
-EPILOG = """\
-Examples:
-
-  infllm ask book.txt "Who does Elizabeth marry?"
-
-  cat server.log | infllm ask "Which error came first?"
-
-  infllm ask --model ./Qwen2.5-1.5B-Instruct --window 2048 notes/ "What is left to do?"
-
-Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
+EXIT_CODES = """Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
 6 not enough memory, 130 interrupted.
 """
 
+
+def _epilog(*examples: str) -> str:
+    """A command's --help ends with its examples and the exit codes."""
+    return "Examples:\n\n" + "".join(f"  {example}\n\n" for example in examples) + EXIT_CODES
+
+
+EPILOG = _epilog('infllm ask book.txt "Who does Elizabeth marry?"', 'cat server.log | infllm ask "Which error came first?"',
+                 'infllm ask --model ./Qwen2.5-1.5B-Instruct --window 2048 notes/ "What is left to do?"')
+ASK_EPILOG = _epilog('infllm ask book.txt "Who does Elizabeth marry?"',
+                     'cat server.log | infllm ask "Which error came first?"',
+                     'infllm ask --json --cite 3 notes/ "What is left to do?" | jq .answer',
+                     "infllm ask --questions questions.txt book.txt",
+                     'infllm ask --each --json --files-from list.txt "Any errors?"')
+SUMMARIZE_EPILOG = _epilog("infllm summarize book.txt", "infllm summarize --each --json logs/*.log",
+                           "infllm summarize --max-tokens 800 book.infllm")
+READ_EPILOG = _epilog("infllm read book.pdf -o book.infllm", 'infllm ask book.infllm "Who betrayed whom?"')
+INFO_EPILOG = _epilog("infllm info book.pdf notes/", "zcat huge.log.gz | infllm info -")
+CHAT_EPILOG = _epilog("infllm chat book.txt", "infllm chat -q book.infllm < questions.txt")
+MODELS_EPILOG = _epilog("infllm models", 'infllm ask --model Qwen/Qwen2.5-1.5B-Instruct book.txt "..."')
+CACHE_EPILOG = _epilog("infllm cache list", "infllm cache clear", "INFLLM_CACHE_LIMIT_MB=20000 infllm ask book.txt "
+                       '"..."')
+
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Ask a local LLM about documents far longer than its context window.", epilog=EPILOG)
 
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"infllm {version('infllm')}")
+        except PackageNotFoundError:
+            print("infllm (not installed: version unknown)")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="print the version and exit")] = False,
+) -> None:
     """Ask a local LLM about documents far longer than its context window."""
 
 
@@ -53,14 +82,22 @@ def guarded(command):
         from infllm.cli import restore_interrupts
 
         restore_interrupts()  # Ctrl-C while starting exited at once (infllm_cli/__init__.py); now it raises
+        json_lines = _json_lines
+
+        def failed(error: str, code: int) -> typer.Exit:
+            # With --json a script reads stdout only: a failure that left no JSON line there is one.
+            if kwargs.get("as_json") and _json_lines == json_lines:
+                _print_json({"error": error, "exit_code": code})
+            return typer.Exit(code)
+
         try:
             return command(*args, **kwargs)
         except InfllmError as err:
             print(f"infllm: error: {err}", file=sys.stderr)
-            raise typer.Exit(err.exit_code) from None
+            raise failed(str(err), err.exit_code) from None
         except KeyboardInterrupt:
             print("infllm: interrupted", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise failed("interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -76,7 +113,7 @@ def guarded(command):
                 raise
             else:
                 print(f"infllm: {failure.error} (INFLLM_DEBUG=1 shows the traceback)", file=sys.stderr)
-            raise typer.Exit(failure.exit_code) from None
+            raise failed(failure.error, failure.exit_code) from None
 
     return run
 
@@ -97,6 +134,34 @@ def _split_question(args: list[str], files_from: str | None = None) -> tuple[lis
     return sources, question
 
 
+def _check_question_order(args: list[str]) -> None:
+    """Catch a forgotten question (the one argument names a file) or one put first (the last argument names a
+    file, an earlier one does not) before the model loads, instead of reading stdin or failing on a missing file."""
+    *sources, last = args
+    if not os.path.exists(last):
+        return
+    stray = next((s for s in sources if s != "-" and not os.path.exists(s)), None)
+    if stray is None:
+        raise UsageError(f"the question is missing: {last} is a file; infllm ask SOURCE... \"question\"")
+    raise UsageError(f"the question comes last: {stray!r} is not a file and {last} is; "
+                     "infllm ask SOURCE... \"question\"")
+
+
+def _question_list(path: str, sources: list[str]) -> list[str]:
+    from infllm.errors import SourceError
+    from infllm.run import STDIN, read_path_list
+
+    if path == STDIN and STDIN in sources:
+        raise UsageError("stdin holds the questions (--questions -), so it cannot also be the document")
+    try:  # the same rules as a list of files: one a line, blank lines skipped, CRLF accepted
+        listed = read_path_list(path, stdin=sys.stdin.buffer if path == STDIN else None)
+    except SourceError as err:
+        raise SourceError(f"--questions {err}") from None
+    if not listed:
+        raise UsageError(f"--questions {path}: no questions in it")
+    return listed
+
+
 def _listed(files_from: str, sources: list[str]) -> list[str]:
     from infllm.errors import SourceError
     from infllm.run import STDIN, read_path_list
@@ -113,49 +178,70 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
 
 
 
-def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice) -> RunOptions:
+def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse) -> RunOptions:
     from infllm.api import SamplingConfig
     from infllm.run import RunOptions
 
     return RunOptions(model_choice.model, model_choice.device, model_choice.dtype, model_choice.device_map, engine,
-                      SamplingConfig(answer.temperature, answer.top_p, answer.seed), answer.max_tokens,
-                      answer.system, answer.template, answer.cite)
+                      SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
+                                     answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
+                      answer.max_tokens,
+                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
+# Greedy summaries of the default model looped: on a 6K-token excerpt, 12 of 16 sentences were repeats. These
+# stopped it (docs/benchmarks.md, "Summaries"); answers to questions stay exactly greedy.
+SUMMARY_REPETITION_PENALTY = 1.2
+SUMMARY_NO_REPEAT_NGRAM = 4
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=ASK_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), BATCH, OUTPUT)
+                                       "and {question}"), BATCH, REUSE, OUTPUT)
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
-    model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, output: Output,
+    questions: Annotated[Optional[str], typer.Option("--questions", metavar="FILE", help=(
+        "ask every question in FILE (one a line; '-': stdin), each from the state after the read: one answer a "
+        "line on stdout (a JSON line each with --json); the arguments are then all sources"))] = None,
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
+    output: Output,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
-    sources, question = _split_question(args, batch.files_from)
-    _answer_all(sources, question, _run_options(model_choice, engine, answer_choice), batch, output)
+    opts = _run_options(model_choice, engine, answer_choice, reuse)
+    if questions is None:
+        _check_question_order(args)
+        sources, question = _split_question(args, batch.files_from)
+        _answer_all(sources, question, opts, batch, output)
+        return
+    if batch.each or batch.on_ray:
+        raise UsageError("--questions asks one reading several questions: not with --each or --ray")
+    sources, _ = _split_question([*args, "questions"], batch.files_from)
+    asked = _question_list(questions, sources)
+    _ask_many(sources, asked[0], iter(asked), opts, output, save=batch.save, one_line=True)
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=SUMMARIZE_EPILOG)
 @guarded
-@options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file"), BATCH,
-         OUTPUT)
+@options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file",
+                                       repetition_penalty=SUMMARY_REPETITION_PENALTY,
+                                       no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM), BATCH, REUSE, OUTPUT)
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
-    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, output: Output,
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
+    output: Output,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
     from infllm.api import SUMMARY_REQUEST
 
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], batch.files_from)
-    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice), batch, output)
+    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
 
 
-@app.command("read", epilog=EPILOG)
+@app.command("read", epilog=READ_EPILOG)
 @guarded
 @options(MODEL, ENGINE, OUTPUT)
 def read_command(
@@ -183,7 +269,7 @@ def read_command(
                      "memory": reading.peak_memory(), "engine": settings.to_dict()})
 
 
-@app.command(epilog=EPILOG)
+@app.command(epilog=INFO_EPILOG)
 @guarded
 @options(MODEL, ENGINE, OUTPUT)
 def info(
@@ -216,6 +302,102 @@ def info(
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
 
 
+@app.command(epilog=MODELS_EPILOG)
+@guarded
+def models() -> None:
+    """The models --model can name on this machine without a download (nothing is downloaded at run time), and
+    where infllm looked: the default model, GGUFs converted earlier, the local Hugging Face cache."""
+    from infllm.api import find_models
+
+    found, looked = find_models()
+    for m in found:
+        sys.stdout.write(f"{m.spec}\t{m.kind}" + (f", {m.model_type}" if m.model_type else "") + "\n")
+    print("infllm: looked in " + "; ".join(looked) + ". --model also takes any GGUF file or model folder by path",
+          file=sys.stderr)
+
+
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, epilog=CACHE_EPILOG,
+                        help="The read cache: reads kept so that asking about the same bytes again opens them.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list", epilog=CACHE_EPILOG)
+@guarded
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON object per entry")] = False) -> None:
+    """The cached reads, most recently used first: size, last use, tokens, model and sources."""
+    from infllm.api import ReadCache
+
+    cache = ReadCache()
+    entries = cache.entries()
+    for e in entries:
+        if as_json:
+            _print_json(e.to_dict())
+        else:
+            sys.stdout.write(f"{e.bytes / 2**20:10,.1f} MB  {e.to_dict()['last_used'][:16]}  {e.tokens:>9,} tokens  "
+                             f"{e.model}  {', '.join(e.sources)}\n")
+    total = sum(e.bytes for e in entries)
+    print(f"infllm: {len(entries)} cached reads, {total / 2**20:,.1f} MB of {cache.limit / 2**20:,.0f} MB "
+          f"(INFLLM_CACHE_LIMIT_MB) in {cache.root}", file=sys.stderr)
+
+
+@cache_app.command("clear", epilog=CACHE_EPILOG)
+@guarded
+def cache_clear() -> None:
+    """Remove every cached read."""
+    from infllm.api import ReadCache
+
+    cache = ReadCache()
+    count, size = cache.clear()
+    print(f"infllm: removed {count} cached reads ({size / 2**20:,.1f} MB) from {cache.root}", file=sys.stderr)
+
+
+@app.command(epilog=CHAT_EPILOG)
+@guarded
+@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
+                                       "and {question}"), REUSE, OUTPUT)
+def chat(
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...|SNAPSHOT",
+                       help="files, directories or a snapshot (stdin holds the questions)")],
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, reuse: Reuse, output: Output,
+) -> None:
+    """Read once, then answer the questions typed at the `> ` prompt (on stderr), one a line, until end of input
+    (Ctrl-D). Each question is answered from the state right after the read, independently of the others."""
+    from infllm.run import STDIN
+
+    if STDIN in sources:
+        raise UsageError("chat reads its questions from stdin, so stdin cannot be a source: name a file")
+
+    def typed():
+        while True:
+            if not output.quiet:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                if not output.quiet:
+                    sys.stderr.write("\n")
+                return
+            if line.strip():
+                yield line.strip()
+
+    _ask_many(sources, "", typed(), _run_options(model_choice, engine, answer_choice, reuse), output)
+
+
+def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, output: Output, *,
+              save: str | None = None, one_line: bool = False) -> None:
+    """Read (or open) the sources once, then answer each question from the state after the read. first: the
+    question the prompt's opening is built with (only a template that asks before the document uses it)."""
+    from infllm.run import Runner, check
+
+    display = _display(output)
+    plan = check(opts, [sources], first, save=save, report=display)
+    runner = Runner(plan, display)
+    reading = runner.reading(sources, save=save)
+    for question in questions:
+        out = _AnswerOut(None, output.as_json, question if one_line else None)
+        _show(runner.ask(reading, question, on_text=out.write), out, display)
+
+
 def _display(output: Output) -> Display:
     from infllm.cli.progress import Display
 
@@ -228,7 +410,12 @@ def _model_options(model_choice: ModelChoice, engine: dict) -> RunOptions:
     return RunOptions(model_choice.model, model_choice.device, model_choice.dtype, model_choice.device_map, engine)
 
 
+_json_lines = 0  # JSON lines printed by this process so far (guarded prints a failure as one if none came)
+
+
 def _print_json(obj: dict) -> None:
+    global _json_lines
+    _json_lines += 1
     json.dump(obj, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -271,13 +458,14 @@ def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: Batc
 
 class _AnswerOut:
     """The answer on stdout as it comes (nothing with --json); when several are answered, a `==> name <==` line
-    before each, as `head` does for several files."""
+    before each, as `head` does for several files. For one of a list of questions, the answer on one line once
+    complete (its JSON line then names the question)."""
 
-    def __init__(self, header: str | None, as_json: bool):
-        self.header, self.as_json = header, as_json
+    def __init__(self, header: str | None, as_json: bool, question: str | None = None):
+        self.header, self.as_json, self.question = header, as_json, question
 
     def write(self, text: str) -> None:
-        if self.as_json:
+        if self.as_json or self.question is not None:
             return
         if self.header is not None:
             sys.stdout.write(f"==> {self.header} <==\n")
@@ -287,8 +475,11 @@ class _AnswerOut:
 
     def close(self, answer: Answer) -> None:
         if self.as_json:
-            _print_json(answer.to_dict())
+            _print_json(answer.to_dict() if self.question is None else {"question": self.question,
+                                                                         **answer.to_dict()})
             return
+        if self.question is not None:
+            sys.stdout.write(" ".join(answer.text.split("\n")))
         self.write("")
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -97,18 +97,34 @@ class AnswerChoice:
     temperature: float
     top_p: float
     seed: int | None
+    repetition_penalty: float
+    no_repeat_ngram: int
+    top_k: int
+    min_p: float
+    stop: list[str]
     system: str | None
     template: str
     cite: int
 
 
-def answer_options(max_tokens: int, template: str, template_help: str) -> OptionGroup:
-    """How answers are written; the defaults differ per command (a summary is longer and has its own template)."""
+def answer_options(max_tokens: int, template: str, template_help: str, repetition_penalty: float = 1.0,
+                   no_repeat_ngram: int = 0) -> OptionGroup:
+    """How answers are written; the defaults differ per command (a summary is longer, has its own template and
+    is kept from repeating itself)."""
     return OptionGroup("answer_choice", (
         _option("max_tokens", int, max_tokens, help="longest answer, tokens"),
         _option("temperature", float, 0.0, help="0 = greedy"),
         _option("top_p", float, 1.0, help="nucleus sampling mass"),
         _option("seed", Optional[int], None, help="sampling seed"),
+        _option("repetition_penalty", float, repetition_penalty,
+                help="above 1 makes the answer's tokens less likely to come again (1: off)"),
+        _option("no_repeat_ngram", int, no_repeat_ngram, metavar="N",
+                help="never write the same N tokens twice (0: off)"),
+        _option("top_k", int, 0, help="with --temperature: sample among the K most likely tokens (0: all)"),
+        _option("min_p", float, 0.0, help="with --temperature: drop tokens below this share of the most likely "
+                                          "one's probability (0: off)"),
+        _option("stop", list[str], [], "--stop", metavar="TEXT",
+                help="end the answer before this text (repeat for several)"),
         _option("system", Optional[str], None, help="system prompt (default: prompts/system.txt)"),
         _option("template", str, template, help=template_help),
         _option("cite", int, 0, help="print on stderr the N passages of memory the question points at (0: none)"),
@@ -166,3 +182,19 @@ OUTPUT = OptionGroup("output", (
             help="print one JSON object (per source with --each) instead of the bare answer"),
     _option("quiet", bool, False, "--quiet", "-q", help="no progress on stderr"),
 ), Output)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Whether earlier reads may answer instead of reading again."""
+
+    cache: bool
+    refuse_stale: bool
+
+
+REUSE = OptionGroup("reuse", (
+    _option("no_cache", bool, False, "--no-cache",
+            help="read the sources even if the read cache holds them, and keep nothing there (infllm cache list)"),
+    _option("refuse_stale", bool, False, "--refuse-stale",
+            help="refuse (exit 5) a snapshot whose source files changed since it was read, instead of a warning"),
+), lambda no_cache, refuse_stale: Reuse(not no_cache, refuse_stale))

@@ -41,3 +41,20 @@ def deny_reading(monkeypatch):
         monkeypatch.setattr(os, "open", denying_open)
 
     return deny
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path):
+    """A cache directory of its own (converted models, the read cache) and no infllm settings from the
+    environment, for command-line runs."""
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    for name in ("INFLLM_CACHE_LIMIT_MB", "INFLLM_MODEL", "INFLLM_WINDOW", "INFLLM_TOPK", "INFLLM_SINKS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def book(tmp_path):
+    """A text of ~2,000 tokens of the tiny tokenizer: well over the small windows the command-line tests use."""
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"Line {i}: the pass key is {i * 7 % 101}. Remember it.\n" for i in range(150)))
+    return path

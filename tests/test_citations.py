@@ -37,7 +37,7 @@ def test_cli_cites_passages_that_are_really_at_the_reported_lines(tiny_model_dir
             "--cite", "2", "--json", str(doc), "What is on line 7?"]
     result = CliRunner().invoke(app, args, prog_name="infllm")
     assert result.exit_code == 0, result.stderr
-    sources = json.loads(result.stdout)["sources"]
+    sources = json.loads(result.stdout)["citations"]
     assert 1 <= len(sources) <= 2
     lines = doc.read_text().splitlines()
     for s in sources:

@@ -487,8 +487,8 @@ def test_stdin_is_read_as_a_stream_with_no_total_and_no_eta(ask, docs):
 def test_stdin_cites_the_same_passages_as_the_file(ask, docs):
     from_file = run_json(ask, "--cite", "3", docs["a"], "What is the pass key?")
     piped = run_json(ask, "--cite", "3", "-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8"))
-    assert piped["sources"] and piped["answer"] == from_file["answer"]
-    assert [{**s, "source": "<stdin>"} for s in from_file["sources"]] == piped["sources"]
+    assert piped["citations"] and piped["answer"] == from_file["answer"]
+    assert [{**s, "source": "<stdin>"} for s in from_file["citations"]] == piped["citations"]
 
 
 def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, monkeypatch):
@@ -555,3 +555,95 @@ def test_bad_lists_are_refused_with_one_line(ask, docs, tmp_path, listing, args,
     args = [arg.format(tmp=tmp_path) for arg in args]
     result = ask("--each", *args, "What is the pass key?", input=listing and listing.format(a=docs["a"]))
     assert words.format(tmp=tmp_path) in assert_one_error_line(result, code)
+
+
+def test_json_says_why_the_answer_ended_and_a_stop_string_ends_it(ask, docs):
+    full = run_json(ask, "--max-tokens", "12", docs["a"], "What is the pass key?")
+    assert full["finish_reason"] == ("length" if full["tokens_generated"] == 12 else "stop")
+    assert full["tokens_question"] > 0 and full["citations"] == []
+    words = full["answer"].split()
+    assert len(words) >= 3, full  # the fixture model writes text, so the stop string can be picked from it
+    stop = words[2]
+    cut = run_json(ask, "--max-tokens", "12", "--stop", stop, docs["a"], "What is the pass key?")
+    assert cut["answer"] == full["answer"][: full["answer"].find(stop)].strip()
+    assert cut["finish_reason"] == "stop" and cut["tokens_generated"] < full["tokens_generated"]
+    plain = ask("--max-tokens", "12", "--stop", stop, docs["a"], "What is the pass key?")
+    assert plain.stdout.strip() == cut["answer"]  # what is streamed stops there too
+
+
+def test_with_json_a_failure_is_a_json_object_on_stdout(ask, docs, tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = ask("--json", missing, "What is the pass key?")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout) == {"error": f"{missing}: no such file or directory", "exit_code": 3}
+    assert result.stderr.splitlines()[-1] == f"infllm: error: {missing}: no such file or directory"
+    bad = ask("--json", "--top-p", "0", docs["a"], "q")
+    assert bad.exit_code == 2 and json.loads(bad.stdout)["exit_code"] == 2 and "top-p" in json.loads(bad.stdout)["error"]
+    # With --each the failed source's line is already there: nothing is added after it.
+    each = ask("--json", "--each", missing, "q")
+    assert each.exit_code == 3 and [json.loads(line) for line in each.stdout.splitlines()] == [
+        {"inputs": [str(missing)], "error": f"{missing}: no such file or directory", "exit_code": 3}]
+
+
+def test_a_forgotten_or_misplaced_question_is_named_before_the_model_loads(ask, docs):
+    forgotten = ask(docs["a"], input="piped text")  # stdin is not taken for the document then
+    line = assert_one_error_line(forgotten, 2)
+    assert "question is missing" in line and str(docs["a"]) in line
+    swapped = ask("What is the pass key?", docs["a"])
+    line = assert_one_error_line(swapped, 2)
+    assert "the question comes last" in line and "'What is the pass key?' is not a file" in line
+    assert "question is missing" in assert_one_error_line(ask(docs["a"], docs["b"]), 2)
+    assert "loading model" not in forgotten.stderr + swapped.stderr
+    assert ask("-", docs["a"], "q", input="text").exit_code == 0  # stdin and a file, then the question
+
+
+def test_version_short_help_and_examples_per_command():
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"], prog_name="infllm")
+    assert version.exit_code == 0 and version.stdout.startswith("infllm ")
+    assert runner.invoke(app, ["-h"], prog_name="infllm").stdout == runner.invoke(app, ["--help"], prog_name="infllm").stdout
+    for command, example in [("ask", "infllm ask --questions questions.txt book.txt"),
+                             ("summarize", "infllm summarize book.txt"), ("read", "infllm read book.pdf -o book.infllm"),
+                             ("info", "zcat huge.log.gz | infllm info -"), ("chat", "infllm chat book.txt"),
+                             ("models", "infllm models"), ("cache", "infllm cache clear")]:
+        shown = runner.invoke(app, [command, "-h"], prog_name="infllm")
+        assert shown.exit_code == 0 and example in shown.stdout and "Exit codes" in shown.stdout, command
+
+
+def test_models_lists_what_can_be_used_and_where_it_looked(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    converted = tmp_path / "cache" / "models" / "Tiny-0123456789abcdef"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text('{"model_type": "qwen2"}')
+    hub = tmp_path / "hub"
+    (hub / "models--org--Some-Model" / "snapshots" / "abc").mkdir(parents=True)
+    (hub / "models--org--Some-Model" / "snapshots" / "abc" / "config.json").write_text('{"model_type": "llama"}')
+    (hub / "models--org--no-weights").mkdir()  # a download that never finished: no snapshot
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    result = CliRunner().invoke(app, ["models"], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"{converted}\ta GGUF converted earlier, qwen2" in lines
+    assert "org/Some-Model\tthe Hugging Face cache, llama" in lines
+    assert "no-weights" not in result.stdout
+    assert str(hub) in result.stderr and str(tmp_path / "cache" / "models") in result.stderr
+
+
+def test_summaries_are_kept_from_repeating_themselves_and_answers_stay_greedy(tiny_model_dir, docs, monkeypatch):
+    from infllm.api import Reading
+
+    used = {}
+    real_ask = Reading.ask
+
+    def spy(self, question, **options):
+        used[command] = options["sampling"]
+        return real_ask(self, question, **options)
+
+    monkeypatch.setattr(Reading, "ask", spy)
+    for command, extra in [("summarize", []), ("ask", ["q"])]:
+        argv = [command, "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "2", *ENGINE,
+                str(docs["a"]), *extra]
+        assert CliRunner().invoke(app, argv, prog_name="infllm").exit_code == 0
+    assert (used["summarize"].repetition_penalty, used["summarize"].no_repeat_ngram) == (1.2, 4)
+    assert (used["ask"].repetition_penalty, used["ask"].no_repeat_ngram, used["ask"].temperature) == (1.0, 0, 0.0)

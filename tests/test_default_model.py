@@ -44,5 +44,5 @@ def test_default_model_finds_a_fact_beyond_its_local_window(shared_cache, tmp_pa
     out = json.loads(run.stdout)
     assert out["tokens_read"] > 2 * out["engine"]["window"]
     # The memory must bring the key's passage back: it is among the cited (most retrieved) blocks.
-    assert any("71432" in s["excerpt"] for s in out["sources"]), out["sources"]
+    assert any("71432" in s["excerpt"] for s in out["citations"]), out["citations"]
     assert "71432" in out["answer"], out["answer"]

@@ -66,7 +66,8 @@ def ask(tiny_model_dir, doc):
     runner = CliRunner()
 
     def run(*args, env=None):
-        argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", *ENGINE,
+        # --no-cache: every run reads, so that each shows the reading display.
+        argv = ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "5", "--no-cache", *ENGINE,
                 *map(str, args), str(doc), "What is the pass key?"]
         result = runner.invoke(app, argv, env=env, prog_name="infllm")
         assert result.exit_code == 0, (result.stderr, result.exception)

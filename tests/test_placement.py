@@ -168,8 +168,8 @@ def test_the_cli_answers_and_cites_the_same_through_a_device_map(tiny_model_dir,
         got = answer(*placement)
         assert (got["answer"], got["tokens_read"]) == (plain["answer"], plain["tokens_read"])
         # Citations score every layer's heads where that layer sits (on a GPU, or split over several).
-        cited = lambda out: [(s["first_line"], s["last_line"]) for s in out["sources"]]  # noqa: E731
-        assert len(plain["sources"]) == 2 and cited(got) == cited(plain)
+        cited = lambda out: [(s["first_line"], s["last_line"]) for s in out["citations"]]  # noqa: E731
+        assert len(plain["citations"]) == 2 and cited(got) == cited(plain)
 
     refused = runner.invoke(app, ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--device-map", "auto",
                                   str(doc), "Why?"])

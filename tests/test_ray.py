@@ -35,6 +35,11 @@ def ask(tiny_model_dir, tmp_path, monkeypatch):
     return run
 
 
+def json_error(says: str) -> str:
+    """What stdout holds when a --json run fails before any answer: the failure as one JSON object."""
+    return json.dumps({"error": says, "exit_code": 2}) + "\n"
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--ray", "--each"], "--ray answers per source as JSON lines: use it with --each --json"),
     (["--ray", "--json"], "--ray answers per source as JSON lines: use it with --each --json"),
@@ -45,7 +50,7 @@ def test_ray_flags_are_checked_before_anything_starts(ask, tmp_path, flags, says
     doc = tmp_path / "a.txt"
     doc.write_text("The pass key is 12345.\n")
     result = ask(*flags, doc, "What is the pass key?")
-    assert result.exit_code == 2 and result.stdout == ""
+    assert result.exit_code == 2 and result.stdout == (json_error(says) if "--json" in flags else "")
     assert result.stderr.strip().splitlines() == [f"infllm: error: {says}"]
 
 
@@ -54,7 +59,7 @@ def test_stdin_cannot_go_to_ray_workers(ask, tmp_path):
     doc.write_text("The pass key is 12345.\n")
     result = ask("--each", "--json", "--ray", "-q", doc, "-", "What is the pass key?")
     says = "--ray workers read sources by path; stdin ('-') cannot reach them: save it to a file"
-    assert result.exit_code == 2 and result.stdout == ""
+    assert result.exit_code == 2 and result.stdout == json_error(says)
     assert result.stderr.strip().splitlines() == [f"infllm: error: {says}"]
 
 
@@ -63,7 +68,7 @@ def test_without_ray_installed_the_line_says_how_to_get_it(ask, tmp_path, monkey
     doc = tmp_path / "a.txt"
     doc.write_text("The pass key is 12345.\n")
     result = ask("--each", "--json", "--ray", doc, "What is the pass key?")
-    assert result.exit_code == 2 and result.stdout == ""
+    assert result.exit_code == 2 and result.stdout == json_error("--ray needs Ray: pip install 'infllm[ray]'")
     assert result.stderr.strip().splitlines()[-1] == "infllm: error: --ray needs Ray: pip install 'infllm[ray]'"
 
 
@@ -75,9 +80,9 @@ def test_an_unreachable_cluster_is_refused_at_once(ask, tmp_path):
     doc = tmp_path / "a.txt"
     doc.write_text("The pass key is 12345.\n")
     result = ask("--each", "--json", "-q", "--ray-address", f"127.0.0.1:{port}", doc, "What is the pass key?")
-    assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        f"infllm: error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"]
+    says = f"cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
+    assert result.exit_code == 2 and result.stdout == json_error(says)
+    assert result.stderr.strip().splitlines() == [f"infllm: error: {says}"]
 
 
 def test_a_batch_on_two_ray_workers_answers_in_input_order(ask, tmp_path):

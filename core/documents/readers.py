@@ -207,6 +207,15 @@ def read_path_list(path: str, stdin: BinaryIO | None = None) -> list[str]:
     return [os.fsdecode(entry) for entry in entries if entry.strip()]
 
 
+def source_files(source: str) -> Iterator[tuple[str, str]]:
+    """(path, name within the source) of every file that reading `source` opens, in reading order: the file
+    itself (name ""), or a directory's non-hidden files. What a reading's text depends on, short of reading it."""
+    if stat.S_ISDIR(_check_source(source).st_mode):
+        yield from _walk(source, SkipReport())
+    else:
+        yield source, ""
+
+
 def describe_source(path: str) -> SourceInfo:
     """Cheap facts about one source, without reading it whole; refuses it as reading would, except for
     problems only a full read finds (a PDF without text, bad data deep inside)."""

