@@ -67,9 +67,9 @@ def test_an_answer_holds_what_the_command_line_prints_with_json(model, doc, tiny
     printed = json.loads(result.stdout)
     ours = answer.to_dict()
     assert set(ours) == set(printed)
-    for key in ("answer", "model", "inputs", "tokens_read", "tokens_generated", "engine", "sources"):
+    for key in ("answer", "model", "inputs", "tokens_read", "tokens_generated", "engine", "citations"):
         assert ours[key] == printed[key], key
-    assert len(answer.citations) == 2 and [c.to_dict() for c in answer.citations] == ours["sources"]
+    assert len(answer.citations) == 2 and [c.to_dict() for c in answer.citations] == ours["citations"]
 
 
 def test_a_saved_reading_opens_and_answers_as_the_read_did(model, doc, tmp_path):
