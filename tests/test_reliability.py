@@ -437,7 +437,7 @@ def test_numbers_that_do_not_parse(infllm, doc, flags, shown):
 
 @pytest.mark.parametrize("flags, shown", [
     (["--window", "-5"], "--window cannot be negative"),
-    (["--window", "0"], "engine setting window must be at least 1, got 0"),
+    (["--window", "0"], "--window must be from 1 to 1,048,576, got 0"),
     (["--temperature", "inf"], "a finite --temperature >= 0"),
     (["--top-p", "nan"], "0 < --top-p <= 1"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
@@ -450,7 +450,7 @@ def test_invalid_numbers_and_names(infllm, doc, flags, shown):
 
 def test_topk_above_what_the_cache_holds(infllm, doc):
     result = infllm("--topk", "8", doc, "q")  # ENGINE has --cache-blocks 4
-    assert "cache_blocks (4) must hold at least the topk (8) blocks" in one_error_line(result, EXIT_USAGE)
+    assert "--cache-blocks (4) must hold at least the --topk (8) blocks" in one_error_line(result, EXIT_USAGE)
     assert nothing_was_read(result)
 
 

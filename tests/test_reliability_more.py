@@ -1,0 +1,165 @@
+"""Reliability against a hostile but realistic user: nothing typed may destroy a file, exhaust the machine or end
+in an internal error. One test (or a few) per case of docs/reliability.md that these cover.
+
+Cases whose regression would allocate what a bad setting asks for (gigabytes) run in a child process whose address
+space is capped (`resource.setrlimit`), so that a regression fails the test instead of exhausting the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infllm.cli.app import app
+from infllm.config import EngineConfig
+from infllm.errors import EXIT_SNAPSHOT, EXIT_USAGE, UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+          "--prefill-chunk", "128", "--cache-blocks", "4"]
+CAP_GIB = 3  # the child's address space: a full run with the tiny model maps ~1 GiB
+
+
+def _text(n: int) -> str:
+    return "".join(f"Line {i}: the pass key is {i * 7 % 101}. Remember it.\n" for i in range(n))
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
+    for name in [k for k in os.environ if k.startswith("INFLLM_")]:
+        if name != "INFLLM_CACHE":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("doc") / "book.txt"
+    path.write_text(_text(150), encoding="utf-8")  # ~3,100 tokens
+    return path
+
+
+def _argv(command: str, model: Path, *args) -> list[str]:
+    answers = ["--max-tokens", "3"] if command in ("ask", "summarize") else []
+    return [command, "--model", str(model), "--device", "cpu", *answers, *ENGINE, *map(str, args)]
+
+
+@pytest.fixture
+def infllm(tiny_model_dir):
+    """infllm(command, *args, input=None) runs the command line in this process with the tiny model."""
+
+    def run(command, *args, input=None):
+        return CliRunner().invoke(app, _argv(command, tiny_model_dir, *args), input=input, prog_name="infllm")
+
+    return run
+
+
+def one_error_line(result, code: int) -> str:
+    """Exit `code`, nothing on stdout, no traceback, and one 'infllm: error:' line, the last on stderr."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("infllm: error: "), result.stderr
+    assert sum(line.startswith("infllm: error") for line in lines) == 1, result.stderr
+    return lines[-1]
+
+
+_CASES = """
+import json, resource, sys, time
+from typer.testing import CliRunner
+from infllm.cli.app import app
+out = []
+for argv, env in json.loads(sys.argv[1]):
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, argv, env=env, prog_name="infllm")
+    out.append({"code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
+                "seconds": time.perf_counter() - started})
+out.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps(out))
+"""
+
+
+def capped_runs(cases: list[tuple[list[str], dict]], tmp_path: Path) -> tuple[list[dict], int]:
+    """Run command lines (argv, extra environment) in one child process capped at CAP_GIB of address space; their
+    results as dicts (code, stdout, stderr, seconds), and the child's peak RSS in bytes."""
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (CAP_GIB * 2**30, CAP_GIB * 2**30))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLLM_")}
+    env.update(INFLLM_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _CASES, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, preexec_fn=cap, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *results, peak = json.loads(proc.stdout.splitlines()[-1])
+    return results, peak
+
+
+def last_line(result: dict) -> str:
+    assert "Traceback" not in result["stderr"] and result["stdout"] == "", result
+    return result["stderr"].splitlines()[-1]
+
+
+# === settings: one table of bounds for flags and snapshot metadata ==========================================
+
+
+@pytest.mark.parametrize("name", [f for f in EngineConfig.__dataclass_fields__])
+def test_every_engine_setting_has_bounds_named_by_its_flag(name):
+    low, high = EngineConfig.__dataclass_fields__[name].metadata["range"]
+    for value in (low - 1, high + 1):
+        with pytest.raises(UsageError, match=f"--{name.replace('_', '-')} must be from {low:,} to {high:,}"):
+            EngineConfig(**{name: value}).validate()
+
+
+def test_unbounded_settings_are_refused_before_anything_is_allocated(tiny_model_dir, doc, tmp_path):
+    """Each of these once allocated gigabytes (or wrote a snapshot `ask` then refused) before any check."""
+    snap = tmp_path / "x.infllm"
+    cases = [
+        (_argv("ask", tiny_model_dir, "--block-size", "1000000", doc, "q"), {}),
+        (_argv("ask", tiny_model_dir, "--prefill-chunk", "1000192", doc, "q"), {}),
+        (_argv("read", tiny_model_dir, "--block-size", "2048", "--window", "1024", doc, "-o", snap), {}),
+        (_argv("ask", tiny_model_dir, "--block-size", "1", doc, "q"), {}),
+    ]
+    results, _ = capped_runs(cases, tmp_path)
+    expected = ["--block-size must be from 1 to 65,536, got 1,000,000",
+                "--prefill-chunk must be from 1 to 65,536, got 1,000,192",
+                "--block-size (2,048) cannot exceed --window (1,024)",
+                "--repr-keys (4) cannot exceed --block-size (1)"]
+    for result, words in zip(results, expected):
+        assert result["code"] == EXIT_USAGE, result
+        assert last_line(result) == f"infllm: error: {words}"
+        assert "loading model" not in result["stderr"]
+    assert not snap.exists()
+
+
+@pytest.fixture(scope="module")
+def snapshot(tiny_model_dir, doc, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("snap") / "book.infllm"
+    result = CliRunner().invoke(app, _argv("read", tiny_model_dir, doc, "-o", path, "-q"), prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+def edited(snapshot: Path, tmp_path: Path, change, name: str = "edited.infllm") -> Path:
+    """A copy of the snapshot with its metadata changed by change(meta)."""
+    from test_snapshot import _with_meta
+
+    out = tmp_path / name
+    out.write_bytes(bytes(_with_meta(bytearray(snapshot.read_bytes()), change)))
+    return out
+
+
+def test_snapshot_settings_are_bounded_like_the_flags_before_anything_is_allocated(snapshot, tmp_path):
+    """A prefill_chunk of 2^20 in the metadata once allocated 800 MB per buffer before anything was refused."""
+    path = edited(snapshot, tmp_path, lambda meta: meta["engine"].update(prefill_chunk=2**20))
+    (result,), _ = capped_runs([(["ask", str(path), "q", "--device", "cpu"], {})], tmp_path)
+    assert result["code"] == EXIT_SNAPSHOT, result
+    assert last_line(result) == (f"infllm: error: {path}: snapshot metadata has invalid engine settings: "
+                                 "--prefill-chunk must be from 1 to 65,536, got 1,048,576")
