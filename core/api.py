@@ -14,17 +14,19 @@ is one line for the user and whose `exit_code` is the command line's.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from infllm.citations.passages import Citation, SourceMap
+from infllm.citations.passages import Citation
 from infllm.config import EngineConfig
 from infllm.defaults import settings_for
 from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Prompt, build_prompt, builtin_template,
                                         has_chat_template, load_template)
-from infllm.documents.readers import STDIN, iter_pieces, read_text
+from infllm.documents.readers import STDIN, Piece, iter_pieces
 from infllm.engine.sampling import SamplingConfig
 from infllm.reporting import Reporter
 from infllm.runtime import loading
@@ -148,22 +150,23 @@ class Reading:
         return peak_memory()
 
     def _read_files(self, prefix: list[int]) -> None:
-        """Extract, tokenize, check that the memory will fit, then read."""
+        """Extract and tokenize (one pass, the memory checked as the tokens are counted), then read."""
         report, session = self.model.report, self.session
         started = time.perf_counter()
-        report.phase("extracting text from " + ", ".join(self.sources))
-        text, pieces = read_text(self.sources)
-        t_extract = time.perf_counter()
-        report.phase("tokenizing")
-        document = session.tokenize(text)
+        report.phase("extracting text from " + ", ".join(self.sources) + " and tokenizing it")
+        extracting = _Timed(iter_pieces(self.sources))
+        # Refused as soon as the tokens counted so far cannot fit: a small gzip of a huge text is never held whole.
+        document, source_map = session.tokenize_pieces(
+            extracting, on_tokens=lambda n: check_reading(session, len(prefix) + n, self.sources))
         t_tok = time.perf_counter()
+        total = len(prefix) + len(document)
         per_token = session.engine.memory_report_per_token()
-        report.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
-                     f"{len(document) * per_token / 2**20:,.0f} MB")
-        check_reading(session, len(document), self.sources)  # refuse now, with numbers and flags, if it cannot fit
-        with report.reading(len(document), lambda: session.engine.memory_report().block_store_bytes) as update:
-            session.read(prefix, document, on_progress=update, source_map=SourceMap(text, pieces))
-        self.timings.update(extract_s=t_extract - started, tokenize_s=t_tok - t_extract,
+        report.phase(f"{len(document):,} tokens from {len(source_map.text):,} characters; memory will take about "
+                     f"{total * per_token / 2**20:,.0f} MB")
+        check_reading(session, total, self.sources)  # refuse now, with numbers and flags, if it cannot fit
+        with report.reading(total, lambda: session.engine.memory_report().block_store_bytes) as update:
+            session.read(prefix, document, on_progress=update, source_map=source_map)
+        self.timings.update(extract_s=extracting.seconds, tokenize_s=t_tok - started - extracting.seconds,
                             prefill_s=time.perf_counter() - t_tok)
 
     def _read_stream(self, prefix: list[int], keep_text: bool) -> None:
@@ -174,7 +177,7 @@ class Reading:
         started = time.perf_counter()
         report.phase("extracting text from " + ", ".join(self.sources) + " (a stream: tokenized and read as it "
                      "arrives, so no total and no ETA)")
-        pieces = iter_pieces(self.sources, stdin=sys.stdin.buffer)
+        pieces = iter_pieces(self.sources, stdin=getattr(sys.stdin, "buffer", None))
         with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
@@ -186,13 +189,21 @@ class Reading:
     def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
             cite: int = 0, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the state right after the read. on_text receives the answer as it is generated."""
-        session = self.session
-        self.model.report.phase("answering")
+        session, report = self.session, self.model.report
+        prompt = self.prompt(question)
+        report.phase("answering")
+        # The question's tokens join the memory too; one longer than a prefill step is read with progress shown.
+        check_reading(session, self.tokens + len(prompt.suffix), self.sources)
+        long = len(prompt.suffix) > session.engine.config.prefill_chunk
         timings = dict(self.timings)
         self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
         started = time.perf_counter()
+        with (report.reading(len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)
+              if long else nullcontext()) as update:
+            chunks = session.answer(prompt, max_tokens, sampling, cite=cite, on_progress=update)
+            first = next(chunks, "")  # the question is read before the first piece of the answer comes
         parts = []
-        for chunk in session.answer(self.prompt(question), max_tokens, sampling, cite=cite):
+        for chunk in itertools.chain([first], chunks):
             parts.append(chunk)
             if on_text is not None:
                 on_text(chunk)
@@ -218,3 +229,21 @@ class Reading:
         self.timings["save_s"] = time.perf_counter() - started
         self.model.report.phase(f"wrote {path}: {size / 2**20:,.1f} MB in {self.timings['save_s']:.1f} s")
         return size
+
+
+class _Timed:
+    """An iterator of pieces that adds up the time spent producing them (extraction, as tokenizing consumes it)."""
+
+    def __init__(self, pieces: Iterable[Piece]):
+        self.pieces = iter(pieces)
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self
+
+    def __next__(self) -> Piece:
+        started = time.perf_counter()
+        try:
+            return next(self.pieces)
+        finally:
+            self.seconds += time.perf_counter() - started

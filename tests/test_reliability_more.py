@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -163,3 +164,94 @@ def test_snapshot_settings_are_bounded_like_the_flags_before_anything_is_allocat
     assert result["code"] == EXIT_SNAPSHOT, result
     assert last_line(result) == (f"infllm: error: {path}: snapshot metadata has invalid engine settings: "
                                  "--prefill-chunk must be from 1 to 65,536, got 1,048,576")
+
+
+# === memory: the engine's buffers, a compressed text, a long system prompt or question ======================
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_engine_buffers_are_sized_from_the_settings_as_the_engine_allocates_them(offload):
+    from dataclasses import replace
+
+    from infllm.config import ModelShape
+    from infllm.engine.engine import Engine
+    from infllm.runtime.resources import working_bytes
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", max_position_embeddings=2048)
+    for cfg in (EngineConfig(sinks=16, window=256, block_size=32, topk=2, query_chunk=64, prefill_chunk=128,
+                             cache_blocks=4), EngineConfig(sinks=0, window=1024, block_size=64, repr_keys=8,
+                                                           topk=8, query_chunk=256, prefill_chunk=4096)):
+        engine = Engine(model, cfg, offload=offload)
+        shape = ModelShape.from_config(model.config)
+        sized = working_bytes(shape, cfg, 4, offload=offload, checkpoint=False)
+        assert sum(sized.values()) == engine.memory_report().working_bytes
+        with_checkpoint = working_bytes(shape, cfg, 4, offload=offload)
+        state = sum(t.numel() * 4 for m in engine.layers for t in m.checkpoint()["tensors"])
+        assert sum(with_checkpoint.values()) == engine.memory_report().working_bytes + state
+        assert (sized["cache_blocks"] > 0) == offload  # a device cache only when blocks live in host memory
+        one_layer = working_bytes(replace(shape, layers=1), cfg, 4, offload=offload)  # a device holding one layer
+        assert 2 * one_layer["window"] > with_checkpoint["window"] > one_layer["window"]  # rotary tables: per device
+
+
+def test_engine_buffers_too_big_are_refused_before_they_are_allocated(tiny_model_dir, doc, tmp_path):
+    argv = _argv("ask", tiny_model_dir, doc, "q")
+    settings = {"--window": "1024", "--query-chunk": "256", "--prefill-chunk": "65536"}
+    for name, value in settings.items():
+        argv[argv.index(name) + 1] = value
+    (result,), _ = capped_runs([(argv, {"INFLLM_MEMORY_LIMIT_MB": "64"})], tmp_path)
+    assert result["code"] == 6, result
+    line = last_line(result)
+    assert line.startswith("infllm: error: not enough memory for these engine settings: their working buffers and "
+                           "one prefill step need ~")
+    assert line.endswith("but the INFLLM_MEMORY_LIMIT_MB cap allows 64 MB; try a smaller --prefill-chunk "
+                         "(now 65,536) or --query-chunk (now 256)")
+    assert "extracting text" not in result["stderr"]
+
+
+def test_a_small_gzip_of_a_huge_text_is_refused_as_it_is_tokenized(tiny_model_dir, tmp_path):
+    """24 MB of text in a 250 KB gzip: the whole text was once held and tokenized before the memory check (44 s
+    and a 5.4 GB peak); now the check runs as the tokens are counted (7 s, 430 MB)."""
+    import gzip
+
+    path = tmp_path / "huge.txt.gz"
+    path.write_bytes(gzip.compress(_text(300).encode() * 1900, 6))  # 300 lines: 12.8 KB, within gzip's window
+    (result,), peak = capped_runs([(_argv("ask", tiny_model_dir, path, "q"), {"INFLLM_MEMORY_LIMIT_MB": "16"})],
+                                  tmp_path)
+    assert result["code"] == 6, result
+    assert last_line(result).startswith("infllm: error: not enough memory: reading ")
+    assert "cap allows 16 MB" in last_line(result) and "infllm: read " not in result["stderr"]
+    assert result["seconds"] < 60 and peak < 1.5 * 2**30, (result["seconds"], peak)
+
+
+def _total_read(stderr: str) -> int:
+    """The total of the progress lines ("read 1,024/6,100 tokens, ...")."""
+    totals = set(re.findall(r"^infllm: read [\d,]+/([\d,]+) tokens", stderr, re.MULTILINE))
+    assert len(totals) == 1, stderr
+    return int(totals.pop().replace(",", ""))
+
+
+def test_a_long_system_prompt_is_checked_and_shown_like_text(infllm, tmp_path, monkeypatch):
+    short = tmp_path / "short.txt"
+    short.write_text("The pass key is 12345.\n")
+    system = "Remember the pass key. " * 1000  # 6,000 tokens before a document of 9
+    shown = infllm("ask", "--system", system, short, "q")
+    assert shown.exit_code == 0, shown.stderr
+    assert _total_read(shown.stderr) > 6000
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")  # the engine fits; 6,000 tokens of block store do not
+    line = one_error_line(infllm("ask", "--system", system, short, "q"), 6)
+    assert line.startswith("infllm: error: not enough memory: reading 6,0")
+
+
+def test_a_long_question_is_checked_and_shown_like_text(infllm, tmp_path, monkeypatch):
+    short = tmp_path / "short.txt"
+    short.write_text("The pass key is 12345.\n")
+    question = "The sky is blue. " * 600 + "What is the pass key?"  # ~3,600 tokens: 29 prefill steps
+    shown = infllm("ask", short, question)
+    assert shown.exit_code == 0, shown.stderr
+    after = shown.stderr.split("infllm: answering")[1]
+    assert _total_read(after) > 3600
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "2.5")  # the short read fits; the question's tokens do not
+    result = infllm("ask", short, question)
+    line = one_error_line(result, 6)
+    assert line.startswith("infllm: error: not enough memory: reading 3,8") and "infllm: read 3," not in result.stderr
