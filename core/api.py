@@ -221,8 +221,9 @@ class Reading:
     def save(self, path: str, model_spec: str | None = None) -> int:
         """Write this reading to a snapshot file (replaced atomically); returns its size in bytes.
         model_spec: how to find the model again (default: the name it was loaded by)."""
-        from infllm.snapshot import save_session
+        from infllm.snapshot import check_output, save_session
 
+        check_output(path, self.sources)
         self.model.report.phase(f"writing snapshot {path}")
         started = time.perf_counter()
         size = save_session(self.session, path, model_spec, self.system)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
+from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
 from infllm.engine.sampling import SamplingConfig
 from infllm.errors import EXIT_INTERNAL, InfllmError, ResourceError, SnapshotError, SourceError, UsageError, one_line
 from infllm.reporting import Reporter
@@ -99,6 +100,8 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
                 snaps[found[0]] = SnapshotFile(found[0])  # header and metadata checked now, before the model loads
     if save is not None and (len(groups) > 1 or snaps):
         raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
+    if save is not None:
+        check_output(save, groups[0])
     plan = Plan(opts, question, None, None, snaps, failures)
     if len(failures) == len(groups):  # nothing is left to answer: no model to load
         return plan

@@ -16,8 +16,12 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import struct
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +29,10 @@ import torch
 
 from infllm.citations.passages import SourceMap, passage
 from infllm.config import EngineConfig
-from infllm.errors import ResourceError, SnapshotError, UsageError
+from infllm.errors import ResourceError, SnapshotError, UsageError, one_line
 from infllm.runtime.loading import LoadedModel
 from infllm.session import Session
-from infllm.documents.readers import Piece
+from infllm.documents.readers import STDIN, Piece, file_kind
 
 FORMAT = "infllm-snapshot"
 VERSION = 2  # 2: the memory keeps one recent-token buffer (counters rec_start, rec_len)
@@ -157,6 +161,61 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def check_output(path: str | os.PathLike, sources: Sequence[str] = ()) -> None:
+    """Refuse, before any work, a snapshot path that cannot be written or whose writing would destroy an input.
+
+    The one check of every writer (`infllm read -o`, `ask --save`, `Reading.save`). UsageError when the path exists
+    and is not a regular file (a directory, a device: the rename would replace the node), is one of the sources
+    (compared as files, so links, hard links and other spellings of the same file count), is a file a source
+    folder's walk reads, or is the file stdin reads; when its folder does not exist or no file can be created in it.
+    """
+    name, path = os.fspath(path), Path(path)  # messages name it as it was given
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        status = None
+    except OSError as err:
+        raise _unwritable(name, err.strerror or str(err)) from None
+    if status is not None:
+        if not stat.S_ISREG(status.st_mode):
+            raise _unwritable(name, f"it is {file_kind(status.st_mode)}, not a regular file")
+        for source in sources:
+            if _reads(source, path, status):
+                raise _unwritable(name, f"it is {'what stdin reads' if source == STDIN else 'read from ' + source}, "
+                                        "and the snapshot would replace it; name another file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise _unwritable(name, f"the folder {folder} does not exist")
+    try:  # the one sure test: create a file there (read-only file systems and missing rights both show)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        raise _unwritable(name, f"no file can be created in {folder} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _reads(source: str, path: Path, status: os.stat_result) -> bool:
+    """Whether reading `source` reads the existing regular file `path` (of stat `status`)."""
+    same = lambda other: (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino)  # noqa: E731
+    try:
+        if source == STDIN:
+            return same(os.fstat(sys.stdin.fileno()))
+        found = os.stat(source)
+    except (OSError, ValueError, AttributeError):  # no such source (reading names it), or no stdin file
+        return False
+    if not stat.S_ISDIR(found.st_mode):
+        return same(found)
+    real, folder = Path(os.path.realpath(path)), Path(os.path.realpath(source))
+    if not real.is_relative_to(folder):
+        return False
+    # A folder's walk reads every file below it but hidden ones, and skips a snapshot as binary.
+    return not any(part.startswith(".") for part in real.relative_to(folder).parts) and not is_snapshot(str(path))
+
+
+def _unwritable(path: str | Path, why: str) -> UsageError:
+    return UsageError(f"cannot write the snapshot to {path}: {why}")
+
+
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Write a snapshot atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
 
@@ -166,6 +225,7 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_output(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -184,8 +244,8 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
         # safetensors reports OS errors as its own exception type, with the OS message in it.
         if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err):
             raise ResourceError(f"not enough disk space to write {path}; nothing was written") from None
-        if isinstance(err, OSError):
-            raise SnapshotError(f"cannot write {path}: {err.strerror or err}") from None
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # the folder changed since checked
+            raise _unwritable(path, one_line(err)) from None
         raise
     return path.stat().st_size
 

@@ -172,8 +172,9 @@ def read_command(
     if not output_path:
         raise UsageError("name the snapshot to write: infllm read SOURCE... -o FILE.infllm")
     sources, _ = _split_question([*(sources or []), "read"])
-    from infllm.run import prepare
+    from infllm.run import check_output, prepare
 
+    check_output(output_path, sources)  # before the model loads and the text is read
     model, settings = prepare(_model_options(model_choice, engine), _display(output))
     reading = model.read(sources, engine=settings, template=template, system=system)
     size = reading.save(output_path, model_choice.model)

@@ -255,3 +255,97 @@ def test_a_long_question_is_checked_and_shown_like_text(infllm, tmp_path, monkey
     result = infllm("ask", short, question)
     line = one_error_line(result, 6)
     assert line.startswith("infllm: error: not enough memory: reading 3,8") and "infllm: read 3," not in result.stderr
+
+
+# === output paths: one check for read -o, --save and Reading.save, before any work ==========================
+
+
+@pytest.fixture
+def folder(tmp_path, doc) -> Path:
+    """A folder holding a copy of the document (book.txt), a link and a hard link to it, and a notes folder."""
+    root = tmp_path / "work"
+    (root / "notes").mkdir(parents=True)
+    (root / "book.txt").write_bytes(doc.read_bytes())
+    (root / "link.txt").symlink_to(root / "book.txt")
+    os.link(root / "book.txt", root / "hard.txt")
+    (root / "notes" / "todo.txt").write_text("Buy milk.\n")
+    return root
+
+
+def _refused_before_reading(result, words: str) -> None:
+    line = one_error_line(result, EXIT_USAGE)
+    assert words in line, line
+    assert "loading model" not in result.stderr and "extracting text" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["read", "ask --save"])
+@pytest.mark.parametrize("output", ["book.txt", "./book.txt", "link.txt", "hard.txt", "../work/book.txt"])
+def test_a_snapshot_never_replaces_one_of_its_sources(infllm, folder, monkeypatch, command, output):
+    """`infllm read doc.txt -o doc.txt` once exited 0 with the document replaced by the snapshot."""
+    monkeypatch.chdir(folder)
+    before = (folder / "book.txt").read_bytes()
+    if command == "read":
+        result = infllm("read", "book.txt", "-o", output)
+    else:
+        result = infllm("ask", "book.txt", "q", "--save", output)
+    _refused_before_reading(result, f"cannot write the snapshot to {output}: it is read from book.txt, and the "
+                                    "snapshot would replace it; name another file")
+    assert (folder / "book.txt").read_bytes() == before and (folder / "link.txt").is_symlink()
+
+
+def test_a_snapshot_never_replaces_a_file_a_source_folder_reads(infllm, folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    _refused_before_reading(infllm("read", "notes", "-o", "notes/todo.txt"), "it is read from notes")
+    assert (folder / "notes" / "todo.txt").read_text() == "Buy milk.\n"
+    made = infllm("read", "notes", "-o", "notes/notes.infllm", "-q")  # a new file there is fine, and so is
+    assert made.exit_code == 0, made.stderr
+    again = infllm("read", "notes", "-o", "notes/notes.infllm", "-q")  # replacing that snapshot (read as binary)
+    assert again.exit_code == 0, again.stderr
+
+
+def test_a_snapshot_never_replaces_the_file_stdin_reads(tiny_model_dir, folder):
+    with open(folder / "book.txt", "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "infllm.cli", *_argv("read", tiny_model_dir, "-", "-o",
+                                                                          "book.txt")],
+                              stdin=stdin, capture_output=True, text=True, cwd=folder, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("infllm: error: cannot write the snapshot to book.txt: it is what stdin "
+                                            "reads, and the snapshot would replace it; name another file")
+    assert (folder / "book.txt").read_bytes() == (folder / "hard.txt").read_bytes() and b"pass key" in (
+        folder / "book.txt").read_bytes()
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused(infllm, folder, monkeypatch):
+    """A directory as -o once exited 5 after the whole read; as root a device node became a regular file."""
+    monkeypatch.chdir(folder)
+    os.mkfifo(folder / "pipe")
+    _refused_before_reading(infllm("read", "book.txt", "-o", "notes"), "to notes: it is a directory, not a "
+                                                                       "regular file")
+    _refused_before_reading(infllm("read", "book.txt", "-o", "pipe"), "it is a named pipe (FIFO), not a regular")
+    try:
+        os.mknod(folder / "null", 0o666 | 0o020000, os.makedev(1, 3))  # a character device, as /dev/null
+    except PermissionError:
+        return
+    _refused_before_reading(infllm("ask", "book.txt", "q", "--save", "null"), "it is a character device")
+    assert not (folder / "null").is_file()
+
+
+@pytest.mark.parametrize("errno_, shown", [(13, "Permission denied"), (30, "Read-only file system")])
+def test_an_output_folder_that_is_missing_or_unwritable_is_refused_before_reading(infllm, folder, monkeypatch,
+                                                                                  errno_, shown):
+    """Both once exited 1 (an internal error) after the whole read. As root no folder is unwritable by its
+    mode, so creating a file in it is made to fail as it fails for a user or on a read-only mount."""
+    monkeypatch.chdir(folder)
+    _refused_before_reading(infllm("read", "book.txt", "-o", "missing/x.infllm"),
+                            "cannot write the snapshot to missing/x.infllm: the folder missing does not exist")
+    real_open = os.open
+
+    def failing_open(file, flags, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(file)) == str(folder / "notes") and flags & os.O_CREAT:
+            raise OSError(errno_, os.strerror(errno_), file)
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    _refused_before_reading(infllm("read", "book.txt", "-o", "notes/x.infllm"),
+                            f"cannot write the snapshot to notes/x.infllm: no file can be created in notes ({shown})")

@@ -696,19 +696,24 @@ def _os_error(name: str, exc: OSError) -> SourceError:
     return _fail(name, f"cannot be read ({exc.strerror or exc})")
 
 
-def _special_file(name: str, mode: int) -> SourceError:
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, for a message: "a directory", "a named pipe (FIFO)", ..."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
     if stat.S_ISFIFO(mode):
-        what = "a named pipe (FIFO)"
-    elif stat.S_ISCHR(mode):
-        what = "a character device"
-    elif stat.S_ISBLK(mode):
-        what = "a block device"
-    elif stat.S_ISSOCK(mode):
-        what = "a socket"
-    else:
-        what = "a special file"
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _special_file(name: str, mode: int) -> SourceError:
     hint = "to read a stream, pass '-' and redirect it to stdin"
-    return _fail(name, f"is {what}, not a regular file or directory; {hint}")
+    return _fail(name, f"is {file_kind(mode)}, not a regular file or directory; {hint}")
 
 
 def _strip_gz(path: str) -> str:
