@@ -7,10 +7,13 @@ Commands import the library (and so torch) only once they run: `infllm --help` a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -45,6 +48,35 @@ def root() -> None:
     """Ask a local LLM about documents far longer than its context window."""
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C is: what is being written (a snapshot's temporary
+    file, a model's conversion) is removed on the way out instead of being left behind by an instant death."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopping_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the command (see _Stopped) while it runs; their handlers are restored after."""
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def guarded(command):
     """Run a command body so that every failure is one stderr line and a documented exit code."""
 
@@ -54,10 +86,14 @@ def guarded(command):
 
         restore_interrupts()  # Ctrl-C while starting exited at once (infllm_cli/__init__.py); now it raises
         try:
-            return command(*args, **kwargs)
+            with _stopping_cleanly():
+                return command(*args, **kwargs)
         except InfllmError as err:
             print(f"infllm: error: {err}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
+        except _Stopped as stopped:
+            print(f"infllm: stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
+            raise typer.Exit(128 + stopped.signum) from None  # 143 for SIGTERM, 129 for SIGHUP, as shells expect
         except KeyboardInterrupt:
             print("infllm: interrupted", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None

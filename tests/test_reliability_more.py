@@ -349,3 +349,31 @@ def test_an_output_folder_that_is_missing_or_unwritable_is_refused_before_readin
     monkeypatch.setattr(os, "open", failing_open)
     _refused_before_reading(infllm("read", "book.txt", "-o", "notes/x.infllm"),
                             f"cannot write the snapshot to notes/x.infllm: no file can be created in notes ({shown})")
+
+
+# === signals ==================================================================================================
+
+
+@pytest.mark.parametrize("signum", [15, 1])  # SIGTERM, SIGHUP
+def test_sigterm_or_sighup_while_writing_leaves_no_file(tiny_model_dir, doc, tmp_path, signum):
+    """A real process, sent the signal inside the snapshot write (a full-size hidden temporary file was left)."""
+    import signal
+
+    out = tmp_path / "out" / "book.infllm"
+    out.parent.mkdir()
+    code = (
+        "import os, safetensors.torch as st\n"
+        "real = st.save_file\n"
+        "def slow(t, f, metadata=None):\n"
+        "    real(t, f, metadata=metadata)\n"
+        f"    os.kill(os.getpid(), {signum})\n"
+        "st.save_file = slow\n"
+        "from infllm.cli.app import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "INFLLM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code, *_argv("read", tiny_model_dir, doc, "-o", out, "-q")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert proc.stderr.strip() == f"infllm: stopped by {signal.Signals(signum).name}"
+    assert list(out.parent.iterdir()) == []
