@@ -86,7 +86,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, _Entry], int]:
     try:
         header = json.loads(raw)
         meta = json.loads(header["__metadata__"][_KEY])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested past Python's stack
         raise _fail(path, "not an infllm snapshot (no infllm metadata in the header)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "not an infllm snapshot (wrong format name)")

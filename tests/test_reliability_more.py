@@ -377,3 +377,34 @@ def test_sigterm_or_sighup_while_writing_leaves_no_file(tiny_model_dir, doc, tmp
     assert proc.returncode == 128 + signum, proc.stderr
     assert proc.stderr.strip() == f"infllm: stopped by {signal.Signals(signum).name}"
     assert list(out.parent.iterdir()) == []
+
+
+# === deeply nested JSON =======================================================================================
+
+
+def _deep(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_in_a_snapshot_or_a_device_map_is_refused(tiny_model_dir, snapshot, doc, tmp_path):
+    """Each was an internal error (RecursionError, exit 1)."""
+    import struct
+
+    from test_snapshot import _header, _with_header
+
+    data = bytearray(snapshot.read_bytes())
+    header, start = _header(data)
+    in_header = tmp_path / "header.infllm"
+    raw = ('{"__metadata__": ' + _deep() + "}").encode()
+    in_header.write_bytes(struct.pack("<Q", len(raw)) + raw + data[start:])
+    header["__metadata__"]["infllm"] = _deep()
+    in_meta = tmp_path / "meta.infllm"
+    in_meta.write_bytes(bytes(_with_header(data, header)))
+    for path in (in_header, in_meta):
+        line = one_error_line(CliRunner().invoke(app, ["ask", str(path), "q"], prog_name="infllm"), EXIT_SNAPSHOT)
+        assert line == f"infllm: error: {path}: not an infllm snapshot (no infllm metadata in the header)"
+    device_map = tmp_path / "map.json"
+    device_map.write_text(_deep())
+    argv = ["ask", "--model", str(tiny_model_dir), "--device-map", str(device_map), str(doc), "q"]
+    line = one_error_line(CliRunner().invoke(app, argv, prog_name="infllm"), EXIT_USAGE)
+    assert line == f"infllm: error: {device_map}: not a device map (JSON nested deeper than Python's stack)"
