@@ -28,12 +28,13 @@ from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Promp
                                         has_chat_template, load_template)
 from infllm.documents.readers import STDIN, Piece, iter_pieces
 from infllm.engine.sampling import SamplingConfig
+from infllm.errors import InfllmError, SnapshotError, UsageError
 from infllm.reporting import Reporter
 from infllm.runtime import loading
 from infllm.runtime.loading import LoadedModel, ResolvedModel
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
-from infllm.session import Session
+from infllm.session import PROMPT_CHANGED, Session
 
 
 @dataclass
@@ -122,10 +123,14 @@ class Model:
         self.report.phase(f"opening snapshot {snap.path}: {snap.meta.get('tokens', 0):,} tokens read earlier")
         session = open_session(self.loaded, snap, engine or {})
         timings["open_s"] = time.perf_counter() - started
-        stored = snap.meta.get("system")
-        if system is None:
-            system = stored if isinstance(stored, str) else None
-        reading = Reading(self, session, load_template(template), system, [str(snap.path)], timings)
+        if system is None:  # the one it was read with (open_session checked it is text of a plausible size)
+            system = snap.meta.get("system")
+            mismatch = SnapshotError(f"{snap.path}: its stored system prompt does not give the prompt it was read "
+                                     "with: it was read with another --template (pass that one), or it is damaged")
+        else:
+            mismatch = SnapshotError(f"{snap.path}: it was read with another system prompt than --system gives (or "
+                                     "another --template): ask without --system, or read the document again")
+        reading = Reading(self, session, load_template(template), system, [str(snap.path)], timings, mismatch)
         reading.memory["rss_after_open_mb"] = rss_mb()
         return reading
 
@@ -134,9 +139,11 @@ class Reading:
     """What one read (or snapshot) holds; ask it as often as you like."""
 
     def __init__(self, model: Model, session: Session, template: str, system: str | None, sources: list[str],
-                 timings: dict[str, float]):
+                 timings: dict[str, float], mismatch: InfllmError | None = None):
         self.model, self.session, self.template, self.system = model, session, template, system
         self.sources = sources
+        # Raised when a question's prompt does not begin as the memory's did (another system prompt or template).
+        self.mismatch = mismatch or UsageError(PROMPT_CHANGED)
         self.timings = timings  # the read's phases; each answer's timings start from a copy
         self.memory: dict = {}
 
@@ -191,6 +198,8 @@ class Reading:
         """Answer from the state right after the read. on_text receives the answer as it is generated."""
         session, report = self.session, self.model.report
         prompt = self.prompt(question)
+        if list(prompt.prefix) != session.prefix:
+            raise self.mismatch
         report.phase("answering")
         # The question's tokens join the memory too; one longer than a prefill step is read with progress shown.
         check_reading(session, self.tokens + len(prompt.suffix), self.sources)

@@ -29,6 +29,8 @@ from infllm.citations.scores import attention_shares, head_quality, head_scores,
 from infllm.documents.readers import Piece
 from infllm.documents.tokenstream import stream_tokens
 
+PROMPT_CHANGED = ("the prompt does not begin the way it did when the document was read (another --system or "
+                  "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 
 
@@ -207,8 +209,7 @@ class Session:
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
         if list(prompt.prefix) != self.prefix:
-            raise UsageError("the prompt does not begin the way it did when the document was read (another "
-                             "--system or --template?); use the same ones, or read the document again")
+            raise UsageError(PROMPT_CHANGED)
         source_map = source_map or self.source_map
         self.rewind()
         tally = self.retrievals = self.engine.count_retrievals(cite > 0)

@@ -402,11 +402,34 @@ def _section(meta: dict, key: str) -> dict:
 
 
 def check_model(snap: SnapshotFile, fingerprint: str, name: str) -> None:
-    """Refuse a snapshot made with other weights (before they are loaded, when called with a resolved model)."""
+    """Refuse a snapshot made with other weights (before they are loaded, when called with a resolved model), saying
+    what would work: the model it names, or reading again when it names none or names the model in use."""
     model = _section(snap.meta, "model")
-    if model.get("fingerprint") != fingerprint:
-        raise _fail(snap.path, f"made with another model ({model.get('name')}), not {name}: pass "
-                               f"--model {model.get('spec') or model.get('name')}")
+    if model.get("fingerprint") == fingerprint:
+        return
+    stored = model.get("spec") or model.get("name")
+    if not isinstance(stored, str) or not stored:
+        raise _fail(snap.path, f"made with another model than {name}, and its metadata does not say which (damaged?): "
+                               "read the document again")
+    if stored in (name, os.path.abspath(name)):  # the same path or name, other weights: the files were changed
+        raise _fail(snap.path, f"made with {stored} as it was then: its files have changed since (another "
+                               "fingerprint); read the document again")
+    raise _fail(snap.path, f"made with another model ({model.get('name')}), not {name}: pass --model {stored}")
+
+
+def _check_system(snap: SnapshotFile, tokenizer, doc_start: int) -> None:
+    """Refuse a stored system prompt that its prompt tokens (doc_start of them) cannot hold, before it is tokenized:
+    damage could make it any size. No token covers more characters than the vocabulary's longest entry, times
+    four for normalizers that merge characters (a letter and its accents)."""
+    system = snap.meta.get("system")
+    if system is None:
+        return
+    if not isinstance(system, str):
+        raise _fail(snap.path, "corrupt metadata: its system prompt is not text")
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    if len(system) > 4 * longest * doc_start:
+        raise _fail(snap.path, f"corrupt metadata: its system prompt ({len(system):,} characters) is longer than its "
+                               f"{doc_start:,} prompt tokens can hold")
 
 
 def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, int | None]) -> Session:
@@ -434,6 +457,7 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
             raise ValueError("token counts do not agree")
     except (ValueError, KeyError, TypeError) as err:
         raise _fail(path, f"corrupt metadata: {err}") from None
+    _check_system(snap, loaded.tokenizer, doc_start)
     n_offsets = snap.entries["doc.offsets"].shape[0] if "doc.offsets" in snap.entries else -1
     n_text = snap.entries["doc.text"].shape if "doc.text" in snap.entries else ()
     expected.update({"doc.prefix": (doc_start,), "doc.offsets": (n_offsets if n_offsets == 0 else tokens - doc_start, 2),

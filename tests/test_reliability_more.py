@@ -408,3 +408,44 @@ def test_deeply_nested_json_in_a_snapshot_or_a_device_map_is_refused(tiny_model_
     argv = ["ask", "--model", str(tiny_model_dir), "--device-map", str(device_map), str(doc), "q"]
     line = one_error_line(CliRunner().invoke(app, argv, prog_name="infllm"), EXIT_USAGE)
     assert line == f"infllm: error: {device_map}: not a device map (JSON nested deeper than Python's stack)"
+
+
+# === snapshots: the stored system prompt, the model it names ================================================
+
+
+def _ask_snapshot(path: Path, *args, model: Path | None = None):
+    argv = ["ask", str(path), "q", "--device", "cpu", "--max-tokens", "3", *map(str, args)]
+    return CliRunner().invoke(app, argv + (["--model", str(model)] if model else []), prog_name="infllm")
+
+
+def test_a_damaged_stored_system_prompt_is_the_snapshots_fault_not_the_users(snapshot, tmp_path):
+    """It was exit 2 blaming --system or --template, which the user never passed."""
+    path = edited(snapshot, tmp_path, lambda meta: meta.update(system="You are someone else entirely."))
+    line = one_error_line(_ask_snapshot(path), EXIT_SNAPSHOT)
+    assert line == (f"infllm: error: {path}: its stored system prompt does not give the prompt it was read with: it "
+                    "was read with another --template (pass that one), or it is damaged")
+    line = one_error_line(_ask_snapshot(snapshot, "--system", "Be terse."), EXIT_SNAPSHOT)
+    assert line == (f"infllm: error: {snapshot}: it was read with another system prompt than --system gives (or "
+                    "another --template): ask without --system, or read the document again")
+
+
+def test_a_huge_stored_system_prompt_is_refused_before_it_is_tokenized(snapshot, tmp_path):
+    """50 MB of stored system prompt once took 5.2 GB and 62 s before the refusal."""
+    path = edited(snapshot, tmp_path, lambda meta: meta.update(system="x" * 50_000_000))
+    (result,), peak = capped_runs([(["ask", str(path), "q", "--device", "cpu"], {})], tmp_path)
+    assert result["code"] == EXIT_SNAPSHOT, result
+    assert last_line(result).startswith(f"infllm: error: {path}: corrupt metadata: its system prompt (50,000,000 "
+                                        "characters) is longer than its ")
+    assert result["seconds"] < 30 and peak < 1.5 * 2**30, (result["seconds"], peak)
+
+
+def test_a_model_mismatch_says_what_would_work(snapshot, tiny_model_dir, tmp_path):
+    """It said "pass --model X" with the X already in use, or "pass --model None"."""
+    changed = edited(snapshot, tmp_path, lambda meta: meta["model"].update(fingerprint="0" * 64), "changed.infllm")
+    line = one_error_line(_ask_snapshot(changed, model=tiny_model_dir), EXIT_SNAPSHOT)
+    assert line == (f"infllm: error: {changed}: made with {tiny_model_dir} as it was then: its files have changed "
+                    "since (another fingerprint); read the document again")
+    unnamed = edited(snapshot, tmp_path, lambda meta: meta.update(model={"fingerprint": "0" * 64}), "unnamed.infllm")
+    line = one_error_line(_ask_snapshot(unnamed, model=tiny_model_dir), EXIT_SNAPSHOT)
+    assert line == (f"infllm: error: {unnamed}: made with another model than {tiny_model_dir}, and its metadata "
+                    "does not say which (damaged?): read the document again")

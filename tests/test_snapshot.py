@@ -176,7 +176,8 @@ CORRUPTIONS = {
     "unknown field": (_set("surprise", 1), "unknown fields"),
     "newer version": (_set("version", 99), "newer infllm"),
     "older version": (_set("version", 1), "older infllm"),
-    "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)), "another model"),
+    "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)),
+                    "its files have changed since"),  # the same model name, other weights
     "bad counters": (lambda d: _with_meta(d, lambda m: m["counters"].__setitem__("blocks", 5)), "corrupt"),
 }
 
