@@ -449,3 +449,62 @@ def test_a_model_mismatch_says_what_would_work(snapshot, tiny_model_dir, tmp_pat
     line = one_error_line(_ask_snapshot(unnamed, model=tiny_model_dir), EXIT_SNAPSHOT)
     assert line == (f"infllm: error: {unnamed}: made with another model than {tiny_model_dir}, and its metadata "
                     "does not say which (damaged?): read the document again")
+
+
+# === output streams ===========================================================================================
+
+
+def _process(tiny_model_dir: Path, doc: Path, tmp_path: Path, *extra: str, **popen) -> subprocess.Popen:
+    """`python -m infllm.cli ask` with the tiny model on the document, as a real process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLLM_")}
+    env.update(INFLLM_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO), NO_COLOR="1")
+    return subprocess.Popen([sys.executable, "-m", "infllm.cli", *_argv("ask", tiny_model_dir, *extra, doc, "q")],
+                            env=env, stdin=subprocess.DEVNULL, **popen)
+
+
+def test_output_streams_that_fail_or_close_end_in_one_line_with_their_code(tiny_model_dir, doc, tmp_path):
+    """Each of these exited 1 (an internal error); a closed stderr sent the progress lines into the answer."""
+    # `2>&1 | head -c 1`: the reader leaves at the first progress byte; the run goes on and ends quietly.
+    both = _process(tiny_model_dir, doc, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert both.stdout.read(1) == b"i"
+    both.stdout.close()
+    assert both.wait(timeout=300) == 0
+    # `>&-`: refused before any work.
+    closed = _process(tiny_model_dir, doc, tmp_path, stderr=subprocess.PIPE, text=True,
+                      preexec_fn=lambda: os.close(1))
+    assert closed.wait(timeout=300) == EXIT_USAGE
+    assert closed.stderr.read().splitlines()[-1] == ("infllm: error: stdout is closed, so the output has nowhere to "
+                                                     "go; redirect it (> answer.txt, or > /dev/null to discard it)")
+    # `> /dev/full`: a full disk under stdout.
+    with open("/dev/full", "w") as full:
+        filled = _process(tiny_model_dir, doc, tmp_path, "-q", stdout=full, stderr=subprocess.PIPE, text=True)
+        assert filled.wait(timeout=300) == 6
+    assert filled.stderr.read() == ("infllm: error: not enough disk space to write the output to stdout (No space "
+                                    "left on device)\n")
+    # `2>&-`: stdout holds the answer alone.
+    quiet = _process(tiny_model_dir, doc, tmp_path, "-q", stdout=subprocess.PIPE)
+    silent = _process(tiny_model_dir, doc, tmp_path, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    answer, _ = quiet.communicate(timeout=300)
+    assert silent.communicate(timeout=300)[0] == answer and silent.returncode == 0 and answer.strip()
+
+
+# === names on the terminal ====================================================================================
+
+
+def test_file_names_reach_the_terminal_escaped_and_never_as_markup(infllm, doc, tmp_path, monkeypatch):
+    """`notes [draft].txt` showed as `notes .txt`, `a[/b].txt` exited 1 (a rich MarkupError), and escape sequences
+    and newlines in a name reached the terminal as they are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a[").mkdir()
+    names = ["notes [draft].txt", "a[/b].txt", "evil\x1b[2Jname\nnext.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(doc.read_bytes())
+    result = infllm("ask", "--each", *names, "q")
+    assert result.exit_code == 0, result.stderr
+    assert "extracting text from notes [draft].txt and tokenizing it" in result.stderr
+    assert "extracting text from a[/b].txt and tokenizing it" in result.stderr
+    assert "extracting text from evil\\x1b[2Jname\\nnext.txt and tokenizing it" in result.stderr
+    assert "==> evil\\x1b[2Jname\\nnext.txt <==" in result.stdout
+    assert "\x1b" not in result.stderr + result.stdout
+    missing = one_error_line(infllm("ask", "gone\x1b]0;title\x07.txt", "q"), 3)
+    assert "\x1b" not in missing and "\x07" not in missing
