@@ -12,7 +12,7 @@ for memory) is kept in `Plan.failures` or returned as that source's `Failure`, a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
@@ -178,15 +178,17 @@ class Runner:
         Returns an infllm.api.Answer; on_text receives the answer as it is generated."""
         plan, opts = self.plan, self.plan.opts
         snap = plan.snaps.get(sources[0])
-        if snap is not None:
-            reading = self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
-        else:
-            reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
-                                      question=plan.question, keep_text=opts.cite > 0 or save is not None)
-            if save is not None:
-                reading.save(save, opts.model)
-        return reading.ask(plan.question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
-                           on_text=on_text)
+        # A batch may ask thousands of snapshots: each file is closed once its answer is given.
+        with closing(snap) if snap is not None else nullcontext():
+            if snap is not None:
+                reading = self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
+            else:
+                reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
+                                          question=plan.question, keep_text=opts.cite > 0 or save is not None)
+                if save is not None:
+                    reading.save(save, opts.model)
+            return reading.ask(plan.question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
+                               on_text=on_text)
 
 
 def batch_failure(failures: list[Failure], groups: int) -> InfllmError:

@@ -6,8 +6,8 @@ export (`layer.I.state.*`, `layer.I.store.{k,v}.P`, `layer.I.store.repr`) and th
 
 Untrusted files are checked before anything is allocated: the header is parsed strictly (offsets, sizes, dtypes
 against the file's length), the metadata against the model, tokenizer and engine settings, and every tensor's
-shape against what the engine would export at the recorded counters. The data is then memory-mapped: small
-tensors are verified against their SHA-256 at once, block pages the first time a block of theirs is read.
+shape against what the engine would export at the recorded counters. The data is then read into memory: small
+tensors at once, block pages the first time a block of theirs is used, each verified against its SHA-256.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 
 from infllm.citations.passages import SourceMap, passage
 from infllm.config import EngineConfig
+from infllm.engine.blockstore import KV_PAGE_BLOCKS
 from infllm.errors import ResourceError, SnapshotError, UsageError, one_line
 from infllm.runtime.loading import LoadedModel
 from infllm.session import Session
@@ -251,7 +253,15 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
 
 
 class SnapshotFile:
-    """An opened snapshot: checked header, metadata, and tensors memory-mapped on demand."""
+    """An opened snapshot: its header and metadata checked; its tensors read from the file when asked for.
+
+    Nothing is memory-mapped: a mapped file that shrinks while in use (truncated by another program) kills the
+    process with SIGBUS when a page past its new end is touched, even a page the process has written to (the
+    kernel drops private copies past the end too), and Python cannot catch that. Tensors are read with pread
+    into the process's own memory from one descriptor, opened once (the file as it was checked: a rename over
+    the path changes nothing), so a shrunk file is a short read and a SnapshotError. Block pages go to the engine
+    unread (`lazy`) and are read and verified on first use, so opening stays cheap.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -260,25 +270,53 @@ class SnapshotFile:
         if not isinstance(checksums, dict) or set(checksums) != set(self.entries):
             raise _fail(self.path, "corrupt: the checksums do not cover the tensors")
         self._checksums = checksums
-        self._bytes: torch.Tensor | None = None
+        self._size = self._data_start + max((e.end for e in self.entries.values()), default=0)
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
 
-    def _mapped(self) -> torch.Tensor:
-        if self._bytes is None:
-            size = self.path.stat().st_size
-            # A private mapping: pages are read when touched, and nothing written to them reaches the file.
-            self._bytes = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
-        return self._bytes
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as err:
+                raise _fail(self.path, f"cannot read: {err.strerror or err}") from None
+            self._closer = weakref.finalize(self, os.close, fd)
+            self._fd = fd
+            if os.fstat(fd).st_size < self._size:
+                raise _fail(self.path, "truncated since it was checked (it is shorter than its header says)")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file (a later read opens it again)."""
+        if self._closer is not None:
+            self._closer()
+        self._fd = self._closer = None
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A view of the file (not yet read, not verified: see `verify`)."""
-        e = self.entries[name]
-        raw = self._mapped()[self._data_start + e.start : self._data_start + e.end]
-        if (self._data_start + e.start) % e.dtype.itemsize:
-            raw = raw.clone()  # a writer that did not align its tensors: copy rather than refuse
-        return raw.view(e.dtype).view(e.shape)
+        """A tensor's data, read and verified against its checksum now."""
+        out, read = self.lazy(name)
+        read()
+        return out
 
-    def verify(self, name: str) -> None:
-        if _digest(self.tensor(name)) != self._checksums[name]:
+    def lazy(self, name: str) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A tensor not read yet (its memory is not touched until then) and the function that reads and verifies it."""
+        e = self.entries[name]
+        out = torch.empty(e.shape, dtype=e.dtype)
+        return out, lambda: self._read_into(name, out)
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        e = self.entries[name]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        at = 0
+        try:
+            while at < len(view):
+                got = os.preadv(self._descriptor(), [view[at:]], self._data_start + e.start + at)
+                if got == 0:
+                    raise _fail(self.path, f"truncated while in use: it ends inside tensor {name}")
+                at += got
+        except OSError as err:
+            raise _fail(self.path, f"cannot read: {err.strerror or err}") from None
+        if _digest(out) != self._checksums[name]:
             raise _fail(self.path, f"corrupt data in tensor {name} (checksum mismatch); the file is damaged")
 
 
@@ -325,6 +363,7 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
     """Write what `session` has read (its memory, prompt prefix, text and source map) to `path`. Returns bytes."""
     engine = session.engine
     session.rewind()  # what was read, not what a question since added
+    page_in(engine)
     tensors, counters = engine.export()
     text = session.source_map.text if session.source_map else ""
     doc_tokens = engine.position - session.doc_start
@@ -348,6 +387,14 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
         "sources": sources, "pieces": pieces,
     }
     return write_file(path, tensors, meta)
+
+
+def page_in(engine) -> None:
+    """Read every block page that an opened snapshot left to be read on first use: the engine's export hands the
+    pages over as they are, and such a page is not read yet."""
+    for layer in engine.layers:
+        for block in range(0, layer.store.count, KV_PAGE_BLOCKS):
+            layer.store.block(block)
 
 
 def _block_map(session: Session) -> torch.Tensor:
@@ -471,29 +518,28 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
         if (e.dtype != want) if want else not e.dtype.is_floating_point:
             raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
 
-    pages = [n for n in snap.entries if ".store.k." in n]
-    small = [n for n in snap.entries if n not in pages and ".store.v." not in n]
-    for name in small:  # state, representative keys and the document: checked now (they are read now)
-        snap.verify(name)
-
-    def page_check(layer: int, page: int):
-        return lambda: (snap.verify(f"layer.{layer}.store.k.{page}"), snap.verify(f"layer.{layer}.store.v.{page}"))
-
-    checks = {}
-    for name in pages:
-        layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
-        checks[(layer, page)] = page_check(layer, page)
-    engine.adopt({n: snap.tensor(n) for n in snap.entries if n.startswith("layer.")}, counters, checks)
-    source_map = _source_map(snap)
-    offsets = snap.tensor("doc.offsets") if n_offsets else None
-    session.resume(snap.tensor("doc.prefix").tolist(), offsets, source_map)
+    # Block pages are read (and verified) when a block of theirs is first used; the rest (state, representative
+    # keys, the document) now.
+    tensors, checks = {}, {}
+    for name in snap.entries:
+        if ".store.k." in name:
+            layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
+            v_name = f"layer.{layer}.store.v.{page}"
+            (tensors[name], read_k), (tensors[v_name], read_v) = snap.lazy(name), snap.lazy(v_name)
+            checks[(layer, page)] = lambda read_k=read_k, read_v=read_v: (read_k(), read_v())
+        elif ".store.v." not in name:
+            tensors[name] = snap.tensor(name)
+    engine.adopt({n: t for n, t in tensors.items() if n.startswith("layer.")}, counters, checks)
+    source_map = _source_map(snap, tensors["doc.text"])
+    offsets = tensors["doc.offsets"] if n_offsets else None
+    session.resume(tensors["doc.prefix"].tolist(), offsets, source_map)
     return session
 
 
-def _source_map(snap: SnapshotFile) -> SourceMap | None:
+def _source_map(snap: SnapshotFile, text_bytes: torch.Tensor) -> SourceMap | None:
     at, pieces = 0, []
     try:
-        text = bytes(snap.tensor("doc.text").numpy()).decode("utf-8", "surrogatepass")
+        text = bytes(text_bytes.numpy()).decode("utf-8", "surrogatepass")
         for p in snap.meta.get("pieces") or []:
             if not (isinstance(p["chars"], int) and p["chars"] >= 0 and (p["page"] is None or isinstance(p["page"], int))):
                 raise ValueError(p)

@@ -508,3 +508,66 @@ def test_file_names_reach_the_terminal_escaped_and_never_as_markup(infllm, doc, 
     assert "\x1b" not in result.stderr + result.stdout
     missing = one_error_line(infllm("ask", "gone\x1b]0;title\x07.txt", "q"), 3)
     assert "\x1b" not in missing and "\x07" not in missing
+
+
+# === a snapshot that shrinks while in use =====================================================================
+
+_SHRINKING = """
+import json, os, shutil, sys
+from infllm.documents.prompting import build_prompt, builtin_template
+from infllm.errors import SnapshotError
+from infllm.runtime.loading import load_model
+from infllm.snapshot import SnapshotFile, open_session
+
+model, original, work = sys.argv[1:]
+loaded = load_model(model, device="cpu")
+out = {}
+
+def every_block(session):
+    for layer in session.engine.layers:
+        for block in range(layer.store.count):
+            layer.store.block(block)
+
+def case(name, run):
+    shutil.copy(original, work)
+    try:
+        out[name] = run()
+    except SnapshotError as err:
+        out[name] = [err.exit_code, str(err)]
+
+def opened_then_cut():  # truncated after opening, before the block pages are used
+    session = open_session(loaded, SnapshotFile(work), {})
+    os.truncate(work, os.path.getsize(work) // 2)
+    every_block(session)
+
+def checked_then_cut():  # truncated between the header check and the opening
+    snap = SnapshotFile(work)
+    os.truncate(work, 1000)
+    open_session(loaded, snap, {})
+
+def used_then_emptied():  # every page used, then the file emptied: the answer needs nothing more from it
+    snap = SnapshotFile(work)
+    session = open_session(loaded, snap, {})
+    every_block(session)
+    os.truncate(work, 0)
+    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Who?", snap.meta["system"])
+    return "".join(session.answer(prompt, 4, cite=2))
+
+for name, run in (("opened", opened_then_cut), ("checked", checked_then_cut), ("used", used_then_emptied)):
+    case(name, run)
+print(json.dumps(out))
+"""
+
+
+def test_a_snapshot_truncated_while_in_use_is_a_snapshot_error_never_a_bus_error(tiny_model_dir, snapshot, tmp_path):
+    """Block pages were memory-mapped: a file cut while in use was exit 1 while opening and a bus error (SIGBUS,
+    exit 135, no message) while answering. Run in a child process: a regression kills it, not the test run."""
+    work = tmp_path / "work.infllm"
+    proc = subprocess.run([sys.executable, "-c", _SHRINKING, str(tiny_model_dir), str(snapshot), str(work)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["opened"][0] == EXIT_SNAPSHOT and "truncated while in use: it ends inside tensor layer." in out["opened"][1]
+    assert out["checked"] == [EXIT_SNAPSHOT, f"{work}: truncated since it was checked (it is shorter than its header "
+                                             "says)"]
+    assert isinstance(out["used"], str)
