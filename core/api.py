@@ -37,6 +37,25 @@ from infllm.runtime.resources import check_reading, peak_memory, rss_mb
 from infllm.session import PROMPT_CHANGED, Session
 
 
+SAMPLING_MIN = 1e-6  # the smallest top-p or non-zero temperature: sampling runs in float32, where values below
+# ~1e-38 round to 0 and empty the distribution; anything below this one already picks the likeliest token alone.
+
+
+def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int) -> None:
+    """Refuse answer settings that cannot work (UsageError naming the flag), before anything is read."""
+    if not SAMPLING_MIN <= sampling.top_p <= 1:  # written so that nan fails too
+        raise UsageError(f"--top-p must be from {SAMPLING_MIN:g} to 1, got {sampling.top_p:g}")
+    if not (sampling.temperature == 0 or SAMPLING_MIN <= sampling.temperature < float("inf")):
+        raise UsageError(f"--temperature must be 0 (greedy) or from {SAMPLING_MIN:g} to a finite number, got "
+                         f"{sampling.temperature:g}")
+    if sampling.seed is not None and not -2**63 <= sampling.seed < 2**64:  # what torch's generator takes
+        raise UsageError(f"--seed must be from -2^63 to 2^64-1, got {sampling.seed}")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if cite < 0:
+        raise UsageError("--cite needs a count of passages, 0 or more")
+
+
 @dataclass
 class Answer:
     """One answer and how it came about: exactly what `--json` prints, plus the citations as objects."""
@@ -196,6 +215,7 @@ class Reading:
     def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
             cite: int = 0, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the state right after the read. on_text receives the answer as it is generated."""
+        check_answer(max_tokens, sampling, cite)
         session, report = self.session, self.model.report
         prompt = self.prompt(question)
         if list(prompt.prefix) != session.prefix:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
 from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
+from infllm.api import check_answer
 from infllm.engine.sampling import SamplingConfig
 from infllm.errors import EXIT_INTERNAL, InfllmError, ResourceError, SnapshotError, SourceError, UsageError, one_line
 from infllm.reporting import Reporter
@@ -38,11 +39,7 @@ class RunOptions:
     cite: int = 0  # passages to cite per answer
 
     def __post_init__(self):
-        s = self.sampling
-        if not 0 < s.top_p <= 1 or not 0 <= s.temperature < float("inf") or self.max_tokens < 1:  # `not` refuses nan
-            raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
-        if self.cite < 0:
-            raise UsageError("--cite needs a count of passages, 0 or more")
+        check_answer(self.max_tokens, self.sampling, self.cite)  # before the model loads
 
 
 @dataclass

@@ -438,8 +438,8 @@ def test_numbers_that_do_not_parse(infllm, doc, flags, shown):
 @pytest.mark.parametrize("flags, shown", [
     (["--window", "-5"], "--window cannot be negative"),
     (["--window", "0"], "--window must be from 1 to 1,048,576, got 0"),
-    (["--temperature", "inf"], "a finite --temperature >= 0"),
-    (["--top-p", "nan"], "0 < --top-p <= 1"),
+    (["--temperature", "inf"], "--temperature must be 0 (greedy) or from 1e-06 to a finite number, got inf"),
+    (["--top-p", "nan"], "--top-p must be from 1e-06 to 1, got nan"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_invalid_numbers_and_names(infllm, doc, flags, shown):

@@ -571,3 +571,28 @@ def test_a_snapshot_truncated_while_in_use_is_a_snapshot_error_never_a_bus_error
     assert out["checked"] == [EXIT_SNAPSHOT, f"{work}: truncated since it was checked (it is shorter than its header "
                                              "says)"]
     assert isinstance(out["used"], str)
+
+
+# === flag values that passed the checks, then crashed =========================================================
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "mps"], "device 'mps' asked for, but no Apple GPU (MPS) is available"),
+    (["--device", "xpu"], "device 'xpu' asked for, but no Intel GPU (XPU) is available"),
+    (["--seed", str(2**64), "--temperature", "1"], f"--seed must be from -2^63 to 2^64-1, got {2**64}"),
+    (["--top-p", "1e-300", "--temperature", "1"], "--top-p must be from 1e-06 to 1, got 1e-300"),
+    (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or from 1e-06 to a finite number, got 1e-300"),
+])
+def test_flag_values_that_crashed_are_refused_before_any_work(tiny_model_dir, doc, flags, words):
+    """Each passed the checks and then ended in exit 1 (an unsupported device, an overflowing seed, sampling from
+    a distribution that float32 emptied)."""
+    argv = ["ask", "--model", str(tiny_model_dir), *flags, str(doc), "q"]
+    result = CliRunner().invoke(app, argv, prog_name="infllm")
+    assert one_error_line(result, EXIT_USAGE) == f"infllm: error: {words}"
+    assert "loading model" not in result.stderr
+
+
+def test_sampling_at_the_edges_of_the_bounds_answers(infllm, doc):
+    result = infllm("ask", "--seed", str(2**64 - 1), "--temperature", "1e-6", "--top-p", "1e-6", doc, "q")
+    assert result.exit_code == 0, result.stderr
+    assert infllm("ask", "--seed", str(-2**63), "--temperature", "1e6", doc, "q").exit_code == 0

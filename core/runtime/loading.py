@@ -61,10 +61,19 @@ def pick_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device '{device}' asked for, but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    # torch names these devices whether or not this build or machine has them: it fails only when they are used.
+    accelerators = {"cuda": ("CUDA GPU", torch.cuda), "mps": ("Apple GPU (MPS)", torch.backends.mps),
+                    "xpu": ("Intel GPU (XPU)", getattr(torch, "xpu", None))}
+    if dev.type in accelerators:
+        what, backend = accelerators[dev.type]
+        if backend is None or not backend.is_available():
+            raise UsageError(f"device '{device}' asked for, but no {what} is available")
+        count = getattr(backend, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"device '{device}' asked for, but {count} {what}{'s are' if count != 1 else ' is'} "
+                             "visible")
     return dev
 
 
