@@ -94,7 +94,7 @@ class Model:
              device_map: DeviceMap | None = None, report: Reporter | None = None) -> "Model":
         """model: a GGUF file, a local Hugging Face model folder, a cached hub id, or None for the default model."""
         report = report or Reporter()
-        resolved = model if isinstance(model, ResolvedModel) else loading.resolve_model(model)
+        resolved = model if isinstance(model, ResolvedModel) else loading.resolve_model(model, report)
         started = time.perf_counter()
         report.phase("loading model")
         loaded = loading.load_model(resolved, device=device, dtype=dtype, device_map=device_map)

@@ -107,7 +107,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     if spec is None and snaps:  # ask a snapshot with the model it was read with
         stored = next(iter(snaps.values())).meta.get("model")
         spec = stored.get("spec") if isinstance(stored, dict) and isinstance(stored.get("spec"), str) else None
-    resolved = resolve_model(spec)
+    resolved = resolve_model(spec, report)
     max_positions = resolved.config.max_position_embeddings
     # When something will be read, the settings must suit the model.
     reads = any(sources[0] not in snaps and i not in failures for i, sources in enumerate(groups))
@@ -131,7 +131,7 @@ def prepare(opts: RunOptions, report: Reporter | None = None):
 
     pick_device(opts.device)
     device_map = parse_device_map(opts.device_map, opts.device)
-    resolved = resolve_model(opts.model)
+    resolved = resolve_model(opts.model, report)
     settings = settings_for(resolved.config, opts.engine)
     return Model.load(resolved, device=opts.device, dtype=opts.dtype, device_map=device_map, report=report), settings
 

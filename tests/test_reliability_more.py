@@ -596,3 +596,62 @@ def test_sampling_at_the_edges_of_the_bounds_answers(infllm, doc):
     result = infllm("ask", "--seed", str(2**64 - 1), "--temperature", "1e-6", "--top-p", "1e-6", doc, "q")
     assert result.exit_code == 0, result.stderr
     assert infllm("ask", "--seed", str(-2**63), "--temperature", "1e6", doc, "q").exit_code == 0
+
+
+# === the model cache ==========================================================================================
+
+_CACHE_FAILS = """
+import errno, json, os, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+import infllm.runtime.loading as loading
+from infllm.cli.app import app
+
+tiny, cache, argv = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+# Reading a real GGUF is not what is tested (and takes ~20 s): the tiny model stands for its dequantized weights.
+loading._dequantize = lambda gguf: (AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny))
+real_mkdir, real_save = os.mkdir, loading.save_model
+
+def failing(number, call, path_at, everywhere=False):
+    def fail(*args, **kwargs):
+        if everywhere or os.path.abspath(args[path_at]).startswith(cache):
+            raise OSError(number, os.strerror(number), args[path_at])
+        return call(*args, **kwargs)
+    return fail
+
+out = {}
+for name, mkdir, save in (("read-only", failing(errno.EROFS, real_mkdir, 0), real_save),
+                          ("full", real_mkdir, failing(errno.ENOSPC, real_save, 1)),
+                          ("no space anywhere", real_mkdir, failing(errno.ENOSPC, real_save, 1, everywhere=True))):
+    os.mkdir, loading.save_model = mkdir, save
+    result = CliRunner().invoke(app, argv, prog_name="infllm")
+    out[name] = [result.exit_code, result.stderr, result.stdout]
+print(json.dumps(out))
+"""
+
+
+def test_a_model_cache_that_cannot_be_written_is_named_and_the_question_still_answered(tiny_model_dir, doc, tmp_path):
+    """A read-only or full cache was reported as a damaged model (exit 4)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF, read by the stand-in")
+    cache, scratch = tmp_path / "cache", tmp_path / "tmp"
+    scratch.mkdir()
+    argv = _argv("ask", gguf, doc, "q")
+    env = {**os.environ, "INFLLM_CACHE": str(cache), "TMPDIR": str(scratch), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CACHE_FAILS, str(tiny_model_dir), str(cache), json.dumps(argv)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    models = cache / "models"
+    for name, why in (("read-only", "Read-only file system"), ("full", "No space left on device")):
+        code, stderr, stdout = out[name]
+        assert code == 0 and stdout.strip(), stderr
+        assert (f"infllm: warning: cannot write the model cache {models} ({why}): the model is converted for this "
+                "run alone (again at the next start, ~20 s); free space there or set INFLLM_CACHE to a writable "
+                "folder") in stderr.splitlines()
+    code, stderr, stdout = out["no space anywhere"]
+    assert code == 6 and stderr.splitlines()[-1] == (
+        f"infllm: error: not enough disk space to convert the model: the cache {models} and the temporary folder "
+        f"{scratch} are full")
+    assert not models.exists() or list(models.iterdir()) == []  # no half-written conversion in the cache
+    assert list(scratch.iterdir()) == []  # the run-alone conversions are removed at exit
