@@ -171,7 +171,7 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
     from infllm.run import STDIN, read_path_list
 
     try:
-        listed = read_path_list(files_from, stdin=sys.stdin.buffer if files_from == STDIN else None)
+        listed = read_path_list(files_from, stdin=getattr(sys.stdin, "buffer", None) if files_from == STDIN else None)
     except SourceError as err:
         raise SourceError(f"--files-from {err}") from None
     if files_from == STDIN and STDIN in sources + listed:

@@ -655,3 +655,16 @@ def test_a_model_cache_that_cannot_be_written_is_named_and_the_question_still_an
         f"{scratch} are full")
     assert not models.exists() or list(models.iterdir()) == []  # no half-written conversion in the cache
     assert list(scratch.iterdir()) == []  # the run-alone conversions are removed at exit
+
+
+# === --files-from =============================================================================================
+
+
+def test_a_list_of_sources_is_read_only_up_to_a_bound(tiny_model_dir, tmp_path):
+    """--files-from /dev/zero read without end (5 GB and more); a child capped at 3 GiB fails a regression."""
+    argv = ["ask", "--model", str(tiny_model_dir), "--each", "--files-from", "/dev/zero", "q"]
+    (result,), peak = capped_runs([(argv, {})], tmp_path)
+    assert result["code"] == 3, result
+    assert last_line(result) == ("infllm: error: --files-from /dev/zero: is longer than 64 MB, too long for a list of "
+                                 "paths (a million of them take 64 MB); is it the right file?")
+    assert peak < 1.5 * 2**30

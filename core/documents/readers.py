@@ -70,6 +70,7 @@ READ_CHUNK = 1 << 16
 SNIFF_BYTES = 8192
 BINARY_CONTROL_RATIO = 0.30
 PDF_SPOOL_BYTES = 64 * 1024**2  # a PDF from stdin or gzip is kept in memory up to this, then on disk
+MAX_PATH_LIST_BYTES = 64 * 1024**2  # the longest list of paths read (--files-from)
 
 GZIP_MAGIC = b"\x1f\x8b"
 PDF_MAGIC = b"%PDF-"
@@ -187,19 +188,23 @@ def read_path_list(path: str, stdin: BinaryIO | None = None) -> list[str]:
 
     One path a line (LF or CRLF), or NUL-separated if the list holds a NUL (`find -print0`). Blank lines are
     skipped; anything else is a path as written, spaces included. Names that are not UTF-8 are kept as the
-    bytes they are (os.fsdecode). The list is read whole: it is small next to the documents it names.
+    bytes they are (os.fsdecode). The list is read whole, up to MAX_PATH_LIST_BYTES: a longer one (/dev/zero,
+    a document given by mistake) is refused before it fills the memory.
     """
     if path == STDIN:
         stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
         if stream is None:
             raise SourceError("'--files-from -' was given but this process has no stdin")
-        data = stream.read()
+        data = stream.read(MAX_PATH_LIST_BYTES + 1)
     else:
         try:  # a plain open: a list may well come from a pipe, e.g. --files-from <(find . -name '*.md')
             with open(path, "rb") as file:
-                data = file.read()
+                data = file.read(MAX_PATH_LIST_BYTES + 1)
         except OSError as exc:
             raise _os_error(path, exc) from None
+    if len(data) > MAX_PATH_LIST_BYTES:
+        raise _fail(path, f"is longer than {MAX_PATH_LIST_BYTES // 2**20} MB, too long for a list of paths (a "
+                          "million of them take 64 MB); is it the right file?")
     if b"\0" in data:
         entries = data.split(b"\0")
     else:
