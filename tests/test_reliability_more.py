@@ -668,3 +668,33 @@ def test_a_list_of_sources_is_read_only_up_to_a_bound(tiny_model_dir, tmp_path):
     assert last_line(result) == ("infllm: error: --files-from /dev/zero: is longer than 64 MB, too long for a list of "
                                  "paths (a million of them take 64 MB); is it the right file?")
     assert peak < 1.5 * 2**30
+
+
+# === inputs that carry nothing; a template file of any name ==================================================
+
+
+def test_inputs_that_carry_nothing_are_refused(infllm, tmp_path):
+    """A whitespace-only file was answered (an empty one was refused); a template without {question} was accepted,
+    so the question never reached the model."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n   \n")
+    assert one_error_line(infllm("ask", blank, "q"), 3) == f"infllm: error: {blank}: holds only whitespace, no text"
+    line = one_error_line(infllm("ask", "-", "q", input=" \n\n"), 3)
+    assert line == "infllm: error: only whitespace on stdin ('-' was given), no text"
+    template = tmp_path / "plain.txt"
+    template.write_text("Read this:\n{document}\n")
+    result = infllm("ask", "--template", template, blank, "q")
+    assert one_error_line(result, EXIT_USAGE) == f"infllm: error: template '{template}' has no {{question}} field"
+    assert "loading model" not in result.stderr
+
+
+def test_a_template_file_without_an_extension_is_used(infllm, doc, tmp_path, monkeypatch):
+    """`--template mytpl` said it was neither a file nor a template."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mytpl").write_text("Document:\n{document}\n\nQuestion: {question}\n")
+    result = infllm("ask", "--template", "mytpl", doc, "q")
+    assert result.exit_code == 0, result.stderr
+    (tmp_path / "ask").write_text("no fields here")  # a file named like a built-in: the name means the built-in
+    assert infllm("ask", "--template", "ask", doc, "q").exit_code == 0
+    line = one_error_line(infllm("ask", "--template", "nosuch", doc, "q"), EXIT_USAGE)
+    assert line == "infllm: error: template 'nosuch' is neither a file nor a built-in template (built-in: ask, summarize)"

@@ -35,7 +35,7 @@ What each kind of source becomes:
 - "-": stdin, read in chunks and decoded incrementally, so an endless pipe is read in flat memory.
 
 Named pipes, devices and sockets are refused when named (a FIFO would block forever otherwise) and
-skipped inside directories. Empty files and empty stdin are refused.
+skipped inside directories. Empty files and empty stdin are refused, and so are those holding only whitespace.
 """
 
 from __future__ import annotations
@@ -244,20 +244,26 @@ def _all_pieces(
 ) -> Iterator[Piece]:
     for source in sources:
         if source == STDIN:
-            yield from _nonempty(_stdin_pieces(stdin, limits), SourceError("no input on stdin ('-' was given)"))
+            yield from _nonempty(_stdin_pieces(stdin, limits), SourceError("no input on stdin ('-' was given)"),
+                                 SourceError("only whitespace on stdin ('-' was given), no text"))
         elif stat.S_ISDIR(_check_source(source).st_mode):
             yield from _directory_pieces(source, skipped, limits)
         else:
-            yield from _nonempty(_file_pieces(source, "", limits), _fail(source, "is empty"))
+            yield from _nonempty(_file_pieces(source, "", limits), _fail(source, "is empty"),
+                                 _fail(source, "holds only whitespace, no text"))
 
 
-def _nonempty(pieces: Iterable[Piece], error: SourceError) -> Iterator[Piece]:
-    produced = False
+def _nonempty(pieces: Iterable[Piece], empty: SourceError, blank: SourceError) -> Iterator[Piece]:
+    """The pieces, then `empty` if there were none, or `blank` if they held nothing but whitespace."""
+    produced = text = False
     for piece in pieces:
         produced = True
+        text = text or bool(piece.text.strip())
         yield piece
     if not produced:
-        raise error
+        raise empty
+    if not text:
+        raise blank
 
 
 def _stdin_pieces(stdin: BinaryIO | None, limits: _Limits) -> Iterator[Piece]:
