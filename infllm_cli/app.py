@@ -39,7 +39,7 @@ Examples:
   infllm ask --model ./Qwen2.5-1.5B-Instruct --window 2048 notes/ "What is left to do?"
 
 Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
-6 not enough memory, 130 interrupted.
+6 not enough memory, 130 interrupted (129, 143: stopped by SIGHUP, SIGTERM).
 """
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,

@@ -445,6 +445,11 @@ def test_a_model_mismatch_says_what_would_work(snapshot, tiny_model_dir, tmp_pat
     line = one_error_line(_ask_snapshot(changed, model=tiny_model_dir), EXIT_SNAPSHOT)
     assert line == (f"infllm: error: {changed}: made with {tiny_model_dir} as it was then: its files have changed "
                     "since (another fingerprint); read the document again")
+    other = edited(snapshot, tmp_path, lambda meta: meta.update(model={"name": "other", "spec": "/models/other",
+                                                                      "fingerprint": "0" * 64}), "other.infllm")
+    line = one_error_line(_ask_snapshot(other, model=tiny_model_dir), EXIT_SNAPSHOT)
+    assert line == (f"infllm: error: {other}: made with another model (other), not {tiny_model_dir}: pass --model "
+                    "/models/other")
     unnamed = edited(snapshot, tmp_path, lambda meta: meta.update(model={"fingerprint": "0" * 64}), "unnamed.infllm")
     line = one_error_line(_ask_snapshot(unnamed, model=tiny_model_dir), EXIT_SNAPSHOT)
     assert line == (f"infllm: error: {unnamed}: made with another model than {tiny_model_dir}, and its metadata "
