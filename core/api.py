@@ -14,26 +14,48 @@ is one line for the user and whose `exit_code` is the command line's.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from infllm.cache import ReadCache
-from infllm.citations.passages import Citation, SourceMap
+from infllm.citations.passages import Citation
 from infllm.config import EngineConfig
 from infllm.defaults import settings_for
 from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Prompt, build_prompt, builtin_template,
                                         has_chat_template, load_template)
-from infllm.documents.readers import STDIN, iter_pieces, read_text
+from infllm.documents.readers import STDIN, Piece, iter_pieces
 from infllm.engine.sampling import SamplingConfig
-from infllm.errors import SnapshotError
+from infllm.errors import InfllmError, SnapshotError, UsageError
 from infllm.reporting import Reporter
 from infllm.runtime import loading
 from infllm.runtime.loading import FoundModel, LoadedModel, ResolvedModel, find_models  # noqa: F401 - `infllm models`
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
-from infllm.session import Session
+from infllm.session import PROMPT_CHANGED, Session
+
+
+SAMPLING_MIN = 1e-6  # the smallest top-p or non-zero temperature: sampling runs in float32, where values below
+# ~1e-38 round to 0 and empty the distribution; anything below this one already picks the likeliest token alone.
+
+
+def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int) -> None:
+    """Refuse answer settings that cannot work (UsageError naming the flag), before anything is read."""
+    if not SAMPLING_MIN <= sampling.top_p <= 1:  # written so that nan fails too
+        raise UsageError(f"--top-p must be from {SAMPLING_MIN:g} to 1, got {sampling.top_p:g}")
+    if not (sampling.temperature == 0 or SAMPLING_MIN <= sampling.temperature < float("inf")):
+        raise UsageError(f"--temperature must be 0 (greedy) or from {SAMPLING_MIN:g} to a finite number, got "
+                         f"{sampling.temperature:g}")
+    if sampling.seed is not None and not -2**63 <= sampling.seed < 2**64:  # what torch's generator takes
+        raise UsageError(f"--seed must be from -2^63 to 2^64-1, got {sampling.seed}")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if cite < 0:
+        raise UsageError("--cite needs a count of passages, 0 or more")
+    sampling.validate()
 
 
 @dataclass
@@ -77,7 +99,7 @@ class Model:
              device_map: DeviceMap | None = None, report: Reporter | None = None) -> "Model":
         """model: a GGUF file, a local Hugging Face model folder, a cached hub id, or None for the default model."""
         report = report or Reporter()
-        resolved = model if isinstance(model, ResolvedModel) else loading.resolve_model(model)
+        resolved = model if isinstance(model, ResolvedModel) else loading.resolve_model(model, report)
         started = time.perf_counter()
         report.phase("loading model")
         loaded = loading.load_model(resolved, device=device, dtype=dtype, device_map=device_map)
@@ -133,14 +155,19 @@ class Model:
         from infllm.snapshot import SnapshotFile
 
         snap = snapshot if isinstance(snapshot, SnapshotFile) else SnapshotFile(snapshot)
-        stored = snap.meta.get("system")
-        if system is None:
+        if system is None:  # the one it was read with (open_session checks it is text of a plausible size)
+            stored = snap.meta.get("system")
             system = stored if isinstance(stored, str) else None
+            mismatch = SnapshotError(f"{snap.path}: its stored system prompt does not give the prompt it was read "
+                                     "with: it was read with another --template (pass that one), or it is damaged")
+        else:
+            mismatch = SnapshotError(f"{snap.path}: it was read with another system prompt than --system gives (or "
+                                     "another --template): ask without --system, or read the document again")
         return self._open(snap, engine or {}, system, load_template(template), [str(snap.path)],
-                          f"opening snapshot {snap.path}")
+                          f"opening snapshot {snap.path}", mismatch)
 
     def _open(self, snap, engine: dict[str, int | None], system: str | None, template_text: str,
-              sources: list[str], what: str) -> "Reading":
+              sources: list[str], what: str, mismatch: InfllmError | None = None) -> "Reading":
         from infllm.snapshot import open_session
 
         started = time.perf_counter()
@@ -149,7 +176,7 @@ class Model:
         session = open_session(self.loaded, snap, engine)
         timings = self._first_timings()
         timings["open_s"] = time.perf_counter() - started
-        reading = Reading(self, session, template_text, system, sources, timings)
+        reading = Reading(self, session, template_text, system, sources, timings, mismatch)
         reading.memory["rss_after_open_mb"] = rss_mb()
         return reading
 
@@ -158,9 +185,11 @@ class Reading:
     """What one read (or snapshot) holds; ask it as often as you like."""
 
     def __init__(self, model: Model, session: Session, template: str, system: str | None, sources: list[str],
-                 timings: dict[str, float]):
+                 timings: dict[str, float], mismatch: InfllmError | None = None):
         self.model, self.session, self.template, self.system = model, session, template, system
         self.sources = sources
+        # Raised when a question's prompt does not begin as the memory's did (another system prompt or template).
+        self.mismatch = mismatch or UsageError(PROMPT_CHANGED)
         self.timings = timings  # the read's phases; each answer's timings start from a copy
         self.memory: dict = {}
 
@@ -174,22 +203,23 @@ class Reading:
         return peak_memory()
 
     def _read_files(self, prefix: list[int]) -> None:
-        """Extract, tokenize, check that the memory will fit, then read."""
+        """Extract and tokenize (one pass, the memory checked as the tokens are counted), then read."""
         report, session = self.model.report, self.session
         started = time.perf_counter()
-        report.phase("extracting text from " + ", ".join(self.sources))
-        text, pieces = read_text(self.sources)
-        t_extract = time.perf_counter()
-        report.phase("tokenizing")
-        document = session.tokenize(text)
+        report.phase("extracting text from " + ", ".join(self.sources) + " and tokenizing it")
+        extracting = _Timed(iter_pieces(self.sources))
+        # Refused as soon as the tokens counted so far cannot fit: a small gzip of a huge text is never held whole.
+        document, source_map = session.tokenize_pieces(
+            extracting, on_tokens=lambda n: check_reading(session, len(prefix) + n, self.sources))
         t_tok = time.perf_counter()
+        total = len(prefix) + len(document)
         per_token = session.engine.memory_report_per_token()
-        report.phase(f"{len(document):,} tokens from {len(text):,} characters; memory will take about "
-                     f"{len(document) * per_token / 2**20:,.0f} MB")
-        check_reading(session, len(document), self.sources)  # refuse now, with numbers and flags, if it cannot fit
-        with report.reading(len(document), lambda: session.engine.memory_report().block_store_bytes) as update:
-            session.read(prefix, document, on_progress=update, source_map=SourceMap(text, pieces))
-        self.timings.update(extract_s=t_extract - started, tokenize_s=t_tok - t_extract,
+        report.phase(f"{len(document):,} tokens from {len(source_map.text):,} characters; memory will take about "
+                     f"{total * per_token / 2**20:,.0f} MB")
+        check_reading(session, total, self.sources)  # refuse now, with numbers and flags, if it cannot fit
+        with report.reading(total, lambda: session.engine.memory_report().block_store_bytes) as update:
+            session.read(prefix, document, on_progress=update, source_map=source_map)
+        self.timings.update(extract_s=extracting.seconds, tokenize_s=t_tok - started - extracting.seconds,
                             prefill_s=time.perf_counter() - t_tok)
 
     def _read_stream(self, prefix: list[int], keep_text: bool) -> None:
@@ -200,7 +230,7 @@ class Reading:
         started = time.perf_counter()
         report.phase("extracting text from " + ", ".join(self.sources) + " (a stream: tokenized and read as it "
                      "arrives, so no total and no ETA)")
-        pieces = iter_pieces(self.sources, stdin=sys.stdin.buffer)
+        pieces = iter_pieces(self.sources, stdin=getattr(sys.stdin, "buffer", None))
         with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
@@ -223,14 +253,24 @@ class Reading:
     def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
             cite: int = 0, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the state right after the read. on_text receives the answer as it is generated."""
-        session = self.session
-        self.model.report.phase("answering")
+        check_answer(max_tokens, sampling, cite)
+        session, report = self.session, self.model.report
+        prompt = self.prompt(question)
+        if list(prompt.prefix) != session.prefix:
+            raise self.mismatch
+        report.phase("answering")
+        # The question's tokens join the memory too; one longer than a prefill step is read with progress shown.
+        check_reading(session, self.tokens + len(prompt.suffix), self.sources)
+        long = len(prompt.suffix) > session.engine.config.prefill_chunk
         timings = dict(self.timings)
         self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
         started = time.perf_counter()
+        with (report.reading(len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)
+              if long else nullcontext()) as update:
+            chunks = session.answer(prompt, max_tokens, sampling, cite=cite, on_progress=update)
+            first = next(chunks, "")  # the question is read before the first piece of the answer comes
         parts = []
-        prompt = self.prompt(question)
-        for chunk in session.answer(prompt, max_tokens, sampling, cite=cite):
+        for chunk in itertools.chain([first], chunks):
             parts.append(chunk)
             if on_text is not None:
                 on_text(chunk)
@@ -248,11 +288,30 @@ class Reading:
     def save(self, path: str, model_spec: str | None = None) -> int:
         """Write this reading to a snapshot file (replaced atomically); returns its size in bytes.
         model_spec: how to find the model again (default: the name it was loaded by)."""
-        from infllm.snapshot import save_session
+        from infllm.snapshot import check_output, save_session
 
+        check_output(path, self.sources)
         self.model.report.phase(f"writing snapshot {path}")
         started = time.perf_counter()
         size = save_session(self.session, path, model_spec, self.system)
         self.timings["save_s"] = time.perf_counter() - started
         self.model.report.phase(f"wrote {path}: {size / 2**20:,.1f} MB in {self.timings['save_s']:.1f} s")
         return size
+
+
+class _Timed:
+    """An iterator of pieces that adds up the time spent producing them (extraction, as tokenizing consumes it)."""
+
+    def __init__(self, pieces: Iterable[Piece]):
+        self.pieces = iter(pieces)
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self
+
+    def __next__(self) -> Piece:
+        started = time.perf_counter()
+        try:
+            return next(self.pieces)
+        finally:
+            self.seconds += time.perf_counter() - started

@@ -125,15 +125,18 @@ class ReadCache:
         entries to make room. Never fails the run: a read that cannot be kept is said once and left out."""
         from infllm.snapshot import save_session
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
-        room = min(self.limit, free // 2)
-        if size > room:
-            self._too_big(size, room)
-            return False
-        self._evict(self.limit - size)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+            room = min(self.limit, free // 2)
+            if size > room:
+                self._too_big(size, room)
+                return False
+            self._evict(self.limit - size)
             written = save_session(session, self.path(key), model_spec, system)
+        except OSError as err:  # a read-only or full cache folder: the answer matters, the cache does not
+            self.report.warn(f"the read was not cached: cannot write {self.root} ({err.strerror or err})")
+            return False
         except InfllmError as err:
             self.report.warn(f"the read was not cached: {err}")
             return False

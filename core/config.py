@@ -30,10 +30,18 @@ class ModelShape:
                           max_positions=config.max_position_embeddings)
 
 
-def _setting(default: int, help: str):
-    """An engine setting: its default and the one line `--help` shows for its flag (the command line generates
-    one flag per setting, --block-size for block_size, with INFLLM_BLOCK_SIZE as its environment variable)."""
-    return field(default=default, metadata={"help": help})
+def _setting(default: int, help: str, low: int = 1, high: int = 2**16):
+    """An engine setting: its default, the one line `--help` shows for its flag (the command line generates one
+    flag per setting, --block-size for block_size, with INFLLM_BLOCK_SIZE as its environment variable), and the
+    range it must lie in. The ranges are far beyond any useful value: they refuse a typo or a damaged snapshot's
+    metadata before anything is sized from it; whether this machine can hold what a valid setting asks for is
+    the memory check's to say (core/runtime/resources.py)."""
+    return field(default=default, metadata={"help": help, "range": (low, high)})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an engine setting: block_size -> --block-size."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -45,50 +53,47 @@ class EngineConfig:
     tokens that do not fill a block yet. Retrieval is shared by `query_chunk` consecutive queries.
     """
 
-    sinks: int = _setting(128, "initial tokens always attended")
-    window: int = _setting(4096, "local window, tokens")
-    block_size: int = _setting(128, "tokens per memory block")
-    repr_keys: int = _setting(4, "representative keys per block, scored against the queries")
-    topk: int = _setting(16, "memory blocks retrieved per query chunk")
-    query_chunk: int = _setting(512, "queries sharing one retrieval")
-    cache_blocks: int = _setting(32, "blocks per layer cached on the GPU (LRU); unused on CPU-only runs")
+    sinks: int = _setting(128, "initial tokens always attended", low=0)
+    window: int = _setting(4096, "local window, tokens", high=2**20)
+    block_size: int = _setting(128, "tokens per memory block; at most the window")
+    repr_keys: int = _setting(4, "representative keys per block, scored against the queries; at most block_size")
+    topk: int = _setting(16, "memory blocks retrieved per query chunk", low=0)
+    query_chunk: int = _setting(512, "queries sharing one retrieval; at most the window")
+    cache_blocks: int = _setting(32, "blocks per layer cached on the GPU (LRU); unused on CPU-only runs", low=0)
     prefill_chunk: int = _setting(2048, "tokens per prefill step; a multiple of query_chunk")
 
     def validate(self, max_positions: int | None = None) -> "EngineConfig":
-        """Return self, or raise UsageError naming the first setting that cannot work."""
+        """Return self, or raise UsageError naming (by its flag) the first setting that cannot work."""
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"engine setting {f.name} must be an integer, got {value!r}")
-        for name in ("window", "block_size", "repr_keys", "query_chunk", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"engine setting {name} must be at least 1, got {getattr(self, name)}")
-        if self.sinks < 0 or self.topk < 0 or self.cache_blocks < 0:
-            raise UsageError("sinks, topk and cache_blocks cannot be negative")
-        if self.repr_keys > self.block_size:
-            raise UsageError(f"repr_keys ({self.repr_keys}) cannot exceed block_size ({self.block_size})")
+                raise UsageError(f"{flag(f.name)} must be an integer, got {value!r}")
+            low, high = f.metadata["range"]
+            if not low <= value <= high:
+                raise UsageError(f"{flag(f.name)} must be from {low:,} to {high:,}, got {value:,}")
+        # Each pair: (smaller, larger) settings that must be in that order.
+        for small, large in (("repr_keys", "block_size"), ("block_size", "window"), ("query_chunk", "window")):
+            if getattr(self, small) > getattr(self, large):
+                raise UsageError(f"{flag(small)} ({getattr(self, small):,}) cannot exceed {flag(large)} "
+                                 f"({getattr(self, large):,})")
         if self.cache_blocks < self.topk:
-            raise UsageError(
-                f"cache_blocks ({self.cache_blocks}) must hold at least the topk ({self.topk}) blocks retrieved at once"
-            )
+            raise UsageError(f"{flag('cache_blocks')} ({self.cache_blocks:,}) must hold at least the "
+                             f"{flag('topk')} ({self.topk:,}) blocks retrieved at once")
         if self.prefill_chunk % self.query_chunk:
-            raise UsageError(
-                f"prefill_chunk ({self.prefill_chunk}) must be a multiple of query_chunk ({self.query_chunk})"
-            )
-        if self.query_chunk > self.window:
-            raise UsageError(f"query_chunk ({self.query_chunk}) cannot exceed the window ({self.window})")
+            raise UsageError(f"{flag('prefill_chunk')} ({self.prefill_chunk:,}) must be a multiple of "
+                             f"{flag('query_chunk')} ({self.query_chunk:,})")
         if max_positions is not None:
             # Local keys sit at distances < window and memory at window..window+sinks-1: the largest
             # distance the model is shown is window + sinks - 1, which must be one it was trained on.
             reach = self.window + self.sinks
             if self.window > max_positions:
                 raise UsageError(
-                    f"window ({self.window}) is above the model's training length ({max_positions}); "
+                    f"--window ({self.window}) is above the model's training length ({max_positions}); "
                     f"use --window {max_positions // 2} or less"
                 )
             if reach > max_positions:
                 raise UsageError(
-                    f"window + sinks ({reach}) exceeds the model's training length "
+                    f"--window + --sinks ({reach}) exceeds the model's training length "
                     f"({max_positions}); lower --window or --sinks"
                 )
         return self

@@ -33,6 +33,8 @@ def engine_defaults(model_config) -> EngineConfig:
         window = min(cfg.window, limit - sinks)
         chunk = min(cfg.query_chunk, max(1, window // 4))
         window -= window % chunk
-        cfg = cfg.with_overrides(sinks=sinks, window=window, query_chunk=chunk,
+        block = min(cfg.block_size, window)  # a block is never longer than the window (EngineConfig.validate)
+        cfg = cfg.with_overrides(sinks=sinks, window=window, query_chunk=chunk, block_size=block,
+                                 repr_keys=min(cfg.repr_keys, block),
                                  prefill_chunk=max(chunk, cfg.prefill_chunk - cfg.prefill_chunk % chunk))
     return cfg

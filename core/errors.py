@@ -13,7 +13,7 @@ EXIT_INPUT = 3  # a source that cannot be read: missing, unreadable, binary, emp
 EXIT_MODEL = 4  # a model that cannot be loaded or is not supported
 EXIT_SNAPSHOT = 5  # a snapshot that is not ours, corrupt, or made with another model/settings
 EXIT_RESOURCES = 6  # not enough memory (RAM or GPU) for the work asked
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells expect
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells expect; SIGHUP and SIGTERM likewise give 129 and 143
 
 
 class InfllmError(Exception):

@@ -1,8 +1,8 @@
 """What reading sources would take, before reading them: sizes, exact tokens, memory, and the time on this machine.
 
-The time comes from reading one prefill chunk with the real model (the engine's rate is flat in length). Files
-are extracted before the model loads, so an unreadable one fails first; stdin is counted as it arrives (as `ask`
-reads it), in flat memory, so only once the tokenizer is loaded.
+The time comes from reading one prefill chunk with the real model (the engine's rate is flat in length). Files are
+looked at before the model loads, so a missing, empty or binary one fails first; the text is counted as it is
+extracted (as `ask` reads it), in flat memory, however long it is, once the tokenizer is loaded.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from infllm.documents.measure import TextSize, measure_stream
-from infllm.documents.readers import STDIN, describe_source, iter_pieces, read_text
+from infllm.documents.measure import measure_stream
+from infllm.documents.readers import STDIN, describe_source, iter_pieces
 from infllm.engine.sizing import memory_blocks, store_bytes_per_token
 from infllm.reporting import Reporter
 from infllm.runtime.loading import pick_device, pick_dtype
@@ -23,21 +23,13 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
              report: Reporter | None = None) -> dict:
     """What `infllm info --json` prints. load() returns (infllm.api.Model, its EngineConfig)."""
     report = report or Reporter()
-    described = [describe_source(s).__dict__ for s in sources if s != STDIN]
-    streamed = STDIN in sources
-    if not streamed:
-        report.phase("extracting text")
-        text, pieces = read_text(sources)
+    described = [describe_source(s).__dict__ for s in sources if s != STDIN]  # what cannot be read fails first
     model, config = load()
     session = Session(model.loaded, config)
-    if streamed:
-        report.phase("counting " + ", ".join(sources) + " (a stream: tokenized in pieces as it arrives, the same "
-                     "tokens as the whole text)")
-        size = measure_stream(model.loaded.tokenizer, iter_pieces(sources, stdin=sys.stdin.buffer),
-                              config.prefill_chunk)
-    else:
-        ids = session.tokenize(text)
-        size = TextSize(len(text), len(pieces), len(ids), ids[: config.prefill_chunk])
+    report.phase("counting " + ", ".join(sources) + " (tokenized in pieces as it is extracted, the same tokens as "
+                 "the whole text, in flat memory)")
+    size = measure_stream(model.loaded.tokenizer, iter_pieces(sources, stdin=getattr(sys.stdin, "buffer", None)),
+                          config.prefill_chunk)
     tokens, calibration = size.tokens, size.head
     session.read([], calibration[:64])  # first calls pay one-off kernel set-up; keep it out of the rate
     start = time.perf_counter()

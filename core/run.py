@@ -12,10 +12,12 @@ for memory) is kept in `Plan.failures` or returned as that source's `Failure`, a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
+from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
+from infllm.api import check_answer
 from infllm.engine.sampling import SamplingConfig
 from infllm.errors import EXIT_INTERNAL, InfllmError, ResourceError, SnapshotError, SourceError, UsageError, one_line
 from infllm.reporting import Reporter
@@ -39,12 +41,7 @@ class RunOptions:
     refuse_stale: bool = False  # refuse a snapshot whose source files changed since it was read (else: a warning)
 
     def __post_init__(self):
-        s = self.sampling
-        if not 0 < s.top_p <= 1 or not 0 <= s.temperature < float("inf") or self.max_tokens < 1:  # `not` refuses nan
-            raise UsageError("need 0 < --top-p <= 1, a finite --temperature >= 0 and --max-tokens >= 1")
-        s.validate()
-        if self.cite < 0:
-            raise UsageError("--cite needs a count of passages, 0 or more")
+        check_answer(self.max_tokens, self.sampling, self.cite)  # before the model loads
 
 
 @dataclass
@@ -110,6 +107,8 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
                     report.warn(stale)
     if save is not None and (len(groups) > 1 or snaps):
         raise UsageError("--save writes the memory of one read: not with --each or when asking a snapshot")
+    if save is not None:
+        check_output(save, groups[0])
     plan = Plan(opts, question, None, None, snaps, failures)
     if len(failures) == len(groups):  # nothing is left to answer: no model to load
         return plan
@@ -118,7 +117,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     if spec is None and snaps:  # ask a snapshot with the model it was read with
         stored = next(iter(snaps.values())).meta.get("model")
         spec = stored.get("spec") if isinstance(stored, dict) and isinstance(stored.get("spec"), str) else None
-    resolved = resolve_model(spec)
+    resolved = resolve_model(spec, report)
     max_positions = resolved.config.max_position_embeddings
     # When something will be read, the settings must suit the model.
     reads = any(sources[0] not in snaps and i not in failures for i, sources in enumerate(groups))
@@ -142,7 +141,7 @@ def prepare(opts: RunOptions, report: Reporter | None = None):
 
     pick_device(opts.device)
     device_map = parse_device_map(opts.device_map, opts.device)
-    resolved = resolve_model(opts.model)
+    resolved = resolve_model(opts.model, report)
     settings = settings_for(resolved.config, opts.engine)
     return Model.load(resolved, device=opts.device, dtype=opts.dtype, device_map=device_map, report=report), settings
 
@@ -206,7 +205,10 @@ class Runner:
     def answer(self, sources: list[str], *, save: str | None = None,
                on_text: Callable[[str], None] | None = None):
         """Read one group of sources (`reading`) and answer the plan's question (an infllm.api.Answer)."""
-        return self.ask(self.reading(sources, save=save), self.plan.question, on_text)
+        snap = self.plan.snaps.get(sources[0])
+        # A batch may ask thousands of snapshots: each file is closed once its answer is given.
+        with closing(snap) if snap is not None else nullcontext():
+            return self.ask(self.reading(sources, save=save), self.plan.question, on_text)
 
 
 def batch_failure(failures: list[Failure], groups: int) -> InfllmError:

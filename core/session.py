@@ -8,6 +8,7 @@ can also `resume` from a memory saved earlier (core/snapshot.py), with no readin
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,12 +22,15 @@ from infllm.config import EngineConfig
 from infllm.engine.engine import Engine
 from infllm.errors import UsageError
 from infllm.runtime.loading import LoadedModel
+from infllm.runtime.resources import check_engine
 from infllm.documents.prompting import Prompt
 from infllm.engine.sampling import SamplingConfig, next_token, visible_text
 from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
 from infllm.documents.readers import Piece
 from infllm.documents.tokenstream import stream_tokens
 
+PROMPT_CHANGED = ("the prompt does not begin the way it did when the document was read (another --system or "
+                  "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 
 
@@ -49,9 +53,39 @@ def stop_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+class _Tokens:
+    """The token ids of a text that arrives in pieces, exactly those of tokenizing it whole (the text itself is
+    never tokenized at once: a tokenizer's working memory grows to many times the text's), run by run; with
+    keep_text also the pieces and each token's character span, for citations and snapshots."""
+
+    def __init__(self, tokenizer, pieces: Iterable[Piece], keep_text: bool):
+        self.tokenizer, self.pieces, self.keep_text = tokenizer, pieces, keep_text
+        self.kept: list[Piece] = []
+        self.spans: list[torch.Tensor] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for ids, offsets in stream_tokens(self.tokenizer, self._texts()):
+            if self.keep_text:
+                self.spans.append(torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2))
+            yield ids
+
+    def _texts(self) -> Iterator[str]:
+        for piece in self.pieces:
+            if self.keep_text:
+                self.kept.append(piece)
+            yield piece.text
+
+    def offsets(self) -> torch.Tensor:
+        return torch.cat(self.spans) if self.spans else torch.zeros((0, 2), dtype=torch.int64)
+
+    def source_map(self) -> SourceMap:
+        return SourceMap("".join(piece.text for piece in self.kept), self.kept)
+
+
 class Session:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.loaded = loaded
+        check_engine(loaded.model, config)  # the engine's buffers are sized by the settings: refuse before allocating
         self.engine = Engine(loaded.model, config)
         self.timings = Timings()
         self._read_state: list[dict] | None = None
@@ -79,6 +113,19 @@ class Session:
         self.doc_offsets = None
         return tokenizer.encode(text, add_special_tokens=False)
 
+    def tokenize_pieces(self, pieces: Iterable[Piece],
+                        on_tokens: Callable[[int], None] | None = None) -> tuple[list[int], SourceMap]:
+        """The ids of a document that arrives in pieces, and its source map; sets doc_offsets. on_tokens(count so
+        far) runs after each run of ids, so a text too long for memory can be refused before all of it is held."""
+        tokens = _Tokens(self.loaded.tokenizer, pieces, keep_text=True)
+        ids: list[int] = []
+        for run in tokens:
+            ids += run
+            if on_tokens is not None:
+                on_tokens(len(ids))
+        self.doc_offsets = tokens.offsets()
+        return ids, tokens.source_map()
+
     def read(self, prefix: list[int], document: list[int], on_progress: Callable[[int], None] | None = None,
              source_map: SourceMap | None = None) -> None:
         """Read the prompt prefix and the document into memory (from a fresh memory)."""
@@ -93,24 +140,16 @@ class Session:
         in the same prefill steps as `read`'s, so the memory is the same too.
 
         The text and each token's character span are kept only with keep_text (citations and snapshots need
-        them). before_step(tokens) runs before each prefill step with the document tokens read by its end.
+        them). before_step(tokens) runs before each prefill step with the tokens read by its end (the prompt's
+        prefix included).
         """
-        kept: list[Piece] = []
-        spans: list[torch.Tensor] = []
-
-        def texts() -> Iterator[str]:
-            for piece in pieces:
-                if keep_text:
-                    kept.append(piece)
-                yield piece.text
+        tokens = _Tokens(self.loaded.tokenizer, pieces, keep_text)
 
         def steps() -> Iterator[list[int]]:
             size = self.engine.config.prefill_chunk
             pending: list[int] = []
-            for ids, offsets in stream_tokens(self.loaded.tokenizer, texts()):
+            for ids in tokens:
                 pending += ids
-                if keep_text:
-                    spans.append(torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2))
                 while len(pending) >= size:
                     yield pending[:size]
                     del pending[:size]
@@ -120,29 +159,28 @@ class Session:
         self.source_map = None
         self._consume(prefix, steps(), on_progress, before_step)
         if keep_text:
-            self.doc_offsets = torch.cat(spans) if spans else torch.zeros((0, 2), dtype=torch.int64)
-            self.source_map = SourceMap("".join(piece.text for piece in kept), kept)
+            self.doc_offsets, self.source_map = tokens.offsets(), tokens.source_map()
         else:
             self.doc_offsets = None
 
     def _consume(self, prefix: list[int], steps: Iterable[list[int]], on_progress: Callable[[int], None] | None,
                  before_step: Callable[[int], None] | None = None) -> None:
-        """Feed the prefix, then the document in `steps` of ids, from a fresh memory; checkpoint the result."""
+        """Feed the prefix, then the document in `steps` of ids, from a fresh memory; checkpoint the result.
+        on_progress and before_step count the prefix's tokens with the document's: a long system prompt is read
+        like text, its progress shown and its memory checked."""
         self.engine.reset()
         self.prefix = list(prefix)
         self.doc_start = len(prefix)
         start = time.perf_counter()
-        if prefix:
-            self.engine.feed(prefix)
         done = 0
-        for ids in steps:
+        for ids in itertools.chain([self.prefix] if self.prefix else [], steps):
             if before_step is not None:
                 before_step(done + len(ids))
             progress = None if on_progress is None else (lambda n, base=done: on_progress(base + n))
             self.engine.feed(ids, on_progress=progress)
             done += len(ids)
         self.timings.prefill_s = time.perf_counter() - start
-        self.timings.tokens_read = len(prefix) + done
+        self.timings.tokens_read = done
         self._read_state = self.engine.checkpoint()
         self._head_quality = None
 
@@ -161,8 +199,10 @@ class Session:
         self.engine.restore(self._read_state)
 
     def answer(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
-               source_map: SourceMap | None = None, cite: int = 0) -> Iterator[str]:
-        """Stream the answer's text. Starts from the state right after `read`.
+               source_map: SourceMap | None = None, cite: int = 0,
+               on_progress: Callable[[int], None] | None = None) -> Iterator[str]:
+        """Stream the answer's text. Starts from the state right after `read`. on_progress(tokens) follows the
+        reading of the question (the prompt's suffix), as for a document.
 
         With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
         passages the question's queries point at in the citing heads (`rank_blocks`).
@@ -170,13 +210,12 @@ class Session:
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
         if list(prompt.prefix) != self.prefix:
-            raise UsageError("the prompt does not begin the way it did when the document was read (another "
-                             "--system or --template?); use the same ones, or read the document again")
+            raise UsageError(PROMPT_CHANGED)
         source_map = source_map or self.source_map
         self.rewind()
         tally = self.retrievals = self.engine.count_retrievals(cite > 0)
         start = time.perf_counter()
-        logits = self.engine.feed(prompt.suffix)
+        logits = self.engine.feed(prompt.suffix, on_progress=on_progress)
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []

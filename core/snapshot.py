@@ -6,8 +6,8 @@ export (`layer.I.state.*`, `layer.I.store.{k,v}.P`, `layer.I.store.repr`) and th
 
 Untrusted files are checked before anything is allocated: the header is parsed strictly (offsets, sizes, dtypes
 against the file's length), the metadata against the model, tokenizer and engine settings, and every tensor's
-shape against what the engine would export at the recorded counters. The data is then memory-mapped: small
-tensors are verified against their SHA-256 at once, block pages the first time a block of theirs is read.
+shape against what the engine would export at the recorded counters. The data is then read into memory: small
+tensors at once, block pages the first time a block of theirs is used, each verified against its SHA-256.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import struct
+import sys
+import tempfile
 import time
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +30,16 @@ import torch
 
 from infllm.citations.passages import SourceMap, passage
 from infllm.config import EngineConfig
-from infllm.errors import ResourceError, SnapshotError, UsageError
+from infllm.engine.blockstore import KV_PAGE_BLOCKS
+from infllm.errors import ResourceError, SnapshotError, UsageError, one_line
 from infllm.runtime.loading import LoadedModel
 from infllm.session import Session
-from infllm.documents.readers import Piece
+from infllm.documents.readers import STDIN, Piece, file_kind
 
 FORMAT = "infllm-snapshot"
 VERSION = 2  # 2: the memory keeps one recent-token buffer (counters rec_start, rec_len)
 SUFFIX = ".infllm"
 _KEY = "infllm"
-_MAX_SETTING = 2**20  # no real engine setting comes near; a larger one is damage, refused before allocating
 _MAX_HEADER = 256 * 2**20  # a header this large would describe ~10^6 tensors: not one of ours
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
            "U8": torch.uint8}
@@ -83,7 +88,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, _Entry], int]:
     try:
         header = json.loads(raw)
         meta = json.loads(header["__metadata__"][_KEY])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested past Python's stack
         raise _fail(path, "not an infllm snapshot (no infllm metadata in the header)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "not an infllm snapshot (wrong format name)")
@@ -158,6 +163,61 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def check_output(path: str | os.PathLike, sources: Sequence[str] = ()) -> None:
+    """Refuse, before any work, a snapshot path that cannot be written or whose writing would destroy an input.
+
+    The one check of every writer (`infllm read -o`, `ask --save`, `Reading.save`). UsageError when the path exists
+    and is not a regular file (a directory, a device: the rename would replace the node), is one of the sources
+    (compared as files, so links, hard links and other spellings of the same file count), is a file a source
+    folder's walk reads, or is the file stdin reads; when its folder does not exist or no file can be created in it.
+    """
+    name, path = os.fspath(path), Path(path)  # messages name it as it was given
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        status = None
+    except OSError as err:
+        raise _unwritable(name, err.strerror or str(err)) from None
+    if status is not None:
+        if not stat.S_ISREG(status.st_mode):
+            raise _unwritable(name, f"it is {file_kind(status.st_mode)}, not a regular file")
+        for source in sources:
+            if _reads(source, path, status):
+                raise _unwritable(name, f"it is {'what stdin reads' if source == STDIN else 'read from ' + source}, "
+                                        "and the snapshot would replace it; name another file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise _unwritable(name, f"the folder {folder} does not exist")
+    try:  # the one sure test: create a file there (read-only file systems and missing rights both show)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        raise _unwritable(name, f"no file can be created in {folder} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _reads(source: str, path: Path, status: os.stat_result) -> bool:
+    """Whether reading `source` reads the existing regular file `path` (of stat `status`)."""
+    same = lambda other: (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino)  # noqa: E731
+    try:
+        if source == STDIN:
+            return same(os.fstat(sys.stdin.fileno()))
+        found = os.stat(source)
+    except (OSError, ValueError, AttributeError):  # no such source (reading names it), or no stdin file
+        return False
+    if not stat.S_ISDIR(found.st_mode):
+        return same(found)
+    real, folder = Path(os.path.realpath(path)), Path(os.path.realpath(source))
+    if not real.is_relative_to(folder):
+        return False
+    # A folder's walk reads every file below it but hidden ones, and skips a snapshot as binary.
+    return not any(part.startswith(".") for part in real.relative_to(folder).parts) and not is_snapshot(str(path))
+
+
+def _unwritable(path: str | Path, why: str) -> UsageError:
+    return UsageError(f"cannot write the snapshot to {path}: {why}")
+
+
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Write a snapshot atomically: a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
 
@@ -167,6 +227,7 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_output(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -185,14 +246,22 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
         # safetensors reports OS errors as its own exception type, with the OS message in it.
         if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err):
             raise ResourceError(f"not enough disk space to write {path}; nothing was written") from None
-        if isinstance(err, OSError):
-            raise SnapshotError(f"cannot write {path}: {err.strerror or err}") from None
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":  # the folder changed since checked
+            raise _unwritable(path, one_line(err)) from None
         raise
     return path.stat().st_size
 
 
 class SnapshotFile:
-    """An opened snapshot: checked header, metadata, and tensors memory-mapped on demand."""
+    """An opened snapshot: its header and metadata checked; its tensors read from the file when asked for.
+
+    Nothing is memory-mapped: a mapped file that shrinks while in use (truncated by another program) kills the
+    process with SIGBUS when a page past its new end is touched, even a page the process has written to (the
+    kernel drops private copies past the end too), and Python cannot catch that. Tensors are read with pread
+    into the process's own memory from one descriptor, opened once (the file as it was checked: a rename over
+    the path changes nothing), so a shrunk file is a short read and a SnapshotError. Block pages go to the engine
+    unread (`lazy`) and are read and verified on first use, so opening stays cheap.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -201,25 +270,53 @@ class SnapshotFile:
         if not isinstance(checksums, dict) or set(checksums) != set(self.entries):
             raise _fail(self.path, "corrupt: the checksums do not cover the tensors")
         self._checksums = checksums
-        self._bytes: torch.Tensor | None = None
+        self._size = self._data_start + max((e.end for e in self.entries.values()), default=0)
+        self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
 
-    def _mapped(self) -> torch.Tensor:
-        if self._bytes is None:
-            size = self.path.stat().st_size
-            # A private mapping: pages are read when touched, and nothing written to them reaches the file.
-            self._bytes = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
-        return self._bytes
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as err:
+                raise _fail(self.path, f"cannot read: {err.strerror or err}") from None
+            self._closer = weakref.finalize(self, os.close, fd)
+            self._fd = fd
+            if os.fstat(fd).st_size < self._size:
+                raise _fail(self.path, "truncated since it was checked (it is shorter than its header says)")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file (a later read opens it again)."""
+        if self._closer is not None:
+            self._closer()
+        self._fd = self._closer = None
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A view of the file (not yet read, not verified: see `verify`)."""
-        e = self.entries[name]
-        raw = self._mapped()[self._data_start + e.start : self._data_start + e.end]
-        if (self._data_start + e.start) % e.dtype.itemsize:
-            raw = raw.clone()  # a writer that did not align its tensors: copy rather than refuse
-        return raw.view(e.dtype).view(e.shape)
+        """A tensor's data, read and verified against its checksum now."""
+        out, read = self.lazy(name)
+        read()
+        return out
 
-    def verify(self, name: str) -> None:
-        if _digest(self.tensor(name)) != self._checksums[name]:
+    def lazy(self, name: str) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A tensor not read yet (its memory is not touched until then) and the function that reads and verifies it."""
+        e = self.entries[name]
+        out = torch.empty(e.shape, dtype=e.dtype)
+        return out, lambda: self._read_into(name, out)
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        e = self.entries[name]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        at = 0
+        try:
+            while at < len(view):
+                got = os.preadv(self._descriptor(), [view[at:]], self._data_start + e.start + at)
+                if got == 0:
+                    raise _fail(self.path, f"truncated while in use: it ends inside tensor {name}")
+                at += got
+        except OSError as err:
+            raise _fail(self.path, f"cannot read: {err.strerror or err}") from None
+        if _digest(out) != self._checksums[name]:
             raise _fail(self.path, f"corrupt data in tensor {name} (checksum mismatch); the file is damaged")
 
 
@@ -266,6 +363,7 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
     """Write what `session` has read (its memory, prompt prefix, text and source map) to `path`. Returns bytes."""
     engine = session.engine
     session.rewind()  # what was read, not what a question since added
+    page_in(engine)
     tensors, counters = engine.export()
     text = session.source_map.text if session.source_map else ""
     doc_tokens = engine.position - session.doc_start
@@ -291,6 +389,14 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
     return write_file(path, tensors, meta)
 
 
+def page_in(engine) -> None:
+    """Read every block page that an opened snapshot left to be read on first use: the engine's export hands the
+    pages over as they are, and such a page is not read yet."""
+    for layer in engine.layers:
+        for block in range(0, layer.store.count, KV_PAGE_BLOCKS):
+            layer.store.block(block)
+
+
 def _block_map(session: Session) -> torch.Tensor:
     """[blocks, 4] int64: per memory block, the index of its source, its PDF page (0: none), first and last line
     (-1 everywhere for blocks of prompt text or without a source map)."""
@@ -310,7 +416,10 @@ def _block_map(session: Session) -> torch.Tensor:
 
 
 def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) -> EngineConfig:
-    """The engine settings to answer with: the snapshot's, with the overrides that do not change its layout."""
+    """The engine settings to answer with: the snapshot's, with the overrides that do not change its layout.
+
+    The stored settings are untrusted: they pass the flags' own validation (ranges included) before anything is
+    sized or allocated from them."""
     try:
         stored = EngineConfig(**meta["engine"]).validate()
     except (TypeError, KeyError):
@@ -323,8 +432,6 @@ def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) ->
             flag = name.replace("_", "-")
             raise _fail(path, f"this snapshot was read with --{flag} {getattr(stored, name)}; it cannot be used "
                               f"with --{flag} {value} (read the document again to change it)")
-    if stored.block_size > stored.window or max(stored.to_dict().values()) > _MAX_SETTING:
-        raise _fail(path, f"snapshot metadata has implausible engine settings: {stored.to_dict()}")
     for name in ("query_chunk", "prefill_chunk"):
         value = overrides.get(name)
         if value is not None and value < getattr(stored, name):
@@ -342,11 +449,34 @@ def _section(meta: dict, key: str) -> dict:
 
 
 def check_model(snap: SnapshotFile, fingerprint: str, name: str) -> None:
-    """Refuse a snapshot made with other weights (before they are loaded, when called with a resolved model)."""
+    """Refuse a snapshot made with other weights (before they are loaded, when called with a resolved model), saying
+    what would work: the model it names, or reading again when it names none or names the model in use."""
     model = _section(snap.meta, "model")
-    if model.get("fingerprint") != fingerprint:
-        raise _fail(snap.path, f"made with another model ({model.get('name')}), not {name}: pass "
-                               f"--model {model.get('spec') or model.get('name')}")
+    if model.get("fingerprint") == fingerprint:
+        return
+    stored = model.get("spec") or model.get("name")
+    if not isinstance(stored, str) or not stored:
+        raise _fail(snap.path, f"made with another model than {name}, and its metadata does not say which (damaged?): "
+                               "read the document again")
+    if stored in (name, os.path.abspath(name)):  # the same path or name, other weights: the files were changed
+        raise _fail(snap.path, f"made with {stored} as it was then: its files have changed since (another "
+                               "fingerprint); read the document again")
+    raise _fail(snap.path, f"made with another model ({model.get('name')}), not {name}: pass --model {stored}")
+
+
+def _check_system(snap: SnapshotFile, tokenizer, doc_start: int) -> None:
+    """Refuse a stored system prompt that its prompt tokens (doc_start of them) cannot hold, before it is tokenized:
+    damage could make it any size. No token covers more characters than the vocabulary's longest entry, times
+    four for normalizers that merge characters (a letter and its accents)."""
+    system = snap.meta.get("system")
+    if system is None:
+        return
+    if not isinstance(system, str):
+        raise _fail(snap.path, "corrupt metadata: its system prompt is not text")
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    if len(system) > 4 * longest * doc_start:
+        raise _fail(snap.path, f"corrupt metadata: its system prompt ({len(system):,} characters) is longer than its "
+                               f"{doc_start:,} prompt tokens can hold")
 
 
 def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, int | None]) -> Session:
@@ -374,6 +504,7 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
             raise ValueError("token counts do not agree")
     except (ValueError, KeyError, TypeError) as err:
         raise _fail(path, f"corrupt metadata: {err}") from None
+    _check_system(snap, loaded.tokenizer, doc_start)
     n_offsets = snap.entries["doc.offsets"].shape[0] if "doc.offsets" in snap.entries else -1
     n_text = snap.entries["doc.text"].shape if "doc.text" in snap.entries else ()
     expected.update({"doc.prefix": (doc_start,), "doc.offsets": (n_offsets if n_offsets == 0 else tokens - doc_start, 2),
@@ -387,29 +518,28 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
         if (e.dtype != want) if want else not e.dtype.is_floating_point:
             raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
 
-    pages = [n for n in snap.entries if ".store.k." in n]
-    small = [n for n in snap.entries if n not in pages and ".store.v." not in n]
-    for name in small:  # state, representative keys and the document: checked now (they are read now)
-        snap.verify(name)
-
-    def page_check(layer: int, page: int):
-        return lambda: (snap.verify(f"layer.{layer}.store.k.{page}"), snap.verify(f"layer.{layer}.store.v.{page}"))
-
-    checks = {}
-    for name in pages:
-        layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
-        checks[(layer, page)] = page_check(layer, page)
-    engine.adopt({n: snap.tensor(n) for n in snap.entries if n.startswith("layer.")}, counters, checks)
-    source_map = _source_map(snap)
-    offsets = snap.tensor("doc.offsets") if n_offsets else None
-    session.resume(snap.tensor("doc.prefix").tolist(), offsets, source_map)
+    # Block pages are read (and verified) when a block of theirs is first used; the rest (state, representative
+    # keys, the document) now.
+    tensors, checks = {}, {}
+    for name in snap.entries:
+        if ".store.k." in name:
+            layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
+            v_name = f"layer.{layer}.store.v.{page}"
+            (tensors[name], read_k), (tensors[v_name], read_v) = snap.lazy(name), snap.lazy(v_name)
+            checks[(layer, page)] = lambda read_k=read_k, read_v=read_v: (read_k(), read_v())
+        elif ".store.v." not in name:
+            tensors[name] = snap.tensor(name)
+    engine.adopt({n: t for n, t in tensors.items() if n.startswith("layer.")}, counters, checks)
+    source_map = _source_map(snap, tensors["doc.text"])
+    offsets = tensors["doc.offsets"] if n_offsets else None
+    session.resume(tensors["doc.prefix"].tolist(), offsets, source_map)
     return session
 
 
-def _source_map(snap: SnapshotFile) -> SourceMap | None:
+def _source_map(snap: SnapshotFile, text_bytes: torch.Tensor) -> SourceMap | None:
     at, pieces = 0, []
     try:
-        text = bytes(snap.tensor("doc.text").numpy()).decode("utf-8", "surrogatepass")
+        text = bytes(text_bytes.numpy()).decode("utf-8", "surrogatepass")
         for p in snap.meta.get("pieces") or []:
             if not (isinstance(p["chars"], int) and p["chars"] >= 0 and (p["page"] is None or isinstance(p["page"], int))):
                 raise ValueError(p)
@@ -451,7 +581,7 @@ def changed_sources(snap: SnapshotFile) -> list[str]:
         if status.st_mtime < made:  # `created` has whole seconds: a change in its second is still compared
             continue
         if held is None:
-            source_map = _source_map(snap)
+            source_map = _source_map(snap, snap.tensor("doc.text"))
             held = source_map.pieces if source_map is not None else []
         before = "".join(piece.text for piece in held if piece.source == name)
         try:

@@ -7,17 +7,22 @@ Commands import the library (and so torch) only once they run: `infllm --help` a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, AnswerChoice, BatchChoice, ModelChoice, Output,
                                 Reuse, answer_options, options)
-from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, InfllmError, UsageError
+from infllm.cli.progress import discard, for_terminal
+from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RESOURCES, InfllmError, UsageError
 
 if TYPE_CHECKING:
     from infllm.api import Answer
@@ -25,7 +30,7 @@ if TYPE_CHECKING:
     from infllm.run import RunOptions
 
 EXIT_CODES = """Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 unreadable input, 4 model error, 5 snapshot error,
-6 not enough memory, 130 interrupted.
+6 not enough memory, 130 interrupted (129, 143: stopped by SIGHUP, SIGTERM).
 """
 
 
@@ -74,6 +79,35 @@ def root(
     """Ask a local LLM about documents far longer than its context window."""
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C is: what is being written (a snapshot's temporary
+    file, a model's conversion) is removed on the way out instead of being left behind by an instant death."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopping_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the command (see _Stopped) while it runs; their handlers are restored after."""
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def guarded(command):
     """Run a command body so that every failure is one stderr line and a documented exit code."""
 
@@ -91,31 +125,66 @@ def guarded(command):
             return typer.Exit(code)
 
         try:
-            return command(*args, **kwargs)
+            with _stopping_cleanly():
+                return command(*args, **kwargs)
         except InfllmError as err:
-            print(f"infllm: error: {err}", file=sys.stderr)
+            _say(f"infllm: error: {err}")
             raise failed(str(err), err.exit_code) from None
+        except _Stopped as stopped:
+            _say(f"infllm: stopped by {signal.Signals(stopped.signum).name}")
+            raise failed("stopped", 128 + stopped.signum) from None  # 143 for SIGTERM, 129 for SIGHUP, as shells expect
         except KeyboardInterrupt:
-            print("infllm: interrupted", file=sys.stderr)
+            _say("infllm: interrupted")
             raise failed("interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            discard(sys.stdout)
             raise typer.Exit(0) from None
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             from infllm.run import Failure
 
             failure = Failure.of([], err)  # RAM or GPU running out mid-run is explained, exit 6
             if failure.exit_code != EXIT_INTERNAL:
-                print(f"infllm: error: {failure.error}", file=sys.stderr)
+                _say(f"infllm: error: {failure.error}")
             elif os.environ.get("INFLLM_DEBUG"):
                 raise
             else:
-                print(f"infllm: {failure.error} (INFLLM_DEBUG=1 shows the traceback)", file=sys.stderr)
+                _say(f"infllm: {failure.error} (INFLLM_DEBUG=1 shows the traceback)")
             raise failed(failure.error, failure.exit_code) from None
 
     return run
+
+
+def _say(line: str) -> None:
+    """The run's last line on stderr, safe for a terminal; a stderr that is gone cannot change the exit code."""
+    try:
+        print(for_terminal(line), file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # its reader left, or it is closed
+        discard(sys.stderr)
+
+
+def _stdout():
+    """stdout, refused when it is closed (`>&-`): before any work, rather than with the answer in hand."""
+    if sys.stdout is None:
+        raise UsageError("stdout is closed, so the output has nowhere to go; redirect it (> answer.txt, or "
+                         "> /dev/null to discard it)")
+    return sys.stdout
+
+
+def _out(text: str) -> None:
+    """Write to stdout at once. Its reader leaving ends the run quietly (guarded); a full disk is exit 6 and any
+    other failure exit 2, each one line."""
+    try:
+        stdout = _stdout()
+        stdout.write(text)
+        stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # not a ResourceError: --each must not go on to the next
+            raise InfllmError(f"not enough disk space to write the output to stdout ({err.strerror})",
+                              EXIT_RESOURCES) from None
+        raise UsageError(f"cannot write the output to stdout ({err.strerror or err})") from None
 
 
 def _split_question(args: list[str], files_from: str | None = None) -> tuple[list[str], str]:
@@ -167,7 +236,7 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
     from infllm.run import STDIN, read_path_list
 
     try:
-        listed = read_path_list(files_from, stdin=sys.stdin.buffer if files_from == STDIN else None)
+        listed = read_path_list(files_from, stdin=getattr(sys.stdin, "buffer", None) if files_from == STDIN else None)
     except SourceError as err:
         raise SourceError(f"--files-from {err}") from None
     if files_from == STDIN and STDIN in sources + listed:
@@ -257,9 +326,12 @@ def read_command(
     `infllm summarize FILE.infllm` then answer from it without reading the text again."""
     if not output_path:
         raise UsageError("name the snapshot to write: infllm read SOURCE... -o FILE.infllm")
+    if output.as_json:
+        _stdout()
     sources, _ = _split_question([*(sources or []), "read"])
-    from infllm.run import prepare
+    from infllm.run import check_output, prepare
 
+    check_output(output_path, sources)  # before the model loads and the text is read
     model, settings = prepare(_model_options(model_choice, engine), _display(output))
     reading = model.read(sources, engine=settings, template=template, system=system)
     size = reading.save(output_path, model_choice.model)
@@ -284,6 +356,7 @@ def info(
     from infllm.estimate import estimate
     from infllm.run import prepare
 
+    _stdout()
     sources, _ = _split_question([*(sources or []), "info"])
     display = _display(output)
     report = estimate(sources, lambda: prepare(_model_options(model_choice, engine), display), model_choice.device,
@@ -294,8 +367,8 @@ def info(
         return
     for d in report["sources"]:
         extra = "".join(f", {d[k]} {k}" for k in ("pages", "files") if d.get(k))
-        sys.stdout.write(f"{d['source']}: {d['kind']}, {d['bytes']:,} bytes{extra}\n")
-    sys.stdout.write(
+        _out(f"{for_terminal(d['source'])}: {d['kind']}, {d['bytes']:,} bytes{extra}\n")
+    _out(
         f"{report['characters']:,} characters, {report['tokens']:,} tokens ({report['model']})\n"
         f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
         f" + {report['working_mb']:,} MB working buffers ({report['device']})\n"
@@ -416,9 +489,7 @@ _json_lines = 0  # JSON lines printed by this process so far (guarded prints a f
 def _print_json(obj: dict) -> None:
     global _json_lines
     _json_lines += 1
-    json.dump(obj, sys.stdout)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    _out(json.dumps(obj) + "\n")
 
 
 def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: BatchChoice, output: Output) -> None:
@@ -430,6 +501,7 @@ def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: Batc
     then exits with the first failure's code."""
     from infllm.run import Failure, Runner, batch_failure, check, per_source
 
+    _stdout()
     if batch.on_ray and not (batch.each and output.as_json):
         raise UsageError("--ray answers per source as JSON lines: use it with --each --json")
     display = _display(output)
@@ -468,10 +540,9 @@ class _AnswerOut:
         if self.as_json or self.question is not None:
             return
         if self.header is not None:
-            sys.stdout.write(f"==> {self.header} <==\n")
+            _out(f"==> {for_terminal(self.header)} <==\n")
             self.header = None
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _out(text)
 
     def close(self, answer: Answer) -> None:
         if self.as_json:
@@ -479,10 +550,9 @@ class _AnswerOut:
                                                                          **answer.to_dict()})
             return
         if self.question is not None:
-            sys.stdout.write(" ".join(answer.text.split("\n")))
+            _out(" ".join(answer.text.split("\n")))
         self.write("")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        _out("\n")
 
 
 def _show(answer: Answer, out: _AnswerOut, display: Display) -> None:
@@ -504,7 +574,25 @@ def _show(answer: Answer, out: _AnswerOut, display: Display) -> None:
 
 
 def main() -> None:
+    _standard_streams()
     app()
+
+
+def _standard_streams() -> None:
+    """Give a closed stdin, stdout or stderr (`<&-`, `>&-`, `2>&-`) /dev/null. Otherwise the next file opened takes
+    its number, and what is written to that stream (by Python, by a library) lands in that file: a snapshot being
+    written, say. A closed stdout is still refused by the commands that print (_stdout); a closed stderr only
+    silences the progress lines, which Python would otherwise print on stdout, into the answer."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, or a lower one moved up
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process's stderr, open until it exits
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from infllm.reporting import Reporter, memory_line
 
@@ -40,28 +41,65 @@ def reading_status(done: int, total: int | None, rate: float, memory: str) -> st
     return f"{text}, {memory}" if memory else text
 
 
+def for_terminal(text: str) -> str:
+    """Text as it may reach a terminal: every character that is not printable (an escape sequence's ESC, a newline,
+    a right-to-left override, the undecodable bytes of a file name) written as its Python escape, so a name can
+    neither drive the terminal nor break a line in two."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def discard(stream) -> None:
+    """Point a stream's file descriptor at /dev/null: what is still written to it (the last error line, Python's
+    flush at exit) goes nowhere instead of failing again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's buffer): nothing to redirect
+        pass
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of stderr went away (`2>&1 | head -1`): show nothing more, and let the run go on, since its
+        answer may still be wanted on stdout (where a reader gone ends the run quietly). rich would exit 1."""
+        self.quiet = True
+        discard(self.file)
+
+
 class Display(Reporter):
+    """Every line goes through rich as plain text (never parsed as markup: a file named `notes [draft].txt` shows as
+    it is) and through for_terminal."""
+
     def __init__(self, quiet: bool = False, stream=None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.no_color = os.environ.get("NO_COLOR", "") != ""
-        self.console = Console(file=self.stream, highlight=False, color_system=None if self.no_color else "auto")
+        self.console = _Console(file=self.stream, highlight=False, color_system=None if self.no_color else "auto")
         self.live = self.console.is_terminal and not quiet
 
     def phase(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]infllm:[/dim] {text}", soft_wrap=True)
+            self._line(text, "infllm:", "dim")
 
     def always(self, text: str) -> None:
         """Output the user asked for on stderr (citations): shown even with -q."""
-        self.console.print(text, soft_wrap=True, markup=False)
+        self._line(text)
 
     def error(self, text: str) -> None:
         """A failure the run goes on after (one source of --each): shown even with -q, as guarded shows the last."""
-        print(f"infllm: error: {text}", file=self.stream, flush=True)
+        self._line(text, "infllm: error:")
 
     def warn(self, text: str) -> None:
-        self.console.print(f"[yellow]infllm: warning:[/yellow] {text}", soft_wrap=True)
+        self._line(text, "infllm: warning:", "yellow")
+
+    def _line(self, text: str, label: str = "", style: str = "") -> None:
+        line = Text(for_terminal(text))
+        if label:
+            line = Text.assemble((label, style), " ", line)
+        self.console.print(line, soft_wrap=True)
 
     @contextmanager
     def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:

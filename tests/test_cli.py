@@ -241,8 +241,8 @@ def test_empty_question_is_a_usage_error(ask, docs):
 
 
 @pytest.mark.parametrize("settings, words", [
-    (["--cache-blocks", "1", "--topk", "4"], "cache_blocks"),
-    (["--prefill-chunk", "100"], "prefill_chunk"),
+    (["--cache-blocks", "1", "--topk", "4"], "--cache-blocks"),
+    (["--prefill-chunk", "100"], "--prefill-chunk"),
     (["--top-p", "0"], "top-p"),
     (["--max-tokens", "0"], "max-tokens"),
     (["--temperature", "-1"], "temperature"),

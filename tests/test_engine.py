@@ -369,10 +369,10 @@ def test_working_memory_is_flat_and_block_store_linear():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (dict(cache_blocks=4, topk=8), "cache_blocks"),
+    (dict(cache_blocks=4, topk=8), "--cache-blocks"),
     (dict(window=8192), "training length"),
-    (dict(prefill_chunk=1000), "multiple of query_chunk"),
-    (dict(repr_keys=200), "repr_keys"),
+    (dict(prefill_chunk=1000), "multiple of --query-chunk"),
+    (dict(repr_keys=200), "--repr-keys"),
     (dict(window=0), "window"),
 ])
 def test_invalid_settings_are_refused_with_a_clear_message(overrides, needle):

@@ -437,9 +437,9 @@ def test_numbers_that_do_not_parse(infllm, doc, flags, shown):
 
 @pytest.mark.parametrize("flags, shown", [
     (["--window", "-5"], "--window cannot be negative"),
-    (["--window", "0"], "engine setting window must be at least 1, got 0"),
-    (["--temperature", "inf"], "a finite --temperature >= 0"),
-    (["--top-p", "nan"], "0 < --top-p <= 1"),
+    (["--window", "0"], "--window must be from 1 to 1,048,576, got 0"),
+    (["--temperature", "inf"], "--temperature must be 0 (greedy) or from 1e-06 to a finite number, got inf"),
+    (["--top-p", "nan"], "--top-p must be from 1e-06 to 1, got nan"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_invalid_numbers_and_names(infllm, doc, flags, shown):
@@ -450,7 +450,7 @@ def test_invalid_numbers_and_names(infllm, doc, flags, shown):
 
 def test_topk_above_what_the_cache_holds(infllm, doc):
     result = infllm("--topk", "8", doc, "q")  # ENGINE has --cache-blocks 4
-    assert "cache_blocks (4) must hold at least the topk (8) blocks" in one_error_line(result, EXIT_USAGE)
+    assert "--cache-blocks (4) must hold at least the --topk (8) blocks" in one_error_line(result, EXIT_USAGE)
     assert nothing_was_read(result)
 
 
@@ -580,12 +580,14 @@ def test_gpu_short_is_refused_with_flags():
 
 
 def test_not_enough_memory_is_refused_before_reading(infllm, doc, monkeypatch):
-    monkeypatch.setenv(ENV_LIMIT, "0.5")
+    """The engine's buffers and a prefill step (~1.9 MB at these settings) fit the cap; the block store and a
+    step for ~3,300 tokens (~3 MB) do not."""
+    monkeypatch.setenv(ENV_LIMIT, "2.5")
     result = infllm(doc, "q")
     line = one_error_line(result, EXIT_RESOURCES)
     assert line.startswith("infllm: error: not enough memory: reading ")
-    assert f"but the {ENV_LIMIT} cap allows 512 KB" in line and "--dtype bfloat16" in line
-    assert "infllm: read " not in result.stderr  # refused after tokenizing, before the first prefill step
+    assert f"but the {ENV_LIMIT} cap allows 2.5 MB" in line and "--dtype bfloat16" in line
+    assert "infllm: read " not in result.stderr  # refused while tokenizing, before the first prefill step
 
 
 def _failing_read(error: BaseException):

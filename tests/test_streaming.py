@@ -116,9 +116,11 @@ def test_an_empty_stream_is_refused(loaded, prompt):
 
 
 def test_the_step_check_sees_the_tokens_read_so_far(loaded, prompt):
-    """before_step gets the document tokens read by the end of each step, so a stream can be refused mid-way."""
+    """before_step gets the tokens read by the end of each step, the prompt's prefix first (a long system prompt
+    is checked like text), so a stream can be refused mid-way."""
     seen = []
     session = Session(loaded, CONFIG)
     session.read_stream(prompt.prefix, stdin_pieces(lines(200)), before_step=seen.append)
     tokens = session.timings.tokens_read - len(prompt.prefix)
-    assert seen == sorted(seen) and seen[-1] == tokens and len(seen) == -(-tokens // CONFIG.prefill_chunk)
+    assert seen[0] == len(prompt.prefix) and seen == sorted(seen) and seen[-1] == session.timings.tokens_read
+    assert len(seen) == 1 + -(-tokens // CONFIG.prefill_chunk)

@@ -32,22 +32,27 @@ def builtin_template(name: str) -> str:
     return resources.files("infllm.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8")
 
 
+BUILTIN_TEMPLATES = ("ask", "summarize")
+
+
 def load_template(name_or_path: str) -> str:
-    """A built-in template by name (ask, summarize, ...) or a template file."""
+    """A built-in template by name (ask, summarize) or a template file of any name (./ask is the file, ask the
+    built-in). It must hold {document} and {question}: without the latter the question never reaches the model."""
     path = Path(name_or_path)
-    if path.suffix and path.is_file():
+    if name_or_path in BUILTIN_TEMPLATES:
+        text = builtin_template(name_or_path)
+    elif path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             reason = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"cannot be read ({err.strerror})"
             raise UsageError(f"template file '{name_or_path}' {reason}") from None
     else:
-        try:
-            text = builtin_template(name_or_path)
-        except FileNotFoundError:
-            raise UsageError(f"template '{name_or_path}' is neither a file nor a built-in template") from None
-    if "{document}" not in text:
-        raise UsageError(f"template '{name_or_path}' has no {{document}} field")
+        what = "is not a file" if path.exists() else "is neither a file nor a built-in template"
+        raise UsageError(f"template '{name_or_path}' {what} (built-in: {', '.join(BUILTIN_TEMPLATES)})")
+    for field in ("{document}", "{question}"):
+        if field not in text:
+            raise UsageError(f"template '{name_or_path}' has no {field} field")
     return text
 
 

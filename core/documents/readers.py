@@ -35,7 +35,7 @@ What each kind of source becomes:
 - "-": stdin, read in chunks and decoded incrementally, so an endless pipe is read in flat memory.
 
 Named pipes, devices and sockets are refused when named (a FIFO would block forever otherwise) and
-skipped inside directories. Empty files and empty stdin are refused.
+skipped inside directories. Empty files and empty stdin are refused, and so are those holding only whitespace.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ READ_CHUNK = 1 << 16
 SNIFF_BYTES = 8192
 BINARY_CONTROL_RATIO = 0.30
 PDF_SPOOL_BYTES = 64 * 1024**2  # a PDF from stdin or gzip is kept in memory up to this, then on disk
+MAX_PATH_LIST_BYTES = 64 * 1024**2  # the longest list of paths read (--files-from)
 
 GZIP_MAGIC = b"\x1f\x8b"
 PDF_MAGIC = b"%PDF-"
@@ -187,19 +188,23 @@ def read_path_list(path: str, stdin: BinaryIO | None = None) -> list[str]:
 
     One path a line (LF or CRLF), or NUL-separated if the list holds a NUL (`find -print0`). Blank lines are
     skipped; anything else is a path as written, spaces included. Names that are not UTF-8 are kept as the
-    bytes they are (os.fsdecode). The list is read whole: it is small next to the documents it names.
+    bytes they are (os.fsdecode). The list is read whole, up to MAX_PATH_LIST_BYTES: a longer one (/dev/zero,
+    a document given by mistake) is refused before it fills the memory.
     """
     if path == STDIN:
         stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
         if stream is None:
             raise SourceError("'--files-from -' was given but this process has no stdin")
-        data = stream.read()
+        data = stream.read(MAX_PATH_LIST_BYTES + 1)
     else:
         try:  # a plain open: a list may well come from a pipe, e.g. --files-from <(find . -name '*.md')
             with open(path, "rb") as file:
-                data = file.read()
+                data = file.read(MAX_PATH_LIST_BYTES + 1)
         except OSError as exc:
             raise _os_error(path, exc) from None
+    if len(data) > MAX_PATH_LIST_BYTES:
+        raise _fail(path, f"is longer than {MAX_PATH_LIST_BYTES // 2**20} MB, too long for a list of paths (a "
+                          "million of them take 64 MB); is it the right file?")
     if b"\0" in data:
         entries = data.split(b"\0")
     else:
@@ -248,20 +253,26 @@ def _all_pieces(
 ) -> Iterator[Piece]:
     for source in sources:
         if source == STDIN:
-            yield from _nonempty(_stdin_pieces(stdin, limits), SourceError("no input on stdin ('-' was given)"))
+            yield from _nonempty(_stdin_pieces(stdin, limits), SourceError("no input on stdin ('-' was given)"),
+                                 SourceError("only whitespace on stdin ('-' was given), no text"))
         elif stat.S_ISDIR(_check_source(source).st_mode):
             yield from _directory_pieces(source, skipped, limits)
         else:
-            yield from _nonempty(_file_pieces(source, "", limits), _fail(source, "is empty"))
+            yield from _nonempty(_file_pieces(source, "", limits), _fail(source, "is empty"),
+                                 _fail(source, "holds only whitespace, no text"))
 
 
-def _nonempty(pieces: Iterable[Piece], error: SourceError) -> Iterator[Piece]:
-    produced = False
+def _nonempty(pieces: Iterable[Piece], empty: SourceError, blank: SourceError) -> Iterator[Piece]:
+    """The pieces, then `empty` if there were none, or `blank` if they held nothing but whitespace."""
+    produced = text = False
     for piece in pieces:
         produced = True
+        text = text or bool(piece.text.strip())
         yield piece
     if not produced:
-        raise error
+        raise empty
+    if not text:
+        raise blank
 
 
 def _stdin_pieces(stdin: BinaryIO | None, limits: _Limits) -> Iterator[Piece]:
@@ -705,19 +716,24 @@ def _os_error(name: str, exc: OSError) -> SourceError:
     return _fail(name, f"cannot be read ({exc.strerror or exc})")
 
 
-def _special_file(name: str, mode: int) -> SourceError:
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, for a message: "a directory", "a named pipe (FIFO)", ..."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
     if stat.S_ISFIFO(mode):
-        what = "a named pipe (FIFO)"
-    elif stat.S_ISCHR(mode):
-        what = "a character device"
-    elif stat.S_ISBLK(mode):
-        what = "a block device"
-    elif stat.S_ISSOCK(mode):
-        what = "a socket"
-    else:
-        what = "a special file"
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _special_file(name: str, mode: int) -> SourceError:
     hint = "to read a stream, pass '-' and redirect it to stdin"
-    return _fail(name, f"is {what}, not a regular file or directory; {hint}")
+    return _fail(name, f"is {file_kind(mode)}, not a regular file or directory; {hint}")
 
 
 def _strip_gz(path: str) -> str:

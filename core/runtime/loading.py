@@ -7,6 +7,8 @@ Nothing here touches the network: hub ids resolve only from the local Hugging Fa
 
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import os
 import shutil
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from infllm.errors import ModelError, UsageError, one_line
+from infllm.errors import ModelError, ResourceError, UsageError, one_line
+from infllm.reporting import Reporter
 from infllm.runtime.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
 from infllm.runtime.resources import is_out_of_memory
 
@@ -61,10 +64,19 @@ def pick_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device '{device}' asked for, but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    # torch names these devices whether or not this build or machine has them: it fails only when they are used.
+    accelerators = {"cuda": ("CUDA GPU", torch.cuda), "mps": ("Apple GPU (MPS)", torch.backends.mps),
+                    "xpu": ("Intel GPU (XPU)", getattr(torch, "xpu", None))}
+    if dev.type in accelerators:
+        what, backend = accelerators[dev.type]
+        if backend is None or not backend.is_available():
+            raise UsageError(f"device '{device}' asked for, but no {what} is available")
+        count = getattr(backend, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"device '{device}' asked for, but {count} {what}{'s are' if count != 1 else ' is'} "
+                             "visible")
     return dev
 
 
@@ -99,20 +111,31 @@ def _dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF once into a safetensors model directory, written atomically."""
+def _dequantize(gguf: Path):
+    """(tokenizer, model) of a GGUF file, its weights dequantized; ModelError for a file transformers cannot read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # transformers refuses to save a model loaded from GGUF; the weights are plain tensors by now.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - parsing untrusted bytes fails in many ways (struct.error, ...)
+        raise ModelError(f"cannot read GGUF model {gguf} (damaged, truncated or not supported): "
+                         f"{one_line(err)}") from None
+    # transformers refuses to save a model loaded from GGUF; the weights are plain tensors by now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return tokenizer, model
+
+
+def _save_converted(tokenizer, model, target: Path) -> None:
+    """Write a converted model to `target` atomically (a temporary folder beside it, renamed when complete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
@@ -129,7 +152,40 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
-def resolve(spec: str | None) -> tuple[Path | str, str, str]:
+def _convert_gguf(gguf: Path, target: Path, report: Reporter) -> Path:
+    """Dequantize a GGUF once into a safetensors model folder in the cache; returns where it is. A cache that cannot
+    be written (read-only, full, not a folder) is not the model's fault: the model is then converted into a
+    temporary folder for this run alone, removed at exit, with a warning that says what is wrong with the cache."""
+    tokenizer, model = _dequantize(gguf)
+    try:
+        _save_converted(tokenizer, model, target)
+        return target
+    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error carrying the OS's message
+        cache_error = _write_error(err)
+    spare = Path(tempfile.mkdtemp(prefix="infllm-model-"))
+    atexit.register(shutil.rmtree, spare, ignore_errors=True)
+    try:
+        _save_converted(tokenizer, model, spare / "model")
+    except Exception as err:  # noqa: BLE001
+        if _write_error(err) == cache_error == os.strerror(errno.ENOSPC):
+            raise ResourceError(f"not enough disk space to convert the model: the cache {target.parent} and the "
+                                f"temporary folder {spare.parent} are full") from None
+        raise UsageError(f"cannot write the converted model: in the cache {target.parent}: {cache_error}; in the "
+                         f"temporary folder {spare.parent}: {_write_error(err)}") from None
+    report.warn(f"cannot write the model cache {target.parent} ({cache_error}): the model is converted for this "
+                "run alone (again at the next start, ~20 s); free space there or set INFLLM_CACHE to a writable "
+                "folder")
+    return spare / "model"
+
+
+def _write_error(err: BaseException) -> str:
+    """What went wrong writing a file, as the OS says it (safetensors wraps it in a message of its own)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return os.strerror(errno.ENOSPC) if "No space left" in str(err) else one_line(err)
+
+
+def resolve(spec: str | None, report: Reporter | None = None) -> tuple[Path | str, str, str]:
     """Model spec -> (directory or hub id to load, display name, fingerprint); converts a GGUF on first use."""
     if spec is None:
         gguf, name = default_model_path(), DEFAULT_MODEL_NAME
@@ -141,13 +197,7 @@ def resolve(spec: str | None) -> tuple[Path | str, str, str]:
         fingerprint = file_fingerprint(gguf)
         converted = cache_dir() / "models" / f"{gguf.stem}-{fingerprint[:16]}"
         if not (converted / "config.json").is_file():
-            try:
-                _convert_gguf(gguf, converted)
-            except MemoryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - parsing untrusted bytes fails in many ways (struct.error, ...)
-                raise ModelError(f"cannot read GGUF model {gguf} (damaged, truncated or not supported): "
-                                 f"{one_line(err)}") from None
+            converted = _convert_gguf(gguf, converted, report or Reporter())
         return converted, name, fingerprint
     if gguf.exists():
         if not gguf.is_dir() or not (gguf / "config.json").is_file():
@@ -174,12 +224,12 @@ class ResolvedModel:
     config: object  # the model's transformers config, read without loading weights
 
 
-def resolve_model(spec: str | None = None) -> ResolvedModel:
+def resolve_model(spec: str | None = None, report: Reporter | None = None) -> ResolvedModel:
     """Find the model and read its config (cheap), so settings can be checked before any long work."""
     from transformers import AutoConfig
 
     _quiet_transformers()
-    source, name, fingerprint = resolve(spec)
+    source, name, fingerprint = resolve(spec, report)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except MemoryError:

@@ -52,6 +52,8 @@ def parse_device_map(spec: str | None, device: str = "auto") -> DeviceMap | None
         mapping = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: not a device map (JSON nested deeper than Python's stack)") from None
     if not isinstance(mapping, dict) or not mapping:
         raise UsageError(f"{where}: a device map is a non-empty JSON object of module name -> device")
     mapping = {str(name): _map_device(name, value, where) for name, value in mapping.items()}

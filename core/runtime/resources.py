@@ -3,24 +3,28 @@
 The block store (K, V and representative keys of every token read, all layers) lives in host RAM whatever
 the device; it grows linearly with the text and is what runs a long read out of memory. Once the text is
 tokenized its size is known exactly (tokens x bytes per token), so a read that cannot fit is refused before
-the prefill starts, with the numbers and the flags that would help. On a GPU the weights and the engine's
-working buffers are allocated when the model loads and the engine is made (an out-of-memory there is caught
-like any other); reading then needs activations for one prefill chunk at a time, checked against the GPU's
-free memory.
+the prefill starts (for a file, as its tokens are counted: before the whole text is held), with the numbers and
+the flags that would help. The engine's working buffers (sinks, recent tokens, the device cache of blocks,
+rotary tables) are sized by the settings alone; `check_engine` computes them and refuses settings whose buffers
+and one prefill step do not fit, before they are allocated. Reading then needs activations for one prefill
+chunk at a time, checked against the RAM or, on a GPU, its free memory.
 
 The RAM available is MemAvailable from /proc/meminfo (Linux), else the free pages `os.sysconf` reports;
 the block store may take `RAM_USABLE` of it. `INFLLM_MEMORY_LIMIT_MB` caps it further: a user sharing a
 machine can say how much infllm may take, and tests set it to see the refusal without filling the machine.
 
-`check_memory` is pure (every measurement can be passed in); `check_reading` measures and calls it.
+`check_memory` and `working_bytes` are pure (every measurement can be passed in); `check_reading` and
+`check_engine` measure and call them.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from infllm.config import ModelShape
+from infllm.config import EngineConfig, ModelShape, flag
 from infllm.errors import ResourceError, UsageError
 
 ENV_LIMIT = "INFLLM_MEMORY_LIMIT_MB"
@@ -104,14 +108,70 @@ def activation_bytes(model_config, cfg, element_size: int) -> int:
     """A low estimate of the temporary memory one prefill step takes: hidden states, q/k/v and MLP
     activations for `prefill_chunk` tokens, and float32 attention scores for one query chunk against the
     sinks, the window and the retrieved blocks."""
-    shape = ModelShape.from_config(model_config)
-    hidden, heads, kv_heads, head_dim = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim
-    intermediate = shape.intermediate
-    tokens = cfg.prefill_chunk
-    per_token = 4 * hidden + (heads + 2 * kv_heads) * head_dim + 3 * intermediate
+    return sum(_activation_parts(ModelShape.from_config(model_config), cfg, element_size).values())
+
+
+def _activation_parts(shape: ModelShape, cfg: EngineConfig, element_size: int) -> dict[str, int]:
+    """activation_bytes by the setting that sizes each part."""
+    per_token = 4 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 3 * shape.intermediate
     keys = cfg.sinks + cfg.window + cfg.query_chunk + cfg.topk * cfg.block_size
-    scores = 2 * heads * cfg.query_chunk * keys * 4
-    return tokens * per_token * element_size + scores
+    return {"prefill_chunk": cfg.prefill_chunk * per_token * element_size,
+            "query_chunk": 2 * shape.heads * cfg.query_chunk * keys * 4}
+
+
+def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, offload: bool,
+                  checkpoint: bool = True) -> dict[str, int]:
+    """The engine's working buffers on one device holding `shape.layers` layers, computed from the settings before
+    anything is allocated, by the setting that sizes each part (bytes; the sum is the whole).
+
+    Per layer: key, value and query buffers for the sinks and for the recent tokens (core/engine/memory.py), with
+    `checkpoint` a second copy of them (a Session keeps the state right after the read to answer from); with
+    `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values. And
+    cos and sin for every rotation position the memory uses. Without `checkpoint` the sum is what the
+    engine reports as its working bytes once made (tests check that)."""
+    from infllm.engine.memory import rope_range
+
+    per_slot = shape.layers * 3 * shape.kv_heads * shape.head_dim * element_size * (2 if checkpoint else 1)
+    per_position = 2 * shape.head_dim * element_size
+    # The recent buffer's slots: a window, a block, a query chunk and a prefill step (recent_capacity in
+    # core/engine/memory.py). The rotary tables cover those, the sinks and the sinks' negative positions.
+    slots = {"window": cfg.window, "block_size": cfg.block_size, "query_chunk": cfg.query_chunk,
+             "prefill_chunk": max(cfg.prefill_chunk, cfg.query_chunk)}
+    parts = {name: n * (per_slot + per_position) for name, n in slots.items()}
+    lo, hi = rope_range(cfg)
+    parts["sinks"] = cfg.sinks * per_slot + (hi - lo - sum(slots.values())) * per_position
+    cache = 2 * cfg.cache_blocks * shape.kv_heads * cfg.block_size * shape.head_dim * element_size * shape.layers
+    parts["cache_blocks"] = cache if offload else 0
+    return parts
+
+
+def check_engine(model, cfg: EngineConfig, *, available_ram=_MEASURE, free_gpu=_MEASURE, limit=_MEASURE) -> None:
+    """Before an engine is made for `model`: raise ResourceError if its working buffers and one prefill step do
+    not fit (RAM on a CPU run, each GPU's free memory on a GPU run), naming the flags that size them most."""
+    from infllm.engine.adapter import DecoderAdapter
+
+    adapter = DecoderAdapter(model)  # reads the model's layout; allocates nothing
+    shape = ModelShape.from_config(model.config)
+    element = adapter.dtype.itemsize
+    layers = Counter(layer.device for layer in adapter.layers)
+    offload = any(device.type != "cpu" for device in layers)  # as Engine decides
+    for device, count in layers.items():
+        parts = working_bytes(replace(shape, layers=count), cfg, element, offload=offload)
+        for name, size in _activation_parts(shape, cfg, element).items():
+            parts[name] += size
+        need = sum(parts.values())
+        if device.type == "cuda":
+            room = free_gpu_bytes(device) if free_gpu is _MEASURE else free_gpu
+            what, allows = f"GPU memory on {device}", "only {} is free"
+        else:
+            room, why = _ram_room(available_ram, 0, limit)
+            what, allows = "memory", why + " allows {}"
+        if room is not None and need > room:
+            largest = sorted((name for name in parts if parts[name]), key=parts.get, reverse=True)[:2]
+            hint = "a smaller " + " or ".join(f"{flag(name)} (now {getattr(cfg, name):,})" for name in largest)
+            raise ResourceError(f"not enough {what} for these engine settings: their working buffers and one "
+                                f"prefill step need ~{_size(need)}, but {allows.format(_size(room))}; try {hint}"
+                                + (", or --device cpu" if device.type == "cuda" else ""))
 
 
 def check_memory(
@@ -137,17 +197,8 @@ def check_memory(
     reclaimable_bytes: RAM that will be freed when the read starts (the previous read's store, with --each).
     available_ram, free_gpu, limit: measured on this machine unless given (bytes, or None for unknown).
     """
-    if available_ram is _MEASURE:
-        available_ram = available_ram_bytes()
-    if limit is _MEASURE:
-        limit = memory_limit_bytes()
     need = store_bytes + host_extra_bytes
-    room, why = None, ""
-    if available_ram is not None:
-        room = RAM_USABLE * (available_ram + reclaimable_bytes)
-        why = f"{RAM_USABLE:.0%} of the {_size(available_ram + reclaimable_bytes)} available"
-    if limit is not None and (room is None or limit < room):
-        room, why = limit, f"the {ENV_LIMIT} cap"
+    room, why = _ram_room(available_ram, reclaimable_bytes, limit)
     if room is not None and need > room:
         hints = []
         if dtype_name == "float32":
@@ -180,8 +231,24 @@ def check_memory(
         )
 
 
+def _ram_room(available_ram, reclaimable_bytes: float, limit) -> tuple[float | None, str]:
+    """(bytes of RAM the work may take or None if unknown, why: what allows that much)."""
+    if available_ram is _MEASURE:
+        available_ram = available_ram_bytes()
+    if limit is _MEASURE:
+        limit = memory_limit_bytes()
+    room, why = None, ""
+    if available_ram is not None:
+        room = RAM_USABLE * (available_ram + reclaimable_bytes)
+        why = f"{RAM_USABLE:.0%} of the {_size(available_ram + reclaimable_bytes)} available"
+    if limit is not None and (room is None or limit < room):
+        room, why = limit, f"the {ENV_LIMIT} cap"
+    return room, why
+
+
 def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
-    """check_memory for a Session about to read `tokens` document tokens (model loaded, engine made)."""
+    """check_memory for a Session about to hold `tokens` tokens in all (the prompt's, the document's, a question's;
+    model loaded, engine made)."""
     engine = session.engine
     model = session.loaded.model
     dtype = next(model.parameters()).dtype
