@@ -7,6 +7,7 @@ document: penalising the document's words would keep a summary from naming what 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,10 @@ def visible_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[: len(text) - held], False
 
 
-def _processors(sampling: SamplingConfig) -> list:
+@functools.lru_cache(maxsize=8)
+def _processors(sampling: SamplingConfig) -> tuple:
+    """The logits processors a sampling config asks for, made once per config (next_token runs per decoded
+    token; the processors hold no state between calls)."""
     from transformers import (MinPLogitsWarper, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                               TopKLogitsWarper)
 
@@ -63,7 +67,7 @@ def _processors(sampling: SamplingConfig) -> list:
             chain.append(TopKLogitsWarper(sampling.top_k))
         if sampling.min_p > 0:
             chain.append(MinPLogitsWarper(sampling.min_p))
-    return chain
+    return tuple(chain)
 
 
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
