@@ -19,7 +19,9 @@ from infllm.engine.attention import kernel_choice
 from infllm.engine.tally import RetrievalTally
 from infllm.config import EngineConfig
 from infllm.engine.sizing import store_bytes_per_token
-from infllm.engine.memory import LayerMemory, MaskCache, rope_range
+from infllm.engine.masks import MaskCache
+from infllm.engine.memory import LayerMemory
+from infllm.engine.positions import rope_range
 from infllm.engine.rope import RopeTable
 from infllm.engine.sampling import SamplingConfig, next_token
 
@@ -41,7 +43,7 @@ class Engine:
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
         lo, hi = rope_range(config)
         self._ropes = {d: RopeTable(self.adapter.rotary, lo, hi, d, self.adapter.dtype) for d in devices}
-        self.masks = MaskCache()
+        self.masks = MaskCache(self.config)
         self.reset()
 
     def reset(self) -> None:
