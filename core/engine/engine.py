@@ -99,6 +99,12 @@ class Engine:
     def position(self) -> int:
         return self.layers[0].position
 
+    def set_block_prior(self, prior: torch.Tensor | None) -> None:
+        """prior [blocks] float: added to every layer's standardized block scores at each retrieval until it is
+        set to None (how strongly the question points at each block; a large value keeps a block in view)."""
+        for m in self.layers:
+            m.prior = None if prior is None else prior.to(device=m.device, dtype=torch.float32)
+
     def memory_report(self) -> MemoryReport:
         working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())
         return MemoryReport(working, sum(m.store.nbytes() for m in self.layers), self.layers[0].store.count)

@@ -107,6 +107,9 @@ class LayerMemory:
         self.recent_len = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
         self.tally: RetrievalTally | None = None  # when set, records every retrieval (for citations)
+        # [blocks] added to each chunk's standardized block scores while set: what the question points at
+        # (Engine.set_block_prior). None: retrieval by the queries alone, as InfLLM defines it.
+        self.prior: torch.Tensor | None = None
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
@@ -248,6 +251,8 @@ class LayerMemory:
         if full < len(firsts):  # a shorter last chunk
             parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs))
         scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, blocks]
+        if self.prior is not None:
+            scores = self._with_prior(scores)
         if min(sealed) < blocks:  # some chunk may not see the newest blocks: hide them from it
             # The same rule on a tensor of the chunks' starts: no host-to-device copy in the layer loop.
             starts = torch.arange(self.position, self.position + length, step, device=scores.device)
@@ -272,6 +277,17 @@ class LayerMemory:
         if self.tally is not None:
             for chunk, ids in zip(queries, retrieved):
                 self.tally.record(self, chunk, ids)
+
+    def _with_prior(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [chunks, N] -> each chunk's scores standardized over the blocks, plus the prior. Standardizing
+        puts every layer's and chunk's scores on one scale, so one prior means the same everywhere; it keeps each
+        chunk's order, so a zero prior changes nothing. Blocks sealed after the prior was set get 0."""
+        n = scores.shape[1]
+        prior = self.prior[:n]
+        if prior.shape[0] < n:
+            prior = torch.cat([prior, prior.new_zeros(n - prior.shape[0])])
+        z = (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+        return z + prior[None, :]
 
     # ---- attention --------------------------------------------------------------------------------------
 
