@@ -17,9 +17,9 @@ from test_engine import _distance
 
 @st.composite
 def configs(draw) -> EngineConfig:
-    query_chunk = draw(st.integers(1, 8))
-    return EngineConfig(sinks=draw(st.integers(0, 6)), window=draw(st.integers(query_chunk, 20)),
-                        block_size=draw(st.integers(1, 8)), repr_keys=1, topk=draw(st.integers(0, 6)),
+    query_chunk, block_size = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    return EngineConfig(sinks=draw(st.integers(0, 6)), window=draw(st.integers(max(query_chunk, block_size), 20)),
+                        block_size=block_size, repr_keys=1, topk=draw(st.integers(0, 6)),
                         query_chunk=query_chunk, cache_blocks=64,
                         prefill_chunk=query_chunk * draw(st.integers(1, 4))).validate()
 
