@@ -36,6 +36,8 @@ def measure(loaded, ids: torch.Tensor, cache_blocks: int, overrides: dict) -> di
 
     def counting(self, retrieved):
         nonlocal calls, per_chunk
+        if len(retrieved) == 1:  # one chunk's blocks (the per-chunk path): always one gather
+            return real(self, retrieved)
         calls += 1
         if len({b for ids in retrieved for b in ids}) > self.cache.capacity:
             per_chunk += 1  # more distinct blocks than the cache holds: one gather per query chunk

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -295,27 +294,6 @@ def bucket(fraction: float) -> str:
     return BUCKETS[min(2, int(fraction * 3))]
 
 
-# ---- BM25 --------------------------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def bm25_rank(chunks: list[list[str]], query: list[str], k1: float = 1.2, b: float = 0.75) -> list[int]:
-    """Chunk indices, best first, by Okapi BM25 of the query words."""
-    n = len(chunks)
-    avg = sum(map(len, chunks)) / max(1, n)
-    df = Counter(w for chunk in chunks for w in set(chunk))
-    idf = {w: math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in set(query)}
-    scores = []
-    for chunk in chunks:
-        tf = Counter(chunk)
-        norm = k1 * (1 - b + b * len(chunk) / avg)
-        scores.append(sum(idf[w] * tf[w] * (k1 + 1) / (tf[w] + norm) for w in query if tf[w]))
-    return sorted(range(n), key=lambda i: (-scores[i], i))
-
-
 # ---- full attention (last slice, bm25) ----------------------------------------------------------------
 
 
@@ -364,11 +342,12 @@ def evidence_rank(tally: Counter, evidence_blocks: set[int], is_document) -> int
 
 
 def run(args) -> dict:
+    from infllm.citations.lexical import LexicalIndex
     from infllm.citations.passages import SourceMap
     from infllm.defaults import engine_defaults
     from infllm.runtime.loading import load_model
     from infllm.documents.prompting import build_prompt, builtin_template, load_template
-    from infllm.session import Session, stop_token_ids
+    from infllm.session import Focus, Session, stop_token_ids
 
     items = parse_set(Path(args.questions))
     if args.start_char is not None or args.max_chars is not None:
@@ -383,6 +362,13 @@ def run(args) -> dict:
             g.items, g.spans = g.items[: args.per_document], g.spans[: args.per_document]
     systems = args.systems.split(",")
     bad = [s for s in systems if s not in SYSTEMS]
+    focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
+    if "infllm" in systems:
+        for spec in filter(None, args.focus.split(",")):
+            weight, pins, passages = (spec.split(":") + ["0", "0"])[:3]
+            name = f"infllm+lex w{weight} p{pins} r{passages}"
+            focus[name] = Focus(float(weight), int(pins), int(passages))
+            systems.insert(systems.index("infllm") + len(focus), name)
     if bad:
         raise SetError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
     ks = sorted({int(k) for k in args.ks.split(",")})
@@ -437,7 +423,9 @@ def run(args) -> dict:
 
         for system in systems:
             start = time.perf_counter()
-            if system in sessions:
+            if system in focus:  # answers from the infllm read just made
+                read_s = info["read_s"]["infllm"]
+            elif system in sessions:
                 session = sessions[system]
                 session.tokenize(group.text, offsets=True)
                 session.read(prefix, doc_ids)
@@ -453,7 +441,8 @@ def run(args) -> dict:
             else:  # bm25: chunk the document once; each question reads its own passages
                 size = cfg.block_size
                 chunks = [(s, min(n_doc, s + size)) for s in range(0, n_doc, size)]
-                chunk_words = [words(group.text[int(offsets[a, 0]) : int(offsets[b - 1, 1])]) for a, b in chunks]
+                lexical = LexicalIndex.over_spans(group.text, [(int(offsets[a, 0]), int(offsets[b - 1, 1]))
+                                                               for a, b in chunks])
                 read_s = time.perf_counter() - start
             info["read_s"][system] = round(read_s, 2)
             if system == "last-slice":
@@ -463,13 +452,14 @@ def run(args) -> dict:
             for item, prompt, rec, occs in zip(group.items, prompts, group_records, ev_occ):
                 t = time.perf_counter()
                 out: dict = {}
-                if system in sessions:
-                    session = sessions[system]
+                if system in sessions or system in focus:
+                    session = sessions["infllm" if system in focus else system]
                     text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
-                                                  cite=max(ks) if system == "infllm" else 0))
+                                                  cite=0 if system == "streaming" else max(ks),
+                                                  focus=focus.get(system, Focus())))
                     positions = [[session.doc_start + i for i in occ] for occ in occs]
                     in_view = any(all(p >= sealed_end or p < cfg.sinks for p in occ) for occ in positions)
-                    if system == "infllm":
+                    if system != "streaming":
                         blocks = {(p - cfg.sinks) // cfg.block_size for occ in positions for p in occ
                                   if p >= cfg.sinks}
                         is_doc = lambda b: layer.block_span(b)[1] - session.doc_start <= n_doc  # noqa: E731
@@ -482,7 +472,8 @@ def run(args) -> dict:
                     text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
                     in_view = any(min(occ) >= first_seen for occ in occs)
                 else:
-                    ranking = bm25_rank(chunk_words, words(item.question))
+                    scores = lexical.scores(item.question)
+                    ranking = torch.argsort(scores, descending=True, stable=True).tolist()
                     chosen = sorted(ranking[:n_passages])
                     passages = "\n\n".join(group.text[int(offsets[chunks[c][0], 0]) : int(offsets[chunks[c][1] - 1, 1])]
                                            for c in chosen)
@@ -525,8 +516,8 @@ def summarise(records: list[dict], systems: list[str], ks: list[int]) -> list[di
     variants = []
     for system in systems:
         variants.append((system, system, "recall"))
-        if system == "infllm":
-            variants.append(("infllm (retrieval counts)", system, "recall_retrieved"))
+        if system.startswith("infllm"):
+            variants.append((f"{system} (retrieval counts)", system, "recall_retrieved"))
     rows = []
     for label, system, key in variants:
         res = [r["systems"][system] for r in records if system in r["systems"]]
@@ -622,6 +613,10 @@ def main() -> None:
     ap.add_argument("--per-document", type=int, default=0, help="at most this many questions per excerpt")
     ap.add_argument("--only", default=None, help="only documents whose path contains this")
     ap.add_argument("--template", default="ask", help="prompt template (built-in name or file), as the CLI's")
+    ap.add_argument("--focus", default="", metavar="W:P:R,...",
+                    help="also answer from the infllm read with the question's words steering retrieval: BM25 "
+                         "weight W, P pinned blocks, R passages re-read before the question, per variant "
+                         "(infllm.session.Focus), e.g. 0.5,0:2,1:2:3")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")
     ap.add_argument("--slice-tokens", type=int, default=0,
                     help="last-slice document tokens (default: what fits the model's context)")

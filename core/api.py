@@ -35,14 +35,14 @@ from infllm.runtime import loading
 from infllm.runtime.loading import FoundModel, LoadedModel, ResolvedModel, find_models  # noqa: F401 - `infllm models`
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
-from infllm.session import PROMPT_CHANGED, Session
+from infllm.session import PROMPT_CHANGED, Focus, Session
 
 
 SAMPLING_MIN = 1e-6  # the smallest top-p or non-zero temperature: sampling runs in float32, where values below
 # ~1e-38 round to 0 and empty the distribution; anything below this one already picks the likeliest token alone.
 
 
-def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int) -> None:
+def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int, passages: int = 0) -> None:
     """Refuse answer settings that cannot work (UsageError naming the flag), before anything is read."""
     if not SAMPLING_MIN <= sampling.top_p <= 1:  # written so that nan fails too
         raise UsageError(f"--top-p must be from {SAMPLING_MIN:g} to 1, got {sampling.top_p:g}")
@@ -55,6 +55,8 @@ def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int) -> None:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     if cite < 0:
         raise UsageError("--cite needs a count of passages, 0 or more")
+    if passages < 0:
+        raise UsageError(f"--passages needs a count of passages, 0 or more, got {passages}")
     sampling.validate()
 
 
@@ -251,9 +253,11 @@ class Reading:
         return build_prompt(self.model.loaded.tokenizer, self.template, question, self.system)
 
     def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
-            cite: int = 0, on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer from the state right after the read. on_text receives the answer as it is generated."""
-        check_answer(max_tokens, sampling, cite)
+            cite: int = 0, passages: int = 3, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer from the state right after the read. on_text receives the answer as it is generated.
+        passages: the best passages by the question's words (BM25) are re-read just before it, where the model
+        sees them at local distances (Focus; needs the text, kept by read() unless keep_text=False)."""
+        check_answer(max_tokens, sampling, cite, passages)
         session, report = self.session, self.model.report
         prompt = self.prompt(question)
         if list(prompt.prefix) != session.prefix:
@@ -267,7 +271,8 @@ class Reading:
         started = time.perf_counter()
         with (report.reading(len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)
               if long else nullcontext()) as update:
-            chunks = session.answer(prompt, max_tokens, sampling, cite=cite, on_progress=update)
+            chunks = session.answer(prompt, max_tokens, sampling, cite=cite, focus=Focus(passages=passages),
+                                    on_progress=update)
             first = next(chunks, "")  # the question is read before the first piece of the answer comes
         parts = []
         for chunk in itertools.chain([first], chunks):
@@ -283,7 +288,7 @@ class Reading:
 
     def summarize(self, **options) -> Answer:
         """ask() with the summary request (read with the "summarize" template for the built-in wording)."""
-        return self.ask(SUMMARY_REQUEST, **options)
+        return self.ask(SUMMARY_REQUEST, **{"passages": 0, **options})
 
     def save(self, path: str, model_spec: str | None = None) -> int:
         """Write this reading to a snapshot file (replaced atomically); returns its size in bytes.

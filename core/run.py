@@ -39,9 +39,10 @@ class RunOptions:
     cite: int = 0  # passages to cite per answer
     cache: bool = False  # open the reads kept in the read cache, keep new ones there (infllm.cache)
     refuse_stale: bool = False  # refuse a snapshot whose source files changed since it was read (else: a warning)
+    passages: int = 3  # best passages by the question's words, re-read before it (infllm.session.Focus)
 
     def __post_init__(self):
-        check_answer(self.max_tokens, self.sampling, self.cite)  # before the model loads
+        check_answer(self.max_tokens, self.sampling, self.cite, self.passages)  # before the model loads
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Runner:
         if snap is not None:
             return self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
         reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
-                                  question=plan.question, keep_text=opts.cite > 0 or save is not None,
+                                  question=plan.question, keep_text=opts.cite > 0 or opts.passages > 0 or save is not None,
                                   cache=self.cache)
         if save is not None:
             reading.save(save, opts.model)
@@ -200,7 +201,7 @@ class Runner:
         """An infllm.api.Answer to `question` with the plan's answer settings; on_text receives it as it comes."""
         opts = self.plan.opts
         return reading.ask(question, max_tokens=opts.max_tokens, sampling=opts.sampling, cite=opts.cite,
-                           on_text=on_text)
+                           passages=opts.passages, on_text=on_text)
 
     def answer(self, sources: list[str], *, save: str | None = None,
                on_text: Callable[[str], None] | None = None):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from infllm.citations.lexical import LexicalIndex
 from infllm.citations.passages import SourceMap, passage, quote
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
@@ -32,6 +33,26 @@ from infllm.documents.tokenstream import stream_tokens
 PROMPT_CHANGED = ("the prompt does not begin the way it did when the document was read (another --system or "
                   "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
+PINNED = 1e4  # a prior this large keeps a block among every retrieval's top-k
+
+
+@dataclass(frozen=True)
+class Focus:
+    """How the question's words steer retrieval while the question is read and answered.
+
+    Each block's BM25 score for the question (citations/lexical.py), standardized over the document's blocks,
+    times `weight`, is added to every layer's standardized block scores (Engine.set_block_prior); the `pins`
+    best blocks by BM25 are retrieved by every layer whatever the queries say. Citations rank by the same fused
+    scores, so they name the passages the answer was given. weight 0 and pins 0: InfLLM's retrieval unchanged.
+    """
+
+    weight: float = 0.0
+    pins: int = 0
+    passages: int = 0  # the best blocks by the prior, re-read as text just before the question: in local view
+
+    @property
+    def active(self) -> bool:
+        return self.weight != 0 or self.pins > 0 or self.passages > 0
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Session:
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
         self.cite_heads = 10  # heads whose attention ranks the citations
         self._head_quality: torch.Tensor | None = None  # [layers * heads], per document (citing_heads)
+        self._lexical: tuple[LexicalIndex, list[int]] | None = None  # per document: index, its block ids
 
     def tokenize(self, text: str, offsets: bool = True) -> list[int]:
         """Token ids of a document; with offsets (fast tokenizers) also each token's character span, for citations
@@ -182,7 +204,7 @@ class Session:
         self.timings.prefill_s = time.perf_counter() - start
         self.timings.tokens_read = done
         self._read_state = self.engine.checkpoint()
-        self._head_quality = None
+        self._head_quality = self._lexical = None
 
     def resume(self, prefix: list[int], doc_offsets: torch.Tensor | None, source_map: SourceMap | None) -> None:
         """Take the engine's current memory (adopted from a snapshot) as what was read."""
@@ -190,7 +212,7 @@ class Session:
         self.doc_start = len(prefix)
         self.timings = Timings(tokens_read=self.engine.position)
         self._read_state = self.engine.checkpoint()
-        self._head_quality = None
+        self._head_quality = self._lexical = None
 
     def rewind(self) -> None:
         """Return the memory to the state right after `read` (or `resume`)."""
@@ -199,13 +221,14 @@ class Session:
         self.engine.restore(self._read_state)
 
     def answer(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
-               source_map: SourceMap | None = None, cite: int = 0,
+               source_map: SourceMap | None = None, cite: int = 0, focus: Focus = Focus(),
                on_progress: Callable[[int], None] | None = None) -> Iterator[str]:
         """Stream the answer's text. Starts from the state right after `read`. on_progress(tokens) follows the
         reading of the question (the prompt's suffix), as for a document.
 
         With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
-        passages the question's queries point at in the citing heads (`rank_blocks`).
+        passages the question's queries point at in the citing heads (`rank_blocks`). With an active `focus` (and
+        the document's text), the question's words steer retrieval too (`Focus`).
         """
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
@@ -213,8 +236,13 @@ class Session:
             raise UsageError(PROMPT_CHANGED)
         source_map = source_map or self.source_map
         self.rewind()
-        tally = self.retrievals = self.engine.count_retrievals(cite > 0)
+        lexical = self._lexical_scores(prompt.question, source_map) if focus.active else None
+        prior = self._prior(lexical, focus) if lexical is not None and (focus.weight or focus.pins) else None
+        self.engine.set_block_prior(prior)
         start = time.perf_counter()
+        if lexical is not None and focus.passages:
+            self.engine.feed(self._passages(lexical, focus.passages, source_map))
+        tally = self.retrievals = self.engine.count_retrievals(cite > 0)  # the question's queries, not the passages'
         logits = self.engine.feed(prompt.suffix, on_progress=on_progress)
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
@@ -247,10 +275,49 @@ class Session:
         self.timings.answer_s = time.perf_counter() - start
         self.timings.tokens_generated = len(tokens)
         self.engine.count_retrievals(False)
+        self.engine.set_block_prior(None)
         if cite > 0 and source_map is not None and self.doc_offsets is not None:
-            self.ranking = self.rank_blocks(tally, prompt, source_map)
+            self.ranking = self.rank_blocks(tally, prompt, source_map, prior)
             self.citations = cite_blocks(self.ranking, self.engine.layers[0].block_span, self.doc_start,
                                          self.doc_offsets, source_map, cite)
+
+    # ---- the question's words ---------------------------------------------------------------------------
+
+    def _lexical_scores(self, question: str, source_map: SourceMap | None) -> tuple[torch.Tensor, list[int]] | None:
+        """([document blocks] BM25 of the question, those blocks' ids), or None when the text was not kept or no
+        word of the question occurs in the document."""
+        if source_map is None or self.doc_offsets is None:
+            return None
+        if self._lexical is None:
+            layer = self.engine.layers[0]
+            blocks = self._document_blocks()
+            spans = [passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map) for b in blocks]
+            self._lexical = LexicalIndex.over_spans(source_map.text, [(p.start, p.end) for p in spans]), blocks
+        index, blocks = self._lexical
+        scores = index.scores(question)
+        return (scores, blocks) if blocks and float(scores.max()) > 0 else None
+
+    def _prior(self, lexical: tuple[torch.Tensor, list[int]], focus: Focus) -> torch.Tensor:
+        """[blocks] what `focus` adds to each block's standardized retrieval score for this question."""
+        scores, blocks = lexical
+        z = (scores - scores.mean()) / scores.std(correction=0).clamp_min(1e-6)
+        prior = torch.zeros(max(self.engine.layers[0].store.count, blocks[-1] + 1))  # the tail may seal later
+        ids = torch.tensor(blocks)
+        prior[ids] = focus.weight * z
+        if focus.pins:
+            prior[ids[scores.topk(min(focus.pins, len(blocks))).indices]] += PINNED
+        return prior
+
+    def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap) -> list[int]:
+        """Token ids of the `count` document blocks the question's words match best, their text in document
+        order, each on lines of its own: what the question points at, put where the model reads at true
+        distances."""
+        scores, blocks = lexical
+        layer = self.engine.layers[0]
+        best = sorted(blocks[i] for i in scores.topk(min(count, len(blocks))).indices.tolist())
+        spans = [passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map) for b in best]
+        text = "".join(f"\n\n{source_map.text[p.start : p.end].strip()}" for p in spans) + "\n"
+        return self.loaded.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- citations -----------------------------------------------------------------------------------------
 
@@ -309,9 +376,12 @@ class Session:
         quality = self._head_quality
         return quality.topk(min(self.cite_heads, quality.numel())).indices.sort().values
 
-    def rank_blocks(self, tally: RetrievalTally, prompt, source_map: SourceMap) -> list[tuple[int, float]]:
+    def rank_blocks(self, tally: RetrievalTally, prompt, source_map: SourceMap,
+                    prior: torch.Tensor | None = None) -> list[tuple[int, float]]:
         """Every document block with its weight, best first: the citing heads' votes (softmax of each head's
-        standardized scores over the blocks) averaged over those heads, for the question's queries."""
+        standardized scores over the blocks) averaged over those heads, for the question's queries. With the
+        question's lexical prior (`_prior`), blocks are ordered by the standardized votes plus the prior,
+        as the answer's retrieval ordered them; the weight shown stays the heads' vote."""
         blocks = self._document_blocks()
         if not blocks:
             return []
@@ -323,6 +393,11 @@ class Session:
         scores = self._head_scores(tally, layers, blocks)
         rows = [layers.index(h // per_layer) * per_layer + h % per_layer for h in heads]
         weights = attention_shares(scores[rows]).mean(dim=0)  # [N]
-        order = torch.argsort(weights, descending=True, stable=True).tolist()
+        order_by = weights
+        if prior is not None:
+            z = (weights - weights.mean()) / weights.std(correction=0).clamp_min(1e-12)
+            prior = torch.cat([prior, prior.new_zeros(max(0, blocks[-1] + 1 - len(prior)))])  # blocks sealed since
+            order_by = z + prior[torch.tensor(blocks)]
+        order = torch.argsort(order_by, descending=True, stable=True).tolist()
         return [(blocks[i], float(weights[i])) for i in order]
 

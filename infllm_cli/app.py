@@ -255,7 +255,7 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, 
                       SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
                                      answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
                       answer.max_tokens,
-                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale)
+                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale, answer.passages)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
@@ -297,7 +297,7 @@ def ask(
 @guarded
 @options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file",
                                        repetition_penalty=SUMMARY_REPETITION_PENALTY,
-                                       no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM), BATCH, REUSE, OUTPUT)
+                                       no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM, passages=0), BATCH, REUSE, OUTPUT)
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,

@@ -105,10 +105,11 @@ class AnswerChoice:
     system: str | None
     template: str
     cite: int
+    passages: int
 
 
 def answer_options(max_tokens: int, template: str, template_help: str, repetition_penalty: float = 1.0,
-                   no_repeat_ngram: int = 0) -> OptionGroup:
+                   no_repeat_ngram: int = 0, passages: int = 3) -> OptionGroup:
     """How answers are written; the defaults differ per command (a summary is longer, has its own template and
     is kept from repeating itself)."""
     return OptionGroup("answer_choice", (
@@ -128,6 +129,8 @@ def answer_options(max_tokens: int, template: str, template_help: str, repetitio
         _option("system", Optional[str], None, help="system prompt (default: prompts/system.txt)"),
         _option("template", str, template, help=template_help),
         _option("cite", int, 0, help="print on stderr the N passages of memory the question points at (0: none)"),
+        _option("passages", int, passages, metavar="N",
+                help="re-read the N passages that share most words with the question just before it (0: off)"),
     ), AnswerChoice)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from unittest import mock
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.blockstore import BlockCache, BlockStore
 from infllm.config import EngineConfig
+from infllm.engine import positions
 from infllm.engine.engine import Engine
 from infllm.engine.memory import LayerMemory
 from infllm.errors import ModelError, UsageError
@@ -107,6 +109,20 @@ def test_beyond_the_window_matches_the_positional_scheme(arch):
     assert (out - ref).abs().max().item() <= 1e-4
 
 
+@contextmanager
+def batched_calls():
+    """A mock called once for every attention call that covers several query chunks at once."""
+    batched, real = mock.Mock(), LayerMemory._attend
+
+    def attend(memory, first, n, q_local, *rest):
+        if q_local.shape[0] > 1:  # [chunks, Hkv, G*n, D]
+            batched()
+        return real(memory, first, n, q_local, *rest)
+
+    with mock.patch.object(LayerMemory, "_attend", attend):
+        yield batched
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("cache_blocks", [4, 16])  # 4: the chunks' blocks do not fit the cache at once
 def test_query_chunks_batched_in_one_call_equal_chunks_one_at_a_time(arch, cache_blocks):
@@ -118,10 +134,9 @@ def test_query_chunks_batched_in_one_call_equal_chunks_one_at_a_time(arch, cache
     ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(6))
     cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=3, query_chunk=32, cache_blocks=cache_blocks,
                        prefill_chunk=128)
-    with mock.patch.object(LayerMemory, "_uniform", return_value=False):
+    with mock.patch.object(positions, "uniform", return_value=False):
         one_at_a_time = Engine(model, cfg, offload=True).feed(ids, all_logits=True)
-    with mock.patch.object(LayerMemory, "_attend_chunks", autospec=True,
-                           side_effect=LayerMemory._attend_chunks) as batched:
+    with batched_calls() as batched:
         together = Engine(model, cfg, offload=True).feed(ids, all_logits=True)
     assert batched.call_count >= 3 * len(model.model.layers)  # most pieces took the batched path
     assert (together - one_at_a_time).abs().max().item() <= 1e-5
@@ -131,7 +146,7 @@ def test_query_chunks_batched_in_one_call_equal_chunks_one_at_a_time(arch, cache
 def test_masks_that_claim_a_band_are_that_band(sinks, query_chunk, prefill_chunk):
     """A mask marked as a Band is followed by the CUDA flash kernel without being read, so the claim must be
     exact: every mask built while reading and decoding a long text is checked against its band written out."""
-    from infllm.engine.attention import Mask
+    from infllm.engine.masks import Mask
 
     built = []
     real = Mask.from_visible

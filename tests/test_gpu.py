@@ -10,11 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 import infllm.engine.attention
-from infllm.engine.attention import KERNEL_CHOICES, Band, Mask, _cuda_flash, _flash_agrees, _reference, attention_lse
+from infllm.engine.attention import KERNEL_CHOICES, _cuda_flash, _flash_agrees, _reference, attention_lse
 from infllm.config import EngineConfig
+from infllm.engine import positions
 from infllm.engine.engine import Engine
-from infllm.engine.memory import LayerMemory
+from infllm.engine.masks import Band, Mask
 from infllm.cli.app import app
+from test_engine import batched_calls
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,10 +95,9 @@ def test_batched_query_chunks_on_gpu_equal_chunks_one_at_a_time(dtype, tol):
     ids = torch.randint(0, 256, (1200,), generator=torch.Generator().manual_seed(4))
     cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=3, query_chunk=32, cache_blocks=8,
                        prefill_chunk=128)
-    with mock.patch.object(LayerMemory, "_uniform", return_value=False):
+    with mock.patch.object(positions, "uniform", return_value=False):
         one_at_a_time = Engine(model, cfg).feed(ids, all_logits=True)
-    with mock.patch.object(LayerMemory, "_attend_chunks", autospec=True,
-                           side_effect=LayerMemory._attend_chunks) as batched:
+    with batched_calls() as batched:
         together = Engine(model, cfg).feed(ids, all_logits=True)
     assert batched.call_count >= 6 * len(model.model.layers)
     assert (together - one_at_a_time).abs().max().item() <= tol

@@ -69,7 +69,7 @@ def test_layers_on_other_devices_get_their_memory_and_hidden_states_there(monkey
     engine = Engine(model, CFG)
     meta, cpu = torch.device("meta"), torch.device("cpu")
     assert [m.device for m in engine.layers] == [cpu, meta, meta]
-    assert [m.rec_k.device for m in engine.layers] == [cpu, meta, meta]
+    assert [m.recent_k.device for m in engine.layers] == [cpu, meta, meta]
     assert engine.layers[1].store.reprs().device == meta
     assert set(engine._ropes) == {cpu, meta} and engine._ropes[meta].cos.device == meta
     seen = []
@@ -86,7 +86,7 @@ def test_layers_on_other_devices_get_their_memory_and_hidden_states_there(monkey
     assert logits.device == meta and logits.shape == (256,)  # through the norm and LM head on `meta`
     assert all(len(set(s)) == 1 for s in seen)  # q, k and v arrive on the memory's own device
     assert [s[0] for s in seen].count(meta) == 2 * [s[0] for s in seen].count(cpu) > 0
-    assert engine.layers[0].position == 40 and engine.layers[0].rec_k[:, :36].abs().sum() > 0  # really ran
+    assert engine.layers[0].position == 40 and engine.layers[0].recent_k[:, :36].abs().sum() > 0  # really ran
 
 
 def test_accelerate_dispatch_hooks_give_the_same_logits():

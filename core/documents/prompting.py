@@ -26,6 +26,7 @@ class Prompt:
     suffix: list[int]  # tokens after it, up to where the answer starts
     # Another question asked the same way (template, system prompt); citations use it for probe questions.
     ask: Callable[[str], "Prompt"] | None = field(default=None, compare=False, repr=False)
+    question: str = ""  # the question's own words (not the template's): what the lexical index matches
 
 
 def builtin_template(name: str) -> str:
@@ -90,7 +91,7 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not prefix or prefix[0] != bos):
         prefix = [bos] + prefix
     return Prompt(prefix, encode(after),
-                  ask=lambda other: build_prompt(tokenizer, template, other, system, answer_prefix))
+                  ask=lambda other: build_prompt(tokenizer, template, other, system, answer_prefix), question=question)
 
 
 def _render_chat(tokenizer, system: str | None, user: str) -> str:

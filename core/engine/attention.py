@@ -5,22 +5,20 @@ positions; memory: one fixed distance). Each group runs as one fused kernel retu
 log-sum-exp equals one softmax over the union of keys. Kernels are picked by device at run time; the plain
 torch path is the reference and the fallback.
 
-Past the first window both groups' masks are bands aligned to the last key (the local window, and the unsealed
-tokens a query sees once they are W behind it). A mask that knows it is such a `Band` lets a CUDA flash kernel
-follow it by index arithmetic, skipping hidden tiles, instead of reading a dense additive mask.
+Masks come from infllm.engine.masks; one that is a `Band` runs on a CUDA flash kernel that follows it by index
+arithmetic, skipping hidden tiles, instead of reading it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 
+from infllm.engine.masks import NEG_INF, Band, Mask
 from infllm.errors import UsageError
 
-NEG_INF = float("-inf")
 KERNEL_CHOICES = ("auto", "masked", "band", "reference")
 
 
@@ -61,25 +59,6 @@ def _cuda_efficient(q, k, v, bias, scale):
         bias = bias.expand(*q.shape[:2], *bias.shape[-2:])
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
     return out, lse[..., : q.shape[-2]]
-
-
-@dataclass(frozen=True)
-class Band:
-    """A mask aligned to the last key: of L queries and N keys (N >= L), query i stands at key N - L + i and sees
-    that key and the `left` keys before it (left None: every key before it)."""
-
-    left: int | None = None
-
-    def visible(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
-        """[L, N] bool, the band written out (for the reference path and the tests)."""
-        at = keys - length + torch.arange(length, device=device)[:, None]
-        j = torch.arange(keys, device=device)[None, :]
-        seen = j <= at
-        return seen if self.left is None else seen & (j >= at - self.left)
-
-    def bias(self, length: int, keys: int, device: torch.device) -> torch.Tensor:
-        """[L, N] float32 additive mask of the band: 0 where visible, -inf where not."""
-        return torch.zeros(length, keys, device=device).masked_fill_(~self.visible(length, keys, device), NEG_INF)
 
 
 def _cuda_flash(q, k, v, band: Band, groups: int, scale):
@@ -127,33 +106,6 @@ def _band_wins(q: torch.Tensor, mask: Mask) -> bool:
 def _flash_usable(q: torch.Tensor, mask: Mask | None) -> bool:
     return (mask is not None and mask.band is not None and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and _flash_agrees(q.device, q.dtype))
-
-
-@dataclass(frozen=True)
-class Mask:
-    """An additive mask, the rows it hides completely (kernels report those rows inconsistently), and its
-    structure when it has one that a kernel can follow without reading it."""
-
-    bias: torch.Tensor  # [M, N], 0 where visible, -inf where not
-    dead: torch.Tensor | None  # [M] bool, None when every row sees some key
-    groups: int = 1  # M = groups x L rows, each group's rows in order (query heads sharing one KV head)
-    band: Band | None = None  # set only when each group's [L, N] rows are exactly this band
-
-    @staticmethod
-    def from_visible(visible: torch.Tensor, dtype: torch.dtype, groups: int = 1, dead_rows: int = 0,
-                     band: Band | None = None) -> "Mask":
-        """visible [M, N] bool for M = groups x L rows; the first `dead_rows` of each group see nothing. The
-        caller knows that count (and the band) from positions, so no device value is read back here."""
-        rows, cols = visible.shape
-        pad = (-cols) % 8 if visible.device.type == "cuda" else 0  # aligned rows for the CUDA kernel
-        bias = torch.full((rows, cols + pad), NEG_INF, dtype=dtype, device=visible.device)[:, :cols]
-        bias.masked_fill_(visible, 0.0)
-        dead = None
-        if dead_rows:
-            dead = torch.zeros(groups, rows // groups, dtype=torch.bool, device=visible.device)
-            dead[:, :dead_rows] = True
-            dead = dead.view(rows)
-        return Mask(bias, dead, groups, band if not dead_rows else None)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None, scale: float,

@@ -19,7 +19,9 @@ from infllm.engine.attention import kernel_choice
 from infllm.engine.tally import RetrievalTally
 from infllm.config import EngineConfig
 from infllm.engine.sizing import store_bytes_per_token
-from infllm.engine.memory import LayerMemory, MaskCache, rope_range
+from infllm.engine.masks import MaskCache
+from infllm.engine.memory import LayerMemory
+from infllm.engine.positions import rope_range
 from infllm.engine.rope import RopeTable
 from infllm.engine.sampling import SamplingConfig, next_token
 
@@ -41,7 +43,7 @@ class Engine:
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
         lo, hi = rope_range(config)
         self._ropes = {d: RopeTable(self.adapter.rotary, lo, hi, d, self.adapter.dtype) for d in devices}
-        self.masks = MaskCache()
+        self.masks = MaskCache(self.config)
         self.reset()
 
     def reset(self) -> None:
@@ -96,6 +98,12 @@ class Engine:
     @property
     def position(self) -> int:
         return self.layers[0].position
+
+    def set_block_prior(self, prior: torch.Tensor | None) -> None:
+        """prior [blocks] float: added to every layer's standardized block scores at each retrieval until it is
+        set to None (how strongly the question points at each block; a large value keeps a block in view)."""
+        for m in self.layers:
+            m.prior = None if prior is None else prior.to(device=m.device, dtype=torch.float32)
 
     def memory_report(self) -> MemoryReport:
         working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())

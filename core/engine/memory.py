@@ -1,4 +1,4 @@
-"""One layer's context memory: sinks, the recent tokens, blocks, retrieval and attention.
+"""One layer's context memory: the tensors that hold what was read, and sealing, retrieval and attention over them.
 
 Token life cycle (positions are absolute token indices, S = sinks, W = window, B = block size):
   positions < S            -> sink store, forever
@@ -7,110 +7,76 @@ Token life cycle (positions are absolute token indices, S = sinks, W = window, B
                            -> sealed: copied to the block store with its `repr_keys` most representative keys;
                               it stays in the recent buffer while some query can still see it locally
 
-Distances the model is shown, for a query at position i and a key at j: local keys (i - j < W) at their true
-distance; memory (retrieved blocks, and unsealed tokens with i - j >= W) all at distance W; sinks at their true
-distance while the text fits in S + W (so such a text gets exactly full attention) and frozen just before the
-memory, at W..W+S-1, after. For query chunk c, the blocks it may retrieve are those sealed out of reach of its first
-query; the tokens after them that it cannot see locally are memory it always sees.
-
-Two rotations of the queries cover all of that, so attention is two fused kernels merged by log-sum-exp:
-  local  : queries and keys rotated relative to the recent buffer (rotation position = slot + S; sinks at their
-           true positions, valid because the buffer has not moved while any query can see sinks at true distance)
+Which key a query sees, in which group and at which distance, is decided by the integer rules of
+infllm.engine.positions, and the masks by infllm.engine.masks; this module applies them to its tensors. Two
+rotations of the queries cover every key, so attention is two fused kernels merged by log-sum-exp:
+  local  : queries and keys rotated relative to the recent buffer (sinks at their true positions)
   memory : queries rotated at W, memory keys unrotated, sink keys rotated at j - S + 1 (distance W + S - 1 - j)
 
 A whole prefill piece is handled at once: blocks are sealed for the piece's last chunk first, then every chunk's
 retrieval is scored in one call and its block ids reach the host in one transfer per layer and piece (the host
-needs them for the device cache), so the accelerator is not drained once per chunk. Past the first window the
-chunks of a piece also attend together, one local and one memory call for all of them (`_uniform`), since their
-keys then have the same shapes at the same relative positions.
+needs them for the device cache), so the accelerator is not drained once per chunk. Attention carries a leading
+chunk dimension C: past the first window the chunks of a piece attend together, one local and one memory call
+for all of them (`positions.uniform`), since their keys then have the same shapes at the same relative
+positions; other calls (the first window, a piece's short tail, decoding) go chunk by chunk, C = 1.
 
-A key's representative score is the sum of its dot products with the W - 1 queries that follow it (InfLLM's
-definition), from a running sum of the group-summed queries: no attention weights are needed.
+A sealed block keeps the keys with the highest representative scores (`scoring.representative_scores`) from
+the group-summed queries the recent buffer keeps for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
 
-from infllm.engine.attention import Band, Mask, attention_lse, merge
-from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
 from infllm.config import EngineConfig
+from infllm.engine import positions
+from infllm.engine.attention import attention_lse, merge
+from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
+from infllm.engine.masks import Mask, MaskCache
+from infllm.engine.positions import KeyLayout
 from infllm.engine.rope import RopeTable
-from infllm.engine.scoring import block_scores
+from infllm.engine.scoring import block_scores, representative_scores
 
 if TYPE_CHECKING:
     from infllm.engine.tally import RetrievalTally
 
-
-def recent_capacity(cfg: EngineConfig) -> int:
-    """Slots in the recent buffer: the window, the unsealed tail of a block, a query chunk whose blocks were sealed
-    for it but not yet used, and one prefill piece."""
-    return cfg.window + cfg.block_size + cfg.query_chunk + max(cfg.prefill_chunk, cfg.query_chunk)
-
-
-def rope_range(cfg: EngineConfig) -> tuple[int, int]:
-    """Rotation positions the memory uses: sink keys down to -(S-1), recent slots up to capacity + S."""
-    return -max(cfg.sinks, 1), recent_capacity(cfg) + cfg.sinks + 1
+# The state tensors under the names snapshot files give them (docs/snapshot-format.md; the counters keep their
+# file names too, `rec_start` and `rec_len`): file name -> attribute.
+_STATE = {"sink_local": "sink_k_local", "sink_mem": "sink_k_memory", "sink_v": "sink_v",
+          "rec_k": "recent_k", "rec_v": "recent_v", "rec_q": "recent_q"}
 
 
-class MaskCache:
-    """Masks depend on positions only, so every layer of one call shares them. The engine clears the cache for
-    each new call: kept longer, masks (~20 MB each for an 8B model's chunk) would pile up on the device."""
-
-    def __init__(self):
-        self._masks: dict = {}
-
-    def clear(self) -> None:
-        self._masks.clear()
-
-    def get(self, build: Callable[..., Mask | None], *args) -> Mask | None:
-        key = (build.__name__, *args)
-        if key not in self._masks:
-            self._masks[key] = build(*args)
-        return self._masks[key]
+def _chunks(x: torch.Tensor, offset: int, n: int, count: int) -> torch.Tensor:
+    """x [Hkv, G, L, D] -> [count, Hkv, G*n, D]: `count` query chunks of n queries from `offset`, each with its G
+    heads' queries side by side, as attention and scoring take them (a view where no copy is needed)."""
+    hkv, g, length, d = x.shape
+    if count * n < length:
+        x = x[:, :, offset : offset + count * n]
+    if count == 1:  # the same layout in fewer steps, which decoding pays per layer and token
+        return x.reshape(1, hkv, g * n, d)
+    return x.view(hkv, g, count, n, d).permute(2, 0, 1, 3, 4).reshape(count, hkv, g * n, d)
 
 
-def _local_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                window: int, n_sink_keys: int, key_start: int, n_keys: int) -> Mask:
-    """Additive mask [G*L, n_sink_keys + n_keys] for the local group: sinks, then recent keys from key_start."""
-    pos = torch.arange(first, first + length, device=device)[:, None]
-    sink_pos = torch.arange(n_sink_keys, device=device)[None, :]
-    key_pos = key_start + torch.arange(n_keys, device=device)[None, :]
-    visible = torch.cat([(sink_pos <= pos) & (pos < sinks + window),
-                         (key_pos <= pos) & (pos - key_pos < window)], dim=1)
-    # Without sinks, and with the keys ending at the last query, this is the window band by definition.
-    band = Band(left=window - 1) if n_sink_keys == 0 and key_start + n_keys == first + length else None
-    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, band=band)  # a query always sees itself
+def _unchunk(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[C, Hkv, G*n, D] -> [Hkv, G, C*n, D], undoing `_chunks` (a view for one chunk laid out in order; a CUDA
+    kernel's output may be laid out [M, Hkv, D], which this copies)."""
+    c, hkv, rows, d = x.shape
+    if c == 1:  # as in _chunks
+        return x.reshape(hkv, groups, rows // groups, d)
+    x = x.reshape(c, hkv, groups, rows // groups, d)
+    return x.permute(1, 2, 0, 3, 4).reshape(hkv, groups, rows // groups * c, d)
 
 
-def _memory_mask(device: torch.device, dtype: torch.dtype, groups: int, first: int, length: int, sinks: int,
-                 window: int, n_sink_keys: int, n_blocks_keys: int, free_start: int, n_free: int) -> Mask | None:
-    """Additive mask [G*L, keys] for the memory group: sinks | retrieved blocks | unsealed tokens from free_start,
-    each seen once the query is W past it. None when every key is visible to every query."""
-    if (n_sink_keys == 0 or first >= sinks + window) and (n_free == 0 or first + 1 - window >= free_start + n_free):
-        return None
-    pos = torch.arange(first, first + length, device=device)[:, None]
-    sink_vis = (pos >= sinks + window).expand(length, n_sink_keys)
-    block_vis = torch.ones(length, n_blocks_keys, dtype=torch.bool, device=device)
-    free_vis = pos - (free_start + torch.arange(n_free, device=device)[None, :]) >= window
-    visible = torch.cat([sink_vis, block_vis, free_vis], dim=1)
-    # Rows that see nothing: no retrieved block, no sink yet, and no unsealed token W behind them. They form a
-    # prefix of each group's rows, known from positions alone, so no device value is read back to find them.
-    dead = 0
-    if n_blocks_keys == 0:
-        sees_sinks = sinks + window if n_sink_keys else first + length  # first position that sees a sink
-        sees_free = free_start + window if n_free else first + length
-        dead = max(0, min(sees_sinks, sees_free, first + length) - first)
-    # A band aligned to the last key when every query sees all sinks and blocks and the unsealed tokens end
-    # where the last query's reach does: query i then sees free tokens up to n_free - L + i, which needs
-    # n_free >= L - 1 for query 0 to reach every block.
-    aligned = (n_sink_keys == 0 or first >= sinks + window) and n_free == first + length - window - free_start
-    band = Band() if aligned and n_free >= length - 1 and n_sink_keys + n_blocks_keys + n_free >= length else None
-    return Mask.from_visible(visible.repeat(groups, 1), dtype, groups, dead, band)
+def _windows(x: torch.Tensor, start: int, size: int, count: int, step: int) -> torch.Tensor:
+    """x [Hkv, N, D] -> [count, Hkv, size, D]: windows of `size` tokens `step` apart from x's token `start`,
+    overlapping views of one buffer (no copy)."""
+    if count == 1:  # the same view in one step: decoding pays these per layer and token
+        return x[None, :, start : start + size]
+    return x[:, start : start + (count - 1) * step + size].unfold(1, size, step).permute(1, 0, 3, 2)
 
 
 class LayerMemory:
@@ -118,7 +84,7 @@ class LayerMemory:
                  dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool,
                  masks: MaskCache | None = None, kernels: str = "auto"):
         self.cfg = cfg
-        self.masks = masks if masks is not None else MaskCache()
+        self.masks = masks if masks is not None else MaskCache(cfg)
         self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
         self.groups = heads // kv_heads
         self.scale = scale
@@ -126,20 +92,24 @@ class LayerMemory:
         self.rope = rope
         self.device = device
         self.dtype = dtype
-        self.capacity = recent_capacity(cfg)
+        self.capacity = positions.recent_capacity(cfg)
         buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
-        self.sink_local, self.sink_mem, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
-        self.rec_k, self.rec_v = buf(self.capacity), buf(self.capacity)
-        self.rec_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
+        # Sink keys rotated for each group (true positions, and frozen before the memory), and their values.
+        self.sink_k_local, self.sink_k_memory, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
+        self.recent_k, self.recent_v = buf(self.capacity), buf(self.capacity)
+        self.recent_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
                                 pin=offload and device.type == "cuda")
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
         self.position = 0  # tokens seen by this layer
-        self.rec_start = cfg.sinks  # absolute position of recent slot 0
-        self.rec_len = 0
+        self.recent_start = cfg.sinks  # absolute position of recent slot 0
+        self.recent_len = 0
         self.last_retrieved: list[int] = []  # block ids the last query chunk attended to
         self.tally: RetrievalTally | None = None  # when set, records every retrieval (for citations)
+        # [blocks] added to each chunk's standardized block scores while set: what the question points at
+        # (Engine.set_block_prior). None: retrieval by the queries alone, as InfLLM defines it.
+        self.prior: torch.Tensor | None = None
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
@@ -148,8 +118,7 @@ class LayerMemory:
 
     def block_span(self, block: int) -> tuple[int, int]:
         """Token positions [start, end) that block `block` holds."""
-        start = self.cfg.sinks + block * self.cfg.block_size
-        return start, start + self.cfg.block_size
+        return positions.block_span(self.cfg, block)
 
     def checkpoint(self) -> dict:
         """A copy of the mutable state; the block store is append-only, so only its length is kept."""
@@ -159,24 +128,26 @@ class LayerMemory:
         """Return to a checkpoint taken earlier on this memory (blocks sealed since are dropped)."""
         for dst, src in zip(self._state_tensors(), state["tensors"]):
             dst.copy_(src)
-        self.position, self.rec_start, self.rec_len = state["position"], state["rec_start"], state["rec_len"]
+        self._set_counters(state)
         self.store.truncate(state["blocks"])
         if self.cache is not None:
             self.cache.forget_from(state["blocks"])
 
     # ---- saving and loading (snapshots) ------------------------------------------------------------------
 
-    _STATE = ("sink_local", "sink_mem", "sink_v", "rec_k", "rec_v", "rec_q")
-
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in self._STATE)
+        return tuple(getattr(self, attribute) for attribute in _STATE.values())
 
     def counters(self) -> dict[str, int]:
-        return {"position": self.position, "rec_start": self.rec_start, "rec_len": self.rec_len,
+        return {"position": self.position, "rec_start": self.recent_start, "rec_len": self.recent_len,
                 "blocks": self.store.count}
 
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        self.position, self.recent_start, self.recent_len = (counters["position"], counters["rec_start"],
+                                                              counters["rec_len"])
+
     def _used(self, counters: dict[str, int]) -> dict[str, int]:
-        """How many token slots of each state buffer hold data."""
+        """How many token slots of each state buffer (by file name) hold data."""
         sinks = min(self.cfg.sinks, counters["position"])
         n = counters["rec_len"]
         return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "rec_k": n, "rec_v": n, "rec_q": n}
@@ -184,25 +155,20 @@ class LayerMemory:
     def export(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue from here: the filled part of each buffer (`state.NAME`) and the block
         store (`store.NAME`, see BlockStore.export). Views, not copies. Pair with `counters()`."""
-        out = {f"state.{name}": getattr(self, name)[:, :used] for name, used in self._used(self.counters()).items()}
+        out = {f"state.{name}": getattr(self, _STATE[name])[:, :used]
+               for name, used in self._used(self.counters()).items()}
         out.update({f"store.{k}": t for k, t in self.store.export().items()})
         return out
 
     def expected_shapes(self, counters: dict[str, int]) -> dict[str, tuple[int, ...]]:
         """Names and shapes `export` gives at `counters` (for validating a file before reading it)."""
-        c = self.cfg
-        sealed_end = c.sinks + counters["blocks"] * c.block_size
-        # Tokens past the sinks: sealed blocks, then unsealed ones; the recent buffer ends at `position` and
-        # starts at or before the first unsealed token.
-        consistent = (counters["blocks"] >= 0 and 0 <= counters["rec_len"] <= self.capacity
-                      and c.sinks <= counters["rec_start"] <= sealed_end
-                      and (counters["position"] == counters["rec_start"] + counters["rec_len"] >= sealed_end
-                           or 0 <= counters["position"] <= c.sinks == counters["rec_start"]
-                           and counters["rec_len"] == counters["blocks"] == 0))
-        if not consistent:
+        if not positions.counters_possible(self.cfg, counters["position"], counters["rec_start"],
+                                           counters["rec_len"], counters["blocks"]):
             raise ValueError(f"inconsistent memory counters {counters} for these engine settings")
-        shapes = {f"state.{name}": (getattr(self, name).shape[0], used, getattr(self, name).shape[2])
-                  for name, used in self._used(counters).items()}
+        shapes = {}
+        for name, used in self._used(counters).items():
+            heads, _, head_dim = getattr(self, _STATE[name]).shape
+            shapes[f"state.{name}"] = (heads, used, head_dim)
         shapes.update({f"store.{k}": v for k, v in self.store.expected_shapes(counters["blocks"]).items()})
         return shapes
 
@@ -210,100 +176,16 @@ class LayerMemory:
               checks: dict[int, Callable[[], None]] | None = None) -> None:
         """Continue from `export`ed tensors (shapes already checked against `expected_shapes`). Block pages are
         used in place (they may be memory-mapped); checks[p] verifies store page p before its first use."""
-        for name in self._STATE:
+        for name, attribute in _STATE.items():
             src = tensors[f"state.{name}"]
-            getattr(self, name)[:, : src.shape[1]].copy_(src)
-        self.position, self.rec_start, self.rec_len = counters["position"], counters["rec_start"], counters["rec_len"]
+            getattr(self, attribute)[:, : src.shape[1]].copy_(src)
+        self._set_counters(counters)
         self.store.adopt({k[len("store."):]: t for k, t in tensors.items() if k.startswith("store.")},
                          counters["blocks"], checks)
         if self.cache is not None:
             self.cache.forget_from(0)
 
-    # ---- sealing blocks ---------------------------------------------------------------------------------
-
-    def _representative_scores(self, start: int, stop: int) -> torch.Tensor:
-        """For recent slots [start, stop): each key's dot product with the W - 1 queries after it, as memory
-        attention sees them (rec_q holds them rotated at W), summed over heads. [stop - start] float32.
-
-        The sum over a sliding band of queries is a difference of running sums, taken along the innermost
-        dimension (an outer-dimension scan was measured at milliseconds per call on a GPU)."""
-        window = self.cfg.window
-        end = min(self.rec_len, stop + window - 1)
-        hkv, _, d = self.rec_q.shape
-        queries = self.rec_q[:, start + 1 : end].float().transpose(1, 2).contiguous()  # [Hkv, D, end - start - 1]
-        running = torch.nn.functional.pad(queries.cumsum(dim=-1), (1, 0))  # running[..., t] = sum of first t
-        n = stop - start
-        upto = torch.clamp(torch.arange(n, device=self.device) + window - 1, max=end - start - 1)
-        since = torch.arange(n, device=self.device)
-        band = running[..., upto] - running[..., since]  # [Hkv, D, n]: queries after each key, up to W - 1
-        keys = self.rec_k[:, start:stop].float()  # [Hkv, n, D]
-        return torch.einsum("hnd,hdn->n", keys, band)
-
-    def _seal_upto(self, last: int) -> None:
-        """Seal every whole block of tokens at positions <= last into the store."""
-        c = self.cfg
-        target = max(0, (last + 1 - c.sinks) // c.block_size)
-        n = target - self.store.count
-        if n <= 0:
-            return
-        start = c.sinks + self.store.count * c.block_size - self.rec_start  # recent slot of the first new block
-        stop = start + n * c.block_size
-        scores = self._representative_scores(start, stop).view(n, c.block_size)
-        top = torch.topk(scores, c.repr_keys, dim=1).indices.sort(dim=1).values  # [n, R]
-        hkv, _, d = self.rec_k.shape
-        k = self.rec_k[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)  # [n, Hkv, B, D]
-        v = self.rec_v[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)
-        reprs = torch.gather(k, 2, top[:, None, :, None].expand(n, hkv, c.repr_keys, d))  # [n, Hkv, R, D]
-        self.store.append(k, v, reprs)
-
-    def _compact(self, first: int) -> None:
-        """Drop recent tokens no query from `first` on needs: sealed and out of the local window."""
-        c = self.cfg
-        keep_from = min(c.sinks + self.store.count * c.block_size, first - c.window + 1)
-        shift = keep_from - self.rec_start
-        if shift <= 0:
-            return
-        keep = self.rec_len - shift
-        for buf in (self.rec_k, self.rec_v, self.rec_q):
-            buf[:, :keep] = buf[:, shift : self.rec_len].clone()
-        self.rec_start, self.rec_len = keep_from, keep
-
-    # ---- retrieval --------------------------------------------------------------------------------------
-
-    def _sealed_for(self, first: int) -> int:
-        """Blocks a query chunk starting at `first` may retrieve: those wholly out of its first query's reach."""
-        c = self.cfg
-        return min(self.store.count, max(0, (first - c.window + 1 - c.sinks) // c.block_size))
-
-    def _retrieve(self, q_mem: torch.Tensor, firsts: list[int], length: int) -> list[list[int]]:
-        """Top-k block ids (ascending) for each query chunk: q_mem [Hkv, G, L, D] memory-rotated queries, chunks
-        start at `firsts` (relative offsets 0, C, 2C, ...; the last may be shorter)."""
-        c = self.cfg
-        hkv, g, _, d = q_mem.shape
-        sealed = [self._sealed_for(self.position + f) for f in firsts]
-        k = min(c.topk, max(sealed))
-        if k == 0:
-            return [[] for _ in firsts]
-        reprs = self.store.reprs()
-        step = c.query_chunk
-        full = len(firsts) if length % step == 0 else len(firsts) - 1
-        parts = []
-        if full:  # [Hkv, G, full*C, D] -> [full, Hkv, G*C, D]
-            chunks = q_mem[:, :, : full * step].reshape(hkv, g, full, step, d).permute(2, 0, 1, 3, 4)
-            parts.append(block_scores(chunks.reshape(full, hkv, g * step, d), reprs))
-        if full < len(firsts):
-            parts.append(block_scores(q_mem[:, :, full * step :].reshape(1, hkv, -1, d), reprs))
-        scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, n_blocks]
-        if min(sealed) < scores.shape[1]:  # some chunk may not see the newest blocks: hide them from it
-            # The same arithmetic as _sealed_for, on the device: no host-to-device copy in the layer loop.
-            starts = torch.arange(len(firsts), device=scores.device) * step + (self.position - c.window + 1 - c.sinks)
-            limit = starts.div(c.block_size, rounding_mode="floor").clamp(0, scores.shape[1])[:, None]
-            scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None, :] >= limit,
-                                        float("-inf"))
-        ids = torch.topk(scores, k, dim=1).indices.tolist()  # the one host transfer per layer and call
-        return [sorted(row[: min(k, n)]) for row, n in zip(ids, sealed)]
-
-    # ---- the step --------------------------------------------------------------------------------------
+    # ---- writing, sealing blocks ------------------------------------------------------------------------
 
     def _write(self, q_mem: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' keys/values (sinks or recent buffer) and their group-summed memory queries."""
@@ -312,124 +194,75 @@ class LayerMemory:
         n_sink_new = max(0, min(c.sinks - first, length))
         if n_sink_new:
             at = torch.arange(first, first + n_sink_new, device=self.device)
-            self.sink_local[:, at] = self.rope.rotate(k[:, :n_sink_new], at)
-            self.sink_mem[:, at] = self.rope.rotate(k[:, :n_sink_new], at - c.sinks + 1)
+            self.sink_k_local[:, at] = self.rope.rotate(k[:, :n_sink_new], at)
+            self.sink_k_memory[:, at] = self.rope.rotate(k[:, :n_sink_new], positions.sink_memory_rotation(c, at))
             self.sink_v[:, at] = v[:, :n_sink_new]
         n_new = length - n_sink_new
         if n_new:
-            if self.rec_len + n_new > self.capacity:
+            if self.recent_len + n_new > self.capacity:
                 self._compact(first)
-            at = slice(self.rec_len, self.rec_len + n_new)
-            self.rec_k[:, at] = k[:, n_sink_new:]
-            self.rec_v[:, at] = v[:, n_sink_new:]
-            self.rec_q[:, at] = q_mem[:, :, n_sink_new:].sum(dim=1)
-            self.rec_len += n_new
+            at = slice(self.recent_len, self.recent_len + n_new)
+            self.recent_k[:, at] = k[:, n_sink_new:]
+            self.recent_v[:, at] = v[:, n_sink_new:]
+            self.recent_q[:, at] = q_mem[:, :, n_sink_new:].sum(dim=1)
+            self.recent_len += n_new
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of the next L tokens: q [H, L, D], k/v [Hkv, L, D] without RoPE. Returns [H, L, D].
-
-        Queries share one retrieval per `query_chunk`; L may be a whole prefill piece or one decoded token."""
-        cfg, S, W = self.cfg, self.cfg.sinks, self.cfg.window
-        h, length, d = q.shape
-        hkv, g = k.shape[0], self.groups
-        first = self.position
-        if length > self.capacity - W - cfg.block_size - cfg.query_chunk:
-            raise ValueError(f"attend() takes at most prefill_chunk tokens at once, got {length}")
-        if self._own_masks:
-            self.masks.clear()
-        q_mem = self.rope.rotate(q, W).view(hkv, g, length, d)  # as memory sees them: every key at distance W
-        self._write(q_mem, k, v)
-        firsts = list(range(0, length, cfg.query_chunk))
-        with record_function("infllm.evict"):
-            self._seal_upto(first + firsts[-1] - W)
-        with record_function("infllm.retrieve"):
-            retrieved = self._retrieve(q_mem, firsts, length)
-        # Local keys, rotated relative to the recent buffer once for the whole call.
-        local_from = max(0, first - W + 1 - self.rec_start)
-        k_local = self.rope.rotate(self.rec_k[:, local_from : self.rec_len],
-                                   torch.arange(local_from + S, self.rec_len + S, device=self.device))
-        q_local = self.rope.rotate(q, torch.arange(first, first + length, device=self.device) - self.rec_start + S)
-        q_local = q_local.view(hkv, g, length, d)
-        if self._uniform(first, length, retrieved):
-            out = self._attend_chunks(first, q_local, q_mem, k_local, local_from, retrieved)
-        elif len(firsts) == 1:  # decoding, or a short call: no output buffer to fill
-            out = self._attend_chunk(first, length, q_local, q_mem, k_local, local_from, retrieved[0])
-        else:
-            out = torch.empty((hkv, g, length, d), dtype=q.dtype, device=q.device)
-            for f, ids in zip(firsts, retrieved):
-                n = min(cfg.query_chunk, length - f)
-                out[:, :, f : f + n] = self._attend_chunk(first + f, n, q_local[:, :, f : f + n],
-                                                          q_mem[:, :, f : f + n], k_local, local_from, ids)
-        self.position += length
-        return out.reshape(h, length, d)  # a view unless a kernel's layout needs the copy
-
-    def _free_span(self, first: int, n: int) -> tuple[int, int]:
-        """Start and count of the unsealed tokens that the chunk [first, first + n) sees as memory."""
-        start = self.cfg.sinks + self._sealed_for(first) * self.cfg.block_size
-        return start, max(0, first + n - self.cfg.window - start)
-
-    def _uniform(self, first: int, length: int, retrieved: list[list[int]]) -> bool:
-        """Whether every query chunk of this call has keys of the same shapes at the same relative positions, so
-        that one attention call per group covers them all: past the sinks' reach (first >= S + W), whole chunks,
-        the same number of retrieved blocks and of unsealed memory tokens. True for almost every prefill piece
-        of a long text; the first pieces, the last one and decoding take the per-chunk path."""
+    def _seal(self, count: int) -> None:
+        """Seal blocks into the store until it holds `count` (the recent buffer holds every unsealed token)."""
         c = self.cfg
-        if len(retrieved) < 2 or first < c.sinks + c.window or length % c.query_chunk:
-            return False
-        if any(len(ids) != len(retrieved[0]) for ids in retrieved):
-            return False
-        spans = [self._free_span(first + f, c.query_chunk) for f in range(0, length, c.query_chunk)]
-        return spans[0][1] > 0 and all(n == spans[0][1] and start - spans[0][0] == f * c.query_chunk
-                                       for f, (start, n) in enumerate(spans))
+        n = count - self.store.count
+        if n <= 0:
+            return
+        start = positions.block_span(c, self.store.count)[0] - self.recent_start  # slot of the first new block
+        stop = start + n * c.block_size
+        later = self.recent_q[:, start + 1 : min(self.recent_len, stop + c.window - 1)]  # queries after the first key
+        scores = representative_scores(self.recent_k[:, start:stop], later, c.window).view(n, c.block_size)
+        top = torch.topk(scores, c.repr_keys, dim=1).indices.sort(dim=1).values  # [n, R]
+        hkv, _, d = self.recent_k.shape
+        k = self.recent_k[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)  # [n, Hkv, B, D]
+        v = self.recent_v[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)
+        reprs = torch.gather(k, 2, top[:, None, :, None].expand(n, hkv, c.repr_keys, d))  # [n, Hkv, R, D]
+        self.store.append(k, v, reprs)
 
-    def _attend_chunks(self, first: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
-                       local_from: int, retrieved: list[list[int]]) -> torch.Tensor:
-        """All query chunks of a call in one local and one memory attention (see _uniform): each chunk's keys are
-        a strided view of the recent buffer or a batched gather, and one mask serves every chunk.
-        q_* [Hkv, G, L, D] -> [Hkv, G, L, D]."""
-        cfg, S, W, C = self.cfg, self.cfg.sinks, self.cfg.window, self.cfg.query_chunk
-        hkv, g, length, d = q_local.shape
-        n = length // C
-        span = W - 1 + C  # recent keys a chunk sees locally, from W - 1 before its first query to its last
+    def _compact(self, first: int) -> None:
+        """Drop recent tokens no query from `first` on needs: sealed and out of the local window."""
+        keep_from = positions.recent_keep_from(self.cfg, first, self.store.count)
+        shift = keep_from - self.recent_start
+        if shift <= 0:
+            return
+        keep = self.recent_len - shift
+        for buf in (self.recent_k, self.recent_v, self.recent_q):
+            buf[:, :keep] = buf[:, shift : self.recent_len].clone()
+        self.recent_start, self.recent_len = keep_from, keep
 
-        def per_chunk(x: torch.Tensor) -> torch.Tensor:  # [Hkv, G, n*C, D] -> [n, Hkv, G*C, D]
-            return x.view(hkv, g, n, C, d).permute(2, 0, 1, 3, 4).reshape(n, hkv, g * C, d)
+    # ---- retrieval --------------------------------------------------------------------------------------
 
-        def windows(x: torch.Tensor, size: int) -> torch.Tensor:  # [Hkv, (n-1)*C + size, D] -> [n, Hkv, size, D]
-            return x.unfold(1, size, C).permute(1, 0, 3, 2)
-
-        mask = self.masks.get(_local_mask, self.device, q_local.dtype, g, first, C, S, W, 0, first - W + 1, span)
-        with record_function("infllm.attention"):
-            local = attention_lse(per_chunk(q_local), windows(k_local, span),
-                                  windows(self.rec_v[:, local_from : self.rec_len], span), mask, self.scale,
-                                  self.kernels)
-
-        self.last_retrieved = retrieved[-1]
-        if self.tally is not None:
-            for i, ids in enumerate(retrieved):
-                self.tally.record(self, q_mem[:, :, i * C : (i + 1) * C].reshape(hkv, g * C, d), ids)
-        mem_k = [self.sink_mem[None, :, :S].expand(n, -1, -1, -1)]  # [n, Hkv, S, D]
-        mem_v = [self.sink_v[None, :, :S].expand(n, -1, -1, -1)]
-        k = len(retrieved[0])
-        if k:
-            with record_function("infllm.gather"):
-                bk, bv = self._gather_chunks(retrieved)  # [n, k, Hkv, B, D]
-            mem_k.extend(bk.unbind(1))  # k views [n, Hkv, B, D]: the one cat below copies them
-            mem_v.extend(bv.unbind(1))
-        free_start, n_free = self._free_span(first, C)
-        at = free_start - self.rec_start
-        for buf, keys in ((self.rec_k, mem_k), (self.rec_v, mem_v)):
-            keys.append(windows(buf[:, at : at + (n - 1) * C + n_free], n_free))
-        mask = self.masks.get(_memory_mask, self.device, q_mem.dtype, g, first, C, S, W, S, k * cfg.block_size,
-                              free_start, n_free)
-        with record_function("infllm.attention"):
-            mem = attention_lse(per_chunk(q_mem), torch.cat(mem_k, dim=2), torch.cat(mem_v, dim=2), mask,
-                                self.scale, self.kernels)
-        out = merge(local, mem)  # [n, Hkv, G*C, D]
-        return out.view(n, hkv, g, C, d).permute(1, 2, 0, 3, 4).reshape(hkv, g, length, d)
+    def _retrieve(self, q_mem: torch.Tensor, firsts: Sequence[int], length: int) -> list[list[int]]:
+        """Top-k block ids (ascending) for each query chunk: q_mem [Hkv, G, L, D] memory-rotated queries, chunks
+        start at `firsts` (relative offsets 0, C, 2C, ...; the last may be shorter)."""
+        cfg, blocks, step = self.cfg, self.store.count, self.cfg.query_chunk
+        sealed = [positions.sealed_for(cfg, self.position + f, blocks) for f in firsts]
+        k = min(cfg.topk, max(sealed))
+        if k == 0:
+            return [[] for _ in firsts]
+        reprs = self.store.reprs()
+        full = length // step
+        parts = [block_scores(_chunks(q_mem, 0, step, full), reprs)] if full else []
+        if full < len(firsts):  # a shorter last chunk
+            parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs))
+        scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, blocks]
+        if self.prior is not None:
+            scores = self._with_prior(scores)
+        if min(sealed) < blocks:  # some chunk may not see the newest blocks: hide them from it
+            # The same rule on a tensor of the chunks' starts: no host-to-device copy in the layer loop.
+            starts = torch.arange(self.position, self.position + length, step, device=scores.device)
+            limit = positions.sealed_for(cfg, starts, blocks)[:, None]
+            scores = scores.masked_fill(torch.arange(blocks, device=scores.device)[None, :] >= limit, float("-inf"))
+        ids = torch.topk(scores, k, dim=1).indices.tolist()  # the one host transfer per layer and call
+        return [sorted(row[: min(k, n)]) for row, n in zip(ids, sealed)]
 
     def _gather_chunks(self, retrieved: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [n, k, Hkv, B, D] of each chunk's k blocks: one gather when the device cache holds them all."""
+        """K, V [C, k, Hkv, B, D] of each chunk's k blocks: one gather when the device cache holds them all."""
         flat = [b for ids in retrieved for b in ids]
         if self.cache is None or len(set(flat)) <= self.cache.capacity:
             k, v = gather_blocks(self.store, self.cache, flat)
@@ -437,51 +270,122 @@ class LayerMemory:
         pairs = [gather_blocks(self.store, self.cache, ids) for ids in retrieved]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def _attend_chunk(self, first: int, n: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
-                      local_from: int, ids: list[int]) -> torch.Tensor:
-        """One query chunk at positions [first, first + n): q_* [Hkv, G, n, D]. Returns [Hkv, G, n, D]."""
-        cfg, S, W = self.cfg, self.cfg.sinks, self.cfg.window
-        hkv, g, _, d = q_local.shape
-        last = first + n - 1
-        n_sinks = min(S, last + 1)
+    def _record(self, queries: torch.Tensor, retrieved: list[list[int]]) -> None:
+        """Note what the chunks retrieved: the last one's block ids, and with a tally each chunk's queries
+        (queries [C, Hkv, G*n, D]) and ids."""
+        self.last_retrieved = retrieved[-1]
+        if self.tally is not None:
+            for chunk, ids in zip(queries, retrieved):
+                self.tally.record(self, chunk, ids)
 
+    def _with_prior(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [chunks, N] -> each chunk's scores standardized over the blocks, plus the prior. Standardizing
+        puts every layer's and chunk's scores on one scale, so one prior means the same everywhere; it keeps each
+        chunk's order, so a zero prior changes nothing. Blocks sealed after the prior was set get 0."""
+        n = scores.shape[1]
+        prior = self.prior[:n]
+        if prior.shape[0] < n:
+            prior = torch.cat([prior, prior.new_zeros(n - prior.shape[0])])
+        z = (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+        return z + prior[None, :]
+
+    # ---- attention --------------------------------------------------------------------------------------
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the next L tokens: q [H, L, D], k/v [Hkv, L, D] without RoPE. Returns [H, L, D].
+
+        Queries share one retrieval per `query_chunk`; L may be a whole prefill piece or one decoded token."""
+        cfg, step = self.cfg, self.cfg.query_chunk
+        h, length, d = q.shape
+        hkv, g = k.shape[0], self.groups
+        first = self.position
+        if length > self.capacity - cfg.window - cfg.block_size - step:
+            raise ValueError(f"attend() takes at most prefill_chunk tokens at once, got {length}")
+        if self._own_masks:
+            self.masks.clear()
+        q_mem = self.rope.rotate(q, cfg.window).view(hkv, g, length, d)  # as memory sees them: all keys at W
+        self._write(q_mem, k, v)
+        firsts = range(0, length, step)
+        with record_function("infllm.evict"):
+            self._seal(positions.sealed_for(cfg, first + firsts[-1]))
+        with record_function("infllm.retrieve"):
+            retrieved = self._retrieve(q_mem, firsts, length)
+        # Local keys, rotated relative to the recent buffer once for the whole call: [Hkv, recent_len - from, D].
+        local_start = positions.local_span(cfg, first, length, self.recent_start)[0]  # the call's first local key
+        local_from = local_start - self.recent_start  # its recent slot
+        k_local = self.rope.rotate(self.recent_k[:, local_from : self.recent_len],
+                                   self._local_rotations(local_start, self.recent_start + self.recent_len))
+        q_local = self.rope.rotate(q, self._local_rotations(first, first + length)).view(hkv, g, length, d)
+        if positions.uniform(cfg, first, length, [len(ids) for ids in retrieved], self.store.count):
+            calls = [(0, step, retrieved)]  # every chunk in one call
+        else:
+            calls = [(f, min(step, length - f), [ids]) for f, ids in zip(firsts, retrieved)]
+        outs = []  # each [Hkv, G, chunks x n, D]
+        for f, n, ids in calls:
+            chunks = len(ids)
+            out = self._attend(first + f, n, _chunks(q_local, f, n, chunks), _chunks(q_mem, f, n, chunks), k_local,
+                               local_from, ids)
+            outs.append(_unchunk(out, g))
+        self.position += length
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.reshape(h, length, d)  # a view unless a kernel's layout needs the copy
+
+    def _local_rotations(self, start: int, end: int) -> torch.Tensor:
+        """[end - start] local-group rotation positions of the recent tokens at positions [start, end)."""
+        return torch.arange(positions.local_rotation(self.cfg, start, self.recent_start),
+                            positions.local_rotation(self.cfg, end, self.recent_start), device=self.device)
+
+    def _attend(self, first: int, n: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
+                local_from: int, retrieved: list[list[int]]) -> torch.Tensor:
+        """C query chunks of n queries, chunk i at positions [first + i*n, first + (i+1)*n), with its retrieved
+        block ids: one chunk, or chunks whose keys stand at the same relative positions (`positions.uniform`),
+        whose keys are then strided views of the recent buffer or a batched gather and share one mask per
+        group. q_* [C, Hkv, G*n, D] rotated for each group; k_local [Hkv, N, D] from recent slot `local_from`.
+        Returns [C, Hkv, G*n, D]."""
+        chunks = len(retrieved)
         # Local group: sinks at true distance (only while some query is within S + W) and the recent keys that
         # some query of the chunk sees at distance < W.
-        lo = max(local_from, first - W + 1 - self.rec_start)
-        hi = max(lo, last + 1 - self.rec_start)  # a chunk of sinks alone has no recent keys
-        base = lo - local_from
-        keys, values = k_local[:, base : base + hi - lo], self.rec_v[:, lo:hi]
-        sinks_local = n_sinks if first < S + W else 0
-        if sinks_local:  # only early on; later the buffer is used in place, not copied every layer and chunk
-            keys = torch.cat([self.sink_local[:, :sinks_local], keys], dim=1)
-            values = torch.cat([self.sink_v[:, :sinks_local], values], dim=1)
-        mask = None if n == 1 else self.masks.get(  # a lone query (decoding) sees every key sliced for it
-            _local_mask, self.device, q_local.dtype, g, first, n, S, W, sinks_local, self.rec_start + lo, hi - lo)
+        local = positions.local_layout(self.cfg, first, n, self.recent_start)
+        at = local.start - self.recent_start  # recent slot of chunk 0's first local key
+        keys = _windows(k_local, at - local_from, local.span, chunks, n)  # [C, Hkv, span, D]
+        values = _windows(self.recent_v, at, local.span, chunks, n)
+        if local.sinks:  # only early on; later the buffer is used in place, not copied every layer and chunk
+            keys = torch.cat([self._sinks(self.sink_k_local, local.sinks, chunks), keys], dim=2)
+            values = torch.cat([self._sinks(self.sink_v, local.sinks, chunks), values], dim=2)
+        mask = None if n == 1 else self._mask(local, q_local)  # a lone query sees every key sliced for it
         with record_function("infllm.attention"):
-            local = attention_lse(q_local.reshape(hkv, g * n, d), keys, values, mask, self.scale, self.kernels)
+            local_out = attention_lse(q_local, keys, values, mask, self.scale, self.kernels)
 
         # Memory group: frozen sinks, retrieved blocks, and unsealed tokens at least W behind some query.
-        self.last_retrieved = ids
-        if self.tally is not None:
-            self.tally.record(self, q_mem.reshape(hkv, g * n, d), ids)
-        sinks_mem = n_sinks if last >= S + W else 0
-        free_start, n_free = self._free_span(first, n)
-        mem_k = [self.sink_mem[:, :sinks_mem]]
-        mem_v = [self.sink_v[:, :sinks_mem]]
-        if ids:
-            with record_function("infllm.gather"):
-                bk, bv = gather_blocks(self.store, self.cache, ids)  # [k, Hkv, B, D]
-            mem_k.extend(bk.unbind(0))  # views [Hkv, B, D]: the one cat below copies them
-            mem_v.extend(bv.unbind(0))
-        at = free_start - self.rec_start
-        mem_k.append(self.rec_k[:, at : at + n_free])
-        mem_v.append(self.rec_v[:, at : at + n_free])
-        n_block_keys = len(ids) * cfg.block_size
-        if sinks_mem + n_block_keys + n_free == 0:
-            return local[0].reshape(hkv, g, n, d)  # a CUDA kernel's output may be laid out [M, Hkv, D]
-        mask = self.masks.get(_memory_mask, self.device, q_mem.dtype, g, first, n, S, W, sinks_mem, n_block_keys,
-                              free_start, n_free)
+        self._record(q_mem, retrieved)
+        memory = positions.memory_layout(self.cfg, first, n, len(retrieved[0]), self.store.count)
+        if memory.keys == 0:  # nothing in memory yet for these queries
+            return local_out[0]
+        keys, values = self._memory_keys(memory, retrieved)
         with record_function("infllm.attention"):
-            mem = attention_lse(q_mem.reshape(hkv, g * n, d), torch.cat(mem_k, dim=1), torch.cat(mem_v, dim=1), mask,
-                                self.scale, self.kernels)
-        return merge(local, mem).view(hkv, g, n, d)
+            mem_out = attention_lse(q_mem, keys, values, self._mask(memory, q_mem), self.scale, self.kernels)
+        return merge(local_out, mem_out)
+
+    def _memory_keys(self, memory: KeyLayout, retrieved: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [C, Hkv, keys, D] of the memory group of C chunks `memory.length` apart: the frozen sinks, each
+        chunk's retrieved blocks, then its unsealed tokens (a strided view of the recent buffer)."""
+        chunks = len(retrieved)
+        keys = [self._sinks(self.sink_k_memory, memory.sinks, chunks)]
+        values = [self._sinks(self.sink_v, memory.sinks, chunks)]
+        if memory.block_keys:
+            with record_function("infllm.gather"):
+                block_k, block_v = self._gather_chunks(retrieved)  # [C, k, Hkv, B, D]
+            keys.extend(block_k.unbind(1))  # k views [C, Hkv, B, D]: the one cat below copies them
+            values.extend(block_v.unbind(1))
+        at = memory.start - self.recent_start
+        keys.append(_windows(self.recent_k, at, memory.span, chunks, memory.length))
+        values.append(_windows(self.recent_v, at, memory.span, chunks, memory.length))
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    @staticmethod
+    def _sinks(buf: torch.Tensor, count: int, chunks: int) -> torch.Tensor:
+        """The first `count` sink tokens of buf [Hkv, S, D], seen by every chunk: [C, Hkv, count, D], a view."""
+        return buf[None, :, :count] if chunks == 1 else buf[:, :count].expand(chunks, -1, -1, -1)  # as _chunks
+
+    def _mask(self, keys: KeyLayout, queries: torch.Tensor) -> Mask | None:
+        return self.masks.get(keys, self.groups, queries.dtype, self.device)

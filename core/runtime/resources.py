@@ -129,7 +129,7 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values. And
     cos and sin for every rotation position the memory uses. Without `checkpoint` the sum is what the
     engine reports as its working bytes once made (tests check that)."""
-    from infllm.engine.memory import rope_range
+    from infllm.engine.positions import rope_range
 
     per_slot = shape.layers * 3 * shape.kv_heads * shape.head_dim * element_size * (2 if checkpoint else 1)
     per_position = 2 * shape.head_dim * element_size

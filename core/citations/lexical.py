@@ -1,0 +1,60 @@
+"""A lexical index over the memory's blocks: Okapi BM25 of a question's words against each block's text.
+
+Key-space scores find what the model's heads associate with the question; words find what the question literally
+names (a character, a function, an option), which a small model's keys often miss across hundreds of thousands of
+tokens. The index is built from the text the memory already keeps for citations (each block's character span),
+in one pass and in memory proportional to the text's distinct words per block, so a snapshot needs no extra
+storage: opening it rebuilds the index from the stored text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """Lowercased word tokens (letters, digits, underscores): what BM25 matches."""
+    return _WORD.findall(text.lower())
+
+
+class LexicalIndex:
+    """BM25 (k1, b) over N passages. Scores are per passage, in passage order."""
+
+    def __init__(self, passages: list[list[str]], k1: float = 1.2, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.count = len(passages)
+        self.lengths = torch.tensor([len(p) for p in passages], dtype=torch.float32)  # [N]
+        self.average = float(self.lengths.mean()) if self.count else 0.0
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        for i, passage in enumerate(passages):
+            for word, tf in Counter(passage).items():
+                ids, tfs = postings.setdefault(word, ([], []))
+                ids.append(i)
+                tfs.append(tf)
+        self.postings = {w: (torch.tensor(ids), torch.tensor(tfs, dtype=torch.float32))
+                         for w, (ids, tfs) in postings.items()}
+
+    @classmethod
+    def over_spans(cls, text: str, spans: list[tuple[int, int]], **bm25) -> "LexicalIndex":
+        """An index whose passage i is text[start:end] of spans[i]."""
+        return cls([words(text[start:end]) for start, end in spans], **bm25)
+
+    def scores(self, query: str) -> torch.Tensor:
+        """[N] float32: each passage's BM25 score for the query's words (0 where none occurs)."""
+        out = torch.zeros(self.count)
+        if not self.count:
+            return out
+        norm = self.k1 * (1 - self.b + self.b * self.lengths / max(self.average, 1e-9))  # [N]
+        for word in set(words(query)):
+            if word not in self.postings:
+                continue
+            ids, tf = self.postings[word]
+            idf = math.log(1 + (self.count - len(ids) + 0.5) / (len(ids) + 0.5))
+            out.index_add_(0, ids, idf * tf * (self.k1 + 1) / (tf + norm[ids]))
+        return out

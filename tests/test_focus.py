@@ -1,0 +1,96 @@
+"""The question's words steering retrieval: the lexical index, the engine's block prior and `Focus` in a session.
+
+Tiny random models on the CPU: what is checked is which blocks are retrieved and re-read, never what a random
+model answers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infllm.citations.lexical import LexicalIndex, words
+from infllm.citations.passages import SourceMap
+from infllm.config import EngineConfig
+from infllm.documents.prompting import build_prompt
+from infllm.documents.readers import Piece
+from infllm.engine.engine import Engine
+from infllm.session import PINNED, Focus, Session
+from tiny_models import tiny_model
+
+CFG = EngineConfig(sinks=16, window=128, block_size=32, repr_keys=4, topk=2, query_chunk=32, cache_blocks=2,
+                   prefill_chunk=128)
+
+
+def test_bm25_scores_follow_the_formula_and_favour_the_rare_word():
+    passages = [words("the cat sat on the mat"), words("the dog sat"), words("a zebra and the cat")]
+    index = LexicalIndex(passages, k1=1.2, b=0.75)
+    scores = index.scores("Where is the zebra?")
+    avg = sum(map(len, passages)) / 3
+
+    def term(word, passage):
+        df = sum(word in p for p in passages)
+        tf = passage.count(word)
+        idf = math.log(1 + (3 - df + 0.5) / (df + 0.5))
+        return idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * len(passage) / avg)) if tf else 0.0
+
+    expected = [sum(term(w, p) for w in {"where", "is", "the", "zebra"}) for p in passages]
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-6)
+    assert int(scores.argmax()) == 2
+    assert LexicalIndex.over_spans("ab cd", [(0, 2), (3, 5)]).scores("nothing here").tolist() == [0.0, 0.0]
+
+
+def test_a_zero_prior_changes_no_logit_and_a_pinned_block_is_retrieved_by_every_layer():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (640,), generator=torch.Generator().manual_seed(3))
+    question = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(4))
+    engine = Engine(model, CFG)
+    engine.feed(ids)
+    state = engine.checkpoint()
+    plain = engine.feed(question, all_logits=True)
+    blocks = engine.layers[0].store.count
+    assert blocks > CFG.topk + 2
+
+    engine.restore(state)
+    engine.set_block_prior(torch.zeros(blocks))
+    assert torch.equal(engine.feed(question, all_logits=True).argmax(-1), plain.argmax(-1))
+
+    retrieved = [set(m.last_retrieved) for m in engine.layers]
+    pinned = next(b for b in range(blocks) if not any(b in r for r in retrieved))  # one no layer chose
+    engine.restore(state)
+    prior = torch.zeros(blocks)
+    prior[pinned] = PINNED
+    engine.set_block_prior(prior)
+    engine.feed(question)
+    assert all(pinned in m.last_retrieved for m in engine.layers)
+    engine.set_block_prior(None)
+    assert all(m.prior is None for m in engine.layers)
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model_dir):
+    from infllm.runtime.loading import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    return Session(loaded, CFG)
+
+
+def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
+    lines = [f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80)]
+    lines[20] = "Line 21: the quagga waits at the gate.\n"
+    text = "".join(lines)
+    tokenizer = session.loaded.tokenizer
+    prompt = build_prompt(tokenizer, "{document}\n{question}", "Where does the quagga wait?", None)
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    plain = "".join(session.answer(prompt, 4))
+    assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
+
+    lexical = session._lexical_scores(prompt.question, session.source_map)
+    reread = tokenizer.decode(session._passages(lexical, 1, session.source_map))
+    assert "quagga" in reread and reread.count("Line") <= 3  # about one block of text around line 21
+    cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
+    assert isinstance(cited, str)
+    assert "quagga" in session.citations[0].excerpt  # the citations lead with the block the retrieval was given
+    assert "".join(session.answer(prompt, 4)) == plain  # and nothing of it stays for the next answer
