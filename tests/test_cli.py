@@ -647,3 +647,9 @@ def test_summaries_are_kept_from_repeating_themselves_and_answers_stay_greedy(ti
         assert CliRunner().invoke(app, argv, prog_name="infllm").exit_code == 0
     assert (used["summarize"].repetition_penalty, used["summarize"].no_repeat_ngram) == (1.2, 4)
     assert (used["ask"].repetition_penalty, used["ask"].no_repeat_ngram, used["ask"].temperature) == (1.0, 0, 0.0)
+
+
+def test_negative_passages_is_a_usage_error(ask, docs, tiny_model_dir):
+    argv = ["ask", "--model", str(tiny_model_dir), "--passages", "-1", *ENGINE, str(docs["a"]), "q"]
+    line = assert_one_error_line(CliRunner().invoke(app, argv, prog_name="infllm"), 2)
+    assert "--passages" in line
