@@ -113,7 +113,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     plan = Plan(opts, question, None, None, snaps, failures)
     if len(failures) == len(groups):  # nothing is left to answer: no model to load
         return plan
-    report.phase("checking the model and settings (the first use of a GGUF converts it once, ~20 s)")
+    report.phase("checking the model and settings")
     spec = opts.model
     if spec is None and snaps:  # ask a snapshot with the model it was read with
         stored = next(iter(snaps.values())).meta.get("model")

@@ -187,6 +187,44 @@ def test_quiet_json(ask, docs):
     assert JSON_KEYS <= json.loads(result.stdout).keys()
 
 
+@pytest.fixture
+def stand_in_gguf(tiny_model_dir, tmp_path, monkeypatch):
+    """A GGUF file whose conversion is the tiny model, drawn with a tqdm bar on stderr as transformers draws its
+    own (reading a real GGUF takes ~20 s and is tests/test_default_model.py's)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def converting(real):
+        def from_pretrained(path, *args, gguf_file=None, **kwargs):
+            if gguf_file is None:
+                return real(path, *args, **kwargs)
+            for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+                pass
+            return real(tiny_model_dir)
+        return from_pretrained
+
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", converting(auto.from_pretrained))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF, converted by the stand-in")
+    return gguf
+
+
+def test_the_gguf_conversion_note_shows_only_when_it_converts(ask, docs, stand_in_gguf):
+    first, again = (ask("--model", stand_in_gguf, docs["a"], "What is the pass key?") for _ in range(2))
+    assert first.exit_code == again.exit_code == 0, (first.stderr, again.stderr)
+    converting = [line for line in first.stderr.splitlines() if "convert" in line]
+    assert len(converting) == 1 and converting[0].startswith("infllm: converting model.gguf for its first use, once")
+    assert "convert" not in again.stderr  # the converted copy is in the cache now
+    assert "Converting and de-quantizing" not in first.stderr  # transformers' own bar never reaches stderr
+
+
+def test_quiet_silences_the_conversion_of_a_gguf(ask, docs, stand_in_gguf):
+    result = ask("-q", "--model", stand_in_gguf, docs["a"], "What is the pass key?")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == "" and result.stdout.strip()
+
+
 def test_quiet_still_reports_errors(ask, tmp_path):
     result = ask("-q", tmp_path / "missing.txt", "q")
     assert_one_error_line(result, 3)

@@ -8,6 +8,7 @@ Nothing here touches the network: hub ids resolve only from the local Hugging Fa
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import hashlib
 import os
@@ -116,7 +117,8 @@ def _dequantize(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with warnings.catch_warnings():
+        # transformers draws its conversion bar with tqdm straight on sys.stderr, past its own progress-bar switch.
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -197,7 +199,10 @@ def resolve(spec: str | None, report: Reporter | None = None) -> tuple[Path | st
         fingerprint = file_fingerprint(gguf)
         converted = cache_dir() / "models" / f"{gguf.stem}-{fingerprint[:16]}"
         if not (converted / "config.json").is_file():
-            converted = _convert_gguf(gguf, converted, report or Reporter())
+            report = report or Reporter()
+            report.phase(f"converting {gguf.name} for its first use, once (~20 s for the default model on 2 cores; "
+                         f"later starts read {converted})")
+            converted = _convert_gguf(gguf, converted, report)
         return converted, name, fingerprint
     if gguf.exists():
         if not gguf.is_dir() or not (gguf / "config.json").is_file():
@@ -209,11 +214,13 @@ def resolve(spec: str | None, report: Reporter | None = None) -> tuple[Path | st
 
 
 def _quiet_transformers() -> None:
-    """transformers prints progress bars and advice on stderr; our display owns stderr."""
+    """transformers and huggingface_hub print progress bars and advice on stderr; our display owns stderr."""
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 @dataclass
