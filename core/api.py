@@ -14,11 +14,10 @@ is one line for the user and whose `exit_code` is the command line's.
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from infllm.cache import ReadCache
@@ -269,16 +268,23 @@ class Reading:
         timings = dict(self.timings)
         self.timings = {k: 0.0 if k == "load_s" else v for k, v in self.timings.items()}  # the load counts once
         started = time.perf_counter()
-        with (report.reading(len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)
-              if long else nullcontext()) as update:
-            chunks = session.answer(prompt, max_tokens, sampling, cite=cite, focus=Focus(passages=passages),
-                                    on_progress=update)
-            first = next(chunks, "")  # the question is read before the first piece of the answer comes
         parts = []
-        for chunk in itertools.chain([first], chunks):
-            parts.append(chunk)
-            if on_text is not None:
-                on_text(chunk)
+        question, answering, counted = ExitStack(), ExitStack(), []
+
+        def on_token(tokens: int) -> None:
+            if not counted:  # the question is read: its display ends as the answer's begins (one at a time)
+                question.close()
+                counted.append(answering.enter_context(report.answering()))
+            counted[0](tokens)
+
+        with answering, question:
+            update = question.enter_context(report.reading(
+                len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)) if long else None
+            for chunk in session.answer(prompt, max_tokens, sampling, cite=cite, focus=Focus(passages=passages),
+                                        on_progress=update, on_token=on_token):
+                parts.append(chunk)
+                if on_text is not None:
+                    on_text(chunk)
         timings["answer_s"] = time.perf_counter() - started
         timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
         memory = {**peak_memory(), "rss_mb": rss_mb(), **self.memory}

@@ -21,8 +21,14 @@ class Reporter:
 
     @contextmanager
     def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:
-        """Yields update(tokens read so far) for the length of a read; total is None for a stream."""
+        """Yields update(tokens read so far) for the length of a read; total is None for a stream. Updates come as
+        each prefill step passes the model's layers, many a second: drawing them is the reporter's choice."""
         yield lambda done: None
+
+    @contextmanager
+    def answering(self) -> Iterator[Callable[[int], None]]:
+        """Yields update(tokens generated so far) while an answer is generated, once per token."""
+        yield lambda tokens: None
 
 
 def memory_line(block_store_bytes: int = 0) -> str:

@@ -222,9 +222,11 @@ class Session:
 
     def answer(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
                source_map: SourceMap | None = None, cite: int = 0, focus: Focus = Focus(),
-               on_progress: Callable[[int], None] | None = None) -> Iterator[str]:
+               on_progress: Callable[[int], None] | None = None,
+               on_token: Callable[[int], None] | None = None) -> Iterator[str]:
         """Stream the answer's text. Starts from the state right after `read`. on_progress(tokens) follows the
-        reading of the question (the prompt's suffix), as for a document.
+        reading of the question (the prompt's suffix), as for a document; on_token(tokens generated) follows the
+        answer token by token, text shown or not (a stop string or a split character may hold it back).
 
         With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
         passages the question's queries point at in the citing heads (`rank_blocks`). With an active `focus` (and
@@ -257,6 +259,8 @@ class Session:
                 self.finish_reason = "stop"
                 break
             tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens))
             text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
             if stopped:
                 self.finish_reason = "stop"

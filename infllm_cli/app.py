@@ -462,7 +462,7 @@ def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, outpu
     question the prompt's opening is built with (only a template that asks before the document uses it)."""
     from infllm.run import Runner, check
 
-    display = _display(output)
+    display = _display(output, streamed=not one_line)
     plan = check(opts, [sources], first, save=save, report=display)
     runner = Runner(plan, display)
     reading = runner.reading(sources, save=save)
@@ -471,10 +471,19 @@ def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, outpu
         _show(runner.ask(reading, question, on_text=out.write), out, display)
 
 
-def _display(output: Output) -> Display:
+def _display(output: Output, streamed: bool = False) -> Display:
+    """streamed: the command streams its answer to stdout, which, on a terminal, shows the answer coming; else (a
+    file, a pipe, --json) stderr counts the answer's tokens while it is generated."""
     from infllm.cli.progress import Display
 
-    return Display(output.quiet)
+    return Display(output.quiet, answer_shown=streamed and not output.as_json and _is_terminal(sys.stdout))
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _model_options(model_choice: ModelChoice, engine: dict) -> RunOptions:
@@ -504,7 +513,7 @@ def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: Batc
     _stdout()
     if batch.on_ray and not (batch.each and output.as_json):
         raise UsageError("--ray answers per source as JSON lines: use it with --each --json")
-    display = _display(output)
+    display = _display(output, streamed=True)
     groups = [[s] for s in sources] if batch.each else [sources]
     plan = check(opts, groups, question, save=batch.save, each=batch.each and not batch.on_ray, report=display)
     if batch.on_ray:

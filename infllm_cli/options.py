@@ -183,7 +183,8 @@ class Output:
 OUTPUT = OptionGroup("output", (
     _option("as_json", bool, False, "--json",
             help="print one JSON object (per source with --each) instead of the bare answer"),
-    _option("quiet", bool, False, "--quiet", "-q", help="no progress on stderr"),
+    _option("quiet", bool, False, "--quiet", "-q", help="nothing on stderr but errors (and --cite's "
+            "passages): no progress, no warnings"),
 ), Output)
 
 

@@ -1,7 +1,9 @@
 """What the user sees on stderr while infllm works: phases, a live reading display, and one summary line.
 
-Animated only when stderr is a terminal; otherwise one plain line per phase, so logs stay readable. `quiet`
-silences everything but errors and what the user asked for (citations).
+Animated only when stderr is a terminal that can move its cursor (not TERM=dumb); otherwise plain lines, one per
+phase and, while reading or answering, one at most every LOG_INTERVAL_S, so logs stay readable. Progress is drawn
+by time, not by count: the first update shows at once, and the ETA as soon as a token is read. `quiet` silences
+everything but errors and what the user asked for (citations).
 
 Whether stderr counts as a terminal is rich's call (`Console.is_terminal`), so its environment switches apply:
 TTY_COMPATIBLE=1 or a non-empty FORCE_COLOR forces the live display (e.g. under a CI log viewer that renders
@@ -12,6 +14,9 @@ mode still writes dim text and moves the cursor, so here rich gets no colour sys
 reading line is redrawn with a carriage return instead of rich's live bar.
 
 A stream (stdin) has no known length: its display shows tokens read and the rate, never a total or an ETA.
+
+While answering, the answer streaming to a terminal is its own progress; when it does not (stdout redirected, or
+held for --json), the tokens generated so far are counted on stderr instead.
 """
 
 from __future__ import annotations
@@ -23,22 +28,44 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.text import Text
 
 from infllm.reporting import Reporter, memory_line
 
-STREAM_LINE_TOKENS = 1_000_000  # in a log, a stream's line comes at 2x the tokens of the last, at most this apart
+LIVE_INTERVAL_S = 0.5  # a live display is redrawn at most this often
+LOG_INTERVAL_S = 5.0  # in a log (or TERM=dumb), a progress line at most this often
 
 
 def reading_status(done: int, total: int | None, rate: float, memory: str) -> str:
-    """One line of reading progress; with no total (a stream), no share read and no ETA."""
+    """One line of reading progress, its ETA from the mean rate so far (none until a token is read); with no total
+    (a stream), no share read and no ETA."""
     if total is None:
         text = f"read {done:,} tokens, {rate:,.0f} tok/s"
+    elif done <= 0 or rate <= 0:
+        text = f"read {done:,}/{total:,} tokens"
     else:
-        eta = (total - done) / max(rate, 1e-9)
-        text = f"read {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {eta:,.0f} s"
+        text = f"read {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {(total - done) / rate:,.0f} s"
     return f"{text}, {memory}" if memory else text
+
+
+def answering_status(tokens: int, rate: float) -> str:
+    return f"answering: {tokens:,} tokens, {rate:,.1f} tok/s"
+
+
+class Ticker:
+    """Whether a progress update is shown: the first always, then one at most every `interval` seconds."""
+
+    def __init__(self, clock: Callable[[], float], interval: float):
+        self.clock, self.interval = clock, interval
+        self.last: float | None = None
+
+    def due(self) -> bool:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
 
 
 def for_terminal(text: str) -> str:
@@ -71,14 +98,22 @@ class _Console(Console):
 
 class Display(Reporter):
     """Every line goes through rich as plain text (never parsed as markup: a file named `notes [draft].txt` shows as
-    it is) and through for_terminal."""
+    it is) and through for_terminal.
 
-    def __init__(self, quiet: bool = False, stream=None):
+    answer_shown: the answer streams to a terminal as it is generated, so it is its own progress; otherwise (stdout
+    redirected, or the answer held for --json) the count of tokens generated is shown while answering.
+    clock: where rates and the timing of updates come from (tests pass a fake one)."""
+
+    def __init__(self, quiet: bool = False, stream=None, *, answer_shown: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.answer_shown = answer_shown
+        self.clock = clock
         self.no_color = os.environ.get("NO_COLOR", "") != ""
         self.console = _Console(file=self.stream, highlight=False, color_system=None if self.no_color else "auto")
-        self.live = self.console.is_terminal and not quiet
+        # TERM=dumb cannot move the cursor: rich would draw nothing until the end there, so it gets plain lines.
+        self.live = self.console.is_terminal and not self.console.is_dumb_terminal and not quiet
 
     def phase(self, text: str) -> None:
         if not self.quiet:
@@ -93,7 +128,8 @@ class Display(Reporter):
         self._line(text, "infllm: error:")
 
     def warn(self, text: str) -> None:
-        self._line(text, "infllm: warning:", "yellow")
+        if not self.quiet:
+            self._line(text, "infllm: warning:", "yellow")
 
     def _line(self, text: str, label: str = "", style: str = "") -> None:
         line = Text(for_terminal(text))
@@ -103,64 +139,78 @@ class Display(Reporter):
 
     @contextmanager
     def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:
-        """Yields update(done): live in a terminal; in a log, a line every ~10% (a stream: at doubling counts).
-        total is None for a stream."""
-        start = time.perf_counter()
+        """Yields update(done); total is None for a stream."""
+        start = self.clock()
 
         def status(done: int) -> str:
-            rate = done / max(time.perf_counter() - start, 1e-9)
+            rate = done / max(self.clock() - start, 1e-9)
             return reading_status(done, total, rate, memory_line(block_store_bytes()))
 
-        if self.live and not self.no_color:
-            with self._bar(total, start, block_store_bytes) as update:
-                yield update
-        elif self.live:
-            with self._redrawn_line(status) as update:
-                yield update
-        else:
-            yield self._log_lines(total, status)
-
-    @contextmanager
-    def _bar(self, total: int | None, start: float, block_store_bytes) -> Iterator[Callable[[int], None]]:
-        count = "{task.completed:,} tok" if total is None else "{task.completed:,}/{task.total:,} tok"
-        columns = [TextColumn("reading"), BarColumn(), TextColumn(count), TextColumn("{task.fields[rate]}"),
-                   TextColumn("{task.fields[mem]}")]
-        if total is not None:
-            columns.insert(4, TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task("read", total=total, rate="", mem="")
-
-            def update(done: int) -> None:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s", mem=memory_line(block_store_bytes()))
-
+        with self._progress(status, "reading", total) as update:
             yield update
 
     @contextmanager
-    def _redrawn_line(self, status: Callable[[int], str]) -> Iterator[Callable[[int], None]]:
+    def answering(self) -> Iterator[Callable[[int], None]]:
+        """Yields update(tokens generated): shown only when the answer itself is not (answer_shown)."""
+        if self.answer_shown:
+            yield lambda tokens: None
+            return
+        start = self.clock()
+        with self._progress(lambda tokens: answering_status(tokens, tokens / max(self.clock() - start, 1e-9))) \
+                as update:
+            yield update
+
+    @contextmanager
+    def _progress(self, status: Callable[[int], str], label: str = "", total: int | None = None,
+                  ) -> Iterator[Callable[[int], None]]:
+        """Yields update(done), drawn by time, not by count: the first update at once, then at most every
+        LIVE_INTERVAL_S in a terminal (rich's bar; with NO_COLOR a line redrawn in place) or LOG_INTERVAL_S as plain
+        lines elsewhere. With a label, the terminal's display is a bar (moving even with no total, for a stream)."""
+        if self.quiet:
+            yield lambda done: None
+            return
+        ticker = Ticker(self.clock, LIVE_INTERVAL_S if self.live else LOG_INTERVAL_S)
+
+        def when_due(draw: Callable[[int], None]) -> Callable[[int], None]:
+            def update(done: int) -> None:
+                if ticker.due():
+                    draw(done)
+            return update
+
+        if self.live and not self.no_color:
+            with self._bar(label, total) as bar:
+                yield when_due(lambda done: bar(done, status(done)))
+        elif self.live:
+            with self._redrawn_line() as line:
+                yield when_due(lambda done: line(status(done)))
+        else:
+            yield when_due(lambda done: self.phase(status(done)))
+
+    @contextmanager
+    def _bar(self, label: str, total: int | None) -> Iterator[Callable[[int, str], None]]:
+        columns = [TextColumn("{task.fields[status]}", markup=False)]
+        if label:
+            columns[:0] = [TextColumn(label, markup=False), BarColumn()]
+        # rich would catch what is written to stdout meanwhile (the answer) and print it on stderr, above the bar.
+        with Progress(*columns, console=self.console, transient=True, redirect_stdout=False,
+                      redirect_stderr=False) as bar:
+            task = bar.add_task(label, total=total, status="")
+            yield lambda done, status: bar.update(task, completed=done, status=for_terminal(status), refresh=True)
+
+    @contextmanager
+    def _redrawn_line(self) -> Iterator[Callable[[str], None]]:
         shown = [0]
         width = max(20, self.console.width - 1)  # a wrapped line could not be redrawn in place
 
-        def update(done: int) -> None:
-            line = status(done)[:width]
+        def draw(status: str) -> None:
+            line = status[:width]
             self.stream.write("\r" + line.ljust(shown[0]))
             self.stream.flush()
             shown[0] = len(line)
 
         try:
-            yield update
+            yield draw
         finally:
             if shown[0]:  # clear it, as rich's transient bar does
                 self.stream.write("\r" + " " * shown[0] + "\r")
                 self.stream.flush()
-
-    def _log_lines(self, total: int | None, status: Callable[[int], str]) -> Callable[[int], None]:
-        next_mark = [0.1 * total if total is not None else 0]
-
-        def update(done: int) -> None:
-            if self.quiet or done < next_mark[0]:
-                return
-            next_mark[0] = done + (0.1 * total if total is not None else min(max(done, 1), STREAM_LINE_TOKENS))
-            self.phase(status(done))
-
-        return update

@@ -5,6 +5,7 @@ TTY_COMPATIBLE=1 (or FORCE_COLOR) makes stderr count as a terminal, TTY_COMPATIB
 NO_COLOR is stricter here than no-color.org asks: no escape code at all (no dim, no cursor moves), the reading line
 redrawn with a carriage return. A stream (stdin) shows tokens and a rate, never a total or an ETA.
 Every run uses the tiny random Llama from conftest on the CPU, with a document longer than its window.
+Progress is drawn by time, not by count: the unit tests move a fake clock by hand, never sleep.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from infllm.cli.app import app
-from infllm.cli.progress import Display
+from infllm.cli.progress import LIVE_INTERVAL_S, LOG_INTERVAL_S, Display, reading_status
 
 ENGINE = ["--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
           "--prefill-chunk", "128", "--cache-blocks", "4"]
@@ -88,11 +89,21 @@ def test_display_decides_terminal_from_the_stream_and_rich_env(monkeypatch, env,
     assert Display(quiet=True, stream=io.StringIO()).live is False
 
 
+class Clock:
+    """A clock the test moves by hand: progress is drawn by time, and no test sleeps for it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_display_no_color_writes_no_escape_code_in_any_kind_of_line(monkeypatch):
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     monkeypatch.setenv("NO_COLOR", "1")
-    out = io.StringIO()
-    display = Display(stream=out)
+    out, clock = io.StringIO(), Clock()
+    display = Display(stream=out, clock=clock)
     assert display.live
     display.phase("loading model")
     display.warn("something odd")
@@ -101,6 +112,7 @@ def test_display_no_color_writes_no_escape_code_in_any_kind_of_line(monkeypatch)
     for total in (100, None):
         with display.reading(total, lambda: 2**20) as update:
             for done in range(0, 101, 10):
+                clock.now += 1
                 update(done)
     text = out.getvalue()
     assert "loading model" in text and "something odd" in text and "one source failed" in text
@@ -112,23 +124,96 @@ def test_display_no_color_writes_no_escape_code_in_any_kind_of_line(monkeypatch)
 @pytest.mark.parametrize("live", [False, True])
 def test_a_stream_shows_tokens_and_rate_but_no_total_and_no_eta(monkeypatch, live):
     monkeypatch.setenv("TTY_COMPATIBLE", "1" if live else "0")
-    out = io.StringIO()
-    with Display(stream=out).reading(None, lambda: 0) as update:
+    out, clock = io.StringIO(), Clock()
+    with Display(stream=out, clock=clock).reading(None, lambda: 0) as update:
         for done in range(0, 5000, 128):
+            clock.now += 1
             update(done)
     text = out.getvalue()
-    assert "tok/s" in text and ("4,992 tok" if live else "read 4,096 tokens") in text
+    assert "tok/s" in text and ("4,992 tok" if live else "read 4,480 tokens") in text
     assert "ETA" not in text and "/" not in text.replace("tok/s", "") and not re.search(r"\d:\d\d:\d\d", text)
 
 
-def test_a_stream_in_a_log_gets_lines_at_doubling_counts(monkeypatch):
+@pytest.mark.parametrize("total", [1_000_000, None])
+def test_in_a_log_progress_comes_by_time_from_the_first_update(monkeypatch, total):
+    """A line at the first update (however small a share of the total it is), then one at most every
+    LOG_INTERVAL_S, whatever the count: a slow read is never silent for long, a fast one never floods the log."""
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    out, clock = io.StringIO(), Clock()
+    with Display(stream=out, clock=clock).reading(total, lambda: 0) as update:
+        for step in range(1, 41):  # 100 tokens every half second: 20 s in all
+            clock.now += 0.5
+            update(100 * step)
+    counts = [int(line.split()[2].split("/")[0].replace(",", "")) for line in out.getvalue().splitlines()]
+    assert LOG_INTERVAL_S == 5.0
+    assert counts == [100, 1_100, 2_100, 3_100]  # at 0.5 s, then every 5 s
+
+
+def test_a_live_display_is_redrawn_at_most_every_live_interval(monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("NO_COLOR", "1")  # the carriage-return line: each redraw is one "\r" in the text
+    out, clock = io.StringIO(), Clock()
+    with Display(stream=out, clock=clock).reading(10_000, lambda: 0) as update:
+        for step in range(1, 101):  # an update every 0.1 s for 10 s
+            clock.now += 0.1
+            update(step)
+    drawn = re.findall(r"read (\d+)/10,000", out.getvalue())
+    assert drawn[0] == "1"  # the first update at once
+    assert LIVE_INTERVAL_S == 0.5 and len(drawn) == 20  # then one every 0.5 s, not one per update
+
+
+def test_the_live_bar_shows_the_eta_from_the_first_update(monkeypatch):
+    """rich's own time-remaining column stays blank until it has a few samples; ours is the mean rate so far."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "160")
+    out, clock = io.StringIO(), Clock()
+    with Display(stream=out, clock=clock).reading(10_000, lambda: 0) as update:
+        clock.now += 2
+        update(1_000)  # 500 tok/s: 9,000 tokens left take 18 s
+        assert "read 1,000/10,000 tokens, 500 tok/s, ETA 18 s" in out.getvalue()
+    assert reading_status(0, 10_000, 0.0, "") == "read 0/10,000 tokens"  # no rate yet: no ETA, never a division by 0
+
+
+def test_term_dumb_gets_plain_lines_not_a_bar(monkeypatch):
+    """A dumb terminal cannot move the cursor: rich would show nothing there until the end."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TERM", "dumb")
+    out, clock = io.StringIO(), Clock()
+    display = Display(stream=out, clock=clock)
+    assert not display.live
+    with display.reading(10_000, lambda: 0) as update:
+        clock.now += 1
+        update(2_000)
+    assert out.getvalue().startswith("infllm: read 2,000/10,000 tokens, 2,000 tok/s, ETA 4 s")
+    assert ESC not in out.getvalue() and "\r" not in out.getvalue()
+
+
+@pytest.mark.parametrize("answer_shown", [False, True])
+def test_answering_counts_tokens_only_when_the_answer_is_not_on_a_terminal(monkeypatch, answer_shown):
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    out, clock = io.StringIO(), Clock()
+    with Display(stream=out, clock=clock, answer_shown=answer_shown).answering() as update:
+        for tokens in range(1, 31):  # a token every half second
+            clock.now += 0.5
+            update(tokens)
+    lines = out.getvalue().splitlines()
+    assert lines == ([] if answer_shown else ["infllm: answering: 1 tokens, 2.0 tok/s",
+                                              "infllm: answering: 11 tokens, 2.0 tok/s",
+                                              "infllm: answering: 21 tokens, 2.0 tok/s"])
+
+
+def test_quiet_shows_errors_and_citations_only(monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     out = io.StringIO()
-    with Display(stream=out).reading(None, lambda: 0) as update:
-        for done in range(128, 5000, 128):
-            update(done)
-    counts = [int(line.split()[2].replace(",", "")) for line in out.getvalue().splitlines()]
-    assert counts == [128, 256, 512, 1024, 2048, 4096]
+    display = Display(quiet=True, stream=out, answer_shown=False)
+    display.phase("loading model")
+    display.warn("something odd")
+    for progress in (display.reading(100, lambda: 0), display.answering()):
+        with progress as update:
+            update(50)
+    display.error("one source failed")
+    display.always("[1] a citation")
+    assert out.getvalue() == "infllm: error: one source failed\n[1] a citation\n"
 
 
 def test_display_colours_without_no_color(monkeypatch):
@@ -150,7 +235,7 @@ def test_forced_terminal_shows_the_live_display_on_stderr_only(ask):
     assert "\x1b[?25l" in result.stderr and "\x1b[?25h" in result.stderr  # hide / show cursor around the bar
     assert "reading" in result.stderr and "tok/s" in result.stderr
     assert "loading model" in result.stderr and "answered" in result.stderr
-    # The plain per-10% lines are for pipes only.
+    # The plain progress lines are for pipes only.
     assert not any(line.startswith("infllm: read ") and "ETA" in line for line in result.stderr.splitlines())
     # stdout: the answer and its newline, exactly as in a quiet run; no escape codes, no progress.
     assert result.stdout == plain.stdout
@@ -187,8 +272,23 @@ def test_not_a_terminal_gives_plain_lines(ask, env):
     lines = result.stderr.splitlines()
     assert lines and all(line.startswith("infllm: ") for line in lines), lines
     reading = [line for line in lines if line.startswith("infllm: read ") and "ETA" in line]
-    assert 1 <= len(reading) <= 11  # one line per ~10% of the document, not a line per prefill step
+    assert 1 <= len(reading) <= 11  # by time: a line at once, then one every 5 s, not one per prefill step
     assert "tok/s" in lines[-1] and "answered" in lines[-1]
+
+
+def test_term_dumb_gets_plain_progress_lines(ask):
+    result = ask(env={"TTY_COMPATIBLE": "1", "TERM": "dumb", "COLUMNS": "120"})
+    assert ESC not in result.stderr and "\r" not in result.stderr
+    assert any(line.startswith("infllm: read ") and "ETA" in line for line in result.stderr.splitlines())
+
+
+def test_an_answer_going_to_a_file_or_pipe_is_counted_on_stderr(ask):
+    """stdout is not a terminal here, so the answer coming is not seen: stderr says how far it has got."""
+    result = ask()
+    plain = ask("--quiet")
+    assert any(re.fullmatch(r"infllm: answering: \d+ tokens, [\d,.]+ tok/s", line)
+               for line in result.stderr.splitlines()), result.stderr
+    assert result.stdout == plain.stdout and "answering" not in plain.stderr
 
 
 # --- shell completion (typer's) --------------------------------------------------------------------------------

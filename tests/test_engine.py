@@ -52,6 +52,16 @@ def test_feeding_in_calls_of_any_size_equals_full_attention(cuts):
     assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
 
 
+def test_progress_comes_as_each_layer_finishes_a_prefill_piece():
+    """A prefill piece takes seconds to minutes on a CPU: its progress moves layer by layer, not only at its end."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(5))
+    cfg = EngineConfig(sinks=16, window=256, block_size=16, topk=2, query_chunk=32, cache_blocks=4, prefill_chunk=128)
+    done: list[int] = []
+    Engine(model, cfg).feed(ids, on_progress=done.append)
+    assert done == [32, 64, 96, 128, 160, 192, 224, 256, 267, 278, 289, 300]  # 128, 128, then 44 tokens, by quarters
+
+
 def test_rope_scaling_is_honoured():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 256, "rope_theta": 10000.0}

@@ -114,8 +114,9 @@ class Engine:
         return store_bytes_per_token(self.adapter.config, self.config, self.adapter.dtype)
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [L] -> last-layer hidden states [L, hidden]; every layer's memory advances by L tokens."""
+    def _forward(self, ids: torch.Tensor, after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """ids [L] -> last-layer hidden states [L, hidden]; every layer's memory advances by L tokens.
+        after_layer(layers done) is called as each layer finishes."""
         a = self.adapter
         hidden = a.embed(ids.to(a.input_device))
         self.masks.clear()  # masks are per positions: this call's are shared by every layer, then dropped
@@ -126,6 +127,8 @@ class Engine:
             attn = self.layers[i].attend(q, k, v)
             with record_function("infllm.projections"):  # o projection and MLP
                 hidden = a.finish(i, hidden, attn)
+            if after_layer is not None:
+                after_layer(i + 1)
         return hidden
 
     @torch.inference_mode()
@@ -133,7 +136,8 @@ class Engine:
              on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Read tokens into memory. Returns the last token's logits [vocab], or [N, vocab] with all_logits.
 
-        on_progress(tokens_done) is called after each prefill piece.
+        on_progress(tokens_done) is called as each layer finishes a prefill piece, the piece's tokens counted in
+        proportion to the layers done: a piece takes seconds to minutes on a CPU, its layers a fraction of that.
         """
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.numel() == 0:
@@ -142,13 +146,14 @@ class Engine:
         last = None
         for start in range(0, ids.numel(), self.config.prefill_chunk):
             piece = ids[start : start + self.config.prefill_chunk]
-            hidden = self._forward(piece)
+            after_layer = None
+            if on_progress is not None:
+                after_layer = _piece_progress(on_progress, start, piece.numel(), len(self.adapter.layers))
+            hidden = self._forward(piece, after_layer)
             if all_logits:
                 outs.append(self.adapter.logits(hidden))
             else:
                 last = hidden[-1:]
-            if on_progress is not None:
-                on_progress(start + piece.numel())
         if all_logits:
             return torch.cat(outs)
         return self.adapter.logits(last)[0]
@@ -165,3 +170,8 @@ class Engine:
                 return
             yield token
             logits = self.feed([token])
+
+
+def _piece_progress(on_progress: Callable[[int], None], start: int, size: int, layers: int) -> Callable[[int], None]:
+    """after_layer for a prefill piece of `size` tokens from `start`: tokens done in proportion to layers done."""
+    return lambda done: on_progress(start + size * done // layers)
