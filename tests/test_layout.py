@@ -110,6 +110,27 @@ def test_no_module_imports_itself_back():
     assert not [m for m in sorted(GRAPH) if m in reach(m)]
 
 
+# Declared for what they do inside another dependency, never imported by the package itself.
+USED_THROUGH = {"gguf": "transformers reads GGUF files with it"}
+
+
+def test_every_declared_dependency_is_used():
+    """A dependency nothing imports is installed for nothing (and may need what the run time lacks: a network)."""
+    import re
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    imported = set()
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    names = {re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower().replace("-", "_") for spec in declared}
+    assert sorted(names - imported - USED_THROUGH.keys()) == []
+
+
 def test_the_wheel_installs_one_name_and_every_module(tmp_path):
     """`pip install infllm` puts `infllm` and its metadata in site-packages, nothing else, and every module and
     template of the three source folders is in it."""
