@@ -26,7 +26,7 @@ from infllm.config import EngineConfig
 from infllm.defaults import settings_for
 from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Prompt, build_prompt, builtin_template,
                                         has_chat_template, load_template)
-from infllm.documents.readers import STDIN, Piece, iter_pieces
+from infllm.documents.readers import STDIN, Piece, SkipReport, iter_pieces
 from infllm.engine.sampling import SamplingConfig
 from infllm.errors import InfllmError, SnapshotError, UsageError
 from infllm.reporting import Reporter
@@ -120,18 +120,19 @@ class Model:
 
     def read(self, sources: Sequence[str], *, engine: EngineConfig | None = None, template: str = "ask",
              system: str | None = None, question: str = "", keep_text: bool = True,
-             cache: ReadCache | None = None) -> "Reading":
+             cache: ReadCache | None = None, gitignore: bool = True) -> "Reading":
         """Read files, directories or '-' (stdin, read as it arrives) into a fresh memory.
 
         The template's opening (up to {document}) is read first, so answers must use the same template and system
         prompt; `question` matters only for a template that asks before the document. keep_text: keep the text for
         citations and snapshots (only a stream can do without it). cache: open the read kept there for the same
-        bytes, model, settings and prompt opening instead of reading, or keep this one (infllm.cache)."""
+        bytes, model, settings and prompt opening instead of reading, or keep this one (infllm.cache). gitignore:
+        skip inside directories what their .gitignore files ignore (one phase line says how much)."""
         template_text = load_template(template)
         system = self.default_system if system is None else system
         prompt = build_prompt(self.loaded.tokenizer, template_text, question, system)
         config = engine or self.settings()
-        key = cache.key(list(sources), self.loaded, config, prompt.prefix) if cache is not None else None
+        key = cache.key(list(sources), self.loaded, config, prompt.prefix, gitignore) if cache is not None else None
         snap = cache.find(key) if key is not None else None
         if snap is not None:
             try:
@@ -142,9 +143,9 @@ class Model:
         session = Session(self.loaded, config)
         reading = Reading(self, session, template_text, system, list(sources), self._first_timings())
         if STDIN in sources:
-            reading._read_stream(prompt.prefix, keep_text)
+            reading._read_stream(prompt.prefix, keep_text, gitignore)
         else:
-            reading._read_files(prompt.prefix)
+            reading._read_files(prompt.prefix, gitignore)
         if key is not None:
             reading._keep(cache, key)
         return reading
@@ -203,16 +204,19 @@ class Reading:
         """Peak process RSS and GPU memory so far, in MB."""
         return peak_memory()
 
-    def _read_files(self, prefix: list[int]) -> None:
+    def _read_files(self, prefix: list[int], gitignore: bool) -> None:
         """Extract and tokenize (one pass, the memory checked as the tokens are counted), then read."""
         report, session = self.model.report, self.session
         started = time.perf_counter()
         report.phase("extracting text from " + ", ".join(self.sources) + " and tokenizing it")
-        extracting = _Timed(iter_pieces(self.sources))
+        skipped = SkipReport()
+        extracting = _Timed(iter_pieces(self.sources, skipped=skipped, gitignore=gitignore))
         # Refused as soon as the tokens counted so far cannot fit: a small gzip of a huge text is never held whole.
         document, source_map = session.tokenize_pieces(
             extracting, on_tokens=lambda n: check_reading(session, len(prefix) + n, self.sources))
         t_tok = time.perf_counter()
+        if skipped.ignored_line():
+            report.phase(skipped.ignored_line())
         total = len(prefix) + len(document)
         per_token = session.engine.memory_report_per_token()
         report.phase(f"{len(document):,} tokens from {len(source_map.text):,} characters; memory will take about "
@@ -223,7 +227,7 @@ class Reading:
         self.timings.update(extract_s=extracting.seconds, tokenize_s=t_tok - started - extracting.seconds,
                             prefill_s=time.perf_counter() - t_tok)
 
-    def _read_stream(self, prefix: list[int], keep_text: bool) -> None:
+    def _read_stream(self, prefix: list[int], keep_text: bool, gitignore: bool) -> None:
         """Sources that include stdin, read as the text arrives: extracting, tokenizing and prefill in one pass, so
         memory grows only by the block store. Its size is unknown until the end, so the memory check runs before
         every prefill step instead of once."""
@@ -231,10 +235,14 @@ class Reading:
         started = time.perf_counter()
         report.phase("extracting text from " + ", ".join(self.sources) + " (a stream: tokenized and read as it "
                      "arrives, so no total and no ETA)")
-        pieces = iter_pieces(self.sources, stdin=getattr(sys.stdin, "buffer", None))
+        skipped = SkipReport()
+        pieces = iter_pieces(self.sources, stdin=getattr(sys.stdin, "buffer", None), skipped=skipped,
+                             gitignore=gitignore)
         with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
+        if skipped.ignored_line():
+            report.phase(skipped.ignored_line())
         self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
 
     def _keep(self, cache: ReadCache, key: str) -> None:

@@ -69,9 +69,10 @@ class ReadCache:
     # ---- keys and lookups ------------------------------------------------------------------------------------
 
     @staticmethod
-    def key(sources: list[str], loaded, config, prefix: list[int]) -> str | None:
+    def key(sources: list[str], loaded, config, prefix: list[int], gitignore: bool = True) -> str | None:
         """The entry name for reading `sources` with this model, settings and prompt opening; None if a source
-        cannot be hashed (stdin, a missing file: the read itself then says why)."""
+        cannot be hashed (stdin, a missing file: the read itself then says why). A directory's files are those
+        the read opens (gitignore as for the read), so a file it skips changes nothing."""
         from infllm.documents.readers import STDIN, source_files
         from infllm.snapshot import tokenizer_fingerprint
 
@@ -83,7 +84,7 @@ class ReadCache:
         digest.update(json.dumps(settings, sort_keys=True).encode())
         try:
             for source in sources:
-                for path, name in source_files(source):
+                for path, name in source_files(source, gitignore):
                     # Lengths first, so that no two lists of names and contents hash alike.
                     for part in (os.fsencode(source), os.fsencode(name)):
                         digest.update(b"%d:" % len(part) + part)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from infllm.documents.measure import measure_stream
-from infllm.documents.readers import STDIN, describe_source, iter_pieces
+from infllm.documents.readers import STDIN, SkipReport, describe_source, iter_pieces
 from infllm.engine.sizing import memory_blocks, store_bytes_per_token
 from infllm.reporting import Reporter
 from infllm.runtime.loading import pick_device, pick_dtype
@@ -20,16 +20,21 @@ from infllm.session import Session
 
 
 def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: str = "auto",
-             report: Reporter | None = None) -> dict:
-    """What `infllm info --json` prints. load() returns (infllm.api.Model, its EngineConfig)."""
+             report: Reporter | None = None, gitignore: bool = True) -> dict:
+    """What `infllm info --json` prints. load() returns (infllm.api.Model, its EngineConfig). gitignore: inside
+    directories, count only what a read would (not what .gitignore files ignore)."""
     report = report or Reporter()
-    described = [describe_source(s).__dict__ for s in sources if s != STDIN]  # what cannot be read fails first
+    # What cannot be read fails first.
+    described = [describe_source(s, gitignore).__dict__ for s in sources if s != STDIN]
     model, config = load()
     session = Session(model.loaded, config)
     report.phase("counting " + ", ".join(sources) + " (tokenized in pieces as it is extracted, the same tokens as "
                  "the whole text, in flat memory)")
-    size = measure_stream(model.loaded.tokenizer, iter_pieces(sources, stdin=getattr(sys.stdin, "buffer", None)),
-                          config.prefill_chunk)
+    skipped = SkipReport()
+    pieces = iter_pieces(sources, stdin=getattr(sys.stdin, "buffer", None), skipped=skipped, gitignore=gitignore)
+    size = measure_stream(model.loaded.tokenizer, pieces, config.prefill_chunk)
+    if skipped.ignored_line():
+        report.phase(skipped.ignored_line())
     tokens, calibration = size.tokens, size.head
     session.read([], calibration[:64])  # first calls pay one-off kernel set-up; keep it out of the rate
     start = time.perf_counter()

@@ -40,6 +40,7 @@ class RunOptions:
     cache: bool = False  # open the reads kept in the read cache, keep new ones there (infllm.cache)
     refuse_stale: bool = False  # refuse a snapshot whose source files changed since it was read (else: a warning)
     passages: int = 3  # best passages by the question's words, re-read before it (infllm.session.Focus)
+    gitignore: bool = True  # inside directories, skip what .gitignore files ignore
 
     def __post_init__(self):
         check_answer(self.max_tokens, self.sampling, self.cite, self.passages)  # before the model loads
@@ -192,7 +193,7 @@ class Runner:
             return self.model.open(snap, engine=opts.engine, system=opts.system, template=opts.template)
         reading = self.model.read(sources, engine=plan.config, template=opts.template, system=opts.system,
                                   question=plan.question, keep_text=opts.cite > 0 or opts.passages > 0 or save is not None,
-                                  cache=self.cache)
+                                  cache=self.cache, gitignore=opts.gitignore)
         if save is not None:
             reading.save(save, opts.model)
         return reading

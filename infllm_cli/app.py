@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, AnswerChoice, BatchChoice, ModelChoice, Output,
-                                Reuse, answer_options, options)
+from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, SOURCES, AnswerChoice, BatchChoice, ModelChoice,
+                                Output, Reuse, answer_options, options)
 from infllm.cli.progress import discard, for_terminal
 from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RESOURCES, InfllmError, UsageError
 
@@ -247,7 +247,8 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
 
 
 
-def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse) -> RunOptions:
+def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse,
+                 gitignore: bool) -> RunOptions:
     from infllm.api import SamplingConfig
     from infllm.run import RunOptions
 
@@ -255,7 +256,8 @@ def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, 
                       SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
                                      answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
                       answer.max_tokens,
-                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale, answer.passages)
+                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale, answer.passages,
+                      gitignore)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
@@ -268,7 +270,7 @@ SUMMARY_NO_REPEAT_NGRAM = 4
 @app.command(epilog=ASK_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), BATCH, REUSE, OUTPUT)
+                                       "and {question}"), BATCH, REUSE, SOURCES, OUTPUT)
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
@@ -276,11 +278,11 @@ def ask(
         "ask every question in FILE (one a line; '-': stdin), each from the state after the read: one answer a "
         "line on stdout (a JSON line each with --json); the arguments are then all sources"))] = None,
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
-    output: Output,
+    gitignore: bool, output: Output,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
-    opts = _run_options(model_choice, engine, answer_choice, reuse)
+    opts = _run_options(model_choice, engine, answer_choice, reuse, gitignore)
     if questions is None:
         _check_question_order(args)
         sources, question = _split_question(args, batch.files_from)
@@ -297,22 +299,24 @@ def ask(
 @guarded
 @options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file",
                                        repetition_penalty=SUMMARY_REPETITION_PENALTY,
-                                       no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM, passages=0), BATCH, REUSE, OUTPUT)
+                                       no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM, passages=0), BATCH, REUSE, SOURCES,
+         OUTPUT)
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
-    output: Output,
+    gitignore: bool, output: Output,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
     from infllm.api import SUMMARY_REQUEST
 
     sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], batch.files_from)
-    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse), batch, output)
+    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse, gitignore), batch,
+                output)
 
 
 @app.command("read", epilog=READ_EPILOG)
 @guarded
-@options(MODEL, ENGINE, OUTPUT)
+@options(MODEL, ENGINE, SOURCES, OUTPUT)
 def read_command(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
     output_path: Annotated[str, typer.Option("--output", "-o", metavar="PATH",
@@ -320,7 +324,7 @@ def read_command(
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: prompts/system.txt)")] = None,
     template: Annotated[str, typer.Option(help="template whose opening (before {document}) is read with the "
                                               "text")] = "ask",
-    *, model_choice: ModelChoice, engine: dict, output: Output,
+    *, model_choice: ModelChoice, engine: dict, gitignore: bool, output: Output,
 ) -> None:
     """Read documents once and save the context memory as a snapshot: `infllm ask FILE.infllm "..."` and
     `infllm summarize FILE.infllm` then answer from it without reading the text again."""
@@ -333,7 +337,7 @@ def read_command(
 
     check_output(output_path, sources)  # before the model loads and the text is read
     model, settings = prepare(_model_options(model_choice, engine), _display(output))
-    reading = model.read(sources, engine=settings, template=template, system=system)
+    reading = model.read(sources, engine=settings, template=template, system=system, gitignore=gitignore)
     size = reading.save(output_path, model_choice.model)
     if output.as_json:
         _print_json({"snapshot": output_path, "bytes": size, "model": model.name, "inputs": sources,
@@ -343,10 +347,10 @@ def read_command(
 
 @app.command(epilog=INFO_EPILOG)
 @guarded
-@options(MODEL, ENGINE, OUTPUT)
+@options(MODEL, ENGINE, SOURCES, OUTPUT)
 def info(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
-    *, model_choice: ModelChoice, engine: dict, output: Output,
+    *, model_choice: ModelChoice, engine: dict, gitignore: bool, output: Output,
 ) -> None:
     """What would be read: documents, pages, characters, exact tokens, memory blocks, memory and time estimates.
 
@@ -360,7 +364,7 @@ def info(
     sources, _ = _split_question([*(sources or []), "info"])
     display = _display(output)
     report = estimate(sources, lambda: prepare(_model_options(model_choice, engine), display), model_choice.device,
-                      model_choice.dtype, display)
+                      model_choice.dtype, display, gitignore)
     rate = report.pop("tokens_per_s")
     if output.as_json:
         _print_json({k: v for k, v in report.items() if k != "model"})
@@ -427,11 +431,12 @@ def cache_clear() -> None:
 @app.command(epilog=CHAT_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), REUSE, OUTPUT)
+                                       "and {question}"), REUSE, SOURCES, OUTPUT)
 def chat(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...|SNAPSHOT",
                        help="files, directories or a snapshot (stdin holds the questions)")],
-    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, reuse: Reuse, output: Output,
+    *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, reuse: Reuse, gitignore: bool,
+    output: Output,
 ) -> None:
     """Read once, then answer the questions typed at the `> ` prompt (on stderr), one a line, until end of input
     (Ctrl-D). Each question is answered from the state right after the read, independently of the others."""
@@ -453,7 +458,7 @@ def chat(
             if line.strip():
                 yield line.strip()
 
-    _ask_many(sources, "", typed(), _run_options(model_choice, engine, answer_choice, reuse), output)
+    _ask_many(sources, "", typed(), _run_options(model_choice, engine, answer_choice, reuse, gitignore), output)
 
 
 def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, output: Output, *,

@@ -202,3 +202,10 @@ REUSE = OptionGroup("reuse", (
     _option("refuse_stale", bool, False, "--refuse-stale",
             help="refuse (exit 5) a snapshot whose source files changed since it was read, instead of a warning"),
 ), lambda no_cache, refuse_stale: Reuse(not no_cache, refuse_stale))
+
+
+SOURCES = OptionGroup("gitignore", (
+    _option("no_ignore", bool, False, "--no-ignore",
+            help="inside directories, also read the files that .gitignore files ignore (hidden ones, .git/ "
+                 "among them, stay skipped)"),
+), lambda no_ignore: not no_ignore)

@@ -225,6 +225,22 @@ def test_quiet_silences_the_conversion_of_a_gguf(ask, docs, stand_in_gguf):
     assert result.stderr == "" and result.stdout.strip()
 
 
+def test_a_directory_skips_what_gitignore_ignores_in_one_line_and_no_ignore_reads_it(ask, tmp_path):
+    code = tmp_path / "code"
+    (code / "build").mkdir(parents=True)
+    (code / ".gitignore").write_text("build/\n*.tmp\n")
+    (code / "main.txt").write_text(_text("pass key", 40))
+    (code / "scratch.tmp").write_text(_text("scratch", 40))
+    (code / "build" / "out.txt").write_text(_text("build output", 40))
+    honoured = ask("--json", "--no-cache", code, "What is the pass key?")
+    everything = ask("--json", "--no-cache", "--no-ignore", code, "What is the pass key?")
+    assert honoured.exit_code == everything.exit_code == 0, (honoured.stderr, everything.stderr)
+    assert [line for line in honoured.stderr.splitlines() if "gitignore" in line] == [
+        "infllm: skipped 1 file and 1 folder ignored by .gitignore (--no-ignore reads them)"]
+    assert "gitignore" not in everything.stderr
+    assert json.loads(everything.stdout)["tokens_read"] > 2 * json.loads(honoured.stdout)["tokens_read"]
+
+
 def test_quiet_still_reports_errors(ask, tmp_path):
     result = ask("-q", tmp_path / "missing.txt", "q")
     assert_one_error_line(result, 3)

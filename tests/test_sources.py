@@ -382,6 +382,72 @@ def test_directory_without_text_is_refused(tmp_path):
     assert "no readable text files" in message and "1 binary, 1 hidden" in message
 
 
+def make_repo(root: Path) -> Path:
+    """A code base in a git repository: build outputs, a vendored tree and logs that its .gitignore files ignore
+    (nested ones included, a deeper one re-including a file), and the folder `src` a user might name."""
+    write(root, ".git/HEAD", b"ref: refs/heads/main\n")
+    write(root, ".gitignore", b"*.log\n/dist/\n")
+    write(root, "README.md", b"# the project\n")
+    write(root, "dist/app.js", b"minified\n")
+    write(root, "run.log", b"noise\n")
+    write(root, "src/.gitignore", b"build/\n!keep.log\n")
+    write(root, "src/main.py", b"print('hi')\n")
+    write(root, "src/keep.log", b"kept\n")
+    write(root, "src/debug.log", b"noise\n")
+    write(root, "src/build/out.txt", b"generated\n")
+    write(root, "src/lib/.gitignore", b"vendor\n")
+    write(root, "src/lib/util.py", b"pass\n")
+    write(root, "src/lib/vendor/big.py", b"vendored\n")
+    return root / "src"
+
+
+def files_read(root: Path, **kwargs) -> list[str]:
+    return [Path(p.source).relative_to(root).as_posix() for p in iter_pieces([str(root)], **kwargs)]
+
+
+def test_a_directory_skips_what_its_gitignore_files_ignore_and_counts_it(tmp_path):
+    make_repo(tmp_path)
+    skipped = SkipReport()
+    assert files_read(tmp_path, skipped=skipped) == ["README.md", "src/keep.log", "src/lib/util.py", "src/main.py"]
+    # run.log, src/debug.log; dist/, src/build/, src/lib/vendor/ (each once: what is inside is not looked at)
+    assert (skipped.ignored_files, skipped.ignored_folders) == (2, 3)
+    assert skipped.hidden == 4  # .git/ and the three .gitignore files
+    assert skipped.ignored_line() == "skipped 2 files and 3 folders ignored by .gitignore (--no-ignore reads them)"
+
+
+def test_a_folder_inside_a_repository_follows_the_gitignore_files_above_it(tmp_path):
+    src = make_repo(tmp_path)
+    assert files_read(src) == ["keep.log", "lib/util.py", "main.py"]  # *.log from the top, !keep.log from src/
+    assert files_read(src / "lib") == ["util.py"]
+    assert files_read(tmp_path / "dist") == ["app.js"]  # named, it is read, though the top's .gitignore ignores it
+
+
+def test_no_ignore_reads_every_file_but_hidden_ones(tmp_path):
+    make_repo(tmp_path)
+    skipped = SkipReport()
+    assert files_read(tmp_path, skipped=skipped, gitignore=False) == [
+        "README.md", "dist/app.js", "run.log", "src/build/out.txt", "src/debug.log", "src/keep.log",
+        "src/lib/util.py", "src/lib/vendor/big.py", "src/main.py"]
+    assert skipped.ignored_line() == "" and skipped.hidden == 4
+
+
+def test_what_a_read_depends_on_leaves_ignored_files_out(tmp_path):
+    """The read cache hashes these files: a rebuilt output the read skips must not make it read again."""
+    from infllm.documents.readers import source_files
+
+    src = make_repo(tmp_path)
+    assert [name for _, name in source_files(str(src))] == ["keep.log", "lib/util.py", "main.py"]
+    assert len(list(source_files(str(src), gitignore=False))) == 6
+    assert describe_source(str(src)).files == 3
+
+
+def test_a_directory_whose_every_file_is_ignored_says_so(tmp_path):
+    write(tmp_path, ".gitignore", b"*.txt\n")
+    write(tmp_path, "a.txt", b"a\n")
+    message = refusal([str(tmp_path)])
+    assert "no readable text files" in message and "1 ignored by .gitignore" in message
+
+
 # --- PDF -----------------------------------------------------------------------------------------
 
 

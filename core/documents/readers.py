@@ -24,9 +24,13 @@ What each kind of source becomes:
   is refused (no text layer: OCR it first). Encrypted PDFs open only if the empty password works.
   More than `max_pdf_chars` (200 million by default) of extracted text is refused as a likely bomb.
 - Directory: every non-hidden file below it, in sorted path order (entries of a folder sorted by name,
-  folders read where they sort). Hidden entries (name starting with '.') are not entered; binary files
-  and files that cannot be read (permissions, special files, broken links, bad PDFs, ...) are skipped.
-  All three are counted in the `SkipReport`. A file that fails after part of it was handed on is not
+  folders read where they sort). Hidden entries (name starting with '.', `.git/` among them) are not
+  entered; binary files and files that cannot be read (permissions, special files, broken links, bad
+  PDFs, ...) are skipped. Files and folders that a `.gitignore` ignores (the directory's own, those of
+  the folders below it, and those of the folders above it up to the top of its git repository, deeper
+  ones overriding, as git reads them, with the `pathspec` library) are skipped too, unless `gitignore`
+  is False: a code base is read without its build outputs and vendored trees. All are counted in the
+  `SkipReport`. A file that fails after part of it was handed on is not
   skipped but raised, since a half-read file must not pass as read. Each file's text starts with the
   header line `===== FILE: relative/path =====` (with '/' separators); the header is glued to the front
   of the file's first Piece and does not count as a line, so that Piece's `line` is 1, the first line
@@ -54,6 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pathspec import GitIgnoreSpec
 from pypdf import PasswordType, PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError
 
@@ -75,6 +80,7 @@ MAX_PATH_LIST_BYTES = 64 * 1024**2  # the longest list of paths read (--files-fr
 GZIP_MAGIC = b"\x1f\x8b"
 PDF_MAGIC = b"%PDF-"
 MARKDOWN_SUFFIXES = (".md", ".markdown", ".mdown", ".mkd")
+GITIGNORE = ".gitignore"
 
 _TEXT_CONTROLS = frozenset("\t\n\v\f\r\b\x1b")
 _BOMS = (  # UTF-32 first: its little-endian mark begins with UTF-16's
@@ -106,6 +112,14 @@ class SkipReport:
     binary: int = 0
     hidden: int = 0  # hidden entries, a hidden folder counting once
     unreadable: int = 0
+    ignored_files: int = 0  # matched by a .gitignore
+    ignored_folders: int = 0  # matched by a .gitignore, each counting once (what is inside is not looked at)
+
+    def ignored_line(self) -> str:
+        """What .gitignore kept out, for one line on stderr ("" when nothing)."""
+        counts = [f"{n:,} {what}{'s' if n != 1 else ''}"
+                  for n, what in ((self.ignored_files, "file"), (self.ignored_folders, "folder")) if n]
+        return f"skipped {' and '.join(counts)} ignored by .gitignore (--no-ignore reads them)" if counts else ""
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ class SourceInfo:
     kind: str  # 'text' | 'markdown' | 'pdf' | 'directory' | 'stdin'
     bytes: int | None  # size on disk (compressed if gzip; all files for a directory); None for stdin
     pages: int | None = None  # PDFs, unless gzip-compressed (that would mean inflating it all)
-    files: int | None = None  # directories: non-hidden regular files (binary ones are found when read)
+    files: int | None = None  # directories: non-hidden files not ignored by .gitignore (binary ones found when read)
     compressed: bool = False  # gzip
 
 
@@ -125,6 +139,7 @@ class _Limits:
     piece_chars: int
     gz_bytes: int
     pdf_chars: int
+    gitignore: bool = True
 
 
 class _LooksBinary(SourceError):
@@ -139,6 +154,7 @@ def iter_pieces(
     *,
     max_gz_bytes: int = DEFAULT_MAX_GZ_BYTES,
     max_pdf_chars: int = DEFAULT_MAX_PDF_CHARS,
+    gitignore: bool = True,
 ) -> Iterator[Piece]:
     """Yield the text of the sources in order, lazily, as pieces of at most max_piece_chars characters
     (a directory's file header included), each split at a line boundary where possible: a single line
@@ -146,7 +162,8 @@ def iter_pieces(
 
     A source "-" means `stdin` (default: the process's stdin), read incrementally. Sources that cannot
     be opened at all (missing, special files, "-" twice) are refused here, before anything is read, so a
-    typo in the last path fails fast; problems with the content surface while iterating.
+    typo in the last path fails fast; problems with the content surface while iterating. gitignore: skip
+    what .gitignore files ignore inside directories (a file named as a source is always read).
     """
     if max_piece_chars < 1:
         raise ValueError("max_piece_chars must be at least 1")
@@ -155,7 +172,7 @@ def iter_pieces(
     for source in sources:
         if source != STDIN:
             _check_source(source)
-    limits = _Limits(max_piece_chars, max_gz_bytes, max_pdf_chars)
+    limits = _Limits(max_piece_chars, max_gz_bytes, max_pdf_chars, gitignore)
     return _all_pieces(sources, stdin, skipped if skipped is not None else SkipReport(), limits)
 
 
@@ -212,23 +229,24 @@ def read_path_list(path: str, stdin: BinaryIO | None = None) -> list[str]:
     return [os.fsdecode(entry) for entry in entries if entry.strip()]
 
 
-def source_files(source: str) -> Iterator[tuple[str, str]]:
+def source_files(source: str, gitignore: bool = True) -> Iterator[tuple[str, str]]:
     """(path, name within the source) of every file that reading `source` opens, in reading order: the file
-    itself (name ""), or a directory's non-hidden files. What a reading's text depends on, short of reading it."""
+    itself (name ""), or a directory's non-hidden files (not ignored by .gitignore, unless gitignore is False).
+    What a reading's text depends on, short of reading it."""
     if stat.S_ISDIR(_check_source(source).st_mode):
-        yield from _walk(source, SkipReport())
+        yield from _walk(source, SkipReport(), gitignore)
     else:
         yield source, ""
 
 
-def describe_source(path: str) -> SourceInfo:
+def describe_source(path: str, gitignore: bool = True) -> SourceInfo:
     """Cheap facts about one source, without reading it whole; refuses it as reading would, except for
     problems only a full read finds (a PDF without text, bad data deep inside)."""
     if path == STDIN:
         return SourceInfo(STDIN_NAME, "stdin", None)
     status = _check_source(path)
     if stat.S_ISDIR(status.st_mode):
-        return _describe_directory(path)
+        return _describe_directory(path, gitignore)
     kind = "markdown" if _strip_gz(path).lower().endswith(MARKDOWN_SUFFIXES) else "text"
     with _open_regular(path) as file:
         head, chunks = _peek(_read_chunks(file.read, path), len(GZIP_MAGIC))
@@ -360,7 +378,7 @@ def _peek(chunks: Iterator[bytes], size: int) -> tuple[bytes, Iterator[bytes]]:
 
 def _directory_pieces(root: str, skipped: SkipReport, limits: _Limits) -> Iterator[Piece]:
     read_any = False
-    for path, relative in _walk(root, skipped):
+    for path, relative in _walk(root, skipped, limits.gitignore):
         header = f"===== FILE: {relative} =====\n"
         produced = False
         try:
@@ -384,23 +402,28 @@ def _directory_pieces(root: str, skipped: SkipReport, limits: _Limits) -> Iterat
         raise _fail(
             root,
             f"has no readable text files (skipped {skipped.binary} binary, {skipped.hidden} hidden, "
-            f"{skipped.unreadable} unreadable)",
+            f"{skipped.unreadable} unreadable"
+            + (f", {skipped.ignored_files + skipped.ignored_folders} ignored by .gitignore"
+               if skipped.ignored_files + skipped.ignored_folders else "") + ")",
         )
 
 
-def _walk(root: str, skipped: SkipReport) -> Iterator[tuple[str, str]]:
-    """(path, path relative to root with '/') of every non-hidden regular file, in sorted order.
+def _walk(root: str, skipped: SkipReport, gitignore: bool = True) -> Iterator[tuple[str, str]]:
+    """(path, path relative to root with '/') of every non-hidden regular file, in sorted order; with gitignore,
+    none that a .gitignore ignores (nor anything in a folder it ignores).
 
     A stack of listings instead of recursion, so that deep trees cannot exhaust Python's stack; folders
     already seen (symlink loops) are read once.
     """
     seen: set[tuple[int, int]] = set()
     try:
-        stack = [_listing(root, "", seen)]
+        rules = _Ignores.above(root).inside(root, "") if gitignore else None
+        stack = [(_listing(root, "", seen), rules)]
     except OSError as exc:
         raise _os_error(root, exc) from None
     while stack:
-        entry = next(stack[-1], None)
+        listing, rules = stack[-1]
+        entry = next(listing, None)
         if entry is None:
             stack.pop()
             continue
@@ -413,15 +436,76 @@ def _walk(root: str, skipped: SkipReport) -> Iterator[tuple[str, str]]:
             is_dir, is_file = item.is_dir(), item.is_file()
         except OSError:
             is_dir = is_file = False
+        if rules is not None and rules.ignores(relative, is_dir):
+            if is_dir:
+                skipped.ignored_folders += 1
+            else:
+                skipped.ignored_files += 1
+            continue
         if is_dir:
             try:
-                stack.append(_listing(item.path, relative + "/", seen))
+                stack.append((_listing(item.path, relative + "/", seen),
+                              None if rules is None else rules.inside(item.path, relative + "/")))
             except OSError:
                 skipped.unreadable += 1
         elif is_file:
             yield item.path, relative
         else:  # broken link, FIFO, socket, device
             skipped.unreadable += 1
+
+
+class _Ignores:
+    """The .gitignore files that apply in one folder of a walk, each with where its patterns are rooted."""
+
+    def __init__(self, specs: tuple[tuple[GitIgnoreSpec, str, int], ...] = ()):
+        # (spec, prefix, strip): the spec sees a root-relative path as prefix + path[strip:], i.e. relative to the
+        # folder of its .gitignore (above the root: the prefix leads down to it; below: the strip cuts down to it).
+        self.specs = specs
+
+    @classmethod
+    def above(cls, root: str) -> "_Ignores":
+        """The .gitignore files of the folders above `root`, up to the top of its git repository (none when it is
+        in no repository: a folder above a copied tree is not the tree's, nor when they ignore `root` itself)."""
+        found, below = [], ""
+        folder = os.path.abspath(root)
+        while True:
+            parent = os.path.dirname(folder)
+            if os.path.exists(os.path.join(folder, ".git")) or parent == folder:
+                break
+            below = os.path.basename(folder) + "/" + below
+            folder = parent
+            spec = _read_gitignore(folder)
+            if spec is not None:
+                found.append((spec, below, 0))
+        if not os.path.exists(os.path.join(folder, ".git")):
+            return cls()
+        # A folder named as a source is read even if those files ignore it (then their patterns are not its own).
+        if any(spec.check_file(prefix).include for spec, prefix, _ in found):
+            return cls()
+        return cls(tuple(reversed(found)))
+
+    def inside(self, folder: str, relative: str) -> "_Ignores":
+        """The rules for the entries of `folder` (at `relative` from the root, with '/'): these, then its own."""
+        spec = _read_gitignore(folder)
+        return self if spec is None else _Ignores((*self.specs, (spec, "", len(relative))))
+
+    def ignores(self, relative: str, is_dir: bool) -> bool:
+        path = relative + "/" if is_dir else relative  # "build/" patterns match folders only
+        for spec, prefix, strip in reversed(self.specs):  # the deepest .gitignore that has a say decides
+            include = spec.check_file(prefix + path[strip:]).include
+            if include is not None:
+                return include
+        return False
+
+
+def _read_gitignore(folder: str) -> GitIgnoreSpec | None:
+    """The patterns of folder/.gitignore, or None if it has none (an unreadable one counts as none, as in git)."""
+    try:
+        with open(os.path.join(folder, GITIGNORE), "rb") as file:
+            text = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    return GitIgnoreSpec.from_lines(text.splitlines())
 
 
 def _listing(folder: str, relative: str, seen: set[tuple[int, int]]) -> Iterator[tuple[os.DirEntry[str], str]]:
@@ -435,9 +519,9 @@ def _listing(folder: str, relative: str, seen: set[tuple[int, int]]) -> Iterator
     return ((item, relative) for item in items)
 
 
-def _describe_directory(root: str) -> SourceInfo:
+def _describe_directory(root: str, gitignore: bool) -> SourceInfo:
     files = size = 0
-    for path, _ in _walk(root, SkipReport()):
+    for path, _ in _walk(root, SkipReport(), gitignore):
         files += 1
         try:
             size += os.stat(path).st_size
