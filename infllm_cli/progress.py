@@ -2,8 +2,8 @@
 
 Animated only when stderr is a terminal that can move its cursor (not TERM=dumb); otherwise plain lines, one per
 phase and, while reading or answering, one at most every LOG_INTERVAL_S, so logs stay readable. Progress is drawn
-by time, not by count: the first update shows at once, and the ETA as soon as a token is read. `quiet` silences
-everything but errors and what the user asked for (citations).
+by time, not by count: the first update shows at once, the rate and the ETA from the next one on. `quiet`
+silences everything but errors and what the user asked for (citations).
 
 Whether stderr counts as a terminal is rich's call (`Console.is_terminal`), so its environment switches apply:
 TTY_COMPATIBLE=1 or a non-empty FORCE_COLOR forces the live display (e.g. under a CI log viewer that renders
@@ -37,20 +37,38 @@ LIVE_INTERVAL_S = 0.5  # a live display is redrawn at most this often
 LOG_INTERVAL_S = 5.0  # in a log (or TERM=dumb), a progress line at most this often
 
 
-def reading_status(done: int, total: int | None, rate: float, memory: str) -> str:
-    """One line of reading progress, its ETA from the mean rate so far (none until a token is read); with no total
+def reading_status(done: int, total: int | None, rate: float | None, memory: str) -> str:
+    """One line of reading progress: the rate and the ETA once a rate is known (rate None: not yet); with no total
     (a stream), no share read and no ETA."""
-    if total is None:
-        text = f"read {done:,} tokens, {rate:,.0f} tok/s"
-    elif done <= 0 or rate <= 0:
-        text = f"read {done:,}/{total:,} tokens"
-    else:
-        text = f"read {done:,}/{total:,} tokens, {rate:,.0f} tok/s, ETA {(total - done) / rate:,.0f} s"
-    return f"{text}, {memory}" if memory else text
+    parts = [f"read {done:,} tokens" if total is None else f"read {done:,}/{total:,} tokens"]
+    if rate:
+        parts.append(f"{rate:,.0f} tok/s")
+        if total is not None:
+            parts.append(f"ETA {max(total - done, 0) / rate:,.0f} s")
+    return ", ".join(parts + ([memory] if memory else []))
 
 
-def answering_status(tokens: int, rate: float) -> str:
-    return f"answering: {tokens:,} tokens, {rate:,.1f} tok/s"
+def answering_status(tokens: int, rate: float | None) -> str:
+    text = f"answering: {tokens:,} token{'s' if tokens != 1 else ''}"
+    return f"{text}, {rate:,.1f} tok/s" if rate else text
+
+
+class Rate:
+    """Units a second since the first update, None until a second one comes. Not since the start: the first
+    update comes after one-off costs (kernel set-up, the prompt's opening, the first token) that would skew a
+    mean, and so the ETA, for a long while."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, done: int) -> float | None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, done)
+            return None
+        since, start = self.first
+        return (done - start) / (now - since) if now > since and done > start else None
 
 
 class Ticker:
@@ -140,11 +158,10 @@ class Display(Reporter):
     @contextmanager
     def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:
         """Yields update(done); total is None for a stream."""
-        start = self.clock()
+        rate = Rate(self.clock)
 
         def status(done: int) -> str:
-            rate = done / max(self.clock() - start, 1e-9)
-            return reading_status(done, total, rate, memory_line(block_store_bytes()))
+            return reading_status(done, total, rate(done), memory_line(block_store_bytes()))
 
         with self._progress(status, "reading", total) as update:
             yield update
@@ -155,15 +172,15 @@ class Display(Reporter):
         if self.answer_shown:
             yield lambda tokens: None
             return
-        start = self.clock()
-        with self._progress(lambda tokens: answering_status(tokens, tokens / max(self.clock() - start, 1e-9))) \
-                as update:
+        rate = Rate(self.clock)
+        with self._progress(lambda tokens: answering_status(tokens, rate(tokens))) as update:
             yield update
 
     @contextmanager
     def _progress(self, status: Callable[[int], str], label: str = "", total: int | None = None,
                   ) -> Iterator[Callable[[int], None]]:
-        """Yields update(done), drawn by time, not by count: the first update at once, then at most every
+        """Yields update(done), drawn by time, not by count: the first update at once (the first call of `status`,
+        which a Rate relies on), then at most every
         LIVE_INTERVAL_S in a terminal (rich's bar; with NO_COLOR a line redrawn in place) or LOG_INTERVAL_S as plain
         lines elsewhere. With a label, the terminal's display is a bar (moving even with no total, for a stream)."""
         if self.quiet:

@@ -718,7 +718,7 @@ def test_ctrl_c_during_prefill(tiny_model_dir, tmp_path):
     document = tmp_path / "long.txt"
     document.write_text(_text(1500), encoding="utf-8")  # ~34,000 tokens: tens of seconds of reading
     run = Running(_ask_argv(tiny_model_dir, str(document), "q"), tmp_path)
-    run.wait_for("infllm: read ")  # the first progress line: 10% read
+    run.wait_for("infllm: read ")  # the first progress line, at the first layer of the first prefill step
     run.proc.send_signal(signal.SIGINT)
     assert_interrupted_cleanly(run, tmp_path)
     assert "answering" not in run.stderr.decode()
