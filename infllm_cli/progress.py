@@ -180,9 +180,9 @@ class Display(Reporter):
     def _progress(self, status: Callable[[int], str], label: str = "", total: int | None = None,
                   ) -> Iterator[Callable[[int], None]]:
         """Yields update(done), drawn by time, not by count: the first update at once (the first call of `status`,
-        which a Rate relies on), then at most every
-        LIVE_INTERVAL_S in a terminal (rich's bar; with NO_COLOR a line redrawn in place) or LOG_INTERVAL_S as plain
-        lines elsewhere. With a label, the terminal's display is a bar (moving even with no total, for a stream)."""
+        which a Rate relies on), then at most every LIVE_INTERVAL_S in a terminal (rich's bar; with NO_COLOR a line
+        redrawn in place) or LOG_INTERVAL_S as plain lines elsewhere. With a label, the terminal's display is a bar
+        (moving even with no total, for a stream)."""
         if self.quiet:
             yield lambda done: None
             return
