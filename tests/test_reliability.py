@@ -525,6 +525,19 @@ def test_memory_short_is_refused_with_numbers_and_flags():
                             "or fewer or shorter sources")
 
 
+def test_memory_hints_follow_the_kv_dtype():
+    from infllm.config import EngineConfig
+
+    hints = {}
+    for kv_dtype in ("int8", "model"):
+        with pytest.raises(ResourceError) as caught:
+            check_memory(9 * GIB, CPU, tokens=10**6, dtype_name="float32", settings=EngineConfig(kv_dtype=kv_dtype),
+                         available_ram=8 * GIB, limit=None)
+        hints[kv_dtype] = str(caught.value).split("; try ")[1]
+    assert "--dtype bfloat16" not in hints["int8"] and "--kv-dtype" not in hints["int8"]
+    assert hints["model"].startswith("--dtype bfloat16 (halves the block store), --kv-dtype int8 (8-bit blocks")
+
+
 def test_memory_hints_fit_the_run():
     with pytest.raises(ResourceError) as caught:
         check_memory(9 * GIB, CPU, tokens=10**7, dtype_name="bfloat16", sources=["a.txt"], available_ram=GIB,

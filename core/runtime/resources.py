@@ -204,8 +204,11 @@ def check_memory(
     room, why = _ram_room(available_ram, reclaimable_bytes, limit)
     if room is not None and need > room:
         hints = []
-        if dtype_name == "float32":
+        full = settings is None or settings.kv_dtype == "model"  # 8-bit blocks do not shrink with the dtype
+        if full and dtype_name == "float32":
             hints.append("--dtype bfloat16 (halves the block store)")
+        if settings is not None and settings.kv_dtype == "model":
+            hints.append("--kv-dtype int8 (8-bit blocks: ~3.7x smaller than float32)")
         if len(sources) > 1:
             hints.append(f"--each (reads the {len(sources)} sources one at a time)")
         hints.append("fewer or shorter sources")
