@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from infllm.config import EngineConfig
+from infllm.config import KV_DTYPES, EngineConfig
 from infllm.engine.engine import Engine
 from infllm.runtime.loading import load_model
 from infllm.documents.prompting import build_prompt
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--query-chunk", type=int, default=None)
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--cache-blocks", type=int, default=None)
+    ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
     ap.add_argument("--only", default=None,
                     help="comma-separated trial indices to run out of --trials (to split one set of trials over "
@@ -155,7 +156,8 @@ def main() -> None:
 
     cfg = engine_defaults(model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
-        query_chunk=args.query_chunk, prefill_chunk=args.prefill_chunk, cache_blocks=args.cache_blocks)
+        query_chunk=args.query_chunk, prefill_chunk=args.prefill_chunk, cache_blocks=args.cache_blocks,
+        kv_dtype=args.kv_dtype)
     stops = stop_token_ids(loaded)
     prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
     systems = args.systems.split(",")

@@ -23,6 +23,7 @@ from unittest import mock
 
 import torch
 
+from infllm.config import KV_DTYPES
 from infllm.defaults import engine_defaults
 from infllm.engine.engine import Engine
 
@@ -200,6 +201,7 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int)
     ap.add_argument("--query-chunk", type=int)
     ap.add_argument("--cache-blocks", type=int)
+    ap.add_argument("--kv-dtype", choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="profile decoding after the first length instead: operators per layer per token, host time")
@@ -209,7 +211,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     model = build(args.shape, device, dtype)
     overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk,
-                                       query_chunk=args.query_chunk, cache_blocks=args.cache_blocks).items() if v}
+                                       query_chunk=args.query_chunk, cache_blocks=args.cache_blocks,
+                                       kv_dtype=args.kv_dtype).items() if v}
     if args.count_ops:
         decode_ops(model, int(args.lengths.split(",")[0]), overrides)
         return

@@ -39,6 +39,15 @@ def _setting(default: int, help: str, low: int = 1, high: int = 2**16):
     return field(default=default, metadata={"help": help, "range": (low, high)})
 
 
+def _choice(choices: tuple[str, ...], help: str):
+    """An engine setting that is one of a few words: the first is its default (a flag as for `_setting`)."""
+    return field(default=choices[0], metadata={"help": help, "choices": choices})
+
+
+# How memory blocks' K/V are held (infllm.engine.kvcodec): 8-bit with scales, or as the model computes them.
+KV_DTYPES = ("int8", "model")
+
+
 def flag(name: str) -> str:
     """The command-line flag of an engine setting: block_size -> --block-size."""
     return "--" + name.replace("_", "-")
@@ -61,11 +70,18 @@ class EngineConfig:
     query_chunk: int = _setting(512, "queries sharing one retrieval; at most the window")
     cache_blocks: int = _setting(32, "blocks per layer cached on the GPU (LRU); unused on CPU-only runs", low=0)
     prefill_chunk: int = _setting(2048, "tokens per prefill step; a multiple of query_chunk")
+    kv_dtype: str = _choice(KV_DTYPES, "how memory blocks' keys and values are held: int8 (8 bits with scales, "
+                                       "~4x smaller than float32) or model (the model's dtype, full precision)")
 
     def validate(self, max_positions: int | None = None) -> "EngineConfig":
         """Return self, or raise UsageError naming (by its flag) the first setting that cannot work."""
         for f in fields(self):
             value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                if value not in choices:
+                    raise UsageError(f"{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UsageError(f"{flag(f.name)} must be an integer, got {value!r}")
             low, high = f.metadata["range"]
@@ -98,9 +114,9 @@ class EngineConfig:
                 )
         return self
 
-    def with_overrides(self, **overrides: int | None) -> "EngineConfig":
+    def with_overrides(self, **overrides: int | str | None) -> "EngineConfig":
         """A copy with the given settings replaced; None values mean 'keep the default'."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)

@@ -2,7 +2,8 @@
 
 The file is plain safetensors (8-byte header length, JSON header, raw tensor bytes); its `__metadata__` holds one
 entry, "infllm": a JSON object describing the snapshot (docs/snapshot-format.md). Tensors are the engine's
-export (`layer.I.state.*`, `layer.I.store.{k,v}.P`, `layer.I.store.repr`) and the document's (`doc.*`).
+export (`layer.I.state.*`, `layer.I.store.PART.P` for each part of a block's K/V in the recorded `kv_dtype`,
+`layer.I.store.repr`) and the document's (`doc.*`).
 
 Untrusted files are checked before anything is allocated: the header is parsed strictly (offsets, sizes, dtypes
 against the file's length), the metadata against the model, tokenizer and engine settings, and every tensor's
@@ -37,17 +38,20 @@ from infllm.session import Session
 from infllm.documents.readers import STDIN, Piece, file_kind
 
 FORMAT = "infllm-snapshot"
-VERSION = 2  # 2: the memory keeps one recent-token buffer (counters rec_start, rec_len)
+VERSION = 3  # 3: blocks' K/V in engine.kv_dtype (int8 parts with scales, or the model's dtype)
+# The oldest version read: 2 (the memory keeps one recent-token buffer) differs from 3 only in holding its blocks
+# in the model's dtype, so it is read as kv_dtype "model".
+_OLDEST = 2
 SUFFIX = ".infllm"
 _KEY = "infllm"
 _MAX_HEADER = 256 * 2**20  # a header this large would describe ~10^6 tensors: not one of ours
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "U8": torch.uint8}
+           "U8": torch.uint8, "I8": torch.int8}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _FIELDS = {"format", "version", "tool_version", "created", "model", "tokenizer", "engine", "dtype", "counters",
            "tokens", "doc_start", "system", "sources", "pieces", "checksums"}
 # Settings that shape the stored memory; the others (how much is retrieved, cached, pushed at once) may change.
-_FIXED = ("sinks", "window", "block_size", "repr_keys")
+_FIXED = ("sinks", "window", "block_size", "repr_keys", "kv_dtype")
 _DOC_DTYPES = {"doc.prefix": torch.int64, "doc.offsets": torch.int64, "doc.text": torch.uint8, "doc.blocks": torch.int64}
 
 
@@ -95,11 +99,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, _Entry], int]:
     version = meta.get("version")
     if not isinstance(version, int) or version < 1:
         raise _fail(path, "snapshot metadata has no valid format version")
-    if version < VERSION:
-        raise _fail(path, f"written by an older infllm (snapshot format {version}; this one reads {VERSION}): "
-                          "read the document again")
+    if version < _OLDEST:
+        raise _fail(path, f"written by an older infllm (snapshot format {version}; this one reads {_OLDEST} to "
+                          f"{VERSION}): read the document again")
     if version > VERSION:
-        raise _fail(path, f"written by a newer infllm (snapshot format {version}; this one reads up to "
+        raise _fail(path, f"written by a newer infllm (snapshot format {version}; this one reads {_OLDEST} to "
                           f"{VERSION}): upgrade infllm")
     unknown = sorted(set(meta) - _FIELDS)
     if unknown:
@@ -394,7 +398,7 @@ def page_in(engine) -> None:
     pages over as they are, and such a page is not read yet."""
     for layer in engine.layers:
         for block in range(0, layer.store.count, KV_PAGE_BLOCKS):
-            layer.store.block(block)
+            layer.store.parts(block)
 
 
 def _block_map(session: Session) -> torch.Tensor:
@@ -421,8 +425,11 @@ def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) ->
     The stored settings are untrusted: they pass the flags' own validation (ranges included) before anything is
     sized or allocated from them."""
     try:
-        stored = EngineConfig(**meta["engine"]).validate()
-    except (TypeError, KeyError):
+        settings = dict(meta["engine"])
+        if meta["version"] == 2:  # before kv_dtype: blocks in the model's dtype
+            settings.setdefault("kv_dtype", "model")
+        stored = EngineConfig(**settings).validate()
+    except (TypeError, KeyError, ValueError):
         raise _fail(path, "snapshot metadata has missing or unknown engine settings") from None
     except UsageError as err:
         raise _fail(path, f"snapshot metadata has invalid engine settings: {err}") from None
@@ -513,27 +520,42 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     if got != expected:
         wrong = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
         raise _fail(path, f"corrupt: tensor {wrong[0]} is missing, extra or of the wrong shape for these settings")
+    pages: dict[tuple[int, int], list[str]] = {}  # (layer, page) -> the names of its parts
     for name, e in snap.entries.items():
         want = _DOC_DTYPES.get(name)
+        page = _block_page(name)
+        if page is not None:
+            pages.setdefault(page, []).append(name)
+            want = engine.layers[page[0]].store.codec.stored_dtype(name.split(".")[3])
         if (e.dtype != want) if want else not e.dtype.is_floating_point:
             raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
 
     # Block pages are read (and verified) when a block of theirs is first used; the rest (state, representative
     # keys, the document) now.
     tensors, checks = {}, {}
+    for page, names in pages.items():
+        reads = []
+        for name in names:
+            tensors[name], read = snap.lazy(name)
+            reads.append(read)
+        checks[page] = lambda reads=reads: [read() for read in reads]
     for name in snap.entries:
-        if ".store.k." in name:
-            layer, page = int(name.split(".")[1]), int(name.rsplit(".", 1)[1])
-            v_name = f"layer.{layer}.store.v.{page}"
-            (tensors[name], read_k), (tensors[v_name], read_v) = snap.lazy(name), snap.lazy(v_name)
-            checks[(layer, page)] = lambda read_k=read_k, read_v=read_v: (read_k(), read_v())
-        elif ".store.v." not in name:
+        if name not in tensors:
             tensors[name] = snap.tensor(name)
     engine.adopt({n: t for n, t in tensors.items() if n.startswith("layer.")}, counters, checks)
     source_map = _source_map(snap, tensors["doc.text"])
     offsets = tensors["doc.offsets"] if n_offsets else None
     session.resume(tensors["doc.prefix"].tolist(), offsets, source_map)
     return session
+
+
+def _block_page(name: str) -> tuple[int, int] | None:
+    """(layer, page) of a block page's part, `layer.I.store.PART.P` (names already checked against the engine's);
+    None for any other tensor."""
+    parts = name.split(".")
+    if len(parts) == 5 and parts[0] == "layer" and parts[2] == "store":
+        return int(parts[1]), int(parts[4])
+    return None
 
 
 def _source_map(snap: SnapshotFile, text_bytes: torch.Tensor) -> SourceMap | None:

@@ -76,19 +76,24 @@ MODEL = OptionGroup("model_choice", (
 ), ModelChoice)
 
 
-def _engine_settings(**given: int | None) -> dict[str, int | None]:
+def _engine_settings(**given: int | str | None) -> dict[str, int | str | None]:
     """The engine settings the user set (None: the model's default, infllm.defaults)."""
     for name, value in given.items():
-        if value is not None and value < 0:
+        if isinstance(value, int) and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} cannot be negative")
     return given
 
 
-ENGINE = OptionGroup("engine", tuple(
-    _option(f.name, Optional[int], None, f"--{f.name.replace('_', '-')}", envvar=f"INFLLM_{f.name.upper()}",
-            help=f.metadata["help"])
-    for f in fields(EngineConfig)
-), _engine_settings)
+def _engine_option(f) -> inspect.Parameter:
+    """The flag of one engine setting: an integer, or one of a few words (EngineConfig.validate checks which)."""
+    choices = f.metadata.get("choices")
+    help = f.metadata["help"] + (f" [default: {choices[0]}]" if choices else "")
+    return _option(f.name, Optional[str] if choices else Optional[int], None, f"--{f.name.replace('_', '-')}",
+                   envvar=f"INFLLM_{f.name.upper()}", help=help,
+                   **({"metavar": "|".join(choices)} if choices else {}))
+
+
+ENGINE = OptionGroup("engine", tuple(_engine_option(f) for f in fields(EngineConfig)), _engine_settings)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ def test_stdin_is_not_cached(infllm, book, tmp_path):
 
 
 def test_least_recently_used_reads_are_evicted_to_stay_within_the_limit(infllm, book, tmp_path, monkeypatch):
+    # Float32 blocks: entries of a few MB, so that a limit in whole MB holds two and not three.
+    monkeypatch.setenv("INFLLM_KV_DTYPE", "model")
     assert infllm("ask", book, "q").exit_code == 0
     [entry] = entries(tmp_path)
     size_mb = entry.stat().st_size / 2**20

@@ -134,7 +134,7 @@ def test_json_is_one_object_on_stdout(ask, docs):
     assert data["timings"]["total_s"] >= data["timings"]["prefill_s"] >= 0
     assert data["memory"]["peak_rss_mb"] > 0
     assert data["engine"] == {"sinks": 16, "window": 256, "block_size": 32, "repr_keys": 4, "topk": 2,
-                              "query_chunk": 64, "cache_blocks": 4, "prefill_chunk": 128}
+                              "query_chunk": 64, "cache_blocks": 4, "prefill_chunk": 128, "kv_dtype": "int8"}
     assert data["inputs"] == [str(docs["a"])]
     # The progress still goes to stderr.
     assert "infllm: loading model" in result.stderr
@@ -548,9 +548,10 @@ def test_stdin_cites_the_same_passages_as_the_file(ask, docs):
 
 def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, monkeypatch):
     """Its size is unknown in advance, so each prefill step is checked: ~1.2 MB of activations and ~0.5 KB of block
-    store per token fit ~5,000 tokens in a 4 MB cap; the stream holds ~9,400."""
+    store per token (float32 blocks) fit ~5,000 tokens in a 4 MB cap; the stream holds ~9,400."""
     monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")
-    result = ask("-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8") * 3)
+    result = ask("-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8") * 3,
+                 engine=[*ENGINE, "--kv-dtype", "model"])
     line = assert_one_error_line(result, 6)
     assert line.startswith("infllm: error: not enough memory: reading ") and "INFLLM_MEMORY_LIMIT_MB cap" in line
     assert "infllm: read " in result.stderr  # part of the stream was read before it outgrew the cap
@@ -708,3 +709,15 @@ def test_negative_passages_is_a_usage_error(ask, docs, tiny_model_dir):
     argv = ["ask", "--model", str(tiny_model_dir), "--passages", "-1", *ENGINE, str(docs["a"]), "q"]
     line = assert_one_error_line(CliRunner().invoke(app, argv, prog_name="infllm"), 2)
     assert "--passages" in line
+
+
+def test_kv_dtype_is_int8_or_model_and_reported(ask, docs, monkeypatch):
+    line = assert_one_error_line(ask(docs["a"], "q", engine=[*ENGINE, "--kv-dtype", "int4"]), 2)
+    assert "--kv-dtype must be one of int8, model, got 'int4'" in line
+    default = ask(docs["a"], "q", "--json")
+    full = ask(docs["a"], "q", "--json", engine=[*ENGINE, "--kv-dtype", "model"])
+    assert default.exit_code == full.exit_code == 0, (default.stderr, full.stderr)
+    assert json.loads(default.stdout)["engine"]["kv_dtype"] == "int8"
+    assert json.loads(full.stdout)["engine"]["kv_dtype"] == "model"
+    monkeypatch.setenv("INFLLM_KV_DTYPE", "fp4")
+    assert "--kv-dtype must be one of" in assert_one_error_line(ask(docs["a"], "q"), 2)

@@ -104,19 +104,21 @@ def reference_logits(model, ids, cfg: EngineConfig):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_beyond_the_window_matches_the_positional_scheme(arch):
-    """With every block retrieved, the engine is dense attention at the documented distances, for any chunking."""
+@pytest.mark.parametrize("kv_dtype,tolerance", [("model", 1e-4), ("int8", 2e-3)])
+def test_beyond_the_window_matches_the_positional_scheme(arch, kv_dtype, tolerance):
+    """With every block retrieved, the engine is dense attention at the documented distances, for any chunking:
+    exactly with blocks held in the model's dtype, and within the 8-bit blocks' rounding with int8 ones."""
     model = tiny_model(arch)
     ids = torch.randint(0, 256, (330,), generator=torch.Generator().manual_seed(3))
     cfg = EngineConfig(sinks=8, window=64, block_size=16, repr_keys=2, topk=64, query_chunk=16, cache_blocks=64,
-                       prefill_chunk=48)
+                       prefill_chunk=48, kv_dtype=kv_dtype)
     ref = reference_logits(model, ids, cfg)
     engine = Engine(model, cfg)
     prefill = engine.feed(ids[:250], all_logits=True)
     decoded = torch.stack([engine.feed(ids[t : t + 1]) for t in range(250, 330)])  # token-by-token decoding
     out = torch.cat([prefill, decoded])
     assert engine.layers[0].store.count >= 10  # the memory was really used
-    assert (out - ref).abs().max().item() <= 1e-4
+    assert (out - ref).abs().max().item() <= tolerance
 
 
 @contextmanager
@@ -229,9 +231,10 @@ def test_checkpoint_restore_returns_to_the_same_state():
     assert torch.equal(first, again)
 
 
-def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0):
+def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0, kv_dtype="int8"):
     gen = torch.Generator().manual_seed(seed)
-    store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
+    store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False,
+                       kv_dtype=kv_dtype)
     for _ in range(n_blocks):
         k = torch.randn(heads, block, dim, generator=gen)
         store.append(k[None], torch.randn(1, heads, block, dim, generator=gen), k[None, :, :reprs])
@@ -247,7 +250,7 @@ def test_representative_keys_grow_by_a_quarter_and_round_trip_their_file_layout(
         assert store._reprs.shape[0] <= max(64, n * 5 // 4 + 1)
     exported = store.export()["repr"]
     assert exported.shape == store.expected_shapes(store.count)["repr"] == (699, 2, 3, 16)
-    copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
+    copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False, kv_dtype="int8")
     copy.adopt({k: t.contiguous() for k, t in store.export().items()}, store.count)
     assert torch.equal(copy.reprs(), store.reprs()) and copy.reprs().shape == (699, 3, 2, 16)
 

@@ -68,7 +68,8 @@ def test_engine_on_gpu_matches_hf_when_text_fits():
 
 
 def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
-    """Pinned host blocks through the LRU cache are bitwise the blocks a GPU-resident store would use."""
+    """Pinned host blocks through the LRU cache are bitwise the blocks a GPU-resident store would use; with int8
+    blocks (the default) the pages and the cache hold int8 and only gathered blocks are decoded."""
     model = tiny_model("llama").cuda()
     ids = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(2))
     cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=4, query_chunk=32, cache_blocks=8, prefill_chunk=64)
@@ -76,14 +77,18 @@ def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
     offloaded_engine = Engine(model, cfg, offload=True)
     offloaded = offloaded_engine.feed(ids, all_logits=True)
     assert offloaded_engine.layers[0].cache.stats.evictions > 0
+    store, cache = offloaded_engine.layers[0].store, offloaded_engine.layers[0].cache
+    assert store.pages["k"][0].dtype == torch.int8 and store.pages["k"][0].is_pinned()
+    assert cache.parts["k"].dtype == torch.int8 and cache.parts["k"].is_cuda
     assert torch.equal(resident, offloaded)
 
 
 def test_engine_on_gpu_matches_cpu_beyond_the_window():
-    """GPU kernels give the CPU engine's logits on a long text (every block retrieved, so no top-k ties)."""
+    """GPU kernels give the CPU engine's logits on a long text (every block retrieved, so no top-k ties). Blocks
+    in full precision: an int8 code may round the other way on either device, a step of 1/127 of its group."""
     ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(3))
     cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=40, query_chunk=32, cache_blocks=40,
-                       prefill_chunk=64)
+                       prefill_chunk=64, kv_dtype="model")
     cpu = Engine(tiny_model("llama"), cfg).feed(ids, all_logits=True)
     gpu = Engine(tiny_model("llama").cuda(), cfg).feed(ids, all_logits=True).cpu()
     assert (gpu - cpu).abs().max().item() <= 1e-3

@@ -525,6 +525,19 @@ def test_memory_short_is_refused_with_numbers_and_flags():
                             "or fewer or shorter sources")
 
 
+def test_memory_hints_follow_the_kv_dtype():
+    from infllm.config import EngineConfig
+
+    hints = {}
+    for kv_dtype in ("int8", "model"):
+        with pytest.raises(ResourceError) as caught:
+            check_memory(9 * GIB, CPU, tokens=10**6, dtype_name="float32", settings=EngineConfig(kv_dtype=kv_dtype),
+                         available_ram=8 * GIB, limit=None)
+        hints[kv_dtype] = str(caught.value).split("; try ")[1]
+    assert "--dtype bfloat16" not in hints["int8"] and "--kv-dtype" not in hints["int8"]
+    assert hints["model"].startswith("--dtype bfloat16 (halves the block store), --kv-dtype int8 (8-bit blocks")
+
+
 def test_memory_hints_fit_the_run():
     with pytest.raises(ResourceError) as caught:
         check_memory(9 * GIB, CPU, tokens=10**7, dtype_name="bfloat16", sources=["a.txt"], available_ram=GIB,
@@ -580,10 +593,10 @@ def test_gpu_short_is_refused_with_flags():
 
 
 def test_not_enough_memory_is_refused_before_reading(infllm, doc, monkeypatch):
-    """The engine's buffers and a prefill step (~1.9 MB at these settings) fit the cap; the block store and a
-    step for ~3,300 tokens (~3 MB) do not."""
+    """The engine's buffers and a prefill step (~1.9 MB at these settings) fit the cap; the float32 block store
+    and a step for ~3,300 tokens (~3 MB) do not."""
     monkeypatch.setenv(ENV_LIMIT, "2.5")
-    result = infllm(doc, "q")
+    result = infllm(doc, "q", "--kv-dtype", "model")
     line = one_error_line(result, EXIT_RESOURCES)
     assert line.startswith("infllm: error: not enough memory: reading ")
     assert f"but the {ENV_LIMIT} cap allows 2.5 MB" in line and "--dtype bfloat16" in line

@@ -113,7 +113,14 @@ def last_line(result: dict) -> str:
 
 @pytest.mark.parametrize("name", [f for f in EngineConfig.__dataclass_fields__])
 def test_every_engine_setting_has_bounds_named_by_its_flag(name):
-    low, high = EngineConfig.__dataclass_fields__[name].metadata["range"]
+    metadata = EngineConfig.__dataclass_fields__[name].metadata
+    if "choices" in metadata:  # a word: anything else, an integer included, is refused naming the choices
+        for value in ("int4", 8, None):
+            with pytest.raises(UsageError, match=f"--{name.replace('_', '-')} must be one of "
+                                                 f"{', '.join(metadata['choices'])}, got {value!r}"):
+                EngineConfig(**{name: value}).validate()
+        return
+    low, high = metadata["range"]
     for value in (low - 1, high + 1):
         with pytest.raises(UsageError, match=f"--{name.replace('_', '-')} must be from {low:,} to {high:,}"):
             EngineConfig(**{name: value}).validate()
@@ -238,8 +245,8 @@ def test_a_long_system_prompt_is_checked_and_shown_like_text(infllm, tmp_path, m
     shown = infllm("ask", "--system", system, short, "q")
     assert shown.exit_code == 0, shown.stderr
     assert _total_read(shown.stderr) > 6000
-    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")  # the engine fits; 6,000 tokens of block store do not
-    line = one_error_line(infllm("ask", "--system", system, short, "q"), 6)
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")  # the engine fits; 6,000 tokens of float32 blocks do not
+    line = one_error_line(infllm("ask", "--system", system, short, "q", "--kv-dtype", "model"), 6)
     assert re.match(r"infllm: error: not enough memory: reading 6,\d{3} tokens", line), line  # the prompt's too
 
 
@@ -251,8 +258,8 @@ def test_a_long_question_is_checked_and_shown_like_text(infllm, tmp_path, monkey
     assert shown.exit_code == 0, shown.stderr
     after = shown.stderr.split("infllm: answering")[1]
     assert _total_read(after) > 3600
-    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "2.5")  # the short read fits; the question's tokens do not
-    result = infllm("ask", short, question)
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "2.5")  # the short read fits; the question's float32 blocks do not
+    result = infllm("ask", short, question, "--kv-dtype", "model")
     line = one_error_line(result, 6)
     assert line.startswith("infllm: error: not enough memory: reading 3,8") and "infllm: read 3," not in result.stderr
 

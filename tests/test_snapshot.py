@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from infllm.config import EngineConfig
+from infllm.engine.kvcodec import block_bytes
 from infllm.errors import SnapshotError
 from infllm.runtime.loading import load_model
 from infllm.documents.prompting import build_prompt, builtin_template
@@ -52,8 +54,8 @@ def loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu")
 
 
-def _read(loaded, doc: Path) -> tuple[Session, object]:
-    session = Session(loaded, CONFIG)
+def _read(loaded, doc: Path, config: EngineConfig = CONFIG) -> tuple[Session, object]:
+    session = Session(loaded, config)
     text, pieces = read_text([str(doc)])
     prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
                           builtin_template("system").strip())
@@ -117,6 +119,40 @@ def test_a_snapshot_can_be_asked_with_other_retrieval_settings_but_not_another_l
         open_session(loaded, SnapshotFile(path), {"window": 128})
     with pytest.raises(SnapshotError, match="--query-chunk 64"):
         open_session(loaded, SnapshotFile(path), {"query_chunk": 32})
+    with pytest.raises(SnapshotError, match="read with --kv-dtype int8; it cannot be used with --kv-dtype model"):
+        open_session(loaded, SnapshotFile(path), {"kv_dtype": "model"})
+    assert open_session(loaded, SnapshotFile(path), {"kv_dtype": "int8"}).engine.config.kv_dtype == "int8"
+
+
+def test_a_snapshot_records_its_kv_dtype_and_holds_8_bit_pages(snapshot):
+    meta, entries, _ = read_header(snapshot[0])
+    assert meta["engine"]["kv_dtype"] == "int8" and meta["dtype"] == "F32"
+    assert {name.split(".")[3] for name in entries if ".store." in name} == {"k", "v", "k_scale", "v_scale", "repr"}
+    assert entries["layer.0.store.k.0"].dtype == entries["layer.1.store.v.1"].dtype == torch.int8
+    assert entries["layer.0.store.k_scale.0"].dtype == torch.float32
+    pages = sum(e.end - e.start for name, e in entries.items() if ".store." in name and "repr" not in name)
+    _, heads, block, dim = entries["layer.0.store.k.0"].shape
+    layers = len({name.split(".")[1] for name in entries if name.startswith("layer.")})
+    blocks = layers * meta["counters"]["blocks"]
+    assert pages == blocks * block_bytes("int8", heads, block, dim, 4) < 0.3 * blocks * block_bytes("model", heads, block, dim, 4)
+
+
+def test_a_version_2_snapshot_is_read_as_blocks_in_the_models_dtype(loaded, doc, tmp_path):
+    """Version 2 held blocks as the model computed them and had no kv_dtype: it answers as a full-precision read."""
+    session, prompt = _read(loaded, doc, replace(CONFIG, kv_dtype="model"))
+    fresh = _answer(session, prompt)
+    path = tmp_path / "model.infllm"
+    save_session(session, path, None, builtin_template("system").strip())
+    assert read_header(path)[1]["layer.0.store.k.0"].dtype == torch.float32
+
+    def as_version_2(meta):
+        meta["version"] = 2
+        del meta["engine"]["kv_dtype"]
+
+    old = _copy(path, tmp_path, lambda d: _with_meta(d, as_version_2))
+    opened = open_session(loaded, SnapshotFile(old), {})
+    assert opened.engine.config.kv_dtype == "model"
+    assert _answer(opened, prompt) == fresh
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -167,6 +203,22 @@ def _set(key, value):
     return lambda data: _with_meta(data, lambda m: m.__setitem__(key, value))
 
 
+def _as_version_2(data: bytearray) -> bytearray:
+    """An 8-bit snapshot claiming the format before kv_dtype (whose blocks were in the model's dtype)."""
+    def change(meta):
+        meta["version"] = 2
+        del meta["engine"]["kv_dtype"]
+    return _with_meta(data, change)
+
+
+def _retyped(name: str, dtype: str):
+    def edit(data: bytearray) -> bytearray:
+        header, _ = _header(data)
+        header[name]["dtype"] = dtype
+        return _with_header(data, header)
+    return edit
+
+
 CORRUPTIONS = {
     "not a snapshot": (lambda data: bytearray(b"Just some text that someone named .infllm\n" * 10), "not an infllm snapshot"),
     "truncated": (lambda data: data[: len(data) - 1000], "truncated"),
@@ -180,6 +232,12 @@ CORRUPTIONS = {
     "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)),
                     "its files have changed since"),  # the same model name, other weights
     "bad counters": (lambda d: _with_meta(d, lambda m: m["counters"].__setitem__("blocks", 5)), "corrupt"),
+    "int8 pages as version 2": (_as_version_2, "layer.0.store.k_scale.0 is missing, extra or of the wrong shape"),
+    "int8 pages claimed full": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "model")),
+                                "is missing, extra or of the wrong shape"),
+    "unknown kv dtype": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "int4")),
+                         "invalid engine settings: --kv-dtype must be one of int8, model"),
+    "int8 page of bytes": (_retyped("layer.0.store.k.0", "U8"), "tensor layer.0.store.k.0 has dtype torch.uint8"),
 }
 
 

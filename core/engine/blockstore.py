@@ -1,5 +1,10 @@
 """One layer's store of memory blocks: K/V in host memory pages, representative keys beside the compute.
 
+A block's K/V are held in the format of `infllm.engine.kvcodec` (8-bit by default): a few named parts per block,
+each with its own pages here and its own tensor in the device cache, decoded to the compute dtype only where
+blocks are gathered for attention, so host memory, the cache and the host-to-device copies all hold the
+compact form.
+
 On an accelerator the K/V pages sit in pinned host memory and `BlockCache` keeps the hot blocks on the device
 (LRU), so device memory stays flat however long the text; on a CPU-only run the pages are read directly.
 Representative keys are small (repr_keys/block_size of the store) and are scored every query chunk, so they
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from infllm.engine.kvcodec import KVCodec
+
 KV_PAGE_BLOCKS = 16  # blocks per K/V page: the store grows in steps of this many blocks
 
 
@@ -30,42 +37,45 @@ class CacheStats:
 
 
 class BlockStore:
-    """Append-only blocks of one layer. Block i holds K/V [Hkv, B, D] and representative keys [R, Hkv, D]."""
+    """Append-only blocks of one layer. Block i holds K/V [Hkv, B, D] (as the codec's parts) and representative
+    keys [R, Hkv, D]."""
 
     def __init__(self, heads: int, block_size: int, repr_keys: int, head_dim: int, dtype: torch.dtype,
-                 compute_device: torch.device, host_device: torch.device, pin: bool):
+                 compute_device: torch.device, host_device: torch.device, pin: bool, kv_dtype: str):
         self.shape = (heads, block_size, head_dim)
         self.repr_shape = (repr_keys, heads, head_dim)  # as held; snapshots and `append` use [Hkv, R, D]
         self.dtype = dtype
+        self.codec = KVCodec(kv_dtype, heads, block_size, head_dim, dtype)
         self.compute_device = compute_device
         self.host_device = host_device
         self.pin = pin
-        self.k_pages: list[torch.Tensor] = []  # each [KV_PAGE_BLOCKS, Hkv, B, D] on host_device
-        self.v_pages: list[torch.Tensor] = []
+        # part -> its pages, each [KV_PAGE_BLOCKS, *part shape] on host_device
+        self.pages: dict[str, list[torch.Tensor]] = {part: [] for part in self.codec.parts}
         self._reprs = torch.empty((0, *self.repr_shape), dtype=dtype, device=compute_device)  # capacity grows x2
         self.count = 0
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
-    def _kv_page(self) -> torch.Tensor:
+    def _page(self, part: str) -> torch.Tensor:
         # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
         # hide it (benchmarks/host_memory.py; docs/benchmarks.md).
-        return torch.empty((KV_PAGE_BLOCKS, *self.shape), dtype=self.dtype, device=self.host_device,
-                           pin_memory=self.pin)
+        shape, dtype = self.codec.parts[part]
+        return torch.empty((KV_PAGE_BLOCKS, *shape), dtype=dtype, device=self.host_device, pin_memory=self.pin)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
-        """Add n blocks: k, v [n, Hkv, B, D] and reprs [n, Hkv, R, D], all unrotated."""
+        """Add n blocks: k, v [n, Hkv, B, D] and reprs [n, Hkv, R, D], all unrotated, in the compute dtype."""
         n = k.shape[0]
         self._reserve_reprs(self.count + n)
         self._reprs[self.count : self.count + n].copy_(reprs.transpose(1, 2))
+        encoded = self.codec.encode(k, v)  # on the compute device: only the compact form crosses to the host
         done = 0
         while done < n:
             page, slot = divmod(self.count + done, KV_PAGE_BLOCKS)
-            if page == len(self.k_pages):
-                self.k_pages.append(self._kv_page())
-                self.v_pages.append(self._kv_page())
+            if page == len(self.pages["k"]):
+                for part, pages in self.pages.items():
+                    pages.append(self._page(part))
             take = min(n - done, KV_PAGE_BLOCKS - slot)
-            self.k_pages[page][slot : slot + take].copy_(k[done : done + take], non_blocking=True)
-            self.v_pages[page][slot : slot + take].copy_(v[done : done + take], non_blocking=True)
+            for part, pages in self.pages.items():
+                pages[page][slot : slot + take].copy_(encoded[part][done : done + take], non_blocking=True)
             done += take
         self.count += n
 
@@ -87,21 +97,28 @@ class BlockStore:
         """Drop blocks from `count` on (their pages are reused by later appends)."""
         self.count = min(self.count, count)
 
-    def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [Hkv, B, D] of one block, as stored (host memory; possibly another dtype if adopted)."""
+    def parts(self, index: int) -> dict[str, torch.Tensor]:
+        """One block as stored: each part [*its shape] (host memory; model-format parts possibly of another float
+        dtype if adopted). Its page is read and verified first if it was adopted unread."""
         page, slot = divmod(index, KV_PAGE_BLOCKS)
         if self._unchecked:
             check = self._unchecked.pop(page, None)
             if check is not None:
                 check()
-        return self.k_pages[page][slot], self.v_pages[page][slot]
+        return {part: pages[page][slot] for part, pages in self.pages.items()}
+
+    def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [Hkv, B, D] of one block in the compute dtype, on the host device."""
+        k, v = self.codec.decode({part: t[None] for part, t in self.parts(index).items()})
+        return k[0], v[0]
 
     def export(self) -> dict[str, torch.Tensor]:
-        """The used part of every page: `k.P`/`v.P` [n, Hkv, B, D] per K/V page, `repr` [count, Hkv, R, D]."""
+        """The used part of every page: `PART.P` [n, *part shape] per page P (parts `k`, `v`, and for int8
+        `k_scale`, `v_scale`), `repr` [count, Hkv, R, D]."""
         out = {}
         for p in range(-(-self.count // KV_PAGE_BLOCKS)):
             used = min(KV_PAGE_BLOCKS, self.count - p * KV_PAGE_BLOCKS)
-            out[f"k.{p}"], out[f"v.{p}"] = self.k_pages[p][:used], self.v_pages[p][:used]
+            out.update({f"{part}.{p}": pages[p][:used] for part, pages in self.pages.items()})
         out["repr"] = self.reprs().transpose(1, 2)
         return out
 
@@ -110,57 +127,61 @@ class BlockStore:
         shapes = {}
         for p in range(-(-count // KV_PAGE_BLOCKS)):
             used = min(KV_PAGE_BLOCKS, count - p * KV_PAGE_BLOCKS)
-            shapes[f"k.{p}"] = shapes[f"v.{p}"] = (used, *self.shape)
+            shapes.update({f"{part}.{p}": (used, *shape) for part, (shape, _) in self.codec.parts.items()})
         repr_keys, heads, head_dim = self.repr_shape
         shapes["repr"] = (count, heads, repr_keys, head_dim)  # the [Hkv, R, D] layout of `export`
         return shapes
 
     def adopt(self, tensors: dict[str, torch.Tensor], count: int,
               checks: dict[int, Callable[[], None]] | None = None) -> None:
-        """Take over the blocks of `export`-shaped tensors (shapes already validated), replacing this store's.
+        """Take over the blocks of `export`-shaped tensors (shapes and dtypes already validated), replacing this
+        store's.
 
-        Full K/V pages are used in place (they may be memory-mapped: nothing is read until a block is); the
+        Full pages are used in place (they may be read lazily: nothing is read until a block is); the
         representative keys and a partial last page are copied. checks[p] runs before page p is first read.
         """
-        self.k_pages, self.v_pages = [], []
+        self.pages = {part: [] for part in self.codec.parts}
         self.count = 0
         self._unchecked = {}
-        pages = -(-count // KV_PAGE_BLOCKS)
-        for p in range(pages):
-            k, v = tensors[f"k.{p}"], tensors[f"v.{p}"]
-            if k.shape[0] < KV_PAGE_BLOCKS:
+        for p in range(-(-count // KV_PAGE_BLOCKS)):
+            page = {part: tensors[f"{part}.{p}"] for part in self.pages}
+            if page["k"].shape[0] < KV_PAGE_BLOCKS:
                 if checks and p in checks:
                     checks[p]()
-                k_page, v_page = self._kv_page(), self._kv_page()
-                k_page[: k.shape[0]].copy_(k)
-                v_page[: v.shape[0]].copy_(v)
-                k, v = k_page, v_page
+                for part, t in page.items():
+                    full = self._page(part)
+                    full[: t.shape[0]].copy_(t)
+                    page[part] = full
             elif checks and p in checks:
                 self._unchecked[p] = checks[p]
-            self.k_pages.append(k)
-            self.v_pages.append(v)
+            for part, t in page.items():
+                self.pages[part].append(t)
         self._reprs = torch.empty((0, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
         self._reserve_reprs(count)
         self._reprs[:count].copy_(tensors["repr"].transpose(1, 2))
         self.count = count
 
     def nbytes(self) -> int:
-        pages = self.k_pages + self.v_pages + [self._reprs]
-        return sum(p.numel() * p.element_size() for p in pages)
+        tensors = [t for pages in self.pages.values() for t in pages] + [self._reprs]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class BlockCache:
     """Device-resident LRU cache of one layer's blocks, filled from a host `BlockStore`.
 
-    `gather` returns the K/V of the requested blocks; blocks already cached are hits, the others are copied in,
-    evicting the least recently used blocks that the same request does not need.
+    It holds blocks in the store's format (int8 blocks: ~4x as many per byte as float32, 2x as many as bfloat16)
+    and decodes only what a request gathers. `gather` returns the K/V of the requested blocks; blocks already
+    cached are hits, the others are copied in, evicting the least recently used blocks that the same request
+    does not need.
     """
 
     def __init__(self, store: BlockStore, capacity: int, device: torch.device):
         self.store = store
         self.capacity = capacity
-        self.k = torch.empty((capacity, *store.shape), dtype=store.dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # part -> [capacity, *part shape] on the device
+        self.parts = {part: torch.empty((capacity, *shape), dtype=dtype, device=device)
+                      for part, (shape, dtype) in store.codec.parts.items()}
+        self.device = device
         self.slots: OrderedDict[int, int] = OrderedDict()  # block id -> cache slot, oldest use first
         self.stats = CacheStats()
 
@@ -176,9 +197,8 @@ class BlockCache:
             victim = next(b for b in self.slots if b not in keep)
             slot = self.slots.pop(victim)
             self.stats.evictions += 1
-        k, v = self.store.block(block)
-        self.k[slot].copy_(k, non_blocking=True)
-        self.v[slot].copy_(v, non_blocking=True)
+        for part, t in self.store.parts(block).items():
+            self.parts[part][slot].copy_(t, non_blocking=True)
         self.slots[block] = slot
         return slot
 
@@ -189,28 +209,27 @@ class BlockCache:
         # Slots must stay 0..len-1 dense for the free-slot rule; renumber the survivors' slots.
         if self.slots:
             order = list(self.slots.items())
-            idx = torch.tensor([slot for _, slot in order], device=self.k.device)
-            self.k[: len(order)] = self.k.index_select(0, idx)
-            self.v[: len(order)] = self.v.index_select(0, idx)
+            idx = torch.tensor([slot for _, slot in order], device=self.device)
+            for t in self.parts.values():
+                t[: len(order)] = t.index_select(0, idx)
             self.slots = OrderedDict((b, i) for i, (b, _) in enumerate(order))
 
     def gather(self, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [n, Hkv, B, D] of `blocks` on the device. Repeats are allowed (several query chunks' blocks in
-        one request); at most `capacity` distinct blocks."""
+        """K, V [n, Hkv, B, D] of `blocks` on the device, in the compute dtype. Repeats are allowed (several query
+        chunks' blocks in one request); at most `capacity` distinct blocks."""
         keep = set(blocks)
         slots = {b: self._slot_for(b, keep) for b in dict.fromkeys(blocks)}
         # Not blocking: a blocking host-to-device copy drains the stream, once per layer and chunk.
-        idx = torch.tensor([slots[b] for b in blocks]).to(self.k.device, non_blocking=True)
-        return self.k.index_select(0, idx), self.v.index_select(0, idx)
+        idx = torch.tensor([slots[b] for b in blocks]).to(self.device, non_blocking=True)
+        return self.store.codec.decode({part: t.index_select(0, idx) for part, t in self.parts.items()})
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
 
 def gather_blocks(store: BlockStore, cache: BlockCache | None, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V [n, Hkv, B, D] of `blocks`, through the device cache when there is one."""
+    """K, V [n, Hkv, B, D] of `blocks` in the compute dtype, through the device cache when there is one."""
     if cache is not None:
         return cache.gather(blocks)
-    pairs = [store.block(b) for b in blocks]
-    # adopted pages may hold another dtype
-    return torch.stack([p[0] for p in pairs]).to(store.dtype), torch.stack([p[1] for p in pairs]).to(store.dtype)
+    stored = [store.parts(b) for b in blocks]
+    return store.codec.decode({part: torch.stack([s[part] for s in stored]) for part in store.codec.parts})

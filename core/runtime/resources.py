@@ -126,9 +126,11 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
 
     Per layer: key, value and query buffers for the sinks and for the recent tokens (core/engine/memory.py), with
     `checkpoint` a second copy of them (a Session keeps the state right after the read to answer from); with
-    `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values. And
+    `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values (held
+    as `kv_dtype`). And
     cos and sin for every rotation position the memory uses. Without `checkpoint` the sum is what the
     engine reports as its working bytes once made (tests check that)."""
+    from infllm.engine.kvcodec import block_bytes
     from infllm.engine.positions import rope_range
 
     per_slot = shape.layers * 3 * shape.kv_heads * shape.head_dim * element_size * (2 if checkpoint else 1)
@@ -140,7 +142,8 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     parts = {name: n * (per_slot + per_position) for name, n in slots.items()}
     lo, hi = rope_range(cfg)
     parts["sinks"] = cfg.sinks * per_slot + (hi - lo - sum(slots.values())) * per_position
-    cache = 2 * cfg.cache_blocks * shape.kv_heads * cfg.block_size * shape.head_dim * element_size * shape.layers
+    cache = cfg.cache_blocks * block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim,
+                                           element_size) * shape.layers
     parts["cache_blocks"] = cache if offload else 0
     return parts
 
@@ -201,8 +204,11 @@ def check_memory(
     room, why = _ram_room(available_ram, reclaimable_bytes, limit)
     if room is not None and need > room:
         hints = []
-        if dtype_name == "float32":
+        full = settings is None or settings.kv_dtype == "model"  # 8-bit blocks do not shrink with the dtype
+        if full and dtype_name == "float32":
             hints.append("--dtype bfloat16 (halves the block store)")
+        if settings is not None and settings.kv_dtype == "model":
+            hints.append("--kv-dtype int8 (8-bit blocks: ~3.7x smaller than float32)")
         if len(sources) > 1:
             hints.append(f"--each (reads the {len(sources)} sources one at a time)")
         hints.append("fewer or shorter sources")
