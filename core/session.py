@@ -24,7 +24,7 @@ from infllm.engine.engine import Engine
 from infllm.errors import UsageError
 from infllm.runtime.loading import LoadedModel
 from infllm.runtime.resources import check_engine
-from infllm.documents.prompting import Prompt
+from infllm.documents.prompting import Prompt, render_passages
 from infllm.engine.sampling import SamplingConfig, next_token, visible_text
 from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
 from infllm.documents.readers import Piece
@@ -242,16 +242,20 @@ class Session:
         prior = self._prior(lexical, focus) if lexical is not None and (focus.weight or focus.pins) else None
         self.engine.set_block_prior(prior)
         start = time.perf_counter()
+        suffix, slot = list(prompt.suffix), 0
         if lexical is not None and focus.passages:
-            self.engine.feed(self._passages(lexical, focus.passages, source_map))
+            suffix = prompt.with_passages(self._passages(lexical, focus.passages, source_map, prompt.question))
+            slot = len(suffix) - (len(prompt.suffix) - (prompt.slot or 0))  # where the template's last part starts
+            self.engine.feed(suffix[:slot])
         tally = self.retrievals = self.engine.count_retrievals(cite > 0)  # the question's queries, not the passages'
-        logits = self.engine.feed(prompt.suffix, on_progress=on_progress)
+        logits = self.engine.feed(suffix[slot:], on_progress=on_progress)
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
         shown = ""
         self.finish_reason = "length"
         generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+        stops = tuple(sampling.stop) + prompt.stops
         # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator, tokens)
@@ -261,7 +265,7 @@ class Session:
             tokens.append(token)
             if on_token is not None:
                 on_token(len(tokens))
-            text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
+            text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), stops)
             if stopped:
                 self.finish_reason = "stop"
                 break
@@ -272,7 +276,7 @@ class Session:
             if step + 1 < max_new_tokens:
                 logits = self.engine.feed([token])
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        before_stop, stopped = visible_text(text, sampling.stop)
+        before_stop, stopped = visible_text(text, stops)
         text = before_stop if stopped else text  # a tail held back for a stop string that never came is shown
         if len(text) > len(shown):
             yield text[len(shown):]
@@ -312,15 +316,16 @@ class Session:
             prior[ids[scores.topk(min(focus.pins, len(blocks))).indices]] += PINNED
         return prior
 
-    def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap) -> list[int]:
-        """Token ids of the `count` document blocks the question's words match best, their text in document
-        order, each on lines of its own: what the question points at, put where the model reads at true
-        distances."""
+    def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
+                  question: str) -> list[int]:
+        """Token ids of the `count` document blocks the question's words match best, numbered, in document order,
+        under the question they were chosen for: what the question points at, in the model's local view, read
+        knowing what to look for (Prompt.with_passages puts them in the template)."""
         scores, blocks = lexical
         layer = self.engine.layers[0]
         best = sorted(blocks[i] for i in scores.topk(min(count, len(blocks))).indices.tolist())
         spans = [passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map) for b in best]
-        text = "".join(f"\n\n{source_map.text[p.start : p.end].strip()}" for p in spans) + "\n"
+        text = render_passages(question, [source_map.text[p.start : p.end] for p in spans])
         return self.loaded.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- citations -----------------------------------------------------------------------------------------

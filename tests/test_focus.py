@@ -14,7 +14,8 @@ import torch
 from infllm.citations.lexical import LexicalIndex, words
 from infllm.citations.passages import SourceMap
 from infllm.config import EngineConfig
-from infllm.documents.prompting import build_prompt
+from infllm.documents.prompting import build_prompt, builtin_template, echo_stops
+from infllm.errors import UsageError
 from infllm.documents.readers import Piece
 from infllm.engine.engine import Engine
 from infllm.session import PINNED, Focus, Session
@@ -88,9 +89,57 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
 
     lexical = session._lexical_scores(prompt.question, session.source_map)
-    reread = tokenizer.decode(session._passages(lexical, 1, session.source_map))
+    reread = tokenizer.decode(session._passages(lexical, 1, session.source_map, prompt.question))
     assert "quagga" in reread and reread.count("Line") <= 3  # about one block of text around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
     assert "quagga" in session.citations[0].excerpt  # the citations lead with the block the retrieval was given
     assert "".join(session.answer(prompt, 4)) == plain  # and nothing of it stays for the next answer
+
+
+# ---- where the re-read passages go, and where an answer stops ---------------------------------------------------
+
+
+def test_the_built_in_template_puts_the_passages_after_the_document_and_asks_again_after_them(session):
+    tokenizer = session.loaded.tokenizer
+    prompt = build_prompt(tokenizer, builtin_template("ask"), "Where does the quagga wait?", None)
+    assert prompt.slot is not None
+    marker = tokenizer.encode("[1] the quagga waits", add_special_tokens=False)
+    text = tokenizer.decode(prompt.with_passages(marker))
+    assert text.index("</document>") < text.index("[1] the quagga") < text.index("Question: Where does the quagga")
+    assert tokenizer.decode(prompt.with_passages([])) == tokenizer.decode(prompt.suffix)
+    assert "{passages}" not in tokenizer.decode(prompt.suffix)
+
+    plain = build_prompt(tokenizer, "{document}\n{question}", "Where?", None)  # a template without the field
+    assert plain.slot is None and plain.with_passages(marker) == marker + plain.suffix
+    with pytest.raises(UsageError, match="after {document}"):
+        build_prompt(tokenizer, "{passages}{document}\n{question}", "Where?", None)
+    with pytest.raises(UsageError, match="once"):
+        build_prompt(tokenizer, "{document}{passages}{passages}\n{question}", "Where?", None)
+
+
+def test_echo_stops_are_the_templates_question_line_and_document_tags():
+    assert echo_stops(builtin_template("ask")) == ("\nQuestion:", "<document>", "</document>")
+    assert echo_stops("{document}\n{question}") == ()
+    assert echo_stops("Q: {question}\n{document}") == ("\nQ:",)
+
+
+def test_an_answer_reads_the_passages_before_its_question_and_stops_where_it_echoes_the_template(session,
+                                                                                                    monkeypatch):
+    lines = [f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80)]
+    lines[20] = "Line 21: the quagga waits at the gate.\n"
+    text = "".join(lines)
+    tokenizer = session.loaded.tokenizer
+    prompt = build_prompt(tokenizer, builtin_template("ask"), "Where does the quagga wait?", None)
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    fed: list[int] = []
+    feed = session.engine.feed
+    monkeypatch.setattr(session.engine, "feed", lambda ids, **kw: (fed.extend(list(ids)), feed(ids, **kw))[1])
+    # The model's choices are scripted: an answer, then the template's next question (what an echo looks like).
+    script = iter(tokenizer.encode("At the gate.\nQuestion: Where else?", add_special_tokens=False))
+    monkeypatch.setattr("infllm.session.next_token", lambda *a: next(script))
+    answer = "".join(session.answer(prompt, 32, focus=Focus(passages=1)))
+    assert answer == "At the gate." and session.finish_reason == "stop"
+    shown = tokenizer.decode(fed)
+    assert shown.index("</document>") < shown.index("quagga waits") < shown.rindex("Question: Where does the quagga")
+    assert shown.count("Question: Where does the quagga") == 2  # before the passages, and after them

@@ -2,7 +2,9 @@
 
 The document can be millions of tokens, so it is never put through the chat template: the template is rendered
 with a marker where the document goes and split there, giving the token ids before and after the document.
-Templates are plain text with `{document}` and `{question}` fields (package data under `prompts/`).
+Templates are plain text with `{document}` and `{question}` fields (package data under `prompts/`), and may
+hold a `{passages}` field after the document: where the passages the question's words point at are re-read
+(Session.answer renders them; the field is empty when there are none).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from infllm.errors import ModelError, UsageError
 
 _MARK = "\u241e\u241eDOCUMENT\u241e\u241e"  # never appears in real prompts
+_SLOT = "\u241e\u241ePASSAGES\u241e\u241e"
 
 SUMMARY_REQUEST = ("Summarize the whole document in a few short paragraphs, from its beginning to its end: "
                    "who or what it is about, and its main parts in order.")
@@ -27,6 +30,17 @@ class Prompt:
     # Another question asked the same way (template, system prompt); citations use it for probe questions.
     ask: Callable[[str], "Prompt"] | None = field(default=None, compare=False, repr=False)
     question: str = ""  # the question's own words (not the template's): what the lexical index matches
+    slot: int | None = None  # suffix[:slot] comes before the template's {passages} field; None: it has none
+    # Strings that would begin the template over again (its question line, its document tags): an answer that
+    # reaches one has stopped answering and is echoing the prompt, so it ends there.
+    stops: tuple[str, ...] = ()
+
+    def with_passages(self, passages: list[int]) -> list[int]:
+        """The suffix with re-read passages' tokens in the template's {passages} field, or before the suffix
+        (the document's end) when the template has none."""
+        if self.slot is None:
+            return list(passages) + list(self.suffix)
+        return list(self.suffix[: self.slot]) + list(passages) + list(self.suffix[self.slot :])
 
 
 def builtin_template(name: str) -> str:
@@ -70,12 +84,14 @@ def has_chat_template(tokenizer) -> bool:
 def build_prompt(tokenizer, template: str, question: str, system: str | None, answer_prefix: str = "") -> Prompt:
     """Render the chat template around a document marker and tokenize the two sides."""
     try:
-        # {document} first, so that a question quoting "{document}" stays text.
-        user = template.replace("{document}", _MARK).replace("{question}", question)
+        # The fields before the question, so that a question quoting "{document}" stays text.
+        user = template.replace("{document}", _MARK).replace("{passages}", _SLOT).replace("{question}", question)
     except (KeyError, ValueError) as err:
         raise UsageError(f"bad template: {err}") from None
     if user.count(_MARK) != 1:
         raise UsageError("the template must hold the {document} field exactly once")
+    if user.count(_SLOT) > 1 or user.find(_SLOT) >= 0 and user.find(_SLOT) < user.find(_MARK):
+        raise UsageError("the template may hold the {passages} field once, after {document}")
     if has_chat_template(tokenizer):
         text = _render_chat(tokenizer, system, user)
     else:  # base models: a plain transcript the model can continue
@@ -86,12 +102,38 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
                          "pass a template that does (--template) or fix the model's chat_template")
     before, after = text.split(_MARK)
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False) if s else []  # noqa: E731
+    head, _, tail = after.partition(_SLOT)
+    suffix = encode(head) + encode(tail)
     prefix = encode(before)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not prefix or prefix[0] != bos):
         prefix = [bos] + prefix
-    return Prompt(prefix, encode(after),
-                  ask=lambda other: build_prompt(tokenizer, template, other, system, answer_prefix), question=question)
+    return Prompt(prefix, suffix,
+                  ask=lambda other: build_prompt(tokenizer, template, other, system, answer_prefix), question=question,
+                  slot=len(encode(head)) if _SLOT in after else None, stops=echo_stops(template))
+
+
+def render_passages(question: str, passages: list[str]) -> str:
+    """What fills a template's {passages} field: the question, then the passages numbered, each a paragraph.
+    The question comes first so that the model reads them knowing what to look for; the template asks it
+    again after them."""
+    numbered = "\n\n".join(f"[{i}] {text.strip()}" for i, text in enumerate(passages, 1))
+    return f"Question: {question}\n\nPassages of the document that may hold the answer:\n\n{numbered}\n\n"
+
+
+def echo_stops(template: str) -> tuple[str, ...]:
+    """The template's own markers that an answer must not run into: the start of the line holding {question}
+    ("Question:" in the built-in one) at a line start, and the document's tags."""
+    stops = []
+    for line in template.splitlines():
+        lead = line.partition("{question}")[0].replace("{passages}", "").strip()  # the passages end in a new line
+        if "{question}" in line and lead and "{" not in lead:
+            stops.append("\n" + lead)
+    for line in template.splitlines():
+        tag = line.strip()
+        if tag.startswith("<") and tag.endswith(">") and "{" not in tag:  # <document>, </document>
+            stops.append(tag)
+    return tuple(dict.fromkeys(stops))
 
 
 def _render_chat(tokenizer, system: str | None, user: str) -> str:
