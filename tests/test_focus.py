@@ -95,6 +95,9 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     assert isinstance(cited, str)
     assert "quagga" in session.citations[0].excerpt  # the citations lead with the block the retrieval was given
     assert "".join(session.answer(prompt, 4)) == plain  # and nothing of it stays for the next answer
+    # Unsteered retrieval (no focus), yet the citations still rank by the question's words too.
+    assert "".join(session.answer(prompt, 4, cite=2)) == plain
+    assert any("quagga" in c.excerpt for c in session.citations)
 
 
 # ---- where the re-read passages go, and where an answer stops ---------------------------------------------------
