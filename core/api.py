@@ -262,8 +262,9 @@ class Reading:
     def ask(self, question: str, *, max_tokens: int = 256, sampling: SamplingConfig = SamplingConfig(),
             cite: int = 0, passages: int = 3, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the state right after the read. on_text receives the answer as it is generated.
-        passages: the best passages by the question's words (BM25) are re-read just before it, where the model
-        sees them at local distances (Focus; needs the text, kept by read() unless keep_text=False)."""
+        passages: the best passages by the question's words (BM25) are re-read after the document, under the
+        question (the template's {passages} field), where the model sees them at local distances (Focus; needs
+        the text, kept by read() unless keep_text=False)."""
         check_answer(max_tokens, sampling, cite, passages)
         session, report = self.session, self.model.report
         prompt = self.prompt(question)

@@ -269,8 +269,8 @@ SUMMARY_NO_REPEAT_NGRAM = 4
 
 @app.command(epilog=ASK_EPILOG)
 @guarded
-@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), BATCH, REUSE, SOURCES, OUTPUT)
+@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document}, "
+                                       "{question} and optionally {passages}"), BATCH, REUSE, SOURCES, OUTPUT)
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
@@ -430,8 +430,8 @@ def cache_clear() -> None:
 
 @app.command(epilog=CHAT_EPILOG)
 @guarded
-@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document} "
-                                       "and {question}"), REUSE, SOURCES, OUTPUT)
+@options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document}, "
+                                       "{question} and optionally {passages}"), REUSE, SOURCES, OUTPUT)
 def chat(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...|SNAPSHOT",
                        help="files, directories or a snapshot (stdin holds the questions)")],
