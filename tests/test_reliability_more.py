@@ -698,6 +698,11 @@ def test_inputs_that_carry_nothing_are_refused(infllm, tmp_path):
     result = infllm("ask", "--template", template, blank, "q")
     assert one_error_line(result, EXIT_USAGE) == f"infllm: error: template '{template}' has no {{question}} field"
     assert "loading model" not in result.stderr
+    template.write_text("{passages}\n{document}\nQuestion: {question}\n")  # passages can only follow the document
+    result = infllm("ask", "--template", template, blank, "q")
+    assert one_error_line(result, EXIT_USAGE) == (f"infllm: error: template '{template}' may hold the {{passages}} "
+                                                  "field once, after {document}")
+    assert "loading model" not in result.stderr
 
 
 def test_a_template_file_without_an_extension_is_used(infllm, doc, tmp_path, monkeypatch):

@@ -68,6 +68,8 @@ def load_template(name_or_path: str) -> str:
     for field in ("{document}", "{question}"):
         if field not in text:
             raise UsageError(f"template '{name_or_path}' has no {field} field")
+    if text.count("{passages}") > 1 or 0 <= text.find("{passages}") < text.find("{document}"):
+        raise UsageError(f"template '{name_or_path}' may hold the {{passages}} field once, after {{document}}")
     return text
 
 
