@@ -33,8 +33,8 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     skipped = SkipReport()
     pieces = iter_pieces(sources, stdin=getattr(sys.stdin, "buffer", None), skipped=skipped, gitignore=gitignore)
     size = measure_stream(model.loaded.tokenizer, pieces, config.prefill_chunk)
-    if skipped.ignored_line():
-        report.phase(skipped.ignored_line())
+    if line := skipped.ignored_line():
+        report.phase(line)
     tokens, calibration = size.tokens, size.head
     session.read([], calibration[:64])  # first calls pay one-off kernel set-up; keep it out of the rate
     start = time.perf_counter()
@@ -45,5 +45,5 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     return {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
             "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
             "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1), "device": str(device),
-            "estimated_read_s": round(tokens / rate, 1), "engine": config.to_dict(), "model": model.name,
+            "estimated_read_s": tokens / rate, "engine": config.to_dict(), "model": model.name,
             "tokens_per_s": rate}
