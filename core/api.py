@@ -215,8 +215,8 @@ class Reading:
         document, source_map = session.tokenize_pieces(
             extracting, on_tokens=lambda n: check_reading(session, len(prefix) + n, self.sources))
         t_tok = time.perf_counter()
-        if skipped.ignored_line():
-            report.phase(skipped.ignored_line())
+        if line := skipped.ignored_line():
+            report.phase(line)
         total = len(prefix) + len(document)
         per_token = session.engine.memory_report_per_token()
         report.phase(f"{len(document):,} tokens from {len(source_map.text):,} characters; memory will take about "
@@ -241,8 +241,8 @@ class Reading:
         with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
-        if skipped.ignored_line():
-            report.phase(skipped.ignored_line())
+        if line := skipped.ignored_line():
+            report.phase(line)
         self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
 
     def _keep(self, cache: ReadCache, key: str) -> None:

@@ -248,13 +248,13 @@ class Session:
         prior = self._prior(lexical, focus) if lexical is not None and (focus.weight or focus.pins) else None
         self.engine.set_block_prior(prior)
         start = time.perf_counter()
-        suffix, slot = list(prompt.suffix), 0
+        tail = list(prompt.suffix)  # what the tally hears: the question, not the passages re-read before it
         if lexical is not None and focus.passages:
             suffix = prompt.with_passages(self._passages(lexical, focus.passages, source_map, prompt.question))
-            slot = len(suffix) - (len(prompt.suffix) - (prompt.slot or 0))  # where the template's last part starts
-            self.engine.feed(suffix[:slot])
-        tally = self.retrievals = self.engine.count_retrievals(cite > 0)  # the question's queries, not the passages'
-        logits = self.engine.feed(suffix[slot:], on_progress=on_progress)
+            tail = list(prompt.suffix[prompt.slot or 0 :])  # the template after its {passages} field
+            self.engine.feed(suffix[: len(suffix) - len(tail)])
+        tally = self.retrievals = self.engine.count_retrievals(cite > 0)
+        logits = self.engine.feed(tail, on_progress=on_progress)
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []

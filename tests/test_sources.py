@@ -385,19 +385,23 @@ def test_directory_without_text_is_refused(tmp_path):
 def make_repo(root: Path) -> Path:
     """A code base in a git repository: build outputs, a vendored tree and logs that its .gitignore files ignore
     (nested ones included, a deeper one re-including a file), and the folder `src` a user might name."""
-    write(root, ".git/HEAD", b"ref: refs/heads/main\n")
-    write(root, ".gitignore", b"*.log\n/dist/\n")
-    write(root, "README.md", b"# the project\n")
-    write(root, "dist/app.js", b"minified\n")
-    write(root, "run.log", b"noise\n")
-    write(root, "src/.gitignore", b"build/\n!keep.log\n")
-    write(root, "src/main.py", b"print('hi')\n")
-    write(root, "src/keep.log", b"kept\n")
-    write(root, "src/debug.log", b"noise\n")
-    write(root, "src/build/out.txt", b"generated\n")
-    write(root, "src/lib/.gitignore", b"vendor\n")
-    write(root, "src/lib/util.py", b"pass\n")
-    write(root, "src/lib/vendor/big.py", b"vendored\n")
+    files = {
+        ".git/HEAD": b"ref: refs/heads/main\n",
+        ".gitignore": b"*.log\n/dist/\n",
+        "README.md": b"# the project\n",
+        "dist/app.js": b"minified\n",
+        "run.log": b"noise\n",
+        "src/.gitignore": b"build/\n!keep.log\n",
+        "src/main.py": b"print('hi')\n",
+        "src/keep.log": b"kept\n",
+        "src/debug.log": b"noise\n",
+        "src/build/out.txt": b"generated\n",
+        "src/lib/.gitignore": b"vendor\n",
+        "src/lib/util.py": b"pass\n",
+        "src/lib/vendor/big.py": b"vendored\n",
+    }
+    for name, data in files.items():
+        write(root, name, data)
     return root / "src"
 
 

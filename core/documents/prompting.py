@@ -68,9 +68,16 @@ def load_template(name_or_path: str) -> str:
     for field in ("{document}", "{question}"):
         if field not in text:
             raise UsageError(f"template '{name_or_path}' has no {field} field")
-    if text.count("{passages}") > 1 or 0 <= text.find("{passages}") < text.find("{document}"):
-        raise UsageError(f"template '{name_or_path}' may hold the {{passages}} field once, after {{document}}")
+    if _passages_misplaced(text):
+        raise UsageError(f"template '{name_or_path}' {PASSAGES_PLACE}")
     return text
+
+
+PASSAGES_PLACE = "may hold the {passages} field once, after {document}"
+
+
+def _passages_misplaced(template: str) -> bool:
+    return template.count("{passages}") > 1 or 0 <= template.find("{passages}") < template.find("{document}")
 
 
 NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, so the prompt is a plain transcript ending in "
@@ -92,8 +99,8 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
         raise UsageError(f"bad template: {err}") from None
     if user.count(_MARK) != 1:
         raise UsageError("the template must hold the {document} field exactly once")
-    if user.count(_SLOT) > 1 or user.find(_SLOT) >= 0 and user.find(_SLOT) < user.find(_MARK):
-        raise UsageError("the template may hold the {passages} field once, after {document}")
+    if _passages_misplaced(template):
+        raise UsageError(f"the template {PASSAGES_PLACE}")
     if has_chat_template(tokenizer):
         text = _render_chat(tokenizer, system, user)
     else:  # base models: a plain transcript the model can continue
@@ -126,16 +133,15 @@ def render_passages(question: str, passages: list[str]) -> str:
 def echo_stops(template: str) -> tuple[str, ...]:
     """The template's own markers that an answer must not run into: the start of the line holding {question}
     ("Question:" in the built-in one) at a line start, and the document's tags."""
-    stops = []
+    questions, tags = [], []
     for line in template.splitlines():
         lead = line.partition("{question}")[0].replace("{passages}", "").strip()  # the passages end in a new line
         if "{question}" in line and lead and "{" not in lead:
-            stops.append("\n" + lead)
-    for line in template.splitlines():
+            questions.append("\n" + lead)
         tag = line.strip()
         if tag.startswith("<") and tag.endswith(">") and "{" not in tag:  # <document>, </document>
-            stops.append(tag)
-    return tuple(dict.fromkeys(stops))
+            tags.append(tag)
+    return tuple(dict.fromkeys(questions + tags))
 
 
 def _render_chat(tokenizer, system: str | None, user: str) -> str:
