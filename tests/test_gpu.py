@@ -16,6 +16,7 @@ from infllm.engine import positions
 from infllm.engine.engine import Engine
 from infllm.engine.masks import Band, Mask
 from infllm.cli.app import app
+from test_decoding import CFG as DECODE_CFG, decode, steady_calls
 from test_engine import batched_calls
 from tiny_models import tiny_model
 
@@ -156,6 +157,26 @@ def test_decoding_on_gpu_matches_cpu_token_by_token():
         engine.feed(ids[:700])
         logits[device] = torch.stack([engine.feed(ids[t : t + 1]) for t in range(700, 720)]).cpu()
     assert (logits["cuda"] - logits["cpu"]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("kv_dtype", ["model", "int8"])
+def test_decode_cache_on_gpu_equals_the_general_path(dtype, tol, kv_dtype):
+    """The DecodeCache on the GPU, its blocks coming through the device cache, against attending the general
+    way token by token."""
+    model = tiny_model("llama", dtype=dtype).to("cuda")
+    cfg = DECODE_CFG.with_overrides(kv_dtype=kv_dtype)
+    ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(7))
+    general, cached = Engine(model, cfg), Engine(model, cfg)
+    for engine in (general, cached):
+        engine.feed(ids[:160])
+    with mock.patch("infllm.engine.memory.LayerMemory._steady", return_value=False):
+        expected = decode(general, ids[160:])
+    counter, patch = steady_calls()
+    with patch:
+        got = decode(cached, ids[160:])
+    assert cached.layers[0].cache is not None and counter.call_count >= 150 * len(cached.layers)
+    assert (got - expected).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

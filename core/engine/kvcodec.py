@@ -85,6 +85,16 @@ class KVCodec:
         return (dequantize(parts["k"], parts["k_scale"], self.dtype),
                 dequantize(parts["v"], parts["v_scale"], self.dtype))
 
+    def decode_into(self, parts: Mapping[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        """One block's parts [*shape] decoded straight into k, v [Hkv, B, D] (views of a larger buffer): the same
+        values as `decode` gives, without its temporaries."""
+        if self.kind == "model":
+            k.copy_(parts["k"])
+            v.copy_(parts["v"])
+        else:
+            torch.mul(parts["k"], parts["k_scale"], out=k)  # computed in float32, rounded once to k's dtype
+            torch.mul(parts["v"], parts["v_scale"], out=v)
+
     def stored_dtype(self, part: str) -> torch.dtype | None:
         """The dtype a stored part must have; None where any floating dtype is read (and converted on use)."""
         dtype = self.parts[part][1]

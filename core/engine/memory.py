@@ -36,6 +36,7 @@ from infllm.config import EngineConfig
 from infllm.engine import positions
 from infllm.engine.attention import attention_lse, merge
 from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
+from infllm.engine.decoding import DecodeCache
 from infllm.engine.masks import Mask, MaskCache
 from infllm.engine.positions import KeyLayout
 from infllm.engine.rope import RopeTable
@@ -102,6 +103,7 @@ class LayerMemory:
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
                                 pin=offload and device.type == "cuda", kv_dtype=cfg.kv_dtype)
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
+        self.decoding = DecodeCache(cfg, kv_heads, head_dim, dtype, device)  # what a decoded token attends to
         self.position = 0  # tokens seen by this layer
         self.recent_start = cfg.sinks  # absolute position of recent slot 0
         self.recent_len = 0
@@ -113,7 +115,7 @@ class LayerMemory:
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
-        total = sum(t.numel() * t.element_size() for t in self._state_tensors())
+        total = sum(t.numel() * t.element_size() for t in self._state_tensors()) + self.decoding.nbytes()
         return total + (self.cache.nbytes() if self.cache is not None else 0)
 
     def block_span(self, block: int) -> tuple[int, int]:
@@ -130,6 +132,7 @@ class LayerMemory:
             dst.copy_(src)
         self._set_counters(state)
         self.store.truncate(state["blocks"])
+        self.decoding.drop()  # it may hold blocks and keys of tokens read after the checkpoint
         if self.cache is not None:
             self.cache.forget_from(state["blocks"])
 
@@ -182,6 +185,7 @@ class LayerMemory:
         self._set_counters(counters)
         self.store.adopt({k[len("store."):]: t for k, t in tensors.items() if k.startswith("store.")},
                          counters["blocks"], checks)
+        self.decoding.drop()
         if self.cache is not None:
             self.cache.forget_from(0)
 
@@ -310,6 +314,11 @@ class LayerMemory:
             self._seal(positions.sealed_for(cfg, first + firsts[-1]))
         with record_function("infllm.retrieve"):
             retrieved = self._retrieve(q_mem, firsts, length)
+        if length == 1 and self._steady(first, retrieved[0]):
+            out = self._attend_one(q, q_mem, retrieved)
+            self.position += 1
+            return out.reshape(h, 1, d)
+        self.decoding.drop()  # these tokens bypass it
         # Local keys, rotated relative to the recent buffer once for the whole call: [Hkv, recent_len - from, D].
         local_start = positions.local_span(cfg, first, length, self.recent_start)[0]  # the call's first local key
         local_from = local_start - self.recent_start  # its recent slot
@@ -329,6 +338,43 @@ class LayerMemory:
         self.position += length
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.reshape(h, length, d)  # a view unless a kernel's layout needs the copy
+
+    def _steady(self, first: int, retrieved: list[int]) -> bool:
+        """Whether a decoded token at `first` attends through the DecodeCache: past the sinks' reach (no sinks
+        locally, all of them in memory, a full window), with all k blocks retrieved and an unsealed tail that
+        fits the cache."""
+        cfg = self.cfg
+        if first < cfg.sinks + cfg.window or len(retrieved) != cfg.topk:
+            return False
+        return positions.unsealed_span(cfg, first, 1, self.store.count)[1] <= cfg.block_size
+
+    def _attend_one(self, q: torch.Tensor, q_mem: torch.Tensor, retrieved: list[list[int]]) -> torch.Tensor:
+        """Attention of one decoded token in the steady state (`_steady`), from the keys the DecodeCache keeps
+        between tokens: q [H, 1, D] unrotated, q_mem [Hkv, G, 1, D]; its k/v already written. Returns
+        [1, Hkv, G, D]."""
+        cfg, cache, first = self.cfg, self.decoding, self.position
+        hkv, g, _, d = q_mem.shape
+        # The ring: this token's key, or the whole window after a compaction moved the rotations (or a restore).
+        start = first if cache.ring_current(first, self.recent_start) else first - cfg.window + 1
+        at, end = start - self.recent_start, self.recent_len
+        cache.ring_write(start, self.rope.rotate(self.recent_k[:, at:end], self._local_rotations(start, first + 1)),
+                         self.recent_v[:, at:end], self.recent_start)
+        q_local = self.rope.rotate(q, positions.local_rotation(cfg, first, self.recent_start)).reshape(1, hkv, g, d)
+        with record_function("infllm.attention"):
+            local_out = attention_lse(q_local, cache.ring_k[None], cache.ring_v[None], None, self.scale, self.kernels)
+        queries = q_mem.reshape(1, hkv, g, d)
+        self._record(queries, retrieved)
+        with record_function("infllm.gather"):
+            cache.put_sinks(self.sink_k_memory[:, : cfg.sinks], self.sink_v[:, : cfg.sinks])
+            cache.put_blocks(retrieved[0], self.store, self.cache)
+        tail, count = positions.unsealed_span(cfg, first, 1, self.store.count)
+        at = tail - self.recent_start
+        keys, values = cache.memory_keys(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
+        if keys.shape[1] == 0:  # no sinks, no blocks, no tail: local attention is all there is
+            return local_out[0]
+        with record_function("infllm.attention"):
+            mem_out = attention_lse(queries, keys[None], values[None], None, self.scale, self.kernels)
+        return merge(local_out, mem_out)
 
     def _local_rotations(self, start: int, end: int) -> torch.Tensor:
         """[end - start] local-group rotation positions of the recent tokens at positions [start, end)."""

@@ -125,7 +125,8 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     anything is allocated, by the setting that sizes each part (bytes; the sum is the whole).
 
     Per layer: key, value and query buffers for the sinks and for the recent tokens (core/engine/memory.py), with
-    `checkpoint` a second copy of them (a Session keeps the state right after the read to answer from); with
+    `checkpoint` a second copy of them (a Session keeps the state right after the read to answer from); the
+    decode cache (core/engine/decoding.py: keys and values of a window, the sinks, k blocks and a block's tail); with
     `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values (held
     as `kv_dtype`). And
     cos and sin for every rotation position the memory uses. Without `checkpoint` the sum is what the
@@ -142,6 +143,10 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     parts = {name: n * (per_slot + per_position) for name, n in slots.items()}
     lo, hi = rope_range(cfg)
     parts["sinks"] = cfg.sinks * per_slot + (hi - lo - sum(slots.values())) * per_position
+    per_decode_slot = shape.layers * 2 * shape.kv_heads * shape.head_dim * element_size
+    for name, n in (("window", cfg.window), ("sinks", cfg.sinks), ("block_size", cfg.block_size),
+                    ("topk", cfg.topk * cfg.block_size)):
+        parts[name] = parts.get(name, 0) + n * per_decode_slot
     cache = cfg.cache_blocks * block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim,
                                            element_size) * shape.layers
     parts["cache_blocks"] = cache if offload else 0

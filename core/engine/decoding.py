@@ -1,0 +1,107 @@
+"""What one decoded token attends to, kept ready between tokens so that a step only adds what changed.
+
+Decoding asks a layer the same question token after token: the last W keys rotated for the local group, the frozen
+sinks, the k retrieved blocks and the unsealed tail. Built afresh each call (as prefill builds them), that means
+rotating the whole window, decoding and stacking every retrieved block and concatenating the memory group: on a
+CPU more time than the attention itself. `DecodeCache` keeps them between tokens:
+
+  window : the last W keys, rotated as the local group sees them, and their values, in a ring (slot = position
+           mod W). A token rotates and writes its own key. The rotations are relative to the recent buffer's
+           start, so the ring holds for one start only and is rebuilt (W keys) when the buffer is compacted.
+  memory : [sinks | k block slots | unsealed tail] keys and values in the compute dtype. A retrieved block is
+           decoded into a free slot once and stays while retrieval keeps it (per-token retrieval replaces a
+           third of the blocks from one token to the next); the tail (fewer than B tokens) is copied each token.
+
+A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
+changes only the rounding of the softmax sums. The cache is valid for the steady state of decoding only (past the
+first S + W tokens, with k blocks retrieved); `LayerMemory` attends the general way otherwise and drops the cache
+whenever anything but a decoded token passes, or its state is restored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infllm.config import EngineConfig
+from infllm.engine.blockstore import BlockCache, BlockStore
+
+
+class DecodeCache:
+    """One layer's decode-time key groups (module docstring). Bookkeeping here; `LayerMemory` fills and reads it."""
+
+    def __init__(self, cfg: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
+        self.ring_k, self.ring_v = buf(cfg.window), buf(cfg.window)  # [Hkv, W, D]
+        self._tail_at = cfg.sinks + cfg.topk * cfg.block_size  # first slot of the unsealed tail
+        self.memory_k, self.memory_v = buf(self._tail_at + cfg.block_size), buf(self._tail_at + cfg.block_size)
+        self.device = device
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget everything: the next decoded token rebuilds the ring, the sinks and every block slot."""
+        self.frame: int | None = None  # recent_start the ring's rotations are relative to
+        self.upto = 0  # the ring holds positions [upto - W, upto)
+        self.sinks = False
+        self.slots: list[int | None] = [None] * self.cfg.topk  # block id held by each slot
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.memory_k, self.memory_v))
+
+    # ---- the local group --------------------------------------------------------------------------------
+
+    def ring_current(self, position: int, recent_start: int) -> bool:
+        """Whether the ring holds the W positions before `position` in the rotations of `recent_start`."""
+        return self.frame == recent_start and self.upto == position
+
+    def ring_write(self, start: int, keys: torch.Tensor, values: torch.Tensor, recent_start: int) -> None:
+        """Put rotated keys and values [Hkv, n, D] of positions [start, start + n) (n <= W, ending at the newest
+        token) in the ring, rotated relative to `recent_start`."""
+        n, window = keys.shape[1], self.cfg.window
+        slot = start % window
+        first = min(n, window - slot)  # up to the ring's end, then from its start
+        for at, lo, hi in ((slot, 0, first), (0, first, n)):
+            if hi > lo:
+                self.ring_k[:, at : at + hi - lo] = keys[:, lo:hi]
+                self.ring_v[:, at : at + hi - lo] = values[:, lo:hi]
+        self.frame, self.upto = recent_start, start + n
+
+    # ---- the memory group -------------------------------------------------------------------------------
+
+    def put_sinks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The frozen sinks [Hkv, S, D], written once: they never change after the first S tokens."""
+        if not self.sinks:
+            self.memory_k[:, : self.cfg.sinks] = keys
+            self.memory_v[:, : self.cfg.sinks] = values
+            self.sinks = True
+
+    def put_blocks(self, retrieved: list[int], store: BlockStore, cache: BlockCache | None) -> None:
+        """Hold exactly the blocks `retrieved` (k ids): those already held keep their slots, the others are
+        gathered (through the device cache when there is one) and decoded into the slots that fell out."""
+        wanted = set(retrieved)
+        new = [b for b in retrieved if b not in self.slots]
+        if not new:
+            return
+        free = [i for i, b in enumerate(self.slots) if b not in wanted][: len(new)]
+        for i, b in zip(free, new):
+            self.slots[i] = b
+        hkv, d = self.memory_k.shape[0], self.memory_k.shape[2]
+        shape = (hkv, self.cfg.topk, self.cfg.block_size, d)
+        blocks_k = self.memory_k[:, self.cfg.sinks : self._tail_at].view(shape)  # [Hkv, k, B, D]
+        blocks_v = self.memory_v[:, self.cfg.sinks : self._tail_at].view(shape)
+        if cache is None:  # the pages are at hand: decode each block straight into its slot
+            for i, b in zip(free, new):
+                store.codec.decode_into(store.parts(b), blocks_k[:, i], blocks_v[:, i])
+            return
+        k, v = cache.gather(new)  # [n, Hkv, B, D], through the device cache
+        at = torch.tensor(free).to(self.device, non_blocking=True)  # a blocking copy would drain the stream
+        blocks_k.index_copy_(1, at, k.transpose(0, 1))
+        blocks_v.index_copy_(1, at, v.transpose(0, 1))
+
+    def memory_keys(self, tail_k: torch.Tensor, tail_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [Hkv, S + k*B + n, D]: the sinks, the held blocks and the unsealed tail [Hkv, n, D] (n < B),
+        copied in after the blocks. Views of the cache."""
+        end = self._tail_at + tail_k.shape[1]
+        self.memory_k[:, self._tail_at : end] = tail_k
+        self.memory_v[:, self._tail_at : end] = tail_v
+        return self.memory_k[:, :end], self.memory_v[:, :end]

@@ -1,0 +1,101 @@
+"""Decoding through the DecodeCache equals attending the general way, token after token: across compactions of the
+recent buffer, blocks coming and going, the device cache, 8-bit blocks and restored checkpoints."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.engine.memory import LayerMemory
+from tiny_models import tiny_model
+
+# A window of 32 and a recent buffer of 96 slots: 200 decoded tokens compact it several times and seal a dozen
+# blocks, while top-3 of them keeps retrieval changing from token to token.
+CFG = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=3, query_chunk=8, cache_blocks=4,
+                   prefill_chunk=48)
+
+
+def decode(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [N, vocab] of feeding ids one token at a time."""
+    return torch.stack([engine.feed(ids[t : t + 1]) for t in range(ids.numel())])
+
+
+def steady_calls():
+    """A mock counting the decoded tokens that took the DecodeCache's path."""
+    counter, real = mock.Mock(), LayerMemory._attend_one
+
+    def attend_one(memory, *args):
+        counter()
+        return real(memory, *args)
+
+    return counter, mock.patch.object(LayerMemory, "_attend_one", attend_one)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kv_dtype", ["model", "int8"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_decoding_through_the_cache_equals_the_general_path(arch, kv_dtype, offload):
+    model = tiny_model(arch)
+    cfg = CFG.with_overrides(kv_dtype=kv_dtype)
+    ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(7))
+    general = Engine(model, cfg, offload=offload)
+    general.feed(ids[:160])
+    with mock.patch.object(LayerMemory, "_steady", return_value=False):
+        expected = decode(general, ids[160:])
+    cached = Engine(model, cfg, offload=offload)
+    cached.feed(ids[:160])
+    counter, patch = steady_calls()
+    with patch:
+        got = decode(cached, ids[160:])
+    assert counter.call_count >= 150 * len(cached.layers)  # nearly every token took the cache's path
+    assert cached.layers[0].recent_start > 160 - cfg.window  # the buffer was compacted while decoding
+    assert (got - expected).abs().max().item() < 1e-5
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_a_restored_checkpoint_decodes_as_before():
+    """The cache holds keys and blocks of tokens decoded after a checkpoint; block ids sealed then are sealed again
+    from other tokens after a restore, so nothing of them may leak."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (230,), generator=torch.Generator().manual_seed(8))
+    other = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(9))
+    engine = Engine(model, CFG, offload=True)
+    engine.feed(ids[:150])
+    state = engine.checkpoint()
+    first = decode(engine, ids[150:])
+    engine.restore(state)
+    decode(engine, other)  # other tokens: other blocks under the same ids, other keys in the ring
+    engine.restore(state)
+    # Stale slots are usually replaced before their ids are sealed again, so look at the cache itself too.
+    assert all(m.decoding.frame is None and m.decoding.slots == [None] * CFG.topk for m in engine.layers)
+    again = decode(engine, ids[150:])
+    assert torch.equal(first, again)
+
+
+def test_prefill_between_decoded_tokens_keeps_the_cache_honest():
+    """A question read as a chunk between answers bypasses the cache; the next decoded token rebuilds it."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (320,), generator=torch.Generator().manual_seed(9))
+    expected_engine, engine = Engine(model, CFG), Engine(model, CFG)
+    for e in (expected_engine, engine):
+        e.feed(ids[:150])
+    with mock.patch.object(LayerMemory, "_steady", return_value=False):
+        decode(expected_engine, ids[150:170])
+        expected_engine.feed(ids[170:230])
+        expected = decode(expected_engine, ids[230:320])
+    decode(engine, ids[150:170])
+    engine.feed(ids[170:230])
+    got = decode(engine, ids[230:320])
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_working_memory_counts_the_decode_cache():
+    model = tiny_model("llama")
+    engine = Engine(model, CFG)
+    per_layer = engine.layers[0].decoding.nbytes()
+    hkv, d = engine.adapter.kv_heads, engine.adapter.head_dim
+    assert per_layer == 2 * hkv * d * 4 * (CFG.window + CFG.sinks + (CFG.topk + 1) * CFG.block_size)
