@@ -69,7 +69,7 @@ class Answer:
     tokens_read: int
     tokens_generated: int
     timings: dict[str, float]  # seconds per phase (load_s, extract_s, tokenize_s, prefill_s or open_s, answer_s,
-    #                            total_s, save_s); the model load is counted in a run's first answer only
+    #                            total_s, calibrate_s, save_s); the model load is counted in a run's first answer only
     memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
     engine: dict[str, int]  # the engine settings used
     citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
@@ -311,6 +311,12 @@ class Reading:
         from infllm.snapshot import check_output, save_session
 
         check_output(path, self.sources)
+        session = self.session
+        if session.can_cite():  # once here, so that answers with citations from the file need no probe questions
+            self.model.report.phase(f"calibrating citations ({session.cite_probes} probe questions)")
+            started = time.perf_counter()
+            session.citing_heads(self.prompt("?").ask, session.source_map)
+            self.timings["calibrate_s"] = time.perf_counter() - started
         self.model.report.phase(f"writing snapshot {path}")
         started = time.perf_counter()
         size = save_session(self.session, path, model_spec, self.system)

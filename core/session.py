@@ -8,7 +8,9 @@ can also `resume` from a memory saved earlier (core/snapshot.py), with no readin
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -127,7 +129,8 @@ class Session:
         self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
         self.cite_heads = 10  # heads whose attention ranks the citations
-        self._head_quality: torch.Tensor | None = None  # [layers * heads], per document (citing_heads)
+        # (probe key, [layers * heads] quality): per document and template (citing_heads, calibration)
+        self._head_quality: tuple[str, torch.Tensor] | None = None
         self._lexical: tuple[LexicalIndex, list[int]] | None = None  # per document: index, its block ids
 
     def tokenize(self, text: str, offsets: bool = True) -> list[int]:
@@ -375,9 +378,11 @@ class Session:
         about depends on the model. So the document calibrates them: `cite_probes` of its blocks, evenly spread,
         are each quoted in a question ("Where does the document say ...?", asked with the user's template), and
         every head is scored by how high it ranks the quoted block among the probed ones (head_quality). Once
-        per document; no labelled data, so it works for any model and text.
+        per document and way of wrapping questions (`probe_key`; a snapshot keeps it); no labelled data, so it
+        works for any model and text.
         """
-        if self._head_quality is None:
+        key = self.probe_key(ask)
+        if self._head_quality is None or self._head_quality[0] != key:
             layer = self.engine.layers[0]
             blocks = self._document_blocks()
             n = min(self.cite_probes, len(blocks))
@@ -389,9 +394,29 @@ class Session:
                 tally = self._ask(ask(f'Where does the document say "{words}"?'))
                 scores.append(self._head_scores(tally, list(range(len(self.engine.layers))), probes))
             self.rewind()
-            self._head_quality = head_quality(torch.stack(scores), torch.arange(n))
-        quality = self._head_quality
+            self._head_quality = key, head_quality(torch.stack(scores), torch.arange(n))
+        quality = self._head_quality[1]
         return quality.topk(min(self.cite_heads, quality.numel())).indices.sort().values
+
+    def probe_key(self, ask: Callable) -> str:
+        """What the citing heads' calibration depends on besides the memory: how many probes, and how the template
+        wraps a question (the token ids it gives a fixed one). Equal keys over one memory give equal calibrations."""
+        wrapped = ask("Where does the document say \"\"?").suffix
+        return hashlib.sha256(json.dumps([self.cite_probes, list(wrapped)]).encode()).hexdigest()[:32]
+
+    @property
+    def calibration(self) -> tuple[str, torch.Tensor] | None:
+        """The citing heads' calibration (probe key, [layers * heads] quality), once `citing_heads` has run: a
+        snapshot keeps it, so that citations from it need not ask the probe questions again."""
+        return self._head_quality
+
+    def adopt_calibration(self, key: str, quality: torch.Tensor) -> None:
+        """Take a calibration saved with this memory (after `resume`); used while questions wrap the same way."""
+        self._head_quality = key, quality
+
+    def can_cite(self) -> bool:
+        """Whether the memory holds document blocks with their text: what citations (and their calibration) need."""
+        return self.source_map is not None and self.doc_offsets is not None and bool(self._document_blocks())
 
     def rank_blocks(self, tally: RetrievalTally, prompt, source_map: SourceMap,
                     prior: torch.Tensor | None = None) -> list[tuple[int, float]]:

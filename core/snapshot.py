@@ -38,7 +38,9 @@ from infllm.session import Session
 from infllm.documents.readers import STDIN, Piece, file_kind
 
 FORMAT = "infllm-snapshot"
-VERSION = 3  # 3: blocks' K/V in engine.kv_dtype (int8 parts with scales, or the model's dtype)
+# 3: blocks' K/V in engine.kv_dtype (int8 parts with scales, or the model's dtype); 4: may hold the citing heads'
+# calibration ("citing" and the tensor cite.quality), so that citations from the file ask no probe questions.
+VERSION = 4
 # The oldest version read: 2 (the memory keeps one recent-token buffer) differs from 3 only in holding its blocks
 # in the model's dtype, so it is read as kv_dtype "model".
 _OLDEST = 2
@@ -49,10 +51,11 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "U8": torch.uint8, "I8": torch.int8}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _FIELDS = {"format", "version", "tool_version", "created", "model", "tokenizer", "engine", "dtype", "counters",
-           "tokens", "doc_start", "system", "sources", "pieces", "checksums"}
+           "tokens", "doc_start", "system", "sources", "pieces", "checksums", "citing"}
 # Settings that shape the stored memory; the others (how much is retrieved, cached, pushed at once) may change.
 _FIXED = ("sinks", "window", "block_size", "repr_keys", "kv_dtype")
-_DOC_DTYPES = {"doc.prefix": torch.int64, "doc.offsets": torch.int64, "doc.text": torch.uint8, "doc.blocks": torch.int64}
+_DOC_DTYPES = {"doc.prefix": torch.int64, "doc.offsets": torch.int64, "doc.text": torch.uint8, "doc.blocks": torch.int64,
+               "cite.quality": torch.float32}
 
 
 # ---- the file ----------------------------------------------------------------------------------------------
@@ -379,6 +382,10 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
     tensors["doc.text"] = torch.frombuffer(bytearray(text.encode("utf-8", "surrogatepass")), dtype=torch.uint8)
     tensors["doc.blocks"] = _block_map(session)
     sources, pieces = _sources_meta(session.source_map) if session.source_map else ([], [])
+    citing = None
+    if session.calibration is not None:
+        citing = {"key": session.calibration[0]}
+        tensors["cite.quality"] = session.calibration[1].float()
     if model_spec is not None and os.path.exists(model_spec):
         model_spec = os.path.abspath(model_spec)
     meta = {
@@ -388,7 +395,7 @@ def save_session(session: Session, path: str | os.PathLike, model_spec: str | No
         "tokenizer": {"fingerprint": tokenizer_fingerprint(session.loaded.tokenizer)},
         "engine": engine.config.to_dict(), "dtype": _DTYPE_NAMES[engine.adapter.dtype], "counters": counters,
         "tokens": engine.position, "doc_start": session.doc_start, "system": system,
-        "sources": sources, "pieces": pieces,
+        "sources": sources, "pieces": pieces, "citing": citing,
     }
     return write_file(path, tensors, meta)
 
@@ -516,6 +523,11 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     n_text = snap.entries["doc.text"].shape if "doc.text" in snap.entries else ()
     expected.update({"doc.prefix": (doc_start,), "doc.offsets": (n_offsets if n_offsets == 0 else tokens - doc_start, 2),
                      "doc.blocks": (counters["blocks"], 4), "doc.text": n_text[:1]})
+    citing = meta.get("citing")
+    if citing is not None:
+        if not (isinstance(citing, dict) and isinstance(citing.get("key"), str)):
+            raise _fail(path, "corrupt metadata: the citations' calibration has no key")
+        expected["cite.quality"] = (len(engine.layers) * engine.adapter.heads,)
     got = {name: e.shape for name, e in snap.entries.items()}
     if got != expected:
         wrong = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
@@ -546,6 +558,8 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     source_map = _source_map(snap, tensors["doc.text"])
     offsets = tensors["doc.offsets"] if n_offsets else None
     session.resume(tensors["doc.prefix"].tolist(), offsets, source_map)
+    if citing is not None:
+        session.adopt_calibration(citing["key"], tensors["cite.quality"])
     return session
 
 

@@ -85,3 +85,39 @@ def test_citing_does_not_disturb_the_next_answer_and_ranks_every_document_block(
              for b, _ in session.ranking[:2]]
     assert any("Line 7:" in text[p.start : p.end] for p in spans)
     assert [c.weight for c in session.citations] == weights[:3]
+
+
+def test_a_snapshot_keeps_the_citing_heads_calibration(tiny_model_dir, book, tmp_path):
+    """`save` calibrates the citing heads once and the file keeps them: citations from the snapshot ask no probe
+    question and equal those of the reading it was made from; a question wrapped another way calibrates anew."""
+    from unittest import mock
+
+    from infllm.api import Model
+    from infllm.session import Session
+
+    model = Model.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    config = EngineConfig(sinks=16, window=128, block_size=32, repr_keys=4, topk=2, query_chunk=32, cache_blocks=2,
+                          prefill_chunk=128)
+    reading = model.read([str(book)], engine=config)
+    path = str(tmp_path / "book.infllm")
+    reading.save(path)
+    assert reading.session.calibration is not None and "calibrate_s" in reading.timings
+    question = "What is the pass key on line 7?"
+    expected = reading.ask(question, max_tokens=4, cite=3)
+    with mock.patch.object(Session, "_ask", autospec=True, side_effect=Session._ask) as probes:
+        opened = model.open(path)
+        got = opened.ask(question, max_tokens=4, cite=3)
+        assert probes.call_count == 0
+        assert got.citations and got.citations == expected.citations
+        other = model.open(path, template=str(_template(tmp_path)))
+        other.ask(question, max_tokens=4, cite=3)
+        assert probes.call_count == other.session.cite_probes
+
+
+def _template(tmp_path):
+    """The built-in ask template with another ending: the same memory, questions wrapped another way."""
+    from infllm.documents.prompting import load_template
+
+    path = tmp_path / "terse.txt"
+    path.write_text(load_template("ask").replace("Answer in one short sentence", "Answer in three words"))
+    return path

@@ -238,6 +238,8 @@ CORRUPTIONS = {
     "unknown kv dtype": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "int4")),
                          "invalid engine settings: --kv-dtype must be one of int8, model"),
     "int8 page of bytes": (_retyped("layer.0.store.k.0", "U8"), "tensor layer.0.store.k.0 has dtype torch.uint8"),
+    "calibration tensor unannounced": (_set("citing", None), "tensor cite.quality is missing, extra"),
+    "calibration without a key": (_set("citing", {"quality": 1}), "calibration has no key"),
 }
 
 

@@ -1,0 +1,94 @@
+"""Decoding on real text: ms per token and the greedy tokens through the DecodeCache against the general path.
+
+Reads the first --tokens tokens of real text (Austen, then the KJV New Testament, from ../shared/docs) once with
+the default model (or --model), then, from that same memory, decodes --decode greedy tokens after a question, in
+turns that alternate between the general path (every decoded token's keys built afresh, as prefill builds them:
+`LayerMemory._steady` patched to refuse) and the DecodeCache, --repeats times each. It prints, per path, the best
+ms per token, how many decoded tokens equal the general path's, and how many of the k retrieved blocks change from
+one token to the next (per layer and token; the blocks a step must decode).
+
+Example (CPU):  python benchmarks/decode.py --tokens 20000 --decode 48 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from unittest import mock
+
+import torch
+
+from infllm.defaults import settings_for
+from infllm.engine.memory import LayerMemory
+from infllm.runtime.loading import load_model
+from infllm.session import Session
+
+from kv_memory import document  # the same reference texts (benchmarks/ is on the path of a script run from it)
+
+QUESTION = "\n\nQuestion: Who is the first person named in the text, and what do we learn about them?\nAnswer:"
+
+
+def turn(session: Session, question: list[int], decode: int, cached: bool) -> dict:
+    """One greedy answer from the state right after the read, on one path: ms/token, tokens, block turnover."""
+    engine = session.engine
+    session.rewind()
+    logits = engine.feed(question)
+    previous = [None] * len(engine.layers)
+    changed = steps = 0
+    tokens = []
+    patch = nullcontext() if cached else mock.patch.object(LayerMemory, "_steady", return_value=False)
+    with patch:
+        start = time.perf_counter()
+        for token in engine.generate(logits, decode, set()):
+            tokens.append(token)
+            for i, memory in enumerate(engine.layers):
+                now = set(memory.last_retrieved)
+                if previous[i] is not None:
+                    changed += len(now - previous[i])
+                    steps += 1
+                previous[i] = now
+        elapsed = time.perf_counter() - start
+    return {"ms": 1000 * elapsed / max(1, len(tokens)), "tokens": tokens, "turnover": changed / max(1, steps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="as infllm --model (default: the default model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--decode", type=int, default=48, help="greedy tokens decoded after the question")
+    parser.add_argument("--repeats", type=int, default=2, help="turns per path, alternating; best time kept")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids, source_map = document(loaded.tokenizer, args.tokens)
+    session = Session(loaded, settings_for(loaded.model.config, {}))
+    start = time.perf_counter()
+    session.read([], ids, source_map=source_map)
+    print(f"{loaded.name}, {len(ids):,} tokens read in {time.perf_counter() - start:.0f} s, device {args.device}, "
+          f"dtype {loaded.model.dtype}", file=sys.stderr)
+    question = loaded.tokenizer.encode(QUESTION, add_special_tokens=False)
+    best: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        for name, cached in (("general path", False), ("DecodeCache", True)):
+            row = turn(session, question, args.decode, cached)
+            print(f"  turn {repeat + 1} {name}: {row['ms']:.1f} ms/token", file=sys.stderr, flush=True)
+            kept = best.setdefault(name, row)
+            kept["ms"] = min(kept["ms"], row["ms"])
+    general = best["general path"]
+    k = session.engine.config.topk
+    print(f"| path | decode ms/token | vs general | greedy tokens equal | blocks changed per layer and token (of {k}) |")
+    print("|---|---|---|---|---|")
+    for name, row in best.items():
+        same = sum(a == b for a, b in zip(row["tokens"], general["tokens"]))
+        print(f"| {name} | {row['ms']:.1f} | {general['ms'] / row['ms']:.2f}x | {same}/{len(general['tokens'])} "
+              f"| {row['turnover']:.2f} |")
+    print(f"answer: {loaded.tokenizer.decode(best['DecodeCache']['tokens'])!r}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
