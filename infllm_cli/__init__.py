@@ -36,7 +36,9 @@ def restore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-if _started_as_the_program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+AS_PROGRAM = _started_as_the_program()  # known only now: runpy sets argv[0] to the module's path next
+
+if AS_PROGRAM and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     try:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
     except ValueError:  # not the main thread: leave SIGINT alone

@@ -132,10 +132,10 @@ def guarded(command):
             raise failed(str(err), err.exit_code) from None
         except _Stopped as stopped:
             _say(f"infllm: stopped by {signal.Signals(stopped.signum).name}")
-            raise failed("stopped", 128 + stopped.signum) from None  # 143 for SIGTERM, 129 for SIGHUP, as shells expect
+            raise _leave(failed("stopped", 128 + stopped.signum)) from None  # 143 for SIGTERM, 129 for SIGHUP
         except KeyboardInterrupt:
             _say("infllm: interrupted")
-            raise failed("interrupted", EXIT_INTERRUPTED) from None
+            raise _leave(failed("interrupted", EXIT_INTERRUPTED)) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
             discard(sys.stdout)
@@ -153,6 +153,24 @@ def guarded(command):
             raise failed(failure.error, failure.exit_code) from None
 
     return run
+
+
+def _leave(exit: typer.Exit) -> typer.Exit:
+    """The exit of an interrupted or stopped command. Run as the program, it leaves at once, streams flushed:
+    CPython 3.11 takes a KeyboardInterrupt raised inside exec() (which dataclasses and typing run while modules
+    import) for an unhandled one even after it is caught, and then ends the process by SIGINT instead of with the
+    exit code (-2, not 130, for a Ctrl-C during a command's first imports). What the command was writing has been
+    removed by the time the interrupt reaches here. Called in-process (tests, other programs), it returns the exit."""
+    from infllm.cli import AS_PROGRAM
+
+    if AS_PROGRAM:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # its reader left, or it is closed
+                pass
+        os._exit(exit.exit_code)
+    return exit
 
 
 def _say(line: str) -> None:
