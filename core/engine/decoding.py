@@ -31,12 +31,19 @@ class DecodeCache:
 
     def __init__(self, cfg: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
-        buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
-        self.ring_k, self.ring_v = buf(cfg.window), buf(cfg.window)  # [Hkv, W, D]
         self._tail_at = cfg.sinks + cfg.topk * cfg.block_size  # first slot of the unsealed tail
-        self.memory_k, self.memory_v = buf(self._tail_at + cfg.block_size), buf(self._tail_at + cfg.block_size)
+        self._shape = (kv_heads, head_dim, dtype, device)
+        # Allocated by the first decoded token, not here: prefill's temporaries are gone by then, so the cache does
+        # not raise the peak device memory (0.8 GB for an 8B shape's 32 layers). Counted in working memory anyway.
+        self.ring_k = self.ring_v = self.memory_k = self.memory_v = None  # [Hkv, W, D] and [Hkv, S + k*B + B, D]
         self.device = device
         self.drop()
+
+    def _allocate(self) -> None:
+        kv_heads, head_dim, dtype, device = self._shape
+        buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
+        self.ring_k, self.ring_v = buf(self.cfg.window), buf(self.cfg.window)
+        self.memory_k, self.memory_v = buf(self._tail_at + self.cfg.block_size), buf(self._tail_at + self.cfg.block_size)
 
     def drop(self) -> None:
         """Forget everything: the next decoded token rebuilds the ring, the sinks and every block slot."""
@@ -46,7 +53,9 @@ class DecodeCache:
         self.slots: list[int | None] = [None] * self.cfg.topk  # block id held by each slot
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.memory_k, self.memory_v))
+        """Bytes of the buffers, allocated or still to be."""
+        kv_heads, head_dim, dtype, _ = self._shape
+        return 2 * kv_heads * head_dim * dtype.itemsize * (self.cfg.window + self._tail_at + self.cfg.block_size)
 
     # ---- the local group --------------------------------------------------------------------------------
 
@@ -57,6 +66,8 @@ class DecodeCache:
     def ring_write(self, start: int, keys: torch.Tensor, values: torch.Tensor, recent_start: int) -> None:
         """Put rotated keys and values [Hkv, n, D] of positions [start, start + n) (n <= W, ending at the newest
         token) in the ring, rotated relative to `recent_start`."""
+        if self.ring_k is None:
+            self._allocate()  # the first decoded token begins here (LayerMemory._attend_one)
         n, window = keys.shape[1], self.cfg.window
         slot = start % window
         first = min(n, window - slot)  # up to the ring's end, then from its start
