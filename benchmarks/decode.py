@@ -3,7 +3,7 @@
 Reads the first --tokens tokens of real text (Austen, then the KJV New Testament, from ../shared/docs) once with
 the default model (or --model), then, from that same memory, decodes --decode greedy tokens after a question, in
 turns that alternate between the general path (every decoded token's keys built afresh, as prefill builds them:
-`LayerMemory._steady` patched to refuse) and the DecodeCache, --repeats times each. It prints, per path, the best
+`LayerMemory._steady_tail` patched to refuse) and the DecodeCache, --repeats times each. It prints, per path, the best
 ms per token, how many decoded tokens equal the general path's, and how many of the k retrieved blocks change from
 one token to the next (per layer and token; the blocks a step must decode).
 
@@ -12,7 +12,6 @@ Example (CPU):  python benchmarks/decode.py --tokens 20000 --decode 48 --repeats
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ from infllm.engine.memory import LayerMemory
 from infllm.runtime.loading import load_model
 from infllm.session import Session
 
-from kv_memory import document  # the same reference texts (benchmarks/ is on the path of a script run from it)
+from kv_memory import document, reading_arguments  # the same texts and flags (benchmarks/ is on a script's path)
 
 QUESTION = "\n\nQuestion: Who is the first person named in the text, and what do we learn about them?\nAnswer:"
 
@@ -38,7 +37,7 @@ def turn(session: Session, question: list[int], decode: int, cached: bool) -> di
     previous = [None] * len(engine.layers)
     changed = steps = 0
     tokens = []
-    patch = nullcontext() if cached else mock.patch.object(LayerMemory, "_steady", return_value=False)
+    patch = nullcontext() if cached else mock.patch.object(LayerMemory, "_steady_tail", return_value=None)
     with patch:
         start = time.perf_counter()
         for token in engine.generate(logits, decode, set()):
@@ -54,14 +53,8 @@ def turn(session: Session, question: list[int], decode: int, cached: bool) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="as infllm --model (default: the default model)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tokens", type=int, default=20000)
-    parser.add_argument("--decode", type=int, default=48, help="greedy tokens decoded after the question")
-    parser.add_argument("--repeats", type=int, default=2, help="turns per path, alternating; best time kept")
-    args = parser.parse_args()
+    args = reading_arguments(__doc__.splitlines()[0], 20000, 48, "greedy tokens decoded after the question",
+                             "turns per path, alternating; best time kept")
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     ids, source_map = document(loaded.tokenizer, args.tokens)

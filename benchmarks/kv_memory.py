@@ -50,6 +50,19 @@ def document(tokenizer, tokens: int) -> tuple[list[int], SourceMap]:
     return ids, SourceMap(text, [Piece(text, "reference texts", None, 1)])
 
 
+def reading_arguments(description: str, tokens: int, decode: int, decode_help: str, repeats_help: str):
+    """The command line of a benchmark that reads the reference texts and decodes after them, parsed: --model,
+    --device, --dtype, --tokens, --decode, --repeats (benchmarks/decode.py shares it)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None, help="as infllm --model (default: the default model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--decode", type=int, default=decode, help=decode_help)
+    parser.add_argument("--repeats", type=int, default=2, help=repeats_help)
+    return parser.parse_args()
+
+
 def run(loaded, kv_dtype: str, ids: list[int], source_map: SourceMap, decode: int, workdir: Path) -> dict:
     """Read, decode and save with blocks held as `kv_dtype`; the figures of one table row, and the session."""
     config = settings_for(loaded.model.config, {"kv_dtype": kv_dtype})
@@ -98,14 +111,8 @@ def attention_error(layer: LayerMemory, queries: int = 256) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="as infllm --model (default: the default model)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--decode", type=int, default=32, help="greedy tokens decoded after the text")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per kv dtype, alternating; best time kept")
-    args = parser.parse_args()
+    args = reading_arguments(__doc__.splitlines()[0], 16384, 32, "greedy tokens decoded after the text",
+                             "runs per kv dtype, alternating; best time kept")
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     ids, source_map = document(loaded.tokenizer, args.tokens)

@@ -44,7 +44,7 @@ def test_decoding_through_the_cache_equals_the_general_path(arch, kv_dtype, offl
     ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(7))
     general = Engine(model, cfg, offload=offload)
     general.feed(ids[:160])
-    with mock.patch.object(LayerMemory, "_steady", return_value=False):
+    with mock.patch.object(LayerMemory, "_steady_tail", return_value=None):
         expected = decode(general, ids[160:])
     cached = Engine(model, cfg, offload=offload)
     cached.feed(ids[:160])
@@ -83,7 +83,7 @@ def test_prefill_between_decoded_tokens_keeps_the_cache_honest():
     expected_engine, engine = Engine(model, CFG), Engine(model, CFG)
     for e in (expected_engine, engine):
         e.feed(ids[:150])
-    with mock.patch.object(LayerMemory, "_steady", return_value=False):
+    with mock.patch.object(LayerMemory, "_steady_tail", return_value=None):
         decode(expected_engine, ids[150:170])
         expected_engine.feed(ids[170:230])
         expected = decode(expected_engine, ids[230:320])
@@ -99,3 +99,12 @@ def test_working_memory_counts_the_decode_cache():
     per_layer = engine.layers[0].decoding.nbytes()
     hkv, d = engine.adapter.kv_heads, engine.adapter.head_dim
     assert per_layer == 2 * hkv * d * 4 * (CFG.window + CFG.sinks + (CFG.topk + 1) * CFG.block_size)
+
+
+def test_the_cache_is_allocated_by_the_first_decoded_token():
+    """Prefill's temporaries are gone by then, so the cache does not raise the peak memory of a read."""
+    engine = Engine(tiny_model("llama"), CFG)
+    engine.feed(torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(10)))
+    assert all(m.decoding.ring_k is None and m.decoding.memory_k is None for m in engine.layers)
+    engine.feed([5])
+    assert all(m.decoding.ring_k is not None and m.decoding.memory_k is not None for m in engine.layers)

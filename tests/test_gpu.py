@@ -170,7 +170,7 @@ def test_decode_cache_on_gpu_equals_the_general_path(dtype, tol, kv_dtype):
     general, cached = Engine(model, cfg), Engine(model, cfg)
     for engine in (general, cached):
         engine.feed(ids[:160])
-    with mock.patch("infllm.engine.memory.LayerMemory._steady", return_value=False):
+    with mock.patch("infllm.engine.memory.LayerMemory._steady_tail", return_value=None):
         expected = decode(general, ids[160:])
     counter, patch = steady_calls()
     with patch:

@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from infllm.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES, EXIT_USAGE, ResourceError, SourceError, UsageError
+from infllm.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_RESOURCES, EXIT_USAGE, ResourceError,
+                           SourceError, UsageError)
 from infllm.runtime.resources import (
     ENV_LIMIT,
     available_ram_bytes,
@@ -710,6 +711,21 @@ def test_ctrl_c_while_starting(tiny_model_dir, doc, tmp_path):
     time.sleep(1.0)
     run.proc.send_signal(signal.SIGINT)
     assert_interrupted_cleanly(run, tmp_path)
+
+
+def test_an_interrupt_caught_inside_exec_still_exits_130(tmp_path):
+    """CPython 3.11 ends a `python -m` process by SIGINT after a KeyboardInterrupt raised inside exec(), even once
+    caught, and dataclasses and typing exec while modules import: a Ctrl-C during a command's first imports
+    exited -2. The command runs as the program does (`python -m`, its exit passed to sys.exit as click does)."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys, infllm.cli, infllm.cli.app as app\n"
+        "infllm.cli.AS_PROGRAM = True  # as `infllm ...` sets it\n"
+        "try:\n    app.guarded(lambda: exec('raise KeyboardInterrupt'))()\n"
+        "except app.typer.Exit as done:\n    sys.exit(done.exit_code)\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          preexec_fn=default_sigint)
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "infllm: interrupted"
 
 
 def test_ctrl_c_during_extraction(tiny_model_dir, tmp_path):

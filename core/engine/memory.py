@@ -314,8 +314,9 @@ class LayerMemory:
             self._seal(positions.sealed_for(cfg, first + firsts[-1]))
         with record_function("infllm.retrieve"):
             retrieved = self._retrieve(q_mem, firsts, length)
-        if length == 1 and self._steady(first, retrieved[0]):
-            out = self._attend_one(q, q_mem, retrieved)
+        tail = self._steady_tail(first, retrieved[0]) if length == 1 else None
+        if tail is not None:
+            out = self._attend_one(q, q_mem, retrieved, tail)
             self.position += 1
             return out.reshape(h, 1, d)
         self.decoding.drop()  # these tokens bypass it
@@ -339,19 +340,21 @@ class LayerMemory:
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.reshape(h, length, d)  # a view unless a kernel's layout needs the copy
 
-    def _steady(self, first: int, retrieved: list[int]) -> bool:
-        """Whether a decoded token at `first` attends through the DecodeCache: past the sinks' reach (no sinks
-        locally, all of them in memory, a full window), with all k blocks retrieved and an unsealed tail that
-        fits the cache."""
+    def _steady_tail(self, first: int, retrieved: list[int]) -> tuple[int, int] | None:
+        """The unsealed tail (start, count) of a decoded token at `first` if it attends through the DecodeCache,
+        else None: past the sinks' reach (no sinks locally, all of them in memory, a full window), with all k
+        blocks retrieved and a tail that fits the cache."""
         cfg = self.cfg
         if first < cfg.sinks + cfg.window or len(retrieved) != cfg.topk:
-            return False
-        return positions.unsealed_span(cfg, first, 1, self.store.count)[1] <= cfg.block_size
+            return None
+        tail = positions.unsealed_span(cfg, first, 1, self.store.count)
+        return tail if tail[1] <= cfg.block_size else None
 
-    def _attend_one(self, q: torch.Tensor, q_mem: torch.Tensor, retrieved: list[list[int]]) -> torch.Tensor:
-        """Attention of one decoded token in the steady state (`_steady`), from the keys the DecodeCache keeps
-        between tokens: q [H, 1, D] unrotated, q_mem [Hkv, G, 1, D]; its k/v already written. Returns
-        [1, Hkv, G, D]."""
+    def _attend_one(self, q: torch.Tensor, q_mem: torch.Tensor, retrieved: list[list[int]],
+                    tail: tuple[int, int]) -> torch.Tensor:
+        """Attention of one decoded token in the steady state (`_steady_tail`, which gave its unsealed `tail`),
+        from the keys the DecodeCache keeps between tokens: q [H, 1, D] unrotated, q_mem [Hkv, G, 1, D]; its k/v
+        already written. Returns [1, Hkv, G, D]."""
         cfg, cache, first = self.cfg, self.decoding, self.position
         hkv, g, _, d = q_mem.shape
         # The ring: this token's key, or the whole window after a compaction moved the rotations (or a restore).
@@ -367,8 +370,7 @@ class LayerMemory:
         with record_function("infllm.gather"):
             cache.put_sinks(self.sink_k_memory[:, : cfg.sinks], self.sink_v[:, : cfg.sinks])
             cache.put_blocks(retrieved[0], self.store, self.cache)
-        tail, count = positions.unsealed_span(cfg, first, 1, self.store.count)
-        at = tail - self.recent_start
+        at, count = tail[0] - self.recent_start, tail[1]
         keys, values = cache.memory_keys(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
         if keys.shape[1] == 0:  # no sinks, no blocks, no tail: local attention is all there is
             return local_out[0]
