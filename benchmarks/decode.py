@@ -1,11 +1,13 @@
-"""Decoding on real text: ms per token and the greedy tokens through the DecodeCache against the general path.
+"""Decoding on real text: ms per token and the greedy tokens of each decoding path against the general path.
 
 Reads the first --tokens tokens of real text (Austen, then the KJV New Testament, from ../shared/docs) once with
 the default model (or --model), then, from that same memory, decodes --decode greedy tokens after a question, in
-turns that alternate between the general path (every decoded token's keys built afresh, as prefill builds them:
-`LayerMemory._steady_tail` patched to refuse) and the DecodeCache, --repeats times each. It prints, per path, the best
-ms per token, how many decoded tokens equal the general path's, and how many of the k retrieved blocks change from
-one token to the next (per layer and token; the blocks a step must decode).
+turns that alternate between the paths, --repeats times each: the general path (every decoded token's keys built
+afresh, as prefill builds them: `LayerMemory._steady_tail` patched to refuse), the DecodeCache, and the DecodeCache
+with the projections in 4 bits (infllm.engine.packed; the row is left out when the model's weights are not 4-bit
+or the device is not the CPU). It prints, per path, the best ms per token, how many decoded tokens equal the
+general path's, and how many of the k retrieved blocks change from one token to the next (per layer and token;
+the blocks a step must decode).
 
 Example (CPU):  python benchmarks/decode.py --tokens 20000 --decode 48 --repeats 2
 """
@@ -21,6 +23,7 @@ import torch
 
 from infllm.defaults import settings_for
 from infllm.engine.memory import LayerMemory
+from infllm.engine.packed import packed_decoder
 from infllm.runtime.loading import load_model
 from infllm.session import Session
 
@@ -29,9 +32,13 @@ from kv_memory import document, reading_arguments  # the same texts and flags (b
 QUESTION = "\n\nQuestion: Who is the first person named in the text, and what do we learn about them?\nAnswer:"
 
 
-def turn(session: Session, question: list[int], decode: int, cached: bool) -> dict:
+PATHS = (("general path", False, False), ("DecodeCache", True, False), ("DecodeCache + 4-bit projections", True, True))
+
+
+def turn(session: Session, question: list[int], decode: int, cached: bool, four_bit: bool) -> dict:
     """One greedy answer from the state right after the read, on one path: ms/token, tokens, block turnover."""
     engine = session.engine
+    engine.adapter.decode_4bit = four_bit
     session.rewind()
     logits = engine.feed(question)
     previous = [None] * len(engine.layers)
@@ -57,6 +64,7 @@ def main() -> None:
                              "turns per path, alternating; best time kept")
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    packs = packed_decoder(loaded.model) is not None if args.device == "cpu" else False
     ids, source_map = document(loaded.tokenizer, args.tokens)
     session = Session(loaded, settings_for(loaded.model.config, {}))
     start = time.perf_counter()
@@ -66,8 +74,10 @@ def main() -> None:
     question = loaded.tokenizer.encode(QUESTION, add_special_tokens=False)
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
-        for name, cached in (("general path", False), ("DecodeCache", True)):
-            row = turn(session, question, args.decode, cached)
+        for name, cached, four_bit in PATHS:
+            if four_bit and not packs:
+                continue
+            row = turn(session, question, args.decode, cached, four_bit)
             print(f"  turn {repeat + 1} {name}: {row['ms']:.1f} ms/token", file=sys.stderr, flush=True)
             kept = best.setdefault(name, row)
             kept["ms"] = min(kept["ms"], row["ms"])
@@ -79,7 +89,8 @@ def main() -> None:
         same = sum(a == b for a, b in zip(row["tokens"], general["tokens"]))
         print(f"| {name} | {row['ms']:.1f} | {general['ms'] / row['ms']:.2f}x | {same}/{len(general['tokens'])} "
               f"| {row['turnover']:.2f} |")
-    print(f"answer: {loaded.tokenizer.decode(best['DecodeCache']['tokens'])!r}", file=sys.stderr)
+    for name, row in best.items():
+        print(f"{name}: {loaded.tokenizer.decode(row['tokens'])!r}", file=sys.stderr)
 
 
 if __name__ == "__main__":

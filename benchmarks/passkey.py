@@ -6,6 +6,8 @@ assistant turn opened with "The pass key is". Greedy decoding; a trial succeeds 
 
 For InfLLM it also reports the retrieval hit rate: the share of (trial, layer) pairs in which a block holding
 the key was among the blocks retrieved for the last prompt token (the one that predicts the first answer token).
+System `infllm-4bit` is InfLLM with its decoded tokens through 4-bit projections (infllm.engine.packed; CPU, a
+model whose weights are 4-bit), beside `infllm` in float32 when --dtype is float32.
 
 Example (CPU, a few trials):   python benchmarks/passkey.py --lengths 4096,8192,16384 --trials 3
 Prints a table; --json PATH also writes every trial.
@@ -25,6 +27,7 @@ import torch
 
 from infllm.config import KV_DTYPES, EngineConfig
 from infllm.engine.engine import Engine
+from infllm.engine.packed import packed_decoder
 from infllm.runtime.loading import load_model
 from infllm.documents.prompting import build_prompt
 from infllm.session import stop_token_ids
@@ -167,7 +170,11 @@ def main() -> None:
         ap.error(f"--only takes trial indices from 0 to {args.trials - 1}")
     engines = {}
     if "infllm" in systems:
-        engines["infllm"] = Engine(model, cfg)
+        engines["infllm"] = Engine(model, cfg, decode_4bit=loaded.decode_4bit)
+    if "infllm-4bit" in systems:  # the same, its decoded tokens through 4-bit projections (infllm.engine.packed)
+        if packed_decoder(model) is None:
+            ap.error("infllm-4bit needs the CPU and a model whose weights are 4-bit (the default model)")
+        engines["infllm-4bit"] = Engine(model, cfg, decode_4bit=True)
     if "streaming" in systems:
         engines["streaming"] = Engine(model, cfg.with_overrides(topk=0, cache_blocks=0))
     rows, trials = [], []
@@ -197,9 +204,9 @@ def main() -> None:
                 tokens_total += len(prompt.prefix) + len(doc_ids)
                 record = {"system": system, "length": length, "tokens": len(doc_ids), "depth": depth, "key": key,
                           "answer": answer, "success": success, "prefill_s": prefill_s}
-                if system == "infllm":
+                if system in ("infllm", "infllm-4bit"):
                     positions = key_token_positions(tok, text, span, len(prompt.prefix))
-                    engine = engines["infllm"]
+                    engine = engines[system]
                     key_blocks = {(p - cfg.sinks) // cfg.block_size for p in positions if p >= cfg.sinks}
                     # Only a key already sealed into a block can be retrieved; otherwise it is still local.
                     if key_blocks and max(key_blocks) < engine.layers[0].store.count:

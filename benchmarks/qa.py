@@ -363,11 +363,16 @@ def run(args) -> dict:
     systems = args.systems.split(",")
     bad = [s for s in systems if s not in SYSTEMS]
     focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
+    four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
     if "infllm" in systems:
         for spec in filter(None, args.focus.split(",")):
-            weight, pins, passages = (spec.split(":") + ["0", "0"])[:3]
-            name = f"infllm+lex w{weight} p{pins} r{passages}"
+            weight, pins, passages, bits = (spec.split(":") + ["0", "0", ""])[:4]
+            if bits not in ("", "4", "32"):
+                raise SetError(f"--focus {spec}: the fourth field is 4 or 32 (bits of the decode projections)")
+            name = f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
             focus[name] = Focus(float(weight), int(pins), int(passages))
+            if bits:
+                four_bit[name] = bits == "4"
             systems.insert(systems.index("infllm") + len(focus), name)
     if bad:
         raise SetError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
@@ -454,6 +459,7 @@ def run(args) -> dict:
                 out: dict = {}
                 if system in sessions or system in focus:
                     session = sessions["infllm" if system in focus else system]
+                    session.engine.adapter.decode_4bit = four_bit.get(system, loaded.decode_4bit)
                     text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
                                                   cite=0 if system == "streaming" else max(ks),
                                                   focus=focus.get(system, Focus())))
@@ -616,7 +622,8 @@ def main() -> None:
     ap.add_argument("--focus", default="", metavar="W:P:R,...",
                     help="also answer from the infllm read with the question's words steering retrieval: BM25 "
                          "weight W, P pinned blocks, R passages re-read before the question, per variant "
-                         "(infllm.session.Focus), e.g. 0.5,0:2,1:2:3")
+                         "(infllm.session.Focus), e.g. 0.5,0:2,1:2:3; a fourth field 4 or 32 decodes through "
+                         "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")
     ap.add_argument("--slice-tokens", type=int, default=0,
                     help="last-slice document tokens (default: what fits the model's context)")

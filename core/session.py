@@ -115,7 +115,7 @@ class Session:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.loaded = loaded
         check_engine(loaded.model, config)  # the engine's buffers are sized by the settings: refuse before allocating
-        self.engine = Engine(loaded.model, config)
+        self.engine = Engine(loaded.model, config, decode_4bit=loaded.decode_4bit)
         self.timings = Timings()
         self._read_state: list[dict] | None = None
         self._stops = stop_token_ids(loaded)

@@ -69,7 +69,8 @@ MODEL = OptionGroup("model_choice", (
             help="GGUF file, local HF model directory or cached hub id [default: SmolLM2-135M-Instruct]"),
     _option("device", str, "auto", envvar="INFLLM_DEVICE", help="auto, cpu, cuda, cuda:N"),
     _option("dtype", str, "auto", envvar="INFLLM_DTYPE",
-            help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"),
+            help="auto (bfloat16 on GPU; float32 on CPU, decoded tokens through 4-bit weights when the model's "
+                 "are 4-bit, as the default model's), float32, bfloat16, float16"),
     _option("device_map", Optional[str], None, envvar="INFLLM_DEVICE_MAP", metavar="MAP",
             help="spread the model's layers over several GPUs: auto, a JSON object {module: GPU} or a JSON file "
                  "(docs/scaling.md)"),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from infllm.config import ModelShape
+from infllm.engine.packed import PackedLayer, packed_decoder
 from infllm.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -35,7 +36,7 @@ class DecoderLayer:
 class DecoderAdapter:
     """Exposes one decoder layer at a time as `qkv` (before attention) and `finish` (after it)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, decode_4bit: bool = False):
         config = model.config
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ModelError(
@@ -62,6 +63,19 @@ class DecoderAdapter:
                 device=attn.q_proj.weight.device,
             ))
         self.scale = getattr(base.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        self._model = model
+        # Single rows (decoded tokens) through 4-bit copies of the projections (infllm.engine.packed), packed at
+        # the first one; turned off then if the model's weights are not on a 4-bit grid.
+        self.decode_4bit = decode_4bit
+
+    def _packed_layer(self, i: int, rows: int) -> PackedLayer | None:
+        if rows != 1 or not self.decode_4bit:
+            return None
+        packed = packed_decoder(self._model)
+        if packed is None:
+            self.decode_4bit = False
+            return None
+        return packed[i]
 
     @property
     def input_device(self) -> torch.device:
@@ -72,9 +86,14 @@ class DecoderAdapter:
         layer = self.layers[i]
         x = layer.input_norm(hidden)
         length = x.shape[0]
-        q = layer.q_proj(x).view(length, self.heads, self.head_dim)
-        k = layer.k_proj(x).view(length, self.kv_heads, self.head_dim)
-        v = layer.v_proj(x).view(length, self.kv_heads, self.head_dim)
+        packed = self._packed_layer(i, length)
+        if packed is not None:
+            q, k, v = packed.qkv(x)
+        else:
+            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+        q = q.view(length, self.heads, self.head_dim)
+        k = k.view(length, self.kv_heads, self.head_dim)
+        v = v.view(length, self.kv_heads, self.head_dim)
         if layer.q_norm is not None:
             q = layer.q_norm(q)
         if layer.k_norm is not None:
@@ -84,6 +103,10 @@ class DecoderAdapter:
     def finish(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after layer i: hidden [L, hidden], attn [H, L, D] -> [L, hidden]."""
         layer = self.layers[i]
+        packed = self._packed_layer(i, hidden.shape[0])
+        if packed is not None:
+            hidden = hidden + packed.o(attn.transpose(0, 1).reshape(1, -1))[0]
+            return hidden + packed.mlp(layer.post_norm(hidden))
         hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
         return hidden + layer.mlp(layer.post_norm(hidden))
 

@@ -37,6 +37,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for, for display and snapshot metadata
     fingerprint: str  # identifies the weights (GGUF hash, or a hash of the config and weight files)
+    decode_4bit: bool = False  # decoded tokens through 4-bit projections where the weights allow (infllm.engine.packed)
 
 
 def cache_dir() -> Path:
@@ -284,7 +285,10 @@ def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dt
     else:
         check_placement(model)
         drop_dispatch_hooks(model)
-    return LoadedModel(model.eval(), tokenizer, name, fingerprint)
+    # dtype auto on the CPU: float32, and a decoded token's projections in 4 bits when the weights are 4-bit
+    # (a Q4 GGUF); asking for float32 keeps every product in float32.
+    decode_4bit = device_map is None and dev.type == "cpu" and dtype == "auto"
+    return LoadedModel(model.eval(), tokenizer, name, fingerprint, decode_4bit)
 
 
 @dataclass(frozen=True)
