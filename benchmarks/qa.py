@@ -366,7 +366,9 @@ def run(args) -> dict:
     four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
     if "infllm" in systems:
         for spec in filter(None, args.focus.split(",")):
-            weight, pins, passages, bits = (spec.split(":") + ["0", "0", ""])[:4]
+            parts = spec.split(":")
+            weight, pins, passages = (parts + ["0", "0"])[:3]
+            bits = parts[3] if len(parts) > 3 else ""
             if bits not in ("", "4", "32"):
                 raise SetError(f"--focus {spec}: the fourth field is 4 or 32 (bits of the decode projections)")
             name = f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
