@@ -23,7 +23,9 @@ Items with the same document and excerpt form a group that each system reads onc
 group is then answered from the state saved after reading (Session.read / Session.answer).
 
 Systems (same model, same prompt template and system prompt, greedy decoding):
-  infllm     sinks + local window + top-k retrieved memory blocks (the engine's defaults for the model)
+  infllm     sinks + local window + top-k retrieved memory blocks (the engine's defaults for the model),
+             answering as `infllm ask` does: --passages (default 3) passages re-read after the document and
+             the question's words steering retrieval (infllm.session.answer_focus); --passages 0: neither
   streaming  sinks + local window only (StreamingLLM): the same engine with topk=0
   last-slice full attention (transformers) on the last slice of the document that fits the model's context
              with the prompt and the answer: what "fit what you can" tools do
@@ -347,7 +349,7 @@ def run(args) -> dict:
     from infllm.defaults import engine_defaults
     from infllm.runtime.loading import load_model
     from infllm.documents.prompting import build_prompt, builtin_template, load_template
-    from infllm.session import Focus, Session, stop_token_ids
+    from infllm.session import Focus, Session, answer_focus, stop_token_ids
 
     items = parse_set(Path(args.questions))
     if args.start_char is not None or args.max_chars is not None:
@@ -394,6 +396,8 @@ def run(args) -> dict:
           file=sys.stderr)
 
     sessions = {}
+    # infllm answers as `ask` does by default; streaming retrieves nothing, so its question's words do not steer.
+    default_focus = {"infllm": answer_focus(args.passages), "streaming": Focus()}
     if "infllm" in systems:
         sessions["infllm"] = Session(loaded, cfg)
     if "streaming" in systems:
@@ -464,7 +468,7 @@ def run(args) -> dict:
                     session.engine.adapter.decode_4bit = four_bit.get(system, loaded.decode_4bit)
                     text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
                                                   cite=0 if system == "streaming" else max(ks),
-                                                  focus=focus.get(system, Focus())))
+                                                  focus=focus.get(system, default_focus[system])))
                     positions = [[session.doc_start + i for i in occ] for occ in occs]
                     in_view = any(all(p >= sealed_end or p < cfg.sinks for p in occ) for occ in positions)
                     if system != "streaming":
@@ -626,6 +630,8 @@ def main() -> None:
                          "weight W, P pinned blocks, R passages re-read before the question, per variant "
                          "(infllm.session.Focus), e.g. 0.5,0:2,1:2:3; a fourth field 4 or 32 decodes through "
                          "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit)")
+    ap.add_argument("--passages", type=int, default=3,
+                    help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")
     ap.add_argument("--slice-tokens", type=int, default=0,
                     help="last-slice document tokens (default: what fits the model's context)")

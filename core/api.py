@@ -34,7 +34,7 @@ from infllm.runtime import loading
 from infllm.runtime.loading import FoundModel, LoadedModel, ResolvedModel, find_models  # noqa: F401 - `infllm models`
 from infllm.runtime.placement import DeviceMap
 from infllm.runtime.resources import check_reading, peak_memory, rss_mb
-from infllm.session import PROMPT_CHANGED, Focus, Session
+from infllm.session import PROMPT_CHANGED, Session, answer_focus
 
 
 SAMPLING_MIN = 1e-6  # the smallest top-p or non-zero temperature: sampling runs in float32, where values below
@@ -263,8 +263,9 @@ class Reading:
             cite: int = 0, passages: int = 3, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the state right after the read. on_text receives the answer as it is generated.
         passages: the best passages by the question's words (BM25) are re-read after the document, under the
-        question (the template's {passages} field), where the model sees them at local distances (Focus; needs
-        the text, kept by read() unless keep_text=False)."""
+        question (the template's {passages} field), where the model sees them at local distances, and the same
+        words steer every layer's retrieval of memory blocks (infllm.session.answer_focus; needs the text, kept by
+        read() unless keep_text=False). 0: neither."""
         check_answer(max_tokens, sampling, cite, passages)
         session, report = self.session, self.model.report
         prompt = self.prompt(question)
@@ -289,7 +290,7 @@ class Reading:
         with answering, question:
             update = question.enter_context(report.reading(
                 len(prompt.suffix), lambda: session.engine.memory_report().block_store_bytes)) if long else None
-            for chunk in session.answer(prompt, max_tokens, sampling, cite=cite, focus=Focus(passages=passages),
+            for chunk in session.answer(prompt, max_tokens, sampling, cite=cite, focus=answer_focus(passages),
                                         on_progress=update, on_token=on_token):
                 parts.append(chunk)
                 if on_text is not None:

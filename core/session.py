@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,10 +57,18 @@ class Focus:
         return self.weight != 0 or self.pins > 0 or self.passages > 0
 
 
-# How the question's words rank citations when they do not steer the attention (the default: they are re-read
-# as passages instead, which answers better). Chosen on the whole-document dev set (R@3 29/52 -> 42/52); held-out
-# 32/59 -> 55/59 (docs/benchmarks.md, "Whole documents").
-CITE_FOCUS = Focus(weight=1.0, pins=2)
+# How the question's words weigh in retrieval: the BM25 prior at weight 1 and the two best blocks pinned. Citations
+# rank with it (chosen on the whole-document dev set: R@3 29/52 -> 42/52; held-out 32/59 -> 55/59), and answers
+# steer every layer's retrieval with it while re-reading passages (`answer_focus`; chosen on the dev set: answers
+# 8/52 -> 9/52, the evidence among the blocks the attention retrieved 1/26 -> 20/26 on the novel; held-out in
+# docs/benchmarks.md, "Whole documents").
+WORDS_FOCUS = Focus(weight=1.0, pins=2)
+
+
+def answer_focus(passages: int) -> Focus:
+    """How an answer (ask, chat) uses its question's words: with passages > 0 they steer every layer's retrieval
+    (WORDS_FOCUS) and that many best passages are re-read after the document; with 0, InfLLM's retrieval alone."""
+    return replace(WORDS_FOCUS, passages=passages) if passages > 0 else Focus()
 
 
 @dataclass
@@ -295,7 +303,7 @@ class Session:
         self.engine.set_block_prior(None)
         if cite > 0 and source_map is not None and self.doc_offsets is not None:
             if prior is None and lexical is not None:  # retrieval was not steered: citations still hear the words
-                prior = self._prior(lexical, CITE_FOCUS)
+                prior = self._prior(lexical, WORDS_FOCUS)
             self.ranking = self.rank_blocks(tally, prompt, source_map, prior)
             self.citations = cite_blocks(self.ranking, self.engine.layers[0].block_span, self.doc_start,
                                          self.doc_offsets, source_map, cite)

@@ -136,7 +136,8 @@ def answer_options(max_tokens: int, template: str, template_help: str, repetitio
         _option("template", str, template, help=template_help),
         _option("cite", int, 0, help="print on stderr the N passages of memory the question points at (0: none)"),
         _option("passages", int, passages, metavar="N",
-                help="re-read after the document the N passages that share most words with the question (0: off)"),
+                help="re-read after the document the N passages that share most words with the question, and let "
+                     "those words steer which memory blocks every layer retrieves (0: neither)"),
     ), AnswerChoice)
 
 

@@ -79,7 +79,7 @@ def test_citing_does_not_disturb_the_next_answer_and_ranks_every_document_block(
     assert sorted(blocks) == document and len(document) > 3
     weights = [w for _, w in session.ranking]
     assert abs(sum(weights) - 1) < 1e-4
-    # Ordered by the heads' votes plus the question's words (CITE_FOCUS pins the two best blocks by BM25):
+    # Ordered by the heads' votes plus the question's words (WORDS_FOCUS pins the two best blocks by BM25):
     # the one block with the word "7" is among the first two.
     spans = [passage(b, layer.block_span, session.doc_start, session.doc_offsets, source_map)
              for b, _ in session.ranking[:2]]

@@ -18,7 +18,7 @@ from infllm.documents.prompting import build_prompt, builtin_template, echo_stop
 from infllm.errors import UsageError
 from infllm.documents.readers import Piece
 from infllm.engine.engine import Engine
-from infllm.session import PINNED, Focus, Session
+from infllm.session import PINNED, WORDS_FOCUS, Focus, Session, answer_focus
 from tiny_models import tiny_model
 
 CFG = EngineConfig(sinks=16, window=128, block_size=32, repr_keys=4, topk=2, query_chunk=32, cache_blocks=2,
@@ -146,3 +146,21 @@ def test_an_answer_reads_the_passages_before_its_question_and_stops_where_it_ech
     shown = tokenizer.decode(fed)
     assert shown.index("</document>") < shown.index("quagga waits") < shown.rindex("Question: Where does the quagga")
     assert shown.count("Question: Where does the quagga") == 2  # before the passages, and after them
+
+
+def test_an_answer_with_passages_is_steered_by_its_words_and_one_without_is_not(session):
+    assert answer_focus(0) == Focus()  # summarize, or --passages 0: InfLLM's retrieval alone
+    steer = answer_focus(3)
+    assert steer.passages == 3 and steer.weight == WORDS_FOCUS.weight and steer.pins == WORDS_FOCUS.pins > 0
+    lines = [f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80)]
+    lines[20] = "Line 21: the quagga waits at the gate.\n"
+    text = "".join(lines)
+    prompt = build_prompt(session.loaded.tokenizer, "{document}\n{question}", "Where does the quagga wait?", None)
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    lexical = session._lexical_scores(prompt.question, session.source_map)
+    best = lexical[1][int(lexical[0].argmax())]  # the block that holds "quagga"
+    "".join(session.answer(prompt, 2, focus=answer_focus(0)))
+    assert not all(best in m.last_retrieved for m in session.engine.layers)  # the tiny model's queries miss it
+    "".join(session.answer(prompt, 2, focus=answer_focus(1)))
+    assert all(best in m.last_retrieved for m in session.engine.layers)  # pinned while answering
+    assert all(m.prior is None for m in session.engine.layers)  # and nothing of it stays
