@@ -468,7 +468,7 @@ def run(args) -> dict:
                     session.engine.adapter.decode_4bit = four_bit.get(system, loaded.decode_4bit)
                     text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
                                                   cite=0 if system == "streaming" else max(ks),
-                                                  focus=focus.get(system, default_focus[system])))
+                                                  focus=focus[system] if system in focus else default_focus[system]))
                     positions = [[session.doc_start + i for i in occ] for occ in occs]
                     in_view = any(all(p >= sealed_end or p < cfg.sinks for p in occ) for occ in positions)
                     if system != "streaming":
