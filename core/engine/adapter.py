@@ -67,15 +67,17 @@ class DecoderAdapter:
         # Single rows (decoded tokens) through 4-bit copies of the projections (infllm.engine.packed), packed at
         # the first one; turned off then if the model's weights are not on a 4-bit grid.
         self.decode_4bit = decode_4bit
+        self._packed: list[PackedLayer] | None = None  # fetched once, at the first decoded token
 
     def _packed_layer(self, i: int, rows: int) -> PackedLayer | None:
         if rows != 1 or not self.decode_4bit:
             return None
-        packed = packed_decoder(self._model)
-        if packed is None:
-            self.decode_4bit = False
-            return None
-        return packed[i]
+        if self._packed is None:
+            self._packed = packed_decoder(self._model)
+            if self._packed is None:
+                self.decode_4bit = False
+                return None
+        return self._packed[i]
 
     @property
     def input_device(self) -> torch.device:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP = 32  # weights sharing a scale and an offset, along a row (the GGUF's 4-bit block)
-ROWS_PER_STEP = 64
+ROWS_PER_STEP = 64  # rows checked at once by four_bit_grid: its temporaries stay in the CPU's cache
 TOLERANCE = 1e-3  # largest distance from the grid, in units of the group's scale, still counted as on it
 CHECK_ERROR = 0.05  # relative output error above which the kernel is taken to disagree with the float32 matrix
 
@@ -43,7 +43,7 @@ def four_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     low = groups.amin(-1, keepdim=True)
     scale = (groups.amax(-1, keepdim=True) - low) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every q is 0
-    for start in range(0, rows, ROWS_PER_STEP):  # a few rows at a time: the temporaries stay in the CPU's cache
+    for start in range(0, rows, ROWS_PER_STEP):
         part = slice(start, start + ROWS_PER_STEP)
         levels = ((groups[part] - low[part]) / safe[part]).round_().clamp_(0, 15)
         if (levels.mul(scale[part]).add_(low[part]).sub_(groups[part]).abs_() > TOLERANCE * safe[part]).any():
@@ -93,7 +93,8 @@ class PackedLinear:
         x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0))
         want = F.linear(x, weight.float()) + (0 if self.bias is None else self.bias)
         got = torch.cat(self(x), dim=-1)
-        return bool(torch.isfinite(got).all()) and float((got - want).norm() / want.norm().clamp_min(1e-30)) < CHECK_ERROR
+        error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        return bool(torch.isfinite(got).all()) and error < CHECK_ERROR
 
 
 @dataclass
