@@ -11,7 +11,7 @@ from importlib import import_module
 
 from infllm.errors import InfllmError
 
-_PUBLIC = {"Model": "infllm.api", "Reading": "infllm.api", "Answer": "infllm.api",
+_PUBLIC = {"Model": "infllm.api", "Reading": "infllm.api", "Answer": "infllm.answer",
            "EngineConfig": "infllm.config", "SamplingConfig": "infllm.engine.sampling"}
 
 __all__ = ["InfllmError", *_PUBLIC]

@@ -18,10 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 from infllm.cache import ReadCache
-from infllm.citations.passages import Citation
+from infllm.answer import Answer
 from infllm.config import EngineConfig
 from infllm.defaults import settings_for
 from infllm.documents.prompting import (NO_CHAT_TEMPLATE, SUMMARY_REQUEST, Prompt, build_prompt, builtin_template,
@@ -57,31 +56,6 @@ def check_answer(max_tokens: int, sampling: SamplingConfig, cite: int, passages:
     if passages < 0:
         raise UsageError(f"--passages needs a count of passages, 0 or more, got {passages}")
     sampling.validate()
-
-
-@dataclass
-class Answer:
-    """One answer and how it came about: exactly what `--json` prints, plus the citations as objects."""
-
-    text: str
-    model: str
-    inputs: list[str]
-    tokens_read: int
-    tokens_generated: int
-    timings: dict[str, float]  # seconds per phase (load_s, extract_s, tokenize_s, prefill_s or open_s, answer_s,
-    #                            total_s, calibrate_s, save_s); the model load is counted in a run's first answer only
-    memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
-    engine: dict[str, int]  # the engine settings used
-    citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
-    finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
-    tokens_question: int = 0  # the question's prompt tokens, read after the document
-
-    def to_dict(self) -> dict:
-        return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
-                "tokens_read": self.tokens_read, "tokens_question": self.tokens_question,
-                "tokens_generated": self.tokens_generated,
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
-                "engine": self.engine, "citations": [c.to_dict() for c in self.citations]}
 
 
 class Model:

@@ -19,10 +19,15 @@ class Reporter:
     def warn(self, text: str) -> None:
         """Something the user should know that does not stop the run."""
 
+    def reading(self, total: int | None, block_store_bytes: Callable[[], int]):
+        """A context yielding update(tokens read so far) for the length of a read; total is None for a stream.
+        Updates come as each prefill step passes the model's layers, many a second: drawing them is the
+        reporter's choice. What it may show of memory is this process's (`memory_line`)."""
+        return self.reading_with(total, lambda: memory_line(block_store_bytes()))
+
     @contextmanager
-    def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:
-        """Yields update(tokens read so far) for the length of a read; total is None for a stream. Updates come as
-        each prefill step passes the model's layers, many a second: drawing them is the reporter's choice."""
+    def reading_with(self, total: int | None, memory: Callable[[], str]) -> Iterator[Callable[[int], None]]:
+        """`reading`, with the memory line given: a client of `infllm serve` shows the server's."""
         yield lambda done: None
 
     @contextmanager

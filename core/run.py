@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
 from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
@@ -44,6 +44,16 @@ class RunOptions:
 
     def __post_init__(self):
         check_answer(self.max_tokens, self.sampling, self.cite, self.passages)  # before the model loads
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (what a client sends `infllm serve`)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "RunOptions":
+        """The options of `to_dict` (or of the command line's flags, infllm.cli), checked."""
+        sampling = d.get("sampling", {})
+        return RunOptions(**{**d, "sampling": SamplingConfig(**{**sampling, "stop": tuple(sampling.get("stop", ()))})})
 
 
 @dataclass
@@ -173,15 +183,16 @@ class Failure:
 class Runner:
     """The model of a checked plan, loaded once; answers group after group."""
 
-    def __init__(self, plan: Plan, report: Reporter | None = None):
+    def __init__(self, plan: Plan, report: Reporter | None = None, model=None):
+        """model: an infllm.api.Model loaded already (a server's), used instead of loading the plan's."""
         from infllm.api import Model
 
         from infllm.cache import ReadCache
 
         self.plan = plan
         opts = plan.opts
-        self.model = Model.load(plan.resolved, device=opts.device, dtype=opts.dtype, device_map=plan.device_map,
-                                report=report)
+        self.model = model or Model.load(plan.resolved, device=opts.device, dtype=opts.dtype,
+                                         device_map=plan.device_map, report=report)
         self.cache = ReadCache(report=self.model.report) if opts.cache else None
 
     def reading(self, sources: list[str], *, save: str | None = None):

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, SOURCES, AnswerChoice, BatchChoice, ModelChoice,
-                                Output, Reuse, answer_options, options)
+from infllm.cli.options import (BATCH, ENGINE, MODEL, OUTPUT, REUSE, SERVER, SOURCES, AnswerChoice, BatchChoice,
+                                ModelChoice, Output, Reuse, answer_options, options)
 from infllm.cli.progress import discard, for_terminal
 from infllm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RESOURCES, InfllmError, UsageError
 
@@ -50,6 +50,9 @@ SUMMARIZE_EPILOG = _epilog("infllm summarize book.txt", "infllm summarize --each
                            "infllm summarize --max-tokens 800 book.infllm")
 READ_EPILOG = _epilog("infllm read book.pdf -o book.infllm", 'infllm ask book.infllm "Who betrayed whom?"')
 INFO_EPILOG = _epilog("infllm info book.pdf notes/", "zcat huge.log.gz | infllm info -")
+SERVE_EPILOG = _epilog("infllm serve &   # then: export INFLLM_SERVER=<the socket it names>",
+                      'infllm ask book.infllm "Who betrayed whom?"   # answered by the server, no model load',
+                      "infllm serve --model ./Qwen2.5-1.5B-Instruct --socket /tmp/qwen.sock --keep 4")
 CHAT_EPILOG = _epilog("infllm chat book.txt", "infllm chat -q book.infllm < questions.txt")
 MODELS_EPILOG = _epilog("infllm models", 'infllm ask --model Qwen/Qwen2.5-1.5B-Instruct book.txt "..."')
 CACHE_EPILOG = _epilog("infllm cache list", "infllm cache clear", "INFLLM_CACHE_LIMIT_MB=20000 infllm ask book.txt "
@@ -265,17 +268,48 @@ def _listed(files_from: str, sources: list[str]) -> list[str]:
 
 
 
-def _run_options(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse,
-                 gitignore: bool) -> RunOptions:
-    from infllm.api import SamplingConfig
+def _run_fields(model_choice: ModelChoice, engine: dict, answer: AnswerChoice, reuse: Reuse,
+                gitignore: bool) -> dict:
+    """The run's options as plain values (infllm.run.RunOptions.to_dict): built without torch, so that a run
+    answered by a server never imports it."""
+    return {"model": model_choice.model, "device": model_choice.device, "dtype": model_choice.dtype,
+            "device_map": model_choice.device_map, "engine": engine,
+            "sampling": {"temperature": answer.temperature, "top_p": answer.top_p, "seed": answer.seed,
+                         "repetition_penalty": answer.repetition_penalty, "no_repeat_ngram": answer.no_repeat_ngram,
+                         "top_k": answer.top_k, "min_p": answer.min_p, "stop": list(answer.stop)},
+            "max_tokens": answer.max_tokens, "system": answer.system, "template": answer.template,
+            "cite": answer.cite, "cache": reuse.cache, "refuse_stale": reuse.refuse_stale,
+            "passages": answer.passages, "gitignore": gitignore}
+
+
+def _run_options(fields: dict) -> RunOptions:
     from infllm.run import RunOptions
 
-    return RunOptions(model_choice.model, model_choice.device, model_choice.dtype, model_choice.device_map, engine,
-                      SamplingConfig(answer.temperature, answer.top_p, answer.seed, answer.repetition_penalty,
-                                     answer.no_repeat_ngram, answer.top_k, answer.min_p, tuple(answer.stop)),
-                      answer.max_tokens,
-                      answer.system, answer.template, answer.cite, reuse.cache, reuse.refuse_stale, answer.passages,
-                      gitignore)
+    return RunOptions.from_dict(fields)
+
+
+def _through(server: str | None, sources: list[str], batch: BatchChoice | None, output: Output) -> bool:
+    """Whether a server answers this run: one is named and the run is one it can answer (files, one reading)."""
+    if server is None:
+        return False
+    why = ("stdin is" if "-" in sources else "--each is" if batch and batch.each else "--ray is"
+           if batch and batch.on_ray else "--save is" if batch and batch.save else None)
+    if why is not None:
+        _display(output).phase(f"{why} answered in this process, not by the server at {server}")
+    return why is None
+
+
+def _remote(server: str, sources: list[str], questions: list[str] | None, fields: dict, output: Output,
+            one_line: bool = False) -> None:
+    """Answer through the server at `server` (infllm.remote), shown exactly as an answer of this process."""
+    from infllm.remote import Request, ask
+
+    _stdout()
+    display = _display(output, streamed=not one_line)
+    outs = [_AnswerOut(None, output.as_json, q if one_line else None) for q in questions or [None]]
+    for i, answer in enumerate(ask(server, Request(sources, questions, fields), display,
+                                   on_text=lambda i, text: outs[i].write(text))):
+        _show(answer, outs[i], display)
 
 
 SOURCES_HELP = "Files, directories or '-' (stdin). With no source, stdin is read."
@@ -288,7 +322,7 @@ SUMMARY_NO_REPEAT_NGRAM = 4
 @app.command(epilog=ASK_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document}, "
-                                       "{question} and optionally {passages}"), BATCH, REUSE, SOURCES, OUTPUT)
+                                       "{question} and optionally {passages}"), BATCH, REUSE, SOURCES, OUTPUT, SERVER)
 def ask(
     args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
                     help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
@@ -296,21 +330,27 @@ def ask(
         "ask every question in FILE (one a line; '-': stdin), each from the state after the read: one answer a "
         "line on stdout (a JSON line each with --json); the arguments are then all sources"))] = None,
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
-    gitignore: bool, output: Output,
+    gitignore: bool, output: Output, server: str | None,
 ) -> None:
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
-    opts = _run_options(model_choice, engine, answer_choice, reuse, gitignore)
+    fields = _run_fields(model_choice, engine, answer_choice, reuse, gitignore)
     if questions is None:
         _check_question_order(args)
         sources, question = _split_question(args, batch.files_from)
-        _answer_all(sources, question, opts, batch, output)
+        if _through(server, sources, batch, output):
+            _remote(server, sources, [question], fields, output)
+            return
+        _answer_all(sources, question, _run_options(fields), batch, output)
         return
     if batch.each or batch.on_ray:
         raise UsageError("--questions asks one reading several questions: not with --each or --ray")
     sources, _ = _split_question([*args, "questions"], batch.files_from)
     asked = _question_list(questions, sources)
-    _ask_many(sources, asked[0], iter(asked), opts, output, save=batch.save, one_line=True)
+    if _through(server, sources, batch, output):
+        _remote(server, sources, asked, fields, output, one_line=True)
+        return
+    _ask_many(sources, asked[0], iter(asked), _run_options(fields), output, save=batch.save, one_line=True)
 
 
 @app.command(epilog=SUMMARIZE_EPILOG)
@@ -318,18 +358,21 @@ def ask(
 @options(MODEL, ENGINE, answer_options(400, "summarize", "built-in template name or a template file",
                                        repetition_penalty=SUMMARY_REPETITION_PENALTY,
                                        no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM, passages=0), BATCH, REUSE, SOURCES,
-         OUTPUT)
+         OUTPUT, SERVER)
 def summarize(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="[SOURCE...]", help=SOURCES_HELP)] = None,
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, batch: BatchChoice, reuse: Reuse,
-    gitignore: bool, output: Output,
+    gitignore: bool, output: Output, server: str | None,
 ) -> None:
     """Summarize whole documents (or a snapshot): one pass over the context memory, the request after the text."""
+    fields = _run_fields(model_choice, engine, answer_choice, reuse, gitignore)
+    sources, _ = _split_question([*(sources or []), "summary"], batch.files_from)
+    if _through(server, sources, batch, output):
+        _remote(server, sources, None, fields, output)
+        return
     from infllm.api import SUMMARY_REQUEST
 
-    sources, _ = _split_question([*(sources or []), SUMMARY_REQUEST], batch.files_from)
-    _answer_all(sources, SUMMARY_REQUEST, _run_options(model_choice, engine, answer_choice, reuse, gitignore), batch,
-                output)
+    _answer_all(sources, SUMMARY_REQUEST, _run_options(fields), batch, output)
 
 
 @app.command("read", epilog=READ_EPILOG)
@@ -449,12 +492,12 @@ def cache_clear() -> None:
 @app.command(epilog=CHAT_EPILOG)
 @guarded
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document}, "
-                                       "{question} and optionally {passages}"), REUSE, SOURCES, OUTPUT)
+                                       "{question} and optionally {passages}"), REUSE, SOURCES, OUTPUT, SERVER)
 def chat(
     sources: Annotated[list[str], typer.Argument(metavar="SOURCE...|SNAPSHOT",
                        help="files, directories or a snapshot (stdin holds the questions)")],
     *, model_choice: ModelChoice, engine: dict, answer_choice: AnswerChoice, reuse: Reuse, gitignore: bool,
-    output: Output,
+    output: Output, server: str | None,
 ) -> None:
     """Read once, then answer the questions typed at the `> ` prompt (on stderr), one a line, until end of input
     (Ctrl-D). Each question is answered from the state right after the read, independently of the others."""
@@ -476,7 +519,35 @@ def chat(
             if line.strip():
                 yield line.strip()
 
-    _ask_many(sources, "", typed(), _run_options(model_choice, engine, answer_choice, reuse, gitignore), output)
+    fields = _run_fields(model_choice, engine, answer_choice, reuse, gitignore)
+    if _through(server, sources, None, output):
+        for question in typed():  # the server keeps the reading between questions
+            _remote(server, sources, [question], fields, output)
+        return
+    _ask_many(sources, "", typed(), _run_options(fields), output)
+
+
+@app.command(epilog=SERVE_EPILOG)
+@guarded
+@options(MODEL)
+def serve(
+    socket_path: Annotated[Optional[str], typer.Option(
+        "--socket", envvar="INFLLM_SERVER", metavar="PATH",
+        help="the Unix socket to listen at (only you can connect) [default: $XDG_RUNTIME_DIR/infllm.sock, else "
+             "/tmp/infllm-UID/infllm.sock]")] = None,
+    keep: Annotated[int, typer.Option(metavar="N", help="readings kept open between questions (snapshots are "
+                                                        "mapped from their file; a read text's memory stays in RAM)")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no log lines on stderr but errors")] = False,
+    *, model_choice: ModelChoice,
+) -> None:
+    """Keep the model loaded and recent readings open, and answer `infllm ask`, `summarize` and `chat` run with
+    --server (or INFLLM_SERVER) set to this socket: no torch import, no model load, no reopening per question.
+    One question at a time; stops with Ctrl-C or SIGTERM."""
+    from infllm.cli.progress import Display
+    from infllm.remote import default_socket
+    from infllm.server import Server
+
+    Server(_model_options(model_choice, {}), keep, Display(quiet)).serve(socket_path or default_socket())
 
 
 def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, output: Output, *,

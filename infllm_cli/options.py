@@ -216,3 +216,10 @@ SOURCES = OptionGroup("gitignore", (
             help="inside directories, also read the files that .gitignore files ignore (hidden ones, .git/ "
                  "among them, stay skipped)"),
 ), lambda no_ignore: not no_ignore)
+
+
+SERVER = OptionGroup("server", (
+    _option("server", Optional[str], None, "--server", envvar="INFLLM_SERVER", metavar="SOCKET",
+            help="answer through the `infllm serve` process listening at SOCKET (model loaded, recent readings "
+                 "kept open); stdin, --each, --ray and --save are still answered here"),
+), lambda server: server)

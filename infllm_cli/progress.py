@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.text import Text
 
-from infllm.reporting import Reporter, memory_line
+from infllm.reporting import Reporter
 
 LIVE_INTERVAL_S = 0.5  # a live display is redrawn at most this often
 LOG_INTERVAL_S = 5.0  # in a log (or TERM=dumb), a progress line at most this often
@@ -156,12 +156,12 @@ class Display(Reporter):
         self.console.print(line, soft_wrap=True)
 
     @contextmanager
-    def reading(self, total: int | None, block_store_bytes: Callable[[], int]) -> Iterator[Callable[[int], None]]:
+    def reading_with(self, total: int | None, memory: Callable[[], str]) -> Iterator[Callable[[int], None]]:
         """Yields update(done); total is None for a stream."""
         rate = Rate(self.clock)
 
         def status(done: int) -> str:
-            return reading_status(done, total, rate(done), memory_line(block_store_bytes()))
+            return reading_status(done, total, rate(done), memory())
 
         with self._progress(status, "reading", total) as update:
             yield update

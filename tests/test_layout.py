@@ -77,7 +77,7 @@ def test_the_library_never_imports_the_command_line():
 
 
 PUBLIC = ("infllm", "infllm.api", "infllm.run", "infllm.batch", "infllm.estimate", "infllm.errors", "infllm.config",
-          "infllm.reporting")  # what the command line (and any other program) builds on
+          "infllm.reporting", "infllm.answer", "infllm.remote", "infllm.server")  # what the command line (and any other program) builds on
 
 
 def test_the_command_line_imports_only_the_public_api():

@@ -10,11 +10,11 @@ Which blocks to cite is decided by the question's queries in the few heads that 
 from __future__ import annotations
 
 import bisect
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
+from infllm.citations.citation import Citation
 from infllm.documents.readers import Piece
 
 
@@ -23,26 +23,6 @@ def quote(text: str, words: int = 10) -> str:
     parts = text.split()
     start = max(0, (len(parts) - words) // 2)
     return " ".join(parts[start : start + words])
-
-
-@dataclass
-class Citation:
-    source: str
-    page: int | None
-    first_line: int
-    last_line: int
-    excerpt: str
-    weight: float  # the citing heads' mean vote for this passage (core/scoring.attention_shares)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def location(self) -> str:
-        where = f"{self.source}"
-        if self.page is not None:
-            where += f", page {self.page}"
-        lines = f"{self.first_line}" if self.first_line == self.last_line else f"{self.first_line}-{self.last_line}"
-        return f"{where}, lines {lines}"
 
 
 class SourceMap:

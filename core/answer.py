@@ -1,0 +1,43 @@
+"""An answer and how it came about: what `infllm ask --json` prints, and what `infllm serve` sends a client.
+
+Plain data, free of torch: a client of a server rebuilds the `Answer` from its dictionary (`from_dict`) and shows
+it exactly as an answer made in its own process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infllm.citations.citation import Citation
+
+
+@dataclass
+class Answer:
+    """One answer and how it came about: exactly what `--json` prints, plus the citations as objects."""
+
+    text: str
+    model: str
+    inputs: list[str]
+    tokens_read: int
+    tokens_generated: int
+    timings: dict[str, float]  # seconds per phase (load_s, extract_s, tokenize_s, prefill_s or open_s, answer_s,
+    #                            total_s, calibrate_s, save_s); the model load is counted in a run's first answer only
+    memory: dict  # peak_rss_mb, rss_mb, peak_gpu_mb on a GPU, rss_after_open_mb for a snapshot
+    engine: dict[str, int]  # the engine settings used
+    citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
+    finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
+    tokens_question: int = 0  # the question's prompt tokens, read after the document
+
+    def to_dict(self) -> dict:
+        return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
+                "tokens_read": self.tokens_read, "tokens_question": self.tokens_question,
+                "tokens_generated": self.tokens_generated,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
+                "engine": self.engine, "citations": [c.to_dict() for c in self.citations]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Answer":
+        """The inverse of to_dict (timings keep to_dict's rounding)."""
+        return Answer(d["answer"], d["model"], d["inputs"], d["tokens_read"], d["tokens_generated"], d["timings"],
+                      d["memory"], d["engine"], [Citation.from_dict(c) for c in d["citations"]], d["finish_reason"],
+                      d["tokens_question"])
