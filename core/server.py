@@ -79,7 +79,7 @@ class _Forward(Reporter):
             self.send({"answering_done": True})
 
 
-@dataclass
+@dataclass(eq=False)
 class _Kept:
     reading: object  # infllm.api.Reading
     snap: object | None  # the infllm.snapshot.SnapshotFile it maps, closed when the reading is let go
@@ -203,9 +203,13 @@ class Server:
         try:
             runner = Runner(plan, report, model=self.model)
             kept = self._reading(runner, request, questions[0])
-            for question in questions:
-                answer = runner.ask(kept.reading, question, on_text=lambda text: send({"text": text}))
-                send({"answer": answer.to_dict()})
+            try:
+                for question in questions:
+                    answer = runner.ask(kept.reading, question, on_text=lambda text: send({"text": text}))
+                    send({"answer": answer.to_dict()})
+            finally:
+                if kept not in self.kept.values():  # not kept (--keep 0, a directory): its snapshot goes now
+                    _close(kept)
         finally:
             self.model.report = self.report
         return len(questions)

@@ -112,6 +112,23 @@ def test_a_reading_is_kept_for_the_next_question_until_its_file_changes(server, 
     assert any(line.startswith("extracting text") for line in changed)
 
 
+def test_a_server_that_keeps_nothing_reads_for_every_question(tiny_model_dir, doc, tmp_path, monkeypatch):
+    monkeypatch.chdir(doc.parent)
+    srv = Server(RunOptions(model=str(tiny_model_dir), device="cpu"), keep=0)
+    ready = threading.Event()
+    thread = threading.Thread(target=srv.serve, args=(tmp_path / "keep0.sock", ready.set), daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    try:
+        for _ in range(2):
+            report = Phases()
+            list(ask(tmp_path / "keep0.sock", Request([doc.name], ["q"], fields(tiny_model_dir)), report))
+            assert any(line.startswith("extracting text") for line in report.lines) and not srv.kept
+    finally:
+        srv.stop()
+        thread.join(30)
+
+
 def test_several_questions_are_answered_in_turn_from_one_reading(server, tiny_model_dir, doc, monkeypatch):
     _, path = server
     monkeypatch.chdir(doc.parent)
