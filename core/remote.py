@@ -87,7 +87,7 @@ def connect(path: str | Path) -> socket.socket:
     except OSError as err:
         sock.close()
         raise ServerError(f"no infllm server answers at {path} ({err.strerror or err}): start one with "
-                          "`infllm serve`, or unset INFLLM_SERVER to answer in this process") from None
+                          "infllm serve, or unset INFLLM_SERVER to answer in this process") from None
     return sock
 
 
