@@ -7,7 +7,8 @@ Prejudice* (written once into --workdir). Rows, each repeated and alternated wit
   server, opened     `infllm ask --server S SNAP Q` to a server that holds no reading yet (a different snapshot file
                      each time, so the server opens it as a first question would)
   server, kept       the same question again: the server answers from the reading it kept
-The server is started once (its own load is not counted: it is what a server is for) and stopped at the end.
+  server, at start   the first question about a snapshot the server opened when it started (`infllm serve SNAP`)
+A server is started for each repeat with SNAP to open (its own start is not counted: it is what a server is for).
 
 Example (CPU):  python benchmarks/first_token.py --repeats 3 --cite 0,3 --workdir /tmp/firsttoken
 """
@@ -58,30 +59,32 @@ def main() -> None:
         text.write_text(DOC.read_text(encoding="utf-8")[: args.chars], encoding="utf-8")
         subprocess.run([*INFLLM, "read", str(text), "-o", str(snap)], check=True, env=env)
     sock = work / "serve.sock"
-    server = subprocess.Popen([*INFLLM, "serve", "--socket", str(sock), "--keep", "1"], stderr=subprocess.PIPE,
-                              env=env, text=True)
-    for line in server.stderr:  # wait until it listens
-        if "listening at" in line:
-            break
     rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
     answers = set()
-    try:
-        for r in range(args.repeats):
-            for cite in (int(c) for c in args.cite.split(",")):
+    for r in range(args.repeats):
+        server = subprocess.Popen([*INFLLM, "serve", str(snap), "--socket", str(sock), "--keep", "2"],
+                                  stderr=subprocess.PIPE, env=env, text=True)
+        for line in server.stderr:  # wait until it listens
+            if "listening at" in line:
+                break
+        try:
+            for i, cite in enumerate(int(c) for c in args.cite.split(",")):
                 base = ["ask", "--cite", str(cite), "--max-tokens", "16"]
                 copy = work / f"copy-{r}-{cite}.infllm"  # a file the server has not opened yet
                 shutil.copyfile(snap, copy)
                 runs = [("process", [*INFLLM, *base, str(snap), QUESTION]),
                         ("server, opened", [*INFLLM, *base, "--server", str(sock), str(copy), QUESTION]),
                         ("server, kept", [*INFLLM, *base, "--server", str(sock), str(copy), QUESTION])]
+                if i == 0:  # the server's first question: about the snapshot it opened at its start
+                    runs.insert(1, ("server, at start", [*INFLLM, *base, "--server", str(sock), str(snap), QUESTION]))
                 for name, argv in runs:
                     first, whole, out = timed(argv, env)
                     rows.setdefault((name, cite), []).append((first, whole))
                     answers.add(out.strip())
                 copy.unlink()
-    finally:
-        server.terminate()
-        server.wait()
+        finally:
+            server.terminate()
+            server.wait()
     print(f"\n{args.repeats} runs each (median), {os.cpu_count()} CPUs; answers seen: {sorted(answers)}\n")
     print("| run | --cite | first answer byte s | whole command s |")
     print("|---|---|---|---|")

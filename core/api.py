@@ -84,6 +84,15 @@ class Model:
     def name(self) -> str:
         return self.loaded.name
 
+    def warm_up(self) -> None:
+        """Do now what the first answer of this process would otherwise wait for: packing the decode projections
+        to 4 bits where the model allows (0.5 s for the default model on 2 cores). `infllm serve` calls it before
+        it listens; a one-question process gains nothing from it."""
+        if self.loaded.decode_4bit:
+            from infllm.engine.packed import packed_decoder
+
+            packed_decoder(self.loaded.model)
+
     def settings(self, **engine: int | None) -> EngineConfig:
         """This model's engine settings: its defaults, then the given ones (None: the default), validated."""
         return settings_for(self.loaded.model.config, engine)

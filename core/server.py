@@ -105,6 +105,7 @@ class Server:
         self.dtype = pick_dtype(opts.dtype, self.device)
         self.model = Model.load(self.resolved, device=opts.device, dtype=opts.dtype, device_map=device_map,
                                 report=self.report)
+        self.model.warm_up()
         self.report.phase(f"loaded {self.model.name} in {self.model.load_s:.1f} s")
         self.model.load_s = 0.0  # a client's answer does not wait for it
         self.kept: OrderedDict[tuple, _Kept] = OrderedDict()
@@ -137,6 +138,18 @@ class Server:
             with suppress(FileNotFoundError):
                 path.unlink()
             self.close()
+
+    def preload(self, sources: list[str], report: Reporter | None = None) -> None:
+        """Open (or read) each source now, as `infllm ask SOURCE` with its default options would, so that the first
+        question about it is answered as fast as the next. A failure is the caller's, as at the command line."""
+        self.keep = max(self.keep, len(sources))
+        fields = {**RunOptions().to_dict(), "model": self.opts.model}  # `infllm serve --model M` opens with M
+        for source in sources:
+            request = Request([source], ["?"], fields)
+            opts = RunOptions.from_dict(request.options)
+            plan = check(opts, [[source]], "?", report=report or self.report)
+            self._check_model(opts, plan)
+            self._reading(Runner(plan, report, model=self.model), request, "?")
 
     def stop(self) -> None:
         """End `serve` (from another thread) once the request in hand, if any, is answered."""
@@ -235,13 +248,20 @@ class Server:
     def _reading(self, runner: Runner, request: Request, question: str) -> _Kept:
         """The kept reading of the same sources and settings if it is still current, else a new one (kept)."""
         plan = runner.plan
-        key = _key(request, plan.opts)
         snap = plan.snaps.get(request.sources[0])
+        if snap is not None:  # the settings it will answer with: the snapshot's, with those a question may change
+            from infllm.snapshot import snapshot_config
+
+            engine = snapshot_config(snap.meta, plan.opts.engine, snap.path)
+        else:
+            engine = plan.config
+        key = _key(request, plan.opts, engine.to_dict(), snapshot=snap is not None)
         kept = self.kept.get(key) if key is not None else None
         if kept is not None and list(kept.reading.prompt(question).prefix) == kept.reading.session.prefix:
             self.kept.move_to_end(key)
             if snap is not None:
                 snap.close()  # check() opened it again to look at its header; the kept one stays mapped
+                kept.reading.sources = list(request.sources)  # the answer names the file as this client did
             runner.model.report.phase(f"answering from the reading kept of {', '.join(request.sources)} "
                                       f"({kept.reading.tokens:,} tokens)")
             kept.reading.timings = {}  # its read was counted in the answer that made it: this one only answers
@@ -256,9 +276,11 @@ class Server:
         return kept
 
 
-def _key(request: Request, opts: RunOptions) -> tuple | None:
-    """What makes a reading reusable: where and what was read, and every setting that shapes the reading. None
-    when a source is not a plain file (a directory's files may change unseen)."""
+def _key(request: Request, opts: RunOptions, engine: dict, snapshot: bool) -> tuple | None:
+    """What makes a reading reusable: what was read (the files' identity and modification time), the engine
+    settings in effect and the options that shape the reading, and for text also where from and by which names
+    (its citations carry them; a snapshot's carry the names it was read with, whatever the snapshot is called).
+    None when a source is not a plain file (a directory's files may change unseen)."""
     files = []
     for source in request.sources:
         try:
@@ -267,11 +289,10 @@ def _key(request: Request, opts: RunOptions) -> tuple | None:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        files.append((source, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    settings = json.dumps({"engine": opts.engine, "system": opts.system, "template": opts.template,
-                           "gitignore": opts.gitignore, "cache": opts.cache,
+        files.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    settings = json.dumps({"engine": engine, "system": opts.system, "template": opts.template, "gitignore": opts.gitignore,
                            "text": opts.cite > 0 or opts.passages > 0}, sort_keys=True)
-    return (request.cwd, tuple(files), settings)
+    return (None if snapshot else (request.cwd, tuple(request.sources)), tuple(files), settings)
 
 
 def _close(kept: _Kept) -> None:

@@ -50,7 +50,7 @@ SUMMARIZE_EPILOG = _epilog("infllm summarize book.txt", "infllm summarize --each
                            "infllm summarize --max-tokens 800 book.infllm")
 READ_EPILOG = _epilog("infllm read book.pdf -o book.infllm", 'infllm ask book.infllm "Who betrayed whom?"')
 INFO_EPILOG = _epilog("infllm info book.pdf notes/", "zcat huge.log.gz | infllm info -")
-SERVE_EPILOG = _epilog("infllm serve &   # then: export INFLLM_SERVER=<the socket it names>",
+SERVE_EPILOG = _epilog("infllm serve book.infllm &   # then: export INFLLM_SERVER=<the socket it names>",
                       'infllm ask book.infllm "Who betrayed whom?"   # answered by the server, no model load',
                       "infllm serve --model ./Qwen2.5-1.5B-Instruct --socket /tmp/qwen.sock --keep 4")
 CHAT_EPILOG = _epilog("infllm chat book.txt", "infllm chat -q book.infllm < questions.txt")
@@ -531,6 +531,9 @@ def chat(
 @guarded
 @options(MODEL)
 def serve(
+    sources: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[SOURCE...]", help="snapshots (or files) to open now, each its own reading, so that their first "
+                                    "question is answered as fast as the next (--keep is raised to hold them)")] = None,
     socket_path: Annotated[Optional[str], typer.Option(
         "--socket", envvar="INFLLM_SERVER", metavar="PATH",
         help="the Unix socket to listen at (only you can connect) [default: $XDG_RUNTIME_DIR/infllm.sock, else "
@@ -547,7 +550,10 @@ def serve(
     from infllm.remote import default_socket
     from infllm.server import Server
 
-    Server(_model_options(model_choice, {}), keep, Display(quiet)).serve(socket_path or default_socket())
+    display = Display(quiet)
+    server = Server(_model_options(model_choice, {}), keep, display)
+    server.preload(sources or [])
+    server.serve(socket_path or default_socket())
 
 
 def _ask_many(sources: list[str], first: str, questions, opts: RunOptions, output: Output, *,

@@ -118,3 +118,18 @@ def test_a_model_is_packed_once_for_every_engine_over_it():
     first = packed_decoder(model)
     assert first is not None and packed_decoder(model) is first
     assert pack_decoder(model.to(torch.bfloat16)) is None  # only float32 weights are read for the grid
+
+
+@needs_kernel
+def test_a_warmed_up_model_has_packed_before_its_first_answer():
+    """`infllm serve` packs at start (Model.warm_up), so no client's first answer waits for it."""
+    from types import SimpleNamespace
+
+    from infllm.api import Model
+    from infllm.runtime.loading import LoadedModel
+
+    model, other = snap_to_grid(tiny_model("llama")), snap_to_grid(tiny_model("llama"))
+    Model.warm_up(SimpleNamespace(loaded=LoadedModel(model, None, "m", "f", decode_4bit=True)))
+    Model.warm_up(SimpleNamespace(loaded=LoadedModel(other, None, "m", "f", decode_4bit=False)))
+    assert model in packing._PACKED and packing._PACKED[model] is not None
+    assert other not in packing._PACKED  # asked for float32 products: nothing packed

@@ -129,6 +129,19 @@ def test_a_server_that_keeps_nothing_reads_for_every_question(tiny_model_dir, do
         thread.join(30)
 
 
+def test_a_snapshot_opened_at_start_answers_its_first_question_as_a_kept_one(server, tiny_model_dir, doc, tmp_path,
+                                                                             monkeypatch):
+    srv, path = server
+    snapshot = tmp_path / "keys.infllm"
+    srv.model.read([str(doc)], engine=srv.model.settings(**SETTINGS)).save(str(snapshot), str(tiny_model_dir))
+    srv.preload([str(snapshot)])  # as `infllm serve keys.infllm` does before it listens
+    monkeypatch.chdir(tmp_path)
+    report = Phases()
+    [answer] = ask(path, Request([snapshot.name], ["What is the pass key?"], fields(tiny_model_dir)), report)
+    assert any(line.startswith("answering from the reading kept") for line in report.lines), report.lines
+    assert answer.inputs == [snapshot.name]  # named as this client named it, not as the server opened it
+
+
 def test_several_questions_are_answered_in_turn_from_one_reading(server, tiny_model_dir, doc, monkeypatch):
     _, path = server
     monkeypatch.chdir(doc.parent)
