@@ -134,5 +134,5 @@ def ask(server: str | Path, request: Request, report: Reporter | None = None,
                 yield Answer.from_dict(event["answer"])
             elif "error" in event:
                 raise InfllmError(event["error"], event["exit_code"])
-        if request.questions is not None and asked < len(request.questions) or request.questions is None and not asked:
+        if asked < (1 if request.questions is None else len(request.questions)):  # a summary is one answer
             raise ServerError(f"the infllm server at {server} stopped before it answered")

@@ -29,7 +29,7 @@ from pathlib import Path
 from infllm.errors import EXIT_INTERNAL, UsageError, one_line
 from infllm.remote import LINE_LIMIT, Request
 from infllm.reporting import Reporter
-from infllm.run import Failure, RunOptions, Runner, check
+from infllm.run import Failure, RunOptions, Runner, check, prepare
 
 UPDATE_INTERVAL_S = 0.2  # progress sent to a client at most this often (its display draws less often still)
 CLIENT_TIMEOUT_S = 60.0  # a client silent this long (no request line, or not reading its replies) is dropped, so
@@ -92,19 +92,14 @@ class Server:
     file, a read text's block store is in RAM). report: the server's own log (a line per request)."""
 
     def __init__(self, opts: RunOptions, keep: int = 2, report: Reporter | None = None):
-        from infllm.api import Model
-        from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
-        from infllm.runtime.placement import parse_device_map
+        from infllm.runtime.loading import pick_device, pick_dtype
 
         self.opts, self.keep, self.report = opts, keep, report or Reporter()
         if keep < 0:
             raise UsageError(f"--keep needs a count of readings, 0 or more, got {keep}")
-        device_map = parse_device_map(opts.device_map, opts.device)
-        self.resolved = resolve_model(opts.model, self.report)
         self.device = pick_device(opts.device)
         self.dtype = pick_dtype(opts.dtype, self.device)
-        self.model = Model.load(self.resolved, device=opts.device, dtype=opts.dtype, device_map=device_map,
-                                report=self.report)
+        self.model, _ = prepare(opts, self.report)  # as `infllm read` loads it
         self.model.warm_up()
         self.report.phase(f"loaded {self.model.name} in {self.model.load_s:.1f} s")
         self.model.load_s = 0.0  # a client's answer does not wait for it
@@ -139,17 +134,15 @@ class Server:
                 path.unlink()
             self.close()
 
-    def preload(self, sources: list[str], report: Reporter | None = None) -> None:
+    def preload(self, sources: list[str]) -> None:
         """Open (or read) each source now, as `infllm ask SOURCE` with its default options would, so that the first
         question about it is answered as fast as the next. A failure is the caller's, as at the command line."""
         self.keep = max(self.keep, len(sources))
-        fields = {**RunOptions().to_dict(), "model": self.opts.model}  # `infllm serve --model M` opens with M
+        opts = RunOptions(model=self.opts.model)  # `infllm serve --model M` opens with M
         for source in sources:
-            request = Request([source], ["?"], fields)
-            opts = RunOptions.from_dict(request.options)
-            plan = check(opts, [[source]], "?", report=report or self.report)
+            plan = check(opts, [[source]], "?", report=self.report)
             self._check_model(opts, plan)
-            self._reading(Runner(plan, report, model=self.model), request, "?")
+            self._reading(Runner(plan, self.report, model=self.model), Request([source], ["?"], opts.to_dict()), "?")
 
     def stop(self) -> None:
         """End `serve` (from another thread) once the request in hand, if any, is answered."""
@@ -233,7 +226,7 @@ class Server:
 
         mine = f"{self.model.name} on {self.device} in {str(self.dtype).removeprefix('torch.')}"
         other = None
-        if plan.resolved.fingerprint != self.resolved.fingerprint:
+        if plan.resolved.fingerprint != self.model.loaded.fingerprint:
             other = f"the model {plan.resolved.name}"
         elif opts.device != "auto" and pick_device(opts.device) != self.device:
             other = f"--device {opts.device}"

@@ -214,6 +214,12 @@ def test_a_client_that_says_nothing_or_stops_reading_is_dropped(server, tiny_mod
     assert answer.tokens_generated <= 6
 
 
+def test_a_negative_keep_is_refused_before_the_model_loads(tiny_model_dir):
+    with pytest.raises(InfllmError, match="--keep needs a count of readings, 0 or more, got -1") as refused:
+        Server(RunOptions(model=str(tiny_model_dir), device="cpu"), keep=-1)
+    assert refused.value.exit_code == EXIT_USAGE
+
+
 def test_no_server_at_the_socket_is_one_line(tmp_path):
     with pytest.raises(ServerError) as failed:
         list(ask(tmp_path / "none.sock", Request(["a.txt"], ["q"], {})))
