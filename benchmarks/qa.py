@@ -374,7 +374,8 @@ def run(args) -> dict:
             if bits not in ("", "4", "32"):
                 raise SetError(f"--focus {spec}: the fourth field is 4 or 32 (bits of the decode projections)")
             name = f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
-            focus[name] = Focus(float(weight), int(pins), int(passages))
+            blocks = passages.endswith("b")  # whole blocks re-read, not the best sentences
+            focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks)
             if bits:
                 four_bit[name] = bits == "4"
             systems.insert(systems.index("infllm") + len(focus), name)
@@ -627,8 +628,8 @@ def main() -> None:
     ap.add_argument("--template", default="ask", help="prompt template (built-in name or file), as the CLI's")
     ap.add_argument("--focus", default="", metavar="W:P:R,...",
                     help="also answer from the infllm read with the question's words steering retrieval: BM25 "
-                         "weight W, P pinned blocks, R passages re-read before the question, per variant "
-                         "(infllm.session.Focus), e.g. 0.5,0:2,1:2:3; a fourth field 4 or 32 decodes through "
+                         "weight W, P pinned blocks, R passages re-read before the question (the best sentences; Rb: whole blocks), per "
+                         "variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a fourth field 4 or 32 decodes through "
                          "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit)")
     ap.add_argument("--passages", type=int, default=3,
                     help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")

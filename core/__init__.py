@@ -12,7 +12,9 @@ from importlib import import_module
 from infllm.errors import InfllmError
 
 _PUBLIC = {"Model": "infllm.api", "Reading": "infllm.api", "Answer": "infllm.answer",
-           "EngineConfig": "infllm.config", "SamplingConfig": "infllm.engine.sampling"}
+           "EngineConfig": "infllm.config", "SamplingConfig": "infllm.engine.sampling",
+           # Lists of files or questions, one a line ('-': stdin), read without torch: a server's client does.
+           "read_path_list": "infllm.documents.readers", "STDIN": "infllm.documents.readers"}
 
 __all__ = ["InfllmError", *_PUBLIC]
 

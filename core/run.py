@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
-from infllm.documents.readers import STDIN, read_path_list  # noqa: F401 - the command line's --files-from
+from infllm.documents.readers import STDIN
 from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
 from infllm.api import check_answer
 from infllm.engine.sampling import SamplingConfig

@@ -19,6 +19,7 @@ import torch
 
 from infllm.citations.lexical import LexicalIndex
 from infllm.citations.passages import SourceMap, passage, quote
+from infllm.citations.sentences import best_sentences
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
 from infllm.config import EngineConfig
@@ -36,6 +37,10 @@ PROMPT_CHANGED = ("the prompt does not begin the way it did when the document wa
                   "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 PINNED = 1e4  # a prior this large keeps a block among every retrieval's top-k
+# Blocks whose sentences compete to be re-read: the question's best by BM25, each with its two neighbours so that
+# a sentence a block boundary cut is whole. 8 is the only value measured (docs/benchmarks.md, "Sentences, not
+# blocks"); the evidence block is among the 8 best by BM25 for most questions (BM25 R@8 there).
+SENTENCE_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,10 @@ class Focus:
 
     weight: float = 0.0
     pins: int = 0
-    passages: int = 0  # the best blocks by the prior, re-read as text just before the question: in local view
+    passages: int = 0  # re-read as text just before the question, in local view: see `sentences`
+    # True: the passages are the question's best sentences among its best blocks (citations/sentences.py);
+    # False: its best blocks whole, as they were before sentences measured better.
+    sentences: bool = True
 
     @property
     def active(self) -> bool:
@@ -261,7 +269,8 @@ class Session:
         start = time.perf_counter()
         tail = list(prompt.suffix)  # what the tally hears: the question, not the passages re-read before it
         if lexical is not None and focus.passages:
-            suffix = prompt.with_passages(self._passages(lexical, focus.passages, source_map, prompt.question))
+            suffix = prompt.with_passages(self._passages(lexical, focus.passages, source_map, prompt.question,
+                                                             focus.sentences))
             tail = list(prompt.suffix[prompt.slot or 0 :])  # the template after its {passages} field
             self.engine.feed(suffix[: len(suffix) - len(tail)])
         tally = self.retrievals = self.engine.count_retrievals(cite > 0)
@@ -336,16 +345,22 @@ class Session:
         return prior
 
     def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
-                  question: str) -> list[int]:
-        """Token ids of the `count` document blocks the question's words match best, numbered, in document order,
-        under the question they were chosen for: what the question points at, in the model's local view, read
-        knowing what to look for (Prompt.with_passages puts them in the template)."""
+                  question: str, sentences: bool = True) -> list[int]:
+        """Token ids of the `count` sentences (or whole blocks) of the document that the question's words match
+        best, numbered, in document order, under the question they were chosen for: what the question points at,
+        in the model's local view, read knowing what to look for (Prompt.with_passages puts them in the template).
+        Sentences come from the SENTENCE_BLOCKS best blocks and their neighbours (citations/sentences.py)."""
         scores, blocks = lexical
         layer = self.engine.layers[0]
-        best = sorted(blocks[i] for i in scores.topk(min(count, len(blocks))).indices.tolist())
-        spans = [passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map) for b in best]
-        text = render_passages(question, [source_map.text[p.start : p.end] for p in spans])
-        return self.loaded.tokenizer.encode(text, add_special_tokens=False)
+        where = lambda i: passage(blocks[i], layer.block_span, self.doc_start, self.doc_offsets, source_map)  # noqa: E731
+        if sentences:
+            best = scores.topk(min(SENTENCE_BLOCKS, len(blocks))).indices.tolist()
+            regions = [(where(max(0, i - 1)).start, where(min(len(blocks) - 1, i + 1)).end) for i in best]
+            texts = best_sentences(self._lexical[0], question, source_map.text, regions, count)
+        else:
+            spans = [where(i) for i in sorted(scores.topk(min(count, len(blocks))).indices.tolist())]
+            texts = [source_map.text[p.start : p.end] for p in spans]
+        return self.loaded.tokenizer.encode(render_passages(question, texts), add_special_tokens=False)
 
     # ---- citations -----------------------------------------------------------------------------------------
 

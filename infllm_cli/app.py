@@ -227,6 +227,8 @@ def _split_question(args: list[str], files_from: str | None = None) -> tuple[lis
 def _check_question_order(args: list[str]) -> None:
     """Catch a forgotten question (the one argument names a file) or one put first (the last argument names a
     file, an earlier one does not) before the model loads, instead of reading stdin or failing on a missing file."""
+    if not args:
+        return  # _split_question says that the question is needed
     *sources, last = args
     if not os.path.exists(last):
         return
@@ -238,8 +240,8 @@ def _check_question_order(args: list[str]) -> None:
 
 
 def _question_list(path: str, sources: list[str]) -> list[str]:
+    from infllm import STDIN, read_path_list  # not from infllm.run: a server's client imports no torch
     from infllm.errors import SourceError
-    from infllm.run import STDIN, read_path_list
 
     if path == STDIN and STDIN in sources:
         raise UsageError("stdin holds the questions (--questions -), so it cannot also be the document")
@@ -253,8 +255,8 @@ def _question_list(path: str, sources: list[str]) -> list[str]:
 
 
 def _listed(files_from: str, sources: list[str]) -> list[str]:
+    from infllm import STDIN, read_path_list  # not from infllm.run: a server's client imports no torch
     from infllm.errors import SourceError
-    from infllm.run import STDIN, read_path_list
 
     try:
         listed = read_path_list(files_from, stdin=getattr(sys.stdin, "buffer", None) if files_from == STDIN else None)
@@ -324,8 +326,9 @@ SUMMARY_NO_REPEAT_NGRAM = 4
 @options(MODEL, ENGINE, answer_options(256, "ask", "built-in template name or a template file with {document}, "
                                        "{question} and optionally {passages}"), BATCH, REUSE, SOURCES, OUTPUT, SERVER)
 def ask(
-    args: Annotated[list[str], typer.Argument(metavar="SOURCE... QUESTION",
-                    help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")],
+    args: Annotated[Optional[list[str]], typer.Argument(metavar="SOURCE... QUESTION", show_default=False,
+                    help="Files, directories or '-' (stdin), then the question. With no source, stdin is read.")]
+    = None,
     questions: Annotated[Optional[str], typer.Option("--questions", metavar="FILE", help=(
         "ask every question in FILE (one a line; '-': stdin), each from the state after the read: one answer a "
         "line on stdout (a JSON line each with --json); the arguments are then all sources"))] = None,
@@ -335,6 +338,7 @@ def ask(
     """Answer a question about one or more documents read whole into the context memory, or about a snapshot
     written by `infllm read` (FILE.infllm: nothing is read again)."""
     fields = _run_fields(model_choice, engine, answer_choice, reuse, gitignore)
+    args = args or []  # none: the sources come from --files-from (with --questions) or the question is missing
     if questions is None:
         _check_question_order(args)
         sources, question = _split_question(args, batch.files_from)

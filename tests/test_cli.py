@@ -286,8 +286,17 @@ def test_no_arguments_is_a_usage_error():
     result = CliRunner().invoke(app, ["ask"], prog_name="infllm")
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert "Missing argument" in result.stderr
+    assert "a question is needed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_questions_about_a_list_of_files_need_no_argument(ask, docs, tmp_path):
+    """--files-from names the sources and --questions the questions: no positional argument is left."""
+    (tmp_path / "list.txt").write_text(f"{docs['a']}\n")
+    (tmp_path / "asked.txt").write_text("What is the pass key?\nWho wrote it?\n")
+    result = ask("--files-from", tmp_path / "list.txt", "--questions", tmp_path / "asked.txt")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2  # one answer a line
 
 
 def test_empty_question_is_a_usage_error(ask, docs):

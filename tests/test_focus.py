@@ -90,7 +90,10 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
 
     lexical = session._lexical_scores(prompt.question, session.source_map)
     reread = tokenizer.decode(session._passages(lexical, 1, session.source_map, prompt.question))
-    assert "quagga" in reread and reread.count("Line") <= 3  # about one block of text around line 21
+    assert "[1] Line 21: the quagga waits at the gate." in reread  # its sentence, not the lines around it
+    assert reread.count("Line") == 1 and "grass" not in reread
+    block = tokenizer.decode(session._passages(lexical, 1, session.source_map, prompt.question, sentences=False))
+    assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
     assert "quagga" in session.citations[0].excerpt  # the citations lead with the block the retrieval was given

@@ -268,12 +268,16 @@ def test_the_command_line_answers_through_the_server(server, tiny_model_dir, doc
 def test_a_client_imports_no_torch(server, tiny_model_dir, doc):
     """What makes a server worth running: the client starts in a fraction of a second."""
     _, path = server
+    base = ["ask", "--server", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens", "2",
+            "--window", "256", "--sinks", "16", "--block-size", "32", "--topk", "2", "--query-chunk", "64",
+            "--prefill-chunk", "128", "--cache-blocks", "4"]
+    (doc.parent / "asked.txt").write_text("q\nr\n")
+    (doc.parent / "list.txt").write_text(doc.name + "\n")
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom infllm.cli.app import app\n"
-            f"r = CliRunner().invoke(app, ['ask', '--server', {str(path)!r}, '--model', {str(tiny_model_dir)!r}, "
-            f"'--device', 'cpu', '--max-tokens', '2', '--window', '256', '--sinks', '16', '--block-size', '32', "
-            f"'--topk', '2', '--query-chunk', '64', '--prefill-chunk', '128', '--cache-blocks', '4', "
-            f"{doc.name!r}, 'q'])\n"
-            "assert r.exit_code == 0, r.output\n"
+            f"r = CliRunner().invoke(app, {base + [doc.name, 'q']!r})\n"
+            "assert r.exit_code == 0, r.output\n"  # and a list of questions about a list of files:
+            f"r = CliRunner().invoke(app, {base + ['--files-from', 'list.txt', '--questions', 'asked.txt']!r})\n"
+            "assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.output\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=doc.parent,
                          env={**os.environ, "INFLLM_CACHE": str(doc.parent / "cache")})

@@ -45,6 +45,13 @@ class LexicalIndex:
         """An index whose passage i is text[start:end] of spans[i]."""
         return cls([words(text[start:end]) for start, end in spans], **bm25)
 
+    def idf(self, word: str) -> float:
+        """How rare a word is among the passages (0 for a word none holds: it cannot tell passages apart)."""
+        if word not in self.postings:
+            return 0.0
+        n = len(self.postings[word][0])
+        return math.log(1 + (self.count - n + 0.5) / (n + 0.5))
+
     def scores(self, query: str) -> torch.Tensor:
         """[N] float32: each passage's BM25 score for the query's words (0 where none occurs)."""
         out = torch.zeros(self.count)
@@ -55,6 +62,18 @@ class LexicalIndex:
             if word not in self.postings:
                 continue
             ids, tf = self.postings[word]
-            idf = math.log(1 + (self.count - len(ids) + 0.5) / (len(ids) + 0.5))
-            out.index_add_(0, ids, idf * tf * (self.k1 + 1) / (tf + norm[ids]))
+            out.index_add_(0, ids, self.idf(word) * tf * (self.k1 + 1) / (tf + norm[ids]))
+        return out
+
+    def score_texts(self, query: str, texts: list[list[str]]) -> torch.Tensor:
+        """[len(texts)] BM25 of other texts (word lists, such as sentences of the passages) for the query: rare
+        words as this index's passages count them, lengths against the texts' own average."""
+        lengths = torch.tensor([len(t) for t in texts], dtype=torch.float32)
+        norm = self.k1 * (1 - self.b + self.b * lengths / max(float(lengths.mean()) if texts else 0.0, 1e-9))
+        out = torch.zeros(len(texts))
+        for word in set(words(query)):
+            idf = self.idf(word)
+            if idf:
+                tf = torch.tensor([float(t.count(word)) for t in texts])
+                out += idf * tf * (self.k1 + 1) / (tf + norm)
         return out

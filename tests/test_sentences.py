@@ -1,0 +1,66 @@
+"""The sentences an answer re-reads: splitting text into sentences, ranking them by the question's words with the
+document's word statistics, and the session re-reading them instead of whole blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from infllm.citations.lexical import LexicalIndex, words
+from infllm.citations.sentences import LONG_SENTENCE, best_sentences, merge, sentences
+
+
+def test_sentences_end_at_stops_and_blank_lines_and_keep_their_offsets():
+    text = 'He said "go." She went!  Did he?\n\nA new paragraph without a stop\nthat runs on'
+    spans = sentences(text, start=100)
+    got = [text[s - 100 : e - 100].strip() for s, e in spans]
+    assert got == ['He said "go."', "She went!", "Did he?", "A new paragraph without a stop\nthat runs on"]
+    assert spans[0][0] == 100 and spans[-1][1] == 100 + len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # nothing between sentences is lost
+    assert sentences("   \n\n  ") == []
+
+
+def test_abbreviations_initials_and_lower_case_continuations_do_not_end_a_sentence():
+    text = ("They were married at St. Clement's, in Cheapside. Mr. Darcy said no. J. Smith came, e.g. the "
+            "others, at 5 p.m. today. Fig. 2 shows it. It ends.")
+    got = [text[s:e].strip() for s, e in sentences(text)]
+    assert got == ["They were married at St. Clement's, in Cheapside.", "Mr. Darcy said no.",
+                   "J. Smith came, e.g. the others, at 5 p.m. today.", "Fig. 2 shows it.", "It ends."]
+
+
+def test_a_long_run_without_stops_is_split_at_its_lines():
+    code = "".join(f"x{i} = compute({i})\n" for i in range(LONG_SENTENCE))  # 2 words a line, no stop
+    spans = sentences(code)
+    assert len(spans) == LONG_SENTENCE and code[spans[7][0] : spans[7][1]] == "x7 = compute(7)\n"
+    short = "a\nb\nc"  # short runs stay whole, lines and all
+    assert sentences(short) == [(0, len(short))]
+
+
+def test_merge_joins_overlapping_and_touching_spans():
+    assert merge([(10, 20), (0, 5), (18, 30), (30, 31), (40, 41)]) == [(0, 5), (10, 31), (40, 41)]
+
+
+def test_sentences_score_with_the_documents_rare_words_and_come_back_in_document_order():
+    blocks = [words("the cat sat on the mat"), words("the dog sat"), words("a zebra and the cat")] * 4
+    index = LexicalIndex(blocks)
+    assert index.idf("zebra") > index.idf("the") > 0 == index.idf("unicorn")
+    texts = [words("the the the the"), words("a zebra here"), words("")]
+    scores = index.score_texts("the zebra", texts)
+    avg = sum(map(len, texts)) / 3
+
+    def bm25(text):
+        return sum(index.idf(w) * text.count(w) * 2.2 / (text.count(w) + 1.2 * (0.25 + 0.75 * len(text) / avg))
+                   for w in ("the", "zebra") if w in text)
+
+    assert torch.allclose(scores, torch.tensor([bm25(t) for t in texts]), atol=1e-6)
+    assert int(scores.argmax()) == 1 and math.isclose(float(scores[2]), 0.0)
+
+    text = ("The zebra sleeps. The cat sat on the mat. A dog sat there. Nothing else. "
+            "The zebra woke up at noon. The end.")
+    chosen = best_sentences(index, "When did the zebra wake?", text, [(0, 40), (30, len(text))], 2)
+    assert chosen == ["The zebra sleeps. ", "The zebra woke up at noon. "]  # order of the text, not of score
+    index = LexicalIndex(blocks + [words("woke up at noon, the end")])
+    together = best_sentences(index, "the zebra woke at noon; the end", text, [(0, len(text))], 2)
+    assert together == ["The zebra woke up at noon. The end."]  # neighbours come as one passage
+    assert best_sentences(index, "zebra", text, [], 3) == []
