@@ -356,7 +356,8 @@ class Session:
         if sentences:
             best = scores.topk(min(SENTENCE_BLOCKS, len(blocks))).indices.tolist()
             regions = [(where(max(0, i - 1)).start, where(min(len(blocks) - 1, i + 1)).end) for i in best]
-            texts = best_sentences(self._lexical[0], question, source_map.text, regions, count)
+            index = self._lexical[0]  # built by _lexical_scores, which gave `lexical`
+            texts = best_sentences(index, question, source_map.text, regions, count)
         else:
             spans = [where(i) for i in sorted(scores.topk(min(count, len(blocks))).indices.tolist())]
             texts = [source_map.text[p.start : p.end] for p in spans]

@@ -62,7 +62,7 @@ class LexicalIndex:
             if word not in self.postings:
                 continue
             ids, tf = self.postings[word]
-            out.index_add_(0, ids, self.idf(word) * tf * (self.k1 + 1) / (tf + norm[ids]))
+            out.index_add_(0, ids, self._term(word, tf, norm[ids]))
         return out
 
     def score_texts(self, query: str, texts: list[list[str]]) -> torch.Tensor:
@@ -72,8 +72,10 @@ class LexicalIndex:
         norm = self.k1 * (1 - self.b + self.b * lengths / max(float(lengths.mean()) if texts else 0.0, 1e-9))
         out = torch.zeros(len(texts))
         for word in set(words(query)):
-            idf = self.idf(word)
-            if idf:
-                tf = torch.tensor([float(t.count(word)) for t in texts])
-                out += idf * tf * (self.k1 + 1) / (tf + norm)
+            if word in self.postings:
+                out += self._term(word, torch.tensor([float(t.count(word)) for t in texts]), norm)
         return out
+
+    def _term(self, word: str, tf: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """One query word's BM25 contribution for term frequencies tf and length norms k1 * (1 - b + b * L / avg)."""
+        return self.idf(word) * tf * (self.k1 + 1) / (tf + norm)
