@@ -4,8 +4,8 @@ Reads the first --tokens tokens of real text (Austen, then the KJV New Testament
 the default model (or --model), then, from that same memory, decodes --decode greedy tokens after a question, in
 turns that alternate between the paths, --repeats times each: the general path (every decoded token's keys built
 afresh, as prefill builds them: `LayerMemory._steady_tail` patched to refuse), the DecodeCache, and the DecodeCache
-with the projections in 4 bits (infllm.engine.packed; the row is left out when the model's weights are not 4-bit
-or the device is not the CPU). It prints, per path, the best ms per token, how many decoded tokens equal the
+with the projections in 4 bits (infllm.engine.packed), with the LM head in float32 and packed (the two rows are
+left out when the model's weights are not 4-bit or the device is not the CPU, the last when the head is on no grid). It prints, per path, the best ms per token, how many decoded tokens equal the
 general path's, and how many of the k retrieved blocks change from one token to the next (per layer and token;
 the blocks a step must decode).
 
@@ -32,13 +32,20 @@ from kv_memory import document, reading_arguments  # the same texts and flags (b
 QUESTION = "\n\nQuestion: Who is the first person named in the text, and what do we learn about them?\nAnswer:"
 
 
-PATHS = (("general path", False, False), ("DecodeCache", True, False), ("DecodeCache + 4-bit projections", True, True))
+# name, DecodeCache, packed projections, packed LM head
+PATHS = (("general path", False, False, False), ("DecodeCache", True, False, False),
+         ("DecodeCache + 4-bit projections, float32 head", True, True, False),
+         ("DecodeCache + 4-bit projections and packed head", True, True, True))
 
 
-def turn(session: Session, question: list[int], decode: int, cached: bool, four_bit: bool) -> dict:
+def turn(session: Session, question: list[int], decode: int, cached: bool, four_bit: bool, head: bool) -> dict:
     """One greedy answer from the state right after the read, on one path: ms/token, tokens, block turnover."""
     engine = session.engine
     engine.adapter.decode_4bit = four_bit
+    packing = packed_decoder(engine.model) if four_bit else None
+    keep = packing.head if packing is not None else None
+    if packing is not None and not head:
+        packing.head = None  # this turn only: the packed head is put back below
     session.rewind()
     logits = engine.feed(question)
     previous = [None] * len(engine.layers)
@@ -56,6 +63,8 @@ def turn(session: Session, question: list[int], decode: int, cached: bool, four_
                     steps += 1
                 previous[i] = now
         elapsed = time.perf_counter() - start
+    if packing is not None:
+        packing.head = keep
     return {"ms": 1000 * elapsed / max(1, len(tokens)), "tokens": tokens, "turnover": changed / max(1, steps)}
 
 
@@ -64,7 +73,7 @@ def main() -> None:
                              "turns per path, alternating; best time kept")
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    packs = packed_decoder(loaded.model) is not None if args.device == "cpu" else False
+    packing = packed_decoder(loaded.model) if args.device == "cpu" else None
     ids, source_map = document(loaded.tokenizer, args.tokens)
     session = Session(loaded, settings_for(loaded.model.config, {}))
     start = time.perf_counter()
@@ -74,10 +83,10 @@ def main() -> None:
     question = loaded.tokenizer.encode(QUESTION, add_special_tokens=False)
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
-        for name, cached, four_bit in PATHS:
-            if four_bit and not packs:
+        for name, cached, four_bit, head in PATHS:
+            if (four_bit and packing is None) or (head and packing.head is None):
                 continue
-            row = turn(session, question, args.decode, cached, four_bit)
+            row = turn(session, question, args.decode, cached, four_bit, head)
             print(f"  turn {repeat + 1} {name}: {row['ms']:.1f} ms/token", file=sys.stderr, flush=True)
             kept = best.setdefault(name, row)
             kept["ms"] = min(kept["ms"], row["ms"])

@@ -105,6 +105,23 @@ def test_the_cache_is_allocated_by_the_first_decoded_token():
     """Prefill's temporaries are gone by then, so the cache does not raise the peak memory of a read."""
     engine = Engine(tiny_model("llama"), CFG)
     engine.feed(torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(10)))
-    assert all(m.decoding.ring_k is None and m.decoding.memory_k is None for m in engine.layers)
+    assert not any(m.decoding.allocated() for m in engine.layers)
     engine.feed([5])
-    assert all(m.decoding.ring_k is not None and m.decoding.memory_k is not None for m in engine.layers)
+    assert all(m.decoding.allocated() for m in engine.layers)
+
+
+@pytest.mark.parametrize("split,total", [(32, 70), (32, 32), (1, 9)])
+def test_one_softmax_over_both_groups_equals_their_merged_attentions(split, total):
+    """The CPU's decode attention (`lone_query_attention`) against the two fused calls and their log-sum-exp merge
+    it replaces; `total == split` is a memory group with no keys."""
+    from infllm.engine.attention import attention_lse, lone_query_attention, merge
+
+    g = torch.Generator().manual_seed(split + total)
+    q_a, q_b = (torch.randn(3, 4, 16, generator=g) for _ in range(2))
+    keys, values = (torch.randn(3, total, 16, generator=g) * 3 for _ in range(2))
+    got = lone_query_attention(q_a, q_b, keys, values, split, 0.25)
+    local = attention_lse(q_a[None], keys[None, :, :split], values[None, :, :split], None, 0.25)
+    want = local[0][0] if total == split else merge(
+        local, attention_lse(q_b[None], keys[None, :, split:], values[None, :, split:], None, 0.25))[0]
+    assert got.shape == (3, 4, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

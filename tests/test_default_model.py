@@ -49,8 +49,9 @@ def test_default_model_finds_a_fact_beyond_its_local_window(shared_cache, tmp_pa
 
 
 def test_the_default_models_weights_keep_their_4bit_grid_and_auto_decodes_through_them(shared_cache, monkeypatch):
-    """The Q4_1 GGUF's float32 copy in the cache still lies on the 4-bit grid, so `--dtype auto` on the CPU decodes
-    through packed 4-bit projections (infllm.engine.packed); `--dtype float32` keeps float32."""
+    """The Q4_1 GGUF's float32 copy in the cache still lies on the 4-bit grid (its Q8_0 head on the 8-bit one), so
+    `--dtype auto` on the CPU decodes through packed projections and head (infllm.engine.packed); `--dtype float32`
+    keeps float32."""
     from infllm.engine.packed import pack_decoder
     from infllm.runtime.loading import load_model
 
@@ -58,4 +59,5 @@ def test_the_default_models_weights_keep_their_4bit_grid_and_auto_decodes_throug
     auto = load_model(None, device="cpu", dtype="auto")
     assert auto.decode_4bit and not load_model(None, device="cpu", dtype="float32").decode_4bit
     packed = pack_decoder(auto.model)
-    assert packed is not None and len(packed) == auto.model.config.num_hidden_layers
+    assert packed is not None and len(packed.layers) == auto.model.config.num_hidden_layers
+    assert packed.head is not None and packed.head.halves  # the Q8_0 embedding, tied to the head, as two nibbles

@@ -1,6 +1,6 @@
-"""4-bit decode projections (infllm.engine.packed): weights on a 4-bit grid are recovered exactly, packed ones agree
-with float32 within the kernel's bfloat16 rounding, only decoded tokens take them, and a model whose weights are
-off the grid keeps its float32 path unchanged."""
+"""Packed decode projections (infllm.engine.packed): weights on a 4-bit or 8-bit grid are recovered exactly, packed
+ones agree with float32 within the kernel's bfloat16 rounding, only single rows take them, and a model whose weights
+are off the grid keeps its float32 path unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from infllm.config import EngineConfig
 from infllm.engine import packed as packing
 from infllm.engine.engine import Engine
-from infllm.engine.packed import GROUP, PackedLinear, four_bit_grid, pack_decoder, packed_decoder
+from infllm.engine.packed import (GROUP, REFINED, PackedHead, PackedLinear, eight_bit_grid, four_bit_grid, pack_decoder,
+                                  packed_decoder)
 from tiny_models import tiny_model
 
 needs_kernel = pytest.mark.skipif(not packing._kernel_available(), reason="this torch has no CPU int4 kernel")
@@ -31,6 +32,16 @@ def on_grid(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
     scale = torch.rand(rows, cols // GROUP, 1, generator=g) * 0.02 + 0.001
     low = -7.5 * scale + torch.randn(rows, cols // GROUP, 1, generator=g) * 0.01
     return (q * scale + low).reshape(rows, cols)
+
+
+def on_8bit_grid(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A weight of the same shape whose every group of 32 is scale * q, q in -127..127 (as a Q8_0 GGUF's)."""
+    rows, cols = weight.shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (rows, cols // GROUP, GROUP), generator=g).float()
+    q[..., 0] = 127 * torch.where(torch.rand(rows, cols // GROUP, generator=g) < 0.5, -1, 1)  # as Q8_0 makes it
+    scale = torch.rand(rows, cols // GROUP, 1, generator=g) * 0.002 + 0.0001
+    return (q * scale).reshape(rows, cols)
 
 
 def snap_to_grid(model: torch.nn.Module) -> torch.nn.Module:
@@ -55,6 +66,51 @@ def test_a_weight_on_the_grid_is_recovered_exactly_and_one_off_it_is_refused():
     assert four_bit_grid(off) is None
     assert four_bit_grid(torch.randn(24, 96)) is None  # a float32 model's weights
     assert four_bit_grid(on_grid(torch.empty(4, 64))[:, :48]) is None  # not whole groups
+
+
+def test_a_weight_on_the_8bit_grid_is_recovered_exactly_and_one_off_it_is_refused():
+    weight = on_8bit_grid(torch.empty(24, 96))
+    q, scale = eight_bit_grid(weight)
+    assert int(q.min()) >= -128 and int(q.max()) <= 127 and int(q.abs().max()) == 127
+    torch.testing.assert_close((q.view(24, 3, GROUP).float() * scale[..., None]).view(24, 96), weight, rtol=0,
+                               atol=1e-7)
+    off = weight.clone()
+    off[3, 70] += float(scale[3, 2]) * 0.4
+    assert eight_bit_grid(off) is None
+    assert eight_bit_grid(torch.randn(24, 96)) is None
+    assert four_bit_grid(weight) is None  # 255 levels are not 16
+
+
+@needs_kernel
+def test_an_8bit_head_is_packed_as_two_nibbles_and_agrees_with_float32():
+    head = torch.nn.Linear(96, 200, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(on_8bit_grid(head.weight, seed=4))
+    assert PackedLinear.pack([head]) is None  # not a 4-bit weight
+    packed = PackedLinear.pack([head], eight_bit=True)
+    assert packed is not None and packed.halves and packed.splits == (200,)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(5))
+    (got,) = packed(x)
+    want = F.linear(x, head.weight).detach()
+    assert got.shape == want.shape
+    # Measured ~0.3%; a wrong nibble order, sign or offset gives tens of percent.
+    assert float((got - want).norm() / want.norm()) < 0.01
+
+
+@needs_kernel
+def test_a_packed_heads_best_logits_are_float32s():
+    head = torch.nn.Linear(64, 512, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(on_8bit_grid(head.weight, seed=7))
+    packed = PackedHead.pack(head)
+    assert packed is not None
+    for seed in range(5):
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
+        got, want = packed(x), F.linear(x, head.weight, head.bias).detach()
+        top = want[0].topk(REFINED // 4).indices  # surely among the packed logits' best REFINED
+        torch.testing.assert_close(got[0, top], want[0, top], rtol=1e-5, atol=1e-5)  # recomputed in float32
+        assert int(got.argmax()) == int(want.argmax())
+        assert float((got - want).norm() / want.norm()) < 0.01  # the rest: bfloat16 rounding
 
 
 @needs_kernel
@@ -93,7 +149,25 @@ def test_decoded_tokens_take_the_4bit_projections_and_prefill_keeps_float32(arch
     # so one token's small hidden state magnifies the rounding). A wrong layout or scale gives ~100%.
     assert sum(errors) / len(errors) < 0.03 and max(errors) < 0.2
     assert calls.call_count == 20 * len(model.model.layers) * 4  # qkv, o, gate/up, down per layer and token
-    assert four.adapter.decode_4bit
+    assert four.adapter.decode_4bit and packed_decoder(model).head is None  # a random head stays float32
+
+
+@needs_kernel
+def test_a_head_on_the_8bit_grid_gives_a_decoded_tokens_logits():
+    model = snap_to_grid(tiny_model("llama"))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(on_8bit_grid(model.lm_head.weight, seed=9))
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(6))
+    exact, four = Engine(model, CFG), Engine(model, CFG, decode_4bit=True)
+    exact.feed(ids[:90]), four.feed(ids[:90])
+    head = packed_decoder(model).head
+    assert head is not None and head.halves
+    calls = mock.Mock(wraps=PackedLinear.__call__)
+    with mock.patch.object(PackedLinear, "__call__", lambda self, x: calls(self, x)):
+        for t in range(90, 100):
+            want, got = exact.feed(ids[t : t + 1]), four.feed(ids[t : t + 1])
+            assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 0.2
+    assert sum(1 for call in calls.call_args_list if call.args[0] is head.packed) == 10  # once per token
 
 
 def test_a_model_off_the_grid_decodes_in_float32_as_before():

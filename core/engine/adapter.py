@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from infllm.config import ModelShape
-from infllm.engine.packed import PackedLayer, packed_decoder
+from infllm.engine.packed import PackedDecoder, packed_decoder
 from infllm.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -64,20 +64,20 @@ class DecoderAdapter:
             ))
         self.scale = getattr(base.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self._model = model
-        # Single rows (decoded tokens) through 4-bit copies of the projections (infllm.engine.packed), packed at
-        # the first one; turned off then if the model's weights are not on a 4-bit grid.
+        # Single rows (decoded tokens, and the logits of a read's last token) through packed low-bit copies of the
+        # projections and the LM head (infllm.engine.packed), packed at the first one; turned off then if the
+        # model's weights are not on a 4-bit grid.
         self.decode_4bit = decode_4bit
-        self._packed: list[PackedLayer] | None = None  # fetched once, at the first decoded token
+        self._packed: PackedDecoder | None = None  # fetched once, at the first single row
 
-    def _packed_layer(self, i: int, rows: int) -> PackedLayer | None:
+    def _packing(self, rows: int) -> PackedDecoder | None:
         if rows != 1 or not self.decode_4bit:
             return None
         if self._packed is None:
             self._packed = packed_decoder(self._model)
             if self._packed is None:
                 self.decode_4bit = False
-                return None
-        return self._packed[i]
+        return self._packed
 
     @property
     def input_device(self) -> torch.device:
@@ -88,9 +88,9 @@ class DecoderAdapter:
         layer = self.layers[i]
         x = layer.input_norm(hidden)
         length = x.shape[0]
-        packed = self._packed_layer(i, length)
-        if packed is not None:
-            q, k, v = packed.qkv(x)
+        packing = self._packing(length)
+        if packing is not None:
+            q, k, v = packing.layers[i].qkv(x)
         else:
             q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
         q = q.view(length, self.heads, self.head_dim)
@@ -105,8 +105,9 @@ class DecoderAdapter:
     def finish(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after layer i: hidden [L, hidden], attn [H, L, D] -> [L, hidden]."""
         layer = self.layers[i]
-        packed = self._packed_layer(i, hidden.shape[0])
-        if packed is not None:
+        packing = self._packing(hidden.shape[0])
+        if packing is not None:
+            packed = packing.layers[i]
             hidden = hidden + packed.o(attn.transpose(0, 1).reshape(1, -1))[0]
             return hidden + packed.mlp(layer.post_norm(hidden))
         hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
@@ -116,4 +117,7 @@ class DecoderAdapter:
         """hidden [L, hidden] from the last layer -> logits [L, vocab] (float32). With a device map the final
         norm and the LM head may sit on different devices; each gets the hidden states on its own."""
         normed = self.norm(hidden.to(self.norm.weight.device))
+        packing = self._packing(hidden.shape[0])
+        if packing is not None and packing.head is not None:
+            return packing.head(normed)
         return self.lm_head(normed.to(self.lm_head.weight.device)).float()

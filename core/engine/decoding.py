@@ -12,6 +12,9 @@ CPU more time than the attention itself. `DecodeCache` keeps them between tokens
            decoded into a free slot once and stays while retrieval keeps it (per-token retrieval replaces a
            third of the blocks from one token to the next); the tail (fewer than B tokens) is copied each token.
 
+Both groups lie in one key buffer and one value buffer, [ring | memory] along the tokens, so that on a CPU a
+token's attention is a few matrix products over contiguous keys (infllm.engine.attention.lone_query_attention).
+
 A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
 changes only the rounding of the softmax sums. The cache is valid for the steady state of decoding only (past the
 first S + W tokens, with k blocks retrieved); `LayerMemory` attends the general way otherwise and drops the cache
@@ -35,15 +38,15 @@ class DecodeCache:
         self._shape = (kv_heads, head_dim, dtype, device)
         # Allocated by the first decoded token, not here: prefill's temporaries are gone by then, so the cache does
         # not raise the peak device memory (0.8 GB for an 8B shape's 32 layers). Counted in working memory anyway.
-        self.ring_k = self.ring_v = self.memory_k = self.memory_v = None  # [Hkv, W, D] and [Hkv, S + k*B + B, D]
+        self.keys = self.values = None  # [Hkv, W + S + k*B + B, D]: the ring, then the memory group
         self.device = device
         self.drop()
 
     def _allocate(self) -> None:
         kv_heads, head_dim, dtype, device = self._shape
-        buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
-        self.ring_k, self.ring_v = buf(self.cfg.window), buf(self.cfg.window)
-        self.memory_k, self.memory_v = buf(self._tail_at + self.cfg.block_size), buf(self._tail_at + self.cfg.block_size)
+        n = self.cfg.window + self._tail_at + self.cfg.block_size
+        self.keys = torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
 
     def drop(self) -> None:
         """Forget everything: the next decoded token rebuilds the ring, the sinks and every block slot."""
@@ -51,6 +54,25 @@ class DecodeCache:
         self.upto = 0  # the ring holds positions [upto - W, upto)
         self.sinks = False
         self.slots: list[int | None] = [None] * self.cfg.topk  # block id held by each slot
+
+    @property
+    def ring_k(self) -> torch.Tensor:  # [Hkv, W, D], slot = position mod W
+        return self.keys[:, : self.cfg.window]
+
+    @property
+    def ring_v(self) -> torch.Tensor:
+        return self.values[:, : self.cfg.window]
+
+    @property
+    def memory_k(self) -> torch.Tensor:  # [Hkv, S + k*B + B, D]
+        return self.keys[:, self.cfg.window :]
+
+    @property
+    def memory_v(self) -> torch.Tensor:
+        return self.values[:, self.cfg.window :]
+
+    def allocated(self) -> bool:
+        return self.keys is not None
 
     def nbytes(self) -> int:
         """Bytes of the buffers, allocated or still to be."""
@@ -66,7 +88,7 @@ class DecodeCache:
     def ring_write(self, start: int, keys: torch.Tensor, values: torch.Tensor, recent_start: int) -> None:
         """Put rotated keys and values [Hkv, n, D] of positions [start, start + n) (n <= W, ending at the newest
         token) in the ring, rotated relative to `recent_start`."""
-        if self.ring_k is None:
+        if self.keys is None:
             self._allocate()  # the first decoded token begins here (LayerMemory._attend_one)
         n, window = keys.shape[1], self.cfg.window
         slot = start % window
@@ -96,10 +118,10 @@ class DecodeCache:
         free = [i for i, b in enumerate(self.slots) if b not in wanted][: len(new)]
         for i, b in zip(free, new):
             self.slots[i] = b
-        hkv, d = self.memory_k.shape[0], self.memory_k.shape[2]
-        shape = (hkv, self.cfg.topk, self.cfg.block_size, d)
-        blocks_k = self.memory_k[:, self.cfg.sinks : self._tail_at].view(shape)  # [Hkv, k, B, D]
-        blocks_v = self.memory_v[:, self.cfg.sinks : self._tail_at].view(shape)
+        blocks = slice(self.cfg.window + self.cfg.sinks, self.cfg.window + self._tail_at)
+        split = (self.cfg.topk, self.cfg.block_size)
+        blocks_k = self.keys[:, blocks].unflatten(1, split)  # [Hkv, k, B, D], a view
+        blocks_v = self.values[:, blocks].unflatten(1, split)
         if cache is None:  # the pages are at hand: decode each block straight into its slot
             for i, b in zip(free, new):
                 store.codec.decode_into(store.parts(b), blocks_k[:, i], blocks_v[:, i])
@@ -109,10 +131,11 @@ class DecodeCache:
         blocks_k.index_copy_(1, at, k.transpose(0, 1))
         blocks_v.index_copy_(1, at, v.transpose(0, 1))
 
-    def memory_keys(self, tail_k: torch.Tensor, tail_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [Hkv, S + k*B + n, D]: the sinks, the held blocks and the unsealed tail [Hkv, n, D] (n < B),
-        copied in after the blocks. Views of the cache."""
-        end = self._tail_at + tail_k.shape[1]
-        self.memory_k[:, self._tail_at : end] = tail_k
-        self.memory_v[:, self._tail_at : end] = tail_v
-        return self.memory_k[:, :end], self.memory_v[:, :end]
+    def put_tail(self, tail_k: torch.Tensor, tail_v: torch.Tensor) -> int:
+        """Copy the unsealed tail [Hkv, n, D] (n < B) in after the blocks; returns the memory group's key count,
+        S + k*B + n: keys[:, :W + that] are what the token attends to."""
+        at = self.cfg.window + self._tail_at
+        n = tail_k.shape[1]
+        self.keys[:, at : at + n] = tail_k
+        self.values[:, at : at + n] = tail_v
+        return self._tail_at + n

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.attention import kernel_choice
@@ -24,6 +23,7 @@ from infllm.engine.memory import LayerMemory
 from infllm.engine.positions import rope_range
 from infllm.engine.rope import RopeTable
 from infllm.engine.sampling import SamplingConfig, next_token
+from infllm.engine.sections import section
 
 
 @dataclass
@@ -123,10 +123,10 @@ class Engine:
         self.masks.clear()  # masks are per positions: this call's are shared by every layer, then dropped
         for i, layer in enumerate(a.layers):
             hidden = hidden.to(layer.device)
-            with record_function("infllm.projections"):
+            with section("infllm.projections"):
                 q, k, v = a.qkv(i, hidden)
             attn = self.layers[i].attend(q, k, v)
-            with record_function("infllm.projections"):  # o projection and MLP
+            with section("infllm.projections"):  # o projection and MLP
                 hidden = a.finish(i, hidden, attn)
             if after_layer is not None:
                 after_layer(i + 1)

@@ -30,17 +30,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch.profiler import record_function
 
 from infllm.config import EngineConfig
 from infllm.engine import positions
-from infllm.engine.attention import attention_lse, merge
+from infllm.engine.attention import attention_lse, lone_query_attention, merge
 from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
 from infllm.engine.decoding import DecodeCache
 from infllm.engine.masks import Mask, MaskCache
 from infllm.engine.positions import KeyLayout
 from infllm.engine.rope import RopeTable
 from infllm.engine.scoring import block_scores, representative_scores
+from infllm.engine.sections import section
 
 if TYPE_CHECKING:
     from infllm.engine.tally import RetrievalTally
@@ -310,9 +310,9 @@ class LayerMemory:
         q_mem = self.rope.rotate(q, cfg.window).view(hkv, g, length, d)  # as memory sees them: all keys at W
         self._write(q_mem, k, v)
         firsts = range(0, length, step)
-        with record_function("infllm.evict"):
+        with section("infllm.evict"):
             self._seal(positions.sealed_for(cfg, first + firsts[-1]))
-        with record_function("infllm.retrieve"):
+        with section("infllm.retrieve"):
             retrieved = self._retrieve(q_mem, firsts, length)
         tail = self._steady_tail(first, retrieved[0]) if length == 1 else None
         if tail is not None:
@@ -358,24 +358,36 @@ class LayerMemory:
         cfg, cache, first = self.cfg, self.decoding, self.position
         hkv, g, _, d = q_mem.shape
         # The ring: this token's key, or the whole window after a compaction moved the rotations (or a restore).
-        start = first if cache.ring_current(first, self.recent_start) else first - cfg.window + 1
+        if cache.ring_current(first, self.recent_start):
+            start, rotations = first, positions.local_rotation(cfg, first, self.recent_start)  # an int: a table slice
+        else:
+            start = first - cfg.window + 1
+            rotations = self._local_rotations(start, first + 1)
         at, end = start - self.recent_start, self.recent_len
-        cache.ring_write(start, self.rope.rotate(self.recent_k[:, at:end], self._local_rotations(start, first + 1)),
-                         self.recent_v[:, at:end], self.recent_start)
-        q_local = self.rope.rotate(q, positions.local_rotation(cfg, first, self.recent_start)).reshape(1, hkv, g, d)
-        with record_function("infllm.attention"):
-            local_out = attention_lse(q_local, cache.ring_k[None], cache.ring_v[None], None, self.scale, self.kernels)
+        cache.ring_write(start, self.rope.rotate(self.recent_k[:, at:end], rotations), self.recent_v[:, at:end],
+                         self.recent_start)
+        q_local = self.rope.rotate(q, positions.local_rotation(cfg, first, self.recent_start)).reshape(hkv, g, d)
         queries = q_mem.reshape(1, hkv, g, d)
         self._record(queries, retrieved)
-        with record_function("infllm.gather"):
+        with section("infllm.gather"):
             cache.put_sinks(self.sink_k_memory[:, : cfg.sinks], self.sink_v[:, : cfg.sinks])
             cache.put_blocks(retrieved[0], self.store, self.cache)
         at, count = tail[0] - self.recent_start, tail[1]
-        keys, values = cache.memory_keys(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
-        if keys.shape[1] == 0:  # no sinks, no blocks, no tail: local attention is all there is
-            return local_out[0]
-        with record_function("infllm.attention"):
-            mem_out = attention_lse(queries, keys[None], values[None], None, self.scale, self.kernels)
+        memory = cache.put_tail(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
+        with section("infllm.attention"):
+            if self.device.type == "cpu" and self.dtype == torch.float32:
+                # One softmax over [ring | memory], the keys laid out so by the cache: fewer, cheaper calls. In
+                # float32 only: bfloat16 products would round the scores before the softmax, the kernels do not.
+                end = cfg.window + memory
+                out = lone_query_attention(q_local, queries[0], cache.keys[:, :end], cache.values[:, :end],
+                                           cfg.window, self.scale)
+                return out[None]
+            local_out = attention_lse(q_local[None], cache.ring_k[None], cache.ring_v[None], None, self.scale,
+                                      self.kernels)
+            if memory == 0:  # no sinks, no blocks, no tail: local attention is all there is
+                return local_out[0]
+            mem_out = attention_lse(queries, cache.memory_k[None, :, :memory], cache.memory_v[None, :, :memory],
+                                    None, self.scale, self.kernels)
         return merge(local_out, mem_out)
 
     def _local_rotations(self, start: int, end: int) -> torch.Tensor:
@@ -401,7 +413,7 @@ class LayerMemory:
             keys = torch.cat([self._sinks(self.sink_k_local, local.sinks, chunks), keys], dim=2)
             values = torch.cat([self._sinks(self.sink_v, local.sinks, chunks), values], dim=2)
         mask = None if n == 1 else self._mask(local, q_local)  # a lone query sees every key sliced for it
-        with record_function("infllm.attention"):
+        with section("infllm.attention"):
             local_out = attention_lse(q_local, keys, values, mask, self.scale, self.kernels)
 
         # Memory group: frozen sinks, retrieved blocks, and unsealed tokens at least W behind some query.
@@ -410,7 +422,7 @@ class LayerMemory:
         if memory.keys == 0:  # nothing in memory yet for these queries
             return local_out[0]
         keys, values = self._memory_keys(memory, retrieved)
-        with record_function("infllm.attention"):
+        with section("infllm.attention"):
             mem_out = attention_lse(q_mem, keys, values, self._mask(memory, q_mem), self.scale, self.kernels)
         return merge(local_out, mem_out)
 
@@ -421,7 +433,7 @@ class LayerMemory:
         keys = [self._sinks(self.sink_k_memory, memory.sinks, chunks)]
         values = [self._sinks(self.sink_v, memory.sinks, chunks)]
         if memory.block_keys:
-            with record_function("infllm.gather"):
+            with section("infllm.gather"):
                 block_k, block_v = self._gather_chunks(retrieved)  # [C, k, Hkv, B, D]
             keys.extend(block_k.unbind(1))  # k views [C, Hkv, B, D]: the one cat below copies them
             values.extend(block_v.unbind(1))

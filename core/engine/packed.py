@@ -1,13 +1,16 @@
-"""4-bit projections for decoding on the CPU, from weights that already lie on a 4-bit grid.
+"""Packed low-bit projections for decoding on the CPU, from weights that already lie on a GGUF's grid.
 
 A decoded token multiplies one row by every weight matrix, so its cost on the CPU is reading the weights: 538 MB
-per token for the default model in float32. That model ships as a Q4_1 GGUF: every run of 32 weights in a row is
-`scale * q + min` with q in 0..15, and the float32 weights loaded from it keep that grid exactly. This module
-recovers (q, scale, min) from the float32 weights, refuses any matrix with one value off its group's grid, and
-packs the rest for torch's CPU int4 kernel, which reads an eighth of the bytes. The kernel takes its activations,
-scales and offsets in bfloat16, so a packed projection differs from the float32 one by ~0.4% of its output's norm:
-the same order as llama.cpp's own path for this file, which rounds activations to 8 bits. Prefill (many rows at
-once) is bound by arithmetic, not by reading weights, and keeps the float32 matrices.
+per token for the default model's layers in float32, and 113 MB more for its LM head. That model ships as a GGUF
+whose layers are Q4_1 (every run of 32 weights in a row is `scale * q + min`, q in 0..15) and whose embedding,
+tied to the LM head, is Q8_0 (`scale * q`, q in -128..127); the float32 weights loaded from it keep those grids
+exactly. This module recovers the integers and scales from the float32 weights, refuses any matrix with one value
+off its group's grid, and packs the rest for torch's CPU int4 kernel, which reads an eighth of the bytes. An 8-bit
+matrix is packed as two 4-bit ones, its high and its low four bits, whose products are added: a quarter of the
+bytes, one kernel call. The kernel takes its activations, scales and offsets in bfloat16, so a packed projection
+differs from the float32 one by ~0.4% of its output's norm: the same order as llama.cpp's own path for this file,
+which rounds activations to 8 bits. Prefill (many rows at once) is bound by arithmetic, not by reading weights,
+and keeps the float32 matrices.
 
 The q/k/v projections share one packed matrix, as do the MLP's gate and up projections: one kernel call each.
 """
@@ -32,48 +35,88 @@ def _kernel_available() -> bool:
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
 
 
-def four_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """weight [N, K] float -> (q [N, K] int32 in 0..15, scale [N, K/GROUP], low [N, K/GROUP]) with
-    weight == scale * q + low per group, or None when K is not a multiple of GROUP or a value is off its grid."""
+def _levels(weight: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] float -> (q [N, K] int32, scale [N, K/GROUP], low [N, K/GROUP]) with weight == scale * q + low
+    per group: q in 0..15 from each group's minimum (Q4_1), or with `symmetric` q in -128..127 and low 0 (Q8_0).
+    None when K is not a multiple of GROUP or a value is off its group's grid."""
     rows, cols = weight.shape
     if cols % GROUP:
         return None
     groups = weight.detach().float().reshape(rows, cols // GROUP, GROUP)
+    if symmetric:  # the largest magnitude is level 127, as quantizing to Q8_0 makes it
+        lo, hi = -128, 127
+        low = torch.zeros(rows, cols // GROUP, 1)
+        scale = groups.abs().amax(-1, keepdim=True) / 127
+    else:  # the group's ends are levels 0 and 15, as quantizing to Q4_1 makes them
+        lo, hi = 0, 15
+        low = groups.amin(-1, keepdim=True)
+        scale = (groups.amax(-1, keepdim=True) - low) / 15
     q = torch.empty(rows, cols // GROUP, GROUP, dtype=torch.int32)
-    low = groups.amin(-1, keepdim=True)
-    scale = (groups.amax(-1, keepdim=True) - low) / 15
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every q is 0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every q is the same
     for start in range(0, rows, ROWS_PER_STEP):
         part = slice(start, start + ROWS_PER_STEP)
-        levels = ((groups[part] - low[part]) / safe[part]).round_().clamp_(0, 15)
+        levels = ((groups[part] - low[part]) / safe[part]).round_().clamp_(lo, hi)
         if (levels.mul(scale[part]).add_(low[part]).sub_(groups[part]).abs_() > TOLERANCE * safe[part]).any():
             return None
         q[part] = levels.to(torch.int32)
     return q.reshape(rows, cols), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
+def four_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] float -> (q [N, K] int32 in 0..15, scale [N, K/GROUP], low [N, K/GROUP]) with
+    weight == scale * q + low per group, or None when K is not a multiple of GROUP or a value is off its grid."""
+    return _levels(weight, symmetric=False)
+
+
+def eight_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """weight [N, K] float -> (q [N, K] int32 in -128..127, scale [N, K/GROUP]) with weight == scale * q per group,
+    or None when K is not a multiple of GROUP or a value is off its grid."""
+    grid = _levels(weight, symmetric=True)
+    return None if grid is None else grid[:2]
+
+
+def _nibbles(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An 8-bit grid (q [N, K] in -128..127, scale [N, G]) as two 4-bit grids whose values add up to it:
+    scale * q = 16 * scale * (hi - 8) + scale * lo with q + 128 = 16 * hi + lo. Returns (q4 [2N, K] in 0..15,
+    scale [2N, G], low [2N, G]): the high halves' rows, then the low halves'."""
+    rows = q.shape[0]
+    q4 = torch.empty(2 * rows, q.shape[1], dtype=torch.int32)
+    u = q.to(torch.uint8) ^ 128  # q + 128 in 0..255: flipping the sign bit of the byte
+    torch.bitwise_right_shift(u, 4, out=q4[:rows])
+    torch.bitwise_and(u, 15, out=q4[rows:])
+    return q4, torch.cat([16 * scale, scale]), torch.cat([-128 * scale, torch.zeros_like(scale)])
+
+
 @dataclass
 class PackedLinear:
     """One or more Linear layers of the same input, concatenated along their outputs and packed to 4 bits."""
 
-    weight: torch.Tensor  # the kernel's packed layout of q [N, K]
+    weight: torch.Tensor  # the kernel's packed layout of q [N, K] (of [2N, K] with `halves`)
     scales_offsets: torch.Tensor  # [K/GROUP, N, 2] bfloat16: scale, and the value at q = 8
     bias: torch.Tensor | None  # [N] float32
     splits: tuple[int, ...]  # each source layer's outputs, in order
+    halves: bool = False  # an 8-bit weight: the kernel's outputs are its high and low halves' parts, to be added
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [1, K] float32 -> one [1, n] float32 output per source layer."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, GROUP,
                                                        self.scales_offsets).float()
+        if self.halves:
+            high, low = y.chunk(2, dim=-1)
+            y = high + low
         if self.bias is not None:
             y = y + self.bias
         return y.split(self.splits, dim=-1)
 
     @classmethod
-    def pack(cls, linears: list[nn.Linear]) -> "PackedLinear | None":
-        """None when a weight is off the 4-bit grid, or the kernel disagrees with the float32 product."""
+    def pack(cls, linears: list[nn.Linear], eight_bit: bool = False) -> "PackedLinear | None":
+        """None when a weight is off the 4-bit grid (with `eight_bit`, off both the 4-bit and the 8-bit grid),
+        or the kernel disagrees with the float32 product."""
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [N, K]
-        grid = four_bit_grid(weight)
+        grid, halves = four_bit_grid(weight), False
+        if grid is None and eight_bit:
+            eight = eight_bit_grid(weight)
+            grid, halves = (None, False) if eight is None else (_nibbles(*eight), True)
         if grid is None:
             return None
         q, scale, low = grid
@@ -84,7 +127,7 @@ class PackedLinear:
             (b.detach() if b is not None else torch.zeros(lin.out_features)).float()
             for b, lin in zip(biases, linears)])
         packed = cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_offsets, bias,
-                     tuple(lin.out_features for lin in linears))
+                     tuple(lin.out_features for lin in linears), halves)
         return packed if packed._agrees(weight) else None
 
     def _agrees(self, weight: torch.Tensor) -> bool:
@@ -113,21 +156,73 @@ class PackedLayer:
         return self.down(self.act(gate) * up)[0]
 
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its packed layers, or None
+REFINED = 16  # a single row's highest packed logits recomputed in float32 (PackedHead)
 
 
-def packed_decoder(model: nn.Module) -> list[PackedLayer] | None:
-    """pack_decoder's result for this model, computed once (0.5 s for the default model on 2 cores) and shared by
-    every engine over it."""
+@dataclass
+class PackedHead:
+    """The LM head for one row: every logit from the packed matrix, then the REFINED highest recomputed from the
+    float32 rows. The packed logits lie within ~0.4 of float32's (0.41 at most over 2,048 positions of real text
+    with the default model), which alone changed the greedy token at 1.2% of them; with the best 16 exact, none
+    (benchmarks/packed_head.py). The greedy choice is float32's unless 16 tokens crowd within that margin of the
+    best, and the distribution that sampling draws from is exact where its mass is."""
+
+    packed: PackedLinear
+    weight: torch.Tensor  # [V, hidden] float32, the model's own head (no copy)
+    bias: torch.Tensor | None  # [V]
+    refined: int = REFINED  # highest logits recomputed in float32 (0: none, as benchmarks/packed_head.py compares)
+
+    @property
+    def halves(self) -> bool:
+        return self.packed.halves
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, hidden] float32 (normed) -> logits [1, V] float32."""
+        (logits,) = self.packed(x)
+        if not self.refined:
+            return logits
+        top = logits[0].topk(self.refined).indices  # [refined]
+        exact = self.weight[top] @ x[0]
+        logits[0, top] = exact if self.bias is None else exact + self.bias[top]
+        return logits
+
+    @classmethod
+    def pack(cls, head: nn.Linear) -> "PackedHead | None":
+        try:
+            packed = PackedLinear.pack([head], eight_bit=True)
+        except RuntimeError:  # a shape or CPU the kernel does not take (it wants the outputs in multiples of 16)
+            return None
+        bias = None if head.bias is None else head.bias.detach()
+        return None if packed is None else cls(packed, head.weight.detach(), bias)
+
+
+@dataclass
+class PackedDecoder:
+    """Every decoder layer's packed projections, and the LM head's where its weights allow."""
+
+    layers: list[PackedLayer]
+    head: PackedHead | None  # None: the head is on neither grid (or not a float32 CPU matrix) and stays float32
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its PackedDecoder, or None
+
+
+def packed_decoder(model: nn.Module) -> PackedDecoder | None:
+    """pack_decoder's result for this model, computed once (0.9 s for the default model on 2 cores, 0.4 of it the
+    head) and shared by every engine over it."""
     if model not in _PACKED:
         _PACKED[model] = pack_decoder(model)
     return _PACKED[model]
 
 
-def pack_decoder(model: nn.Module) -> list[PackedLayer] | None:
-    """Every decoder layer's projections packed to 4 bits, or None when this model cannot take the packed path:
-    weights not on the CPU or not float32, a weight off the 4-bit grid, an MLP that is not gated, or a torch
-    without the CPU int4 kernel."""
+def _float32_on_cpu(linears: list[nn.Linear]) -> bool:
+    return all(lin.weight.device.type == "cpu" and lin.weight.dtype == torch.float32 for lin in linears)
+
+
+def pack_decoder(model: nn.Module) -> PackedDecoder | None:
+    """Every decoder layer's projections packed to 4 bits, and the LM head to 4 or 8, or None when this model
+    cannot take the packed path: weights not on the CPU or not float32, a weight off the 4-bit grid, an MLP that
+    is not gated, or a torch without the CPU int4 kernel. The head alone off its grid only keeps it float32."""
     if not _kernel_available():
         return None
     packed = []
@@ -137,7 +232,7 @@ def pack_decoder(model: nn.Module) -> list[PackedLayer] | None:
         if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
         linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32 for lin in linears):
+        if not _float32_on_cpu(linears):
             return None
         try:
             parts = (PackedLinear.pack([attn.q_proj, attn.k_proj, attn.v_proj]), PackedLinear.pack([attn.o_proj]),
@@ -147,4 +242,5 @@ def pack_decoder(model: nn.Module) -> list[PackedLayer] | None:
         if any(p is None for p in parts):
             return None
         packed.append(PackedLayer(*parts, act=mlp.act_fn))
-    return packed
+    head = model.lm_head
+    return PackedDecoder(packed, PackedHead.pack(head) if _float32_on_cpu([head]) else None)
