@@ -414,3 +414,20 @@ def test_unsupported_architecture_lists_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ModelError, match="supported: llama, mistral, qwen2, qwen3"):
         Engine(model, EngineConfig())
+
+
+@pytest.mark.parametrize("blocks,rows", [(1, 8), (37, 8), (37, 4096), (50, 200)])
+def test_a_lone_querys_block_scores_through_the_scratch_equal_the_product(blocks, rows):
+    """block_scores' CPU path for one chunk (a multiplication and a row sum, `rows` keys at a time) against the
+    matrix product it replaces, with the keys split over several slices of the scratch or all in one."""
+    from infllm.engine.scoring import block_scores
+
+    g = torch.Generator().manual_seed(blocks)
+    queries = torch.randn(1, 3, 6, 16, generator=g)
+    reprs = torch.randn(blocks, 4, 3, 16, generator=g)
+    got = block_scores(queries, reprs, torch.empty(rows, 3 * 16))
+    want = block_scores(queries, reprs)
+    assert got.shape == (1, blocks) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(block_scores(queries.expand(2, -1, -1, -1), reprs, torch.empty(rows, 48)),
+                       block_scores(queries.expand(2, -1, -1, -1), reprs))  # chunks: the product, scratch unused

@@ -191,9 +191,9 @@ def test_the_engine_buffers_are_sized_from_the_settings_as_the_engine_allocates_
                                                            topk=8, query_chunk=256, prefill_chunk=4096)):
         engine = Engine(model, cfg, offload=offload)
         shape = ModelShape.from_config(model.config)
-        sized = working_bytes(shape, cfg, 4, offload=offload, checkpoint=False)
+        sized = working_bytes(shape, cfg, 4, offload=offload, checkpoint=False, score_scratch=True)  # float32 CPU
         assert sum(sized.values()) == engine.memory_report().working_bytes
-        with_checkpoint = working_bytes(shape, cfg, 4, offload=offload)
+        with_checkpoint = working_bytes(shape, cfg, 4, offload=offload, score_scratch=True)
         state = sum(t.numel() * 4 for m in engine.layers for t in m.checkpoint()["tensors"])
         assert sum(with_checkpoint.values()) == engine.memory_report().working_bytes + state
         assert (sized["cache_blocks"] > 0) == offload  # a device cache only when blocks live in host memory
@@ -258,7 +258,7 @@ def test_a_long_question_is_checked_and_shown_like_text(infllm, tmp_path, monkey
     assert shown.exit_code == 0, shown.stderr
     after = shown.stderr.split("infllm: answering")[1]
     assert _total_read(after) > 3600
-    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "2.5")  # the short read fits; the question's float32 blocks do not
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "3")  # the short read fits; the question's float32 blocks do not
     result = infllm("ask", short, question, "--kv-dtype", "model")
     line = one_error_line(result, 6)
     assert line.startswith("infllm: error: not enough memory: reading 3,8") and "infllm: read 3," not in result.stderr

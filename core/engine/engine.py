@@ -23,6 +23,7 @@ from infllm.engine.memory import LayerMemory
 from infllm.engine.positions import rope_range
 from infllm.engine.rope import RopeTable
 from infllm.engine.sampling import SamplingConfig, next_token
+from infllm.engine.scoring import score_scratch
 from infllm.engine.sections import section
 
 
@@ -45,6 +46,8 @@ class Engine:
         lo, hi = rope_range(config)
         self._ropes = {d: RopeTable(self.adapter.rotary, lo, hi, d, self.adapter.dtype) for d in devices}
         self.masks = MaskCache(self.config)
+        a = self.adapter
+        self._scratch = {d: score_scratch(a.kv_heads, a.head_dim, a.dtype, d) for d in devices}
         self.reset()
 
     def reset(self) -> None:
@@ -52,7 +55,8 @@ class Engine:
         a, cfg = self.adapter, self.config
         self.layers = [
             LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
-                        self._ropes[layer.device], self.offload, self.masks, self.kernels)
+                        self._ropes[layer.device], self.offload, self.masks, self.kernels,
+                        self._scratch[layer.device])
             for layer in a.layers
         ]
 
@@ -108,6 +112,7 @@ class Engine:
 
     def memory_report(self) -> MemoryReport:
         working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())
+        working += sum(t.numel() * t.element_size() for t in self._scratch.values() if t is not None)
         return MemoryReport(working, sum(m.store.nbytes() for m in self.layers), self.layers[0].store.count)
 
     def memory_report_per_token(self) -> float:

@@ -83,13 +83,14 @@ def _windows(x: torch.Tensor, start: int, size: int, count: int, step: int) -> t
 class LayerMemory:
     def __init__(self, cfg: EngineConfig, heads: int, kv_heads: int, head_dim: int, scale: float,
                  dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool,
-                 masks: MaskCache | None = None, kernels: str = "auto"):
+                 masks: MaskCache | None = None, kernels: str = "auto", scratch: torch.Tensor | None = None):
         self.cfg = cfg
         self.masks = masks if masks is not None else MaskCache(cfg)
         self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
         self.groups = heads // kv_heads
         self.scale = scale
         self.kernels = kernels  # attention kernels (infllm.engine.attention.kernel_choice)
+        self.scratch = scratch  # rows for a decoded token's block scores (scoring.score_scratch), shared by layers
         self.rope = rope
         self.device = device
         self.dtype = dtype
@@ -251,9 +252,9 @@ class LayerMemory:
             return [[] for _ in firsts]
         reprs = self.store.reprs()
         full = length // step
-        parts = [block_scores(_chunks(q_mem, 0, step, full), reprs)] if full else []
+        parts = [block_scores(_chunks(q_mem, 0, step, full), reprs, self.scratch)] if full else []
         if full < len(firsts):  # a shorter last chunk
-            parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs))
+            parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs, self.scratch))
         scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, blocks]
         if self.prior is not None:
             scores = self._with_prior(scores)

@@ -11,7 +11,18 @@ from __future__ import annotations
 import torch
 
 
-def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+SCRATCH_ROWS = 4096  # representative keys scored at once by a lone query on the CPU (3 MB for the default model)
+
+
+def score_scratch(kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The buffer `block_scores` takes for a lone query on this device, or None where the plain product is used:
+    [SCRATCH_ROWS, Hkv*D], float32 CPUs only (one per engine and device: layers score one after another)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return torch.empty(SCRATCH_ROWS, kv_heads * head_dim, dtype=dtype, device=device)
+
+
+def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """queries [C, Hkv, M, D]: C independent query chunks, each with M queries per KV head (the head group's
     queries, rotated as memory sees them); reprs [N, R, Hkv, D]: each block's representative keys, unrotated.
 
@@ -19,11 +30,26 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
     per KV head, dotted with each representative key and summed over heads; a block scores its best key.
     Cheap (one vector per head), which is what reading a long text needs: every chunk scores every block.
     The sum over heads and dims is one product over (Hkv, D), reading the keys where they lie.
+
+    With one chunk (a decoded token) and a `scratch` [rows, Hkv*D] (score_scratch), the product is a
+    multiplication and a sum over each key's row, `rows` keys at a time: the CPU's matrix-vector product runs on
+    one core at ~7 GB/s, 13.6 ms a token for the default model's 30 layers at 128K tokens, the two elementwise
+    operators on every core in 4.3 (docs/benchmarks.md, "Decoding"). Only the rounding of the sums differs.
     """
     c, hkv, _, d = queries.shape
     n, r = reprs.shape[:2]
     summed = queries.sum(dim=2).to(reprs.dtype).reshape(c, hkv * d)
-    return (summed @ reprs.reshape(n * r, hkv * d).t()).view(c, n, r).amax(dim=-1).float()
+    keys = reprs.reshape(n * r, hkv * d)
+    if c == 1 and scratch is not None and reprs.dtype == scratch.dtype and reprs.device == scratch.device:
+        scores = torch.empty(n * r, dtype=reprs.dtype, device=reprs.device)
+        step = scratch.shape[0]
+        for start in range(0, n * r, step):
+            part = keys[start : start + step]
+            rows = scratch[: part.shape[0]]
+            torch.mul(part, summed, out=rows)
+            torch.sum(rows, dim=-1, out=scores[start : start + part.shape[0]])
+        return scores.view(1, n, r).amax(dim=-1).float()
+    return (summed @ keys.t()).view(c, n, r).amax(dim=-1).float()
 
 
 def representative_scores(keys: torch.Tensor, later: torch.Tensor, window: int) -> torch.Tensor:

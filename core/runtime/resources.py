@@ -120,7 +120,7 @@ def _activation_parts(shape: ModelShape, cfg: EngineConfig, element_size: int) -
 
 
 def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, offload: bool,
-                  checkpoint: bool = True) -> dict[str, int]:
+                  checkpoint: bool = True, score_scratch: bool = False) -> dict[str, int]:
     """The engine's working buffers on one device holding `shape.layers` layers, computed from the settings before
     anything is allocated, by the setting that sizes each part (bytes; the sum is the whole).
 
@@ -129,10 +129,12 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     decode cache (core/engine/decoding.py: keys and values of a window, the sinks, k blocks and a block's tail); with
     `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values (held
     as `kv_dtype`). And
-    cos and sin for every rotation position the memory uses. Without `checkpoint` the sum is what the
-    engine reports as its working bytes once made (tests check that)."""
+    cos and sin for every rotation position the memory uses; with `score_scratch` (a float32 CPU) the rows a
+    decoded token's block scores go through (core/engine/scoring.py), one buffer per device, sized by no setting.
+    Without `checkpoint` the sum is what the engine reports as its working bytes once made (tests check that)."""
     from infllm.engine.kvcodec import block_bytes
     from infllm.engine.positions import rope_range
+    from infllm.engine.scoring import SCRATCH_ROWS
 
     per_slot = shape.layers * 3 * shape.kv_heads * shape.head_dim * element_size * (2 if checkpoint else 1)
     per_position = 2 * shape.head_dim * element_size
@@ -150,12 +152,15 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     cache = cfg.cache_blocks * block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim,
                                            element_size) * shape.layers
     parts["cache_blocks"] = cache if offload else 0
+    parts["score_scratch"] = SCRATCH_ROWS * shape.kv_heads * shape.head_dim * element_size if score_scratch else 0
     return parts
 
 
 def check_engine(model, cfg: EngineConfig, *, available_ram=_MEASURE, free_gpu=_MEASURE, limit=_MEASURE) -> None:
     """Before an engine is made for `model`: raise ResourceError if its working buffers and one prefill step do
     not fit (RAM on a CPU run, each GPU's free memory on a GPU run), naming the flags that size them most."""
+    import torch
+
     from infllm.engine.adapter import DecoderAdapter
 
     adapter = DecoderAdapter(model)  # reads the model's layout; allocates nothing
@@ -164,7 +169,8 @@ def check_engine(model, cfg: EngineConfig, *, available_ram=_MEASURE, free_gpu=_
     layers = Counter(layer.device for layer in adapter.layers)
     offload = any(device.type != "cpu" for device in layers)  # as Engine decides
     for device, count in layers.items():
-        parts = working_bytes(replace(shape, layers=count), cfg, element, offload=offload)
+        parts = working_bytes(replace(shape, layers=count), cfg, element, offload=offload,
+                              score_scratch=device.type == "cpu" and adapter.dtype == torch.float32)
         for name, size in _activation_parts(shape, cfg, element).items():
             parts[name] += size
         need = sum(parts.values())
@@ -175,7 +181,8 @@ def check_engine(model, cfg: EngineConfig, *, available_ram=_MEASURE, free_gpu=_
             room, why = _ram_room(available_ram, 0, limit)
             what, allows = "memory", why + " allows {}"
         if room is not None and need > room:
-            largest = sorted((name for name in parts if parts[name]), key=parts.get, reverse=True)[:2]
+            settings = (name for name in parts if parts[name] and hasattr(cfg, name))  # what a flag can shrink
+            largest = sorted(settings, key=parts.get, reverse=True)[:2]
             hint = "a smaller " + " or ".join(f"{flag(name)} (now {getattr(cfg, name):,})" for name in largest)
             raise ResourceError(f"not enough {what} for these engine settings: their working buffers and one "
                                 f"prefill step need ~{_size(need)}, but {allows.format(_size(room))}; try {hint}"
