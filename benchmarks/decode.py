@@ -43,16 +43,14 @@ def turn(session: Session, question: list[int], decode: int, cached: bool, four_
     engine = session.engine
     engine.adapter.decode_4bit = four_bit
     packing = packed_decoder(engine.model) if four_bit else None
-    keep = packing.head if packing is not None else None
-    if packing is not None and not head:
-        packing.head = None  # this turn only: the packed head is put back below
-    session.rewind()
-    logits = engine.feed(question)
+    float_head = mock.patch.object(packing, "head", None) if packing is not None and not head else nullcontext()
     previous = [None] * len(engine.layers)
     changed = steps = 0
     tokens = []
     patch = nullcontext() if cached else mock.patch.object(LayerMemory, "_steady_tail", return_value=None)
-    with patch:
+    with patch, float_head:
+        session.rewind()
+        logits = engine.feed(question)
         start = time.perf_counter()
         for token in engine.generate(logits, decode, set()):
             tokens.append(token)
@@ -63,8 +61,6 @@ def turn(session: Session, question: list[int], decode: int, cached: bool, four_
                     steps += 1
                 previous[i] = now
         elapsed = time.perf_counter() - start
-    if packing is not None:
-        packing.head = keep
     return {"ms": 1000 * elapsed / max(1, len(tokens)), "tokens": tokens, "turnover": changed / max(1, steps)}
 
 

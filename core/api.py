@@ -86,7 +86,7 @@ class Model:
 
     def warm_up(self) -> None:
         """Do now what the first answer of this process would otherwise wait for: packing the decode projections
-        and the LM head to low bits where the model allows (0.9 s for the default model on 2 cores). `infllm serve`
+        and the LM head to low bits where the model allows (about 1 s for the default model on 2 cores). `infllm serve`
         calls it before it listens; a one-question process gains nothing from it."""
         if self.loaded.decode_4bit:
             from infllm.engine.packed import packed_decoder

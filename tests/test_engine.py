@@ -431,3 +431,22 @@ def test_a_lone_querys_block_scores_through_the_scratch_equal_the_product(blocks
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(block_scores(queries.expand(2, -1, -1, -1), reprs, torch.empty(rows, 48)),
                        block_scores(queries.expand(2, -1, -1, -1), reprs))  # chunks: the product, scratch unused
+
+
+def test_the_engines_sections_are_recorded_under_a_profiler_and_cost_nothing_without_one():
+    """`speed.py --breakdown` reads the engine's time by section; outside a profiler no section is entered."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from infllm.engine import sections
+
+    cfg = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=2, query_chunk=8, prefill_chunk=48)
+    engine = Engine(tiny_model("llama"), cfg)
+    ids = torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(sections, "record_function", wraps=sections.record_function) as entered:
+        engine.feed(ids[:80])
+        assert entered.call_count == 0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.feed(ids[80:])
+        assert entered.call_count > 0
+    names = {event.key for event in prof.key_averages()}
+    assert {"infllm.projections", "infllm.attention", "infllm.retrieve"} <= names
