@@ -207,6 +207,7 @@ class Reading:
         check_reading(session, total, self.sources)  # refuse now, with numbers and flags, if it cannot fit
         with report.reading(total, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read(prefix, document, on_progress=update, source_map=source_map)
+        self._say_spilled()
         self.timings.update(extract_s=extracting.seconds, tokenize_s=t_tok - started - extracting.seconds,
                             prefill_s=time.perf_counter() - t_tok)
 
@@ -224,9 +225,17 @@ class Reading:
         with report.reading(None, lambda: session.engine.memory_report().block_store_bytes) as update:
             session.read_stream(prefix, pieces, keep_text=keep_text, on_progress=update,
                                 before_step=lambda tokens: check_reading(session, tokens, self.sources))
+        self._say_spilled()
         if line := skipped.ignored_line():
             report.phase(line)
         self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
+
+    def _say_spilled(self) -> None:
+        """One line when the memory went past the RAM budget into the disk tier (answers read it from there)."""
+        engine = self.session.engine
+        if spilled := engine.memory_report().spilled_bytes:
+            self.model.report.phase(f"{spilled / 2**20:,.0f} MB of the memory did not fit the RAM budget: it is in "
+                                    f"spill files in {engine.host.spill_dir} (the disk tier), removed at exit")
 
     def _keep(self, cache: ReadCache, key: str) -> None:
         """Keep this read in the cache, if it fits (its size estimated from the memory, over rather than under)."""

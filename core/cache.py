@@ -23,7 +23,7 @@ from pathlib import Path
 
 from infllm.errors import InfllmError, UsageError
 from infllm.reporting import Reporter
-from infllm.runtime.loading import cache_dir
+from infllm.runtime.resources import cache_dir
 
 LIMIT_ENV = "INFLLM_CACHE_LIMIT_MB"
 DEFAULT_LIMIT_MB = 4096

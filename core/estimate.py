@@ -16,13 +16,15 @@ from infllm.documents.readers import STDIN, SkipReport, describe_source, iter_pi
 from infllm.engine.sizing import memory_blocks, store_bytes_per_token
 from infllm.reporting import Reporter
 from infllm.runtime.loading import pick_device, pick_dtype
+from infllm.runtime.resources import activation_bytes, storage_tier
 from infllm.session import Session
 
 
 def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: str = "auto",
              report: Reporter | None = None, gitignore: bool = True) -> dict:
-    """What `infllm info --json` prints. load() returns (infllm.api.Model, its EngineConfig). gitignore: inside
-    directories, count only what a read would (not what .gitignore files ignore)."""
+    """What `infllm info --json` prints; `block_store` says where the memory will live (resources.storage_tier: RAM,
+    the disk tier or nowhere). load() returns (infllm.api.Model, its EngineConfig). gitignore: inside directories,
+    count only what a read would (not what .gitignore files ignore)."""
     report = report or Reporter()
     # What cannot be read fails first.
     described = [describe_source(s, gitignore).__dict__ for s in sources if s != STDIN]
@@ -41,9 +43,12 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     session.read([], calibration)
     rate = len(calibration) / max(time.perf_counter() - start, 1e-9)
     device = pick_device(device)
-    store = tokens * store_bytes_per_token(model.loaded.model.config, config, pick_dtype(dtype, device))
+    dtype = pick_dtype(dtype, device)
+    store = tokens * store_bytes_per_token(model.loaded.model.config, config, dtype)
+    activations = 0 if device.type == "cuda" else activation_bytes(model.loaded.model.config, config, dtype.itemsize)
     return {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
             "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
+            "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=activations),
             "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1), "device": str(device),
             "estimated_read_s": tokens / rate, "engine": config.to_dict(), "model": model.name,
             "tokens_per_s": rate}

@@ -91,13 +91,14 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     from infllm.engine.attention import kernel_choice
     from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
     from infllm.runtime.placement import parse_device_map
-    from infllm.runtime.resources import memory_limit_bytes
+    from infllm.runtime.resources import memory_limit_bytes, spill_limit_bytes
     from infllm.snapshot import SnapshotFile, changed_sources, check_model, is_snapshot, snapshot_config
 
     report = report or Reporter()
     pick_dtype(opts.dtype, pick_device(opts.device))  # bad --device/--dtype: refused before any work
     device_map = parse_device_map(opts.device_map, opts.device)
     memory_limit_bytes()  # and a bad INFLLM_MEMORY_LIMIT_MB
+    spill_limit_bytes()  # and a bad INFLLM_SPILL_LIMIT_MB
     kernel_choice()  # and a bad INFLLM_KERNELS
     if opts.cache:
         limit_bytes()  # and a bad INFLLM_CACHE_LIMIT_MB

@@ -441,7 +441,17 @@ def info(
         f"{report['characters']:,} characters, {report['tokens']:,} tokens ({report['model']})\n"
         f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
         f" + {report['working_mb']:,} MB working buffers ({report['device']})\n"
+        f"{_tier_line(report['block_store'])}\n"
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
+
+
+def _tier_line(tier: dict) -> str:
+    if tier["tier"] == "ram":
+        return "block store: in RAM"
+    if tier["tier"] == "disk":
+        return (f"block store: past the RAM budget, ~{tier['spill_mb']:,} MB of it in the disk tier ({tier['spill_dir']}"
+                "; answers read it from there)")
+    return f"block store: does not fit: {tier['why']}"
 
 
 @app.command(epilog=MODELS_EPILOG)

@@ -476,8 +476,28 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     assert report["memory_blocks_per_layer"] == (report["tokens"] - 16 - 256) // 32
     assert report["block_store_mb"] > 0 and report["estimated_read_s"] > 0
     assert report["sources"][0]["kind"] == "text"
+    assert report["block_store"] == {"tier": "ram"}
     plain = CliRunner().invoke(app, ["info", *base, str(docs["a"])], prog_name="infllm")
     assert plain.exit_code == 0 and f"{report['tokens']:,} tokens" in plain.stdout
+    assert "block store: in RAM\n" in plain.stdout
+
+
+def test_info_says_which_tier_the_block_store_will_need(tiny_model_dir, docs, tmp_path, monkeypatch):
+    """Under a cap the activations fit but the store does not: the disk tier, or no room at all without one."""
+    base = ["info", "--model", str(tiny_model_dir), "--device", "cpu", *ENGINE, "--kv-dtype", "model"]
+    text = tmp_path / "long.txt"
+    text.write_text(docs["a"].read_text(encoding="utf-8") * 6, encoding="utf-8")
+    monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "2.8")
+    monkeypatch.setenv("INFLLM_SPILL_DIR", str(tmp_path / "spill"))
+    result = CliRunner().invoke(app, [*base, "--json", str(text)], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    tier = json.loads(result.stdout)["block_store"]
+    assert tier["tier"] == "disk" and tier["spill_dir"] == str(tmp_path / "spill") and tier["spill_mb"] > 0
+    plain = CliRunner().invoke(app, [*base, str(text)], prog_name="infllm").stdout
+    assert f"block store: past the RAM budget, ~{tier['spill_mb']:,} MB of it in the disk tier" in plain
+    monkeypatch.setenv("INFLLM_SPILL_LIMIT_MB", "0")
+    tier = json.loads(CliRunner().invoke(app, [*base, "--json", str(text)], prog_name="infllm").stdout)["block_store"]
+    assert tier["tier"] == "none" and tier["why"].startswith("not enough memory: reading ")
 
 
 # --- stdin as a stream ---------------------------------------------------------------------------------------
@@ -559,6 +579,7 @@ def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, m
     """Its size is unknown in advance, so each prefill step is checked: ~1.2 MB of activations and ~0.5 KB of block
     store per token (float32 blocks) fit ~5,000 tokens in a 4 MB cap; the stream holds ~9,400."""
     monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")
+    monkeypatch.setenv("INFLLM_SPILL_LIMIT_MB", "0")  # no disk tier
     result = ask("-", "What is the pass key?", input=docs["a"].read_text(encoding="utf-8") * 3,
                  engine=[*ENGINE, "--kv-dtype", "model"])
     line = assert_one_error_line(result, 6)

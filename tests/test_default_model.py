@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from infllm.runtime.loading import cache_dir, default_model_path, resolve
+from infllm.runtime.loading import default_model_path, resolve
+from infllm.runtime.resources import cache_dir
 
 
 @pytest.fixture(scope="module")

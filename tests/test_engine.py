@@ -10,6 +10,7 @@ import torch
 
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.blockstore import BlockCache, BlockStore
+from infllm.engine.hostpages import HostPages
 from infllm.config import EngineConfig
 from infllm.engine import positions
 from infllm.engine.engine import Engine
@@ -233,8 +234,8 @@ def test_checkpoint_restore_returns_to_the_same_state():
 
 def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0, kv_dtype="int8"):
     gen = torch.Generator().manual_seed(seed)
-    store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False,
-                       kv_dtype=kv_dtype)
+    store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"),
+                       HostPages(pin=False), kv_dtype=kv_dtype)
     for _ in range(n_blocks):
         k = torch.randn(heads, block, dim, generator=gen)
         store.append(k[None], torch.randn(1, heads, block, dim, generator=gen), k[None, :, :reprs])
@@ -250,7 +251,8 @@ def test_representative_keys_grow_by_a_quarter_and_round_trip_their_file_layout(
         assert store._reprs.shape[0] <= max(64, n * 5 // 4 + 1)
     exported = store.export()["repr"]
     assert exported.shape == store.expected_shapes(store.count)["repr"] == (699, 2, 3, 16)
-    copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False, kv_dtype="int8")
+    copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), HostPages(pin=False),
+                      kv_dtype="int8")
     copy.adopt({k: t.contiguous() for k, t in store.export().items()}, store.count)
     assert torch.equal(copy.reprs(), store.reprs()) and copy.reprs().shape == (699, 3, 2, 16)
 

@@ -84,6 +84,26 @@ def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
     assert torch.equal(resident, offloaded)
 
 
+def test_spilled_host_pages_feed_the_gpu_cache_with_the_same_blocks(tmp_path):
+    """Pages in the disk tier (unpinned file mappings) reach the GPU cache as pinned RAM pages do: equal logits,
+    decoded tokens and exported blocks."""
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(7)).cuda()
+    cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=4, query_chunk=32, cache_blocks=8, prefill_chunk=64)
+    runs = []
+    for budget in (None, 0):
+        engine = Engine(model, cfg, offload=True)
+        engine.place_store(budget, tmp_path)
+        logits = engine.feed(ids, all_logits=True)
+        decoded = torch.stack([engine.feed(ids[t : t + 1]) for t in range(8)])
+        runs.append((logits, decoded, engine.export()[0], engine))
+    (ram_logits, ram_decoded, ram_blocks, ram), (disk_logits, disk_decoded, disk_blocks, disk) = runs
+    assert ram.layers[0].store.pages["k"][0].is_pinned() and not disk.layers[0].store.pages["k"][0].is_pinned()
+    assert disk.memory_report().spilled_bytes > 0 and ram.memory_report().spilled_bytes == 0
+    assert torch.equal(ram_logits, disk_logits) and torch.equal(ram_decoded, disk_decoded)
+    assert all(torch.equal(ram_blocks[name], disk_blocks[name]) for name in ram_blocks)
+
+
 def test_engine_on_gpu_matches_cpu_beyond_the_window():
     """GPU kernels give the CPU engine's logits on a long text (every block retrieved, so no top-k ties). Blocks
     in full precision: an int8 code may round the other way on either device, a step of 1/127 of its group."""

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -36,6 +37,7 @@ from infllm.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_RESOUR
                            SourceError, UsageError)
 from infllm.runtime.resources import (
     ENV_LIMIT,
+    SPILL_LIMIT_ENV,
     available_ram_bytes,
     check_memory,
     is_out_of_memory,
@@ -61,7 +63,7 @@ def _text(n: int) -> str:
 def _env(monkeypatch, tmp_path):
     monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
     for name in ("INFLLM_DEBUG", "INFLLM_MODEL", "INFLLM_DEVICE", "INFLLM_DTYPE", "INFLLM_WINDOW", "INFLLM_TOPK",
-                 "INFLLM_SINKS", ENV_LIMIT):
+                 "INFLLM_SINKS", ENV_LIMIT, SPILL_LIMIT_ENV, "INFLLM_SPILL_DIR"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -487,6 +489,14 @@ def test_bad_memory_limit(infllm, doc, monkeypatch):
     assert nothing_was_read(result)
 
 
+def test_bad_spill_limit(infllm, doc, monkeypatch):
+    monkeypatch.setenv(SPILL_LIMIT_ENV, "-1")
+    result = infllm(doc, "q")
+    assert (f"{SPILL_LIMIT_ENV} must be a number of megabytes (0: no disk tier), got '-1'"
+            in one_error_line(result, EXIT_USAGE))
+    assert nothing_was_read(result)
+
+
 def test_bad_kernel_choice(infllm, doc, monkeypatch):
     monkeypatch.setenv("INFLLM_KERNELS", "fastest")
     result = infllm(doc, "q")
@@ -517,7 +527,7 @@ def test_memory_that_fits_passes():
 def test_memory_short_is_refused_with_numbers_and_flags():
     with pytest.raises(ResourceError) as caught:
         check_memory(9 * GIB, CPU, tokens=12_345_678, dtype_name="float32", sources=["a.txt", "b.txt", "c.txt"],
-                     available_ram=8 * GIB, limit=None)
+                     available_ram=8 * GIB, limit=None, spill=0)
     message = str(caught.value)
     assert caught.value.exit_code == EXIT_RESOURCES and "\n" not in message
     assert message.startswith("not enough memory: reading 12,345,678 tokens needs ~9,216 MB of RAM")
@@ -533,7 +543,7 @@ def test_memory_hints_follow_the_kv_dtype():
     for kv_dtype in ("int8", "model"):
         with pytest.raises(ResourceError) as caught:
             check_memory(9 * GIB, CPU, tokens=10**6, dtype_name="float32", settings=EngineConfig(kv_dtype=kv_dtype),
-                         available_ram=8 * GIB, limit=None)
+                         available_ram=8 * GIB, limit=None, spill=0)
         hints[kv_dtype] = str(caught.value).split("; try ")[1]
     assert "--dtype bfloat16" not in hints["int8"] and "--kv-dtype" not in hints["int8"]
     assert hints["model"].startswith("--dtype bfloat16 (halves the block store), --kv-dtype int8 (8-bit blocks")
@@ -542,7 +552,7 @@ def test_memory_hints_follow_the_kv_dtype():
 def test_memory_hints_fit_the_run():
     with pytest.raises(ResourceError) as caught:
         check_memory(9 * GIB, CPU, tokens=10**7, dtype_name="bfloat16", sources=["a.txt"], available_ram=GIB,
-                     limit=None)
+                     limit=None, spill=0)
     assert "--dtype" not in str(caught.value) and "--each" not in str(caught.value)
 
 
@@ -555,8 +565,8 @@ def test_memory_limit_env_caps_the_store(monkeypatch):
     monkeypatch.setenv(ENV_LIMIT, "100")
     assert memory_limit_bytes() == 100 * MB
     with pytest.raises(ResourceError, match=f"but the {ENV_LIMIT} cap allows 100 MB; .*a higher {ENV_LIMIT}"):
-        check_memory(200 * MB, CPU, tokens=1000, available_ram=64 * GIB)
-    check_memory(50 * MB, CPU, tokens=1000, available_ram=64 * GIB)
+        check_memory(200 * MB, CPU, tokens=1000, available_ram=64 * GIB, spill=0)
+    check_memory(50 * MB, CPU, tokens=1000, available_ram=64 * GIB, spill=0)
 
 
 @pytest.mark.parametrize("value", ["lots", "0", "-5", "nan", "inf"])
@@ -597,11 +607,33 @@ def test_not_enough_memory_is_refused_before_reading(infllm, doc, monkeypatch):
     """The engine's buffers and a prefill step (~2.6 MB at these settings, the block scores' scratch included) fit
     the cap; the float32 block store and a step for ~3,300 tokens do not."""
     monkeypatch.setenv(ENV_LIMIT, "2.8")
+    monkeypatch.setenv(SPILL_LIMIT_ENV, "0")  # no disk tier: the store must fit the RAM
     result = infllm(doc, "q", "--kv-dtype", "model")
     line = one_error_line(result, EXIT_RESOURCES)
     assert line.startswith("infllm: error: not enough memory: reading ")
     assert f"but the {ENV_LIMIT} cap allows 2.8 MB" in line and "--dtype bfloat16" in line
     assert "infllm: read " not in result.stderr  # refused while tokenizing, before the first prefill step
+
+
+def test_a_store_past_the_memory_cap_is_read_through_the_disk_tier(infllm, monkeypatch, tmp_path):
+    """Under the cap that refuses the float32 store above, a store three times larger is read with a disk tier: the
+    same answer, from spill files that are gone once the run ends; a snapshot written from them answers alike."""
+    doc = tmp_path / "long.txt"
+    doc.write_text(_text(450), encoding="utf-8")
+    plain = infllm(doc, "q", "--kv-dtype", "model", "--no-cache")
+    assert plain.exit_code == 0, plain.stderr
+    spill = tmp_path / "spill"
+    monkeypatch.setenv(ENV_LIMIT, "2.8")
+    monkeypatch.setenv("INFLLM_SPILL_DIR", str(spill))
+    spilled = infllm(doc, "q", "--kv-dtype", "model", "--no-cache", "--save", tmp_path / "a.infllm")
+    assert spilled.exit_code == 0, spilled.stderr
+    assert spilled.stdout == plain.stdout
+    assert re.search(rf"infllm: \d[\d,]* MB of the memory did not fit the RAM budget: it is in spill files in "
+                     rf"{re.escape(str(spill))} \(the disk tier\)", spilled.stderr), spilled.stderr
+    assert os.listdir(spill) == []
+    monkeypatch.delenv(ENV_LIMIT)
+    again = infllm(tmp_path / "a.infllm", "q")
+    assert again.exit_code == 0 and again.stdout == plain.stdout, again.stderr
 
 
 def _failing_read(error: BaseException):

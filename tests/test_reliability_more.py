@@ -223,7 +223,8 @@ def test_a_small_gzip_of_a_huge_text_is_refused_as_it_is_tokenized(tiny_model_di
 
     path = tmp_path / "huge.txt.gz"
     path.write_bytes(gzip.compress(_text(300).encode() * 1900, 6))  # 300 lines: 12.8 KB, within gzip's window
-    (result,), peak = capped_runs([(_argv("ask", tiny_model_dir, path, "q"), {"INFLLM_MEMORY_LIMIT_MB": "16"})],
+    (result,), peak = capped_runs([(_argv("ask", tiny_model_dir, path, "q"), {"INFLLM_MEMORY_LIMIT_MB": "16",
+                                                                               "INFLLM_SPILL_LIMIT_MB": "0"})],
                                   tmp_path)
     assert result["code"] == 6, result
     assert last_line(result).startswith("infllm: error: not enough memory: reading ")
@@ -246,6 +247,7 @@ def test_a_long_system_prompt_is_checked_and_shown_like_text(infllm, tmp_path, m
     assert shown.exit_code == 0, shown.stderr
     assert _total_read(shown.stderr) > 6000
     monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "4")  # the engine fits; 6,000 tokens of float32 blocks do not
+    monkeypatch.setenv("INFLLM_SPILL_LIMIT_MB", "0")  # nor a disk tier
     line = one_error_line(infllm("ask", "--system", system, short, "q", "--kv-dtype", "model"), 6)
     assert re.match(r"infllm: error: not enough memory: reading 6,\d{3} tokens", line), line  # the prompt's too
 
@@ -259,6 +261,7 @@ def test_a_long_question_is_checked_and_shown_like_text(infllm, tmp_path, monkey
     after = shown.stderr.split("infllm: answering")[1]
     assert _total_read(after) > 3600
     monkeypatch.setenv("INFLLM_MEMORY_LIMIT_MB", "3")  # the short read fits; the question's float32 blocks do not
+    monkeypatch.setenv("INFLLM_SPILL_LIMIT_MB", "0")  # nor a disk tier
     result = infllm("ask", short, question, "--kv-dtype", "model")
     line = one_error_line(result, 6)
     assert line.startswith("infllm: error: not enough memory: reading 3,8") and "infllm: read 3," not in result.stderr

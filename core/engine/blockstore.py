@@ -6,7 +6,8 @@ blocks are gathered for attention, so host memory, the cache and the host-to-dev
 compact form.
 
 On an accelerator the K/V pages sit in pinned host memory and `BlockCache` keeps the hot blocks on the device
-(LRU), so device memory stays flat however long the text; on a CPU-only run the pages are read directly.
+(LRU), so device memory stays flat however long the text; on a CPU-only run the pages are read directly. Pages
+come from the engine's `HostPages`: RAM up to a budget, memory-mapped spill files past it (the disk tier).
 Representative keys are small (repr_keys/block_size of the store) and are scored every query chunk, so they
 live on the compute device, laid out [N, R, Hkv, D] so that scoring every block is one matrix product over
 (head, dim) with no copy (the [N, Hkv, R, D] layout of snapshots cost a copy of all of them per retrieval).
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infllm.engine.hostpages import HostPages
 from infllm.engine.kvcodec import KVCodec
 
 KV_PAGE_BLOCKS = 16  # blocks per K/V page: the store grows in steps of this many blocks
@@ -41,14 +43,14 @@ class BlockStore:
     keys [R, Hkv, D]."""
 
     def __init__(self, heads: int, block_size: int, repr_keys: int, head_dim: int, dtype: torch.dtype,
-                 compute_device: torch.device, host_device: torch.device, pin: bool, kv_dtype: str):
+                 compute_device: torch.device, host_device: torch.device, host: HostPages, kv_dtype: str):
         self.shape = (heads, block_size, head_dim)
         self.repr_shape = (repr_keys, heads, head_dim)  # as held; snapshots and `append` use [Hkv, R, D]
         self.dtype = dtype
         self.codec = KVCodec(kv_dtype, heads, block_size, head_dim, dtype)
         self.compute_device = compute_device
         self.host_device = host_device
-        self.pin = pin
+        self.host = host
         # part -> its pages, each [KV_PAGE_BLOCKS, *part shape] on host_device
         self.pages: dict[str, list[torch.Tensor]] = {part: [] for part in self.codec.parts}
         self._reprs = torch.empty((0, *self.repr_shape), dtype=dtype, device=compute_device)  # capacity grows x2
@@ -56,10 +58,8 @@ class BlockStore:
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
     def _page(self, part: str) -> torch.Tensor:
-        # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
-        # hide it (benchmarks/host_memory.py; docs/benchmarks.md).
         shape, dtype = self.codec.parts[part]
-        return torch.empty((KV_PAGE_BLOCKS, *shape), dtype=dtype, device=self.host_device, pin_memory=self.pin)
+        return self.host.page((KV_PAGE_BLOCKS, *shape), dtype, self.host_device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
         """Add n blocks: k, v [n, Hkv, B, D] and reprs [n, Hkv, R, D], all unrotated, in the compute dtype."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.attention import kernel_choice
+from infllm.engine.hostpages import HostPages
 from infllm.engine.tally import RetrievalTally
 from infllm.config import EngineConfig
 from infllm.engine.sizing import store_bytes_per_token
@@ -32,6 +34,7 @@ class MemoryReport:
     working_bytes: int  # window, sinks, stragglers, device caches, RoPE tables: flat in text length
     block_store_bytes: int  # grows linearly with the text
     blocks: int  # per layer
+    spilled_bytes: int = 0  # of block_store_bytes, the pages in spill files (the disk tier) rather than in RAM
 
 
 class Engine:
@@ -48,17 +51,25 @@ class Engine:
         self.masks = MaskCache(self.config)
         a = self.adapter
         self._scratch = {d: score_scratch(a.kv_heads, a.head_dim, a.dtype, d) for d in devices}
+        self.host = HostPages(pin=self.offload and any(d.type == "cuda" for d in devices))
         self.reset()
 
     def reset(self) -> None:
         """Forget everything read so far."""
         a, cfg = self.adapter, self.config
+        # New stores count their pages afresh (the old pages go with the old stores); the budget stays.
+        self.host = HostPages(self.host.pin, self.host.budget, self.host.spill_dir)
         self.layers = [
             LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
                         self._ropes[layer.device], self.offload, self.masks, self.kernels,
-                        self._scratch[layer.device])
+                        self._scratch[layer.device], self.host)
             for layer in a.layers
         ]
+
+    def place_store(self, budget: int | None, spill_dir: Path | None) -> None:
+        """Let the block stores' pages take at most `budget` bytes of RAM from now on (None: no limit) and put the
+        pages past it in spill files in `spill_dir` (None: never spill; the budget is then not enforced here)."""
+        self.host.budget, self.host.spill_dir = budget, spill_dir
 
     def checkpoint(self) -> list[dict]:
         """State to come back to: asking a question never changes what was read."""
@@ -113,7 +124,8 @@ class Engine:
     def memory_report(self) -> MemoryReport:
         working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())
         working += sum(t.numel() * t.element_size() for t in self._scratch.values() if t is not None)
-        return MemoryReport(working, sum(m.store.nbytes() for m in self.layers), self.layers[0].store.count)
+        return MemoryReport(working, sum(m.store.nbytes() for m in self.layers), self.layers[0].store.count,
+                            self.host.spilled_bytes)
 
     def memory_report_per_token(self) -> float:
         """Block-store bytes each token read will take (K, V and its share of representative keys)."""

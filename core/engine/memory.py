@@ -36,6 +36,7 @@ from infllm.engine import positions
 from infllm.engine.attention import attention_lse, lone_query_attention, merge
 from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
 from infllm.engine.decoding import DecodeCache
+from infllm.engine.hostpages import HostPages
 from infllm.engine.masks import Mask, MaskCache
 from infllm.engine.positions import KeyLayout
 from infllm.engine.rope import RopeTable
@@ -83,7 +84,8 @@ def _windows(x: torch.Tensor, start: int, size: int, count: int, step: int) -> t
 class LayerMemory:
     def __init__(self, cfg: EngineConfig, heads: int, kv_heads: int, head_dim: int, scale: float,
                  dtype: torch.dtype, device: torch.device, rope: RopeTable, offload: bool,
-                 masks: MaskCache | None = None, kernels: str = "auto", scratch: torch.Tensor | None = None):
+                 masks: MaskCache | None = None, kernels: str = "auto", scratch: torch.Tensor | None = None,
+                 host: HostPages | None = None):
         self.cfg = cfg
         self.masks = masks if masks is not None else MaskCache(cfg)
         self._own_masks = masks is None  # a memory used alone clears its masks itself, once per call
@@ -102,7 +104,7 @@ class LayerMemory:
         self.recent_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
-                                pin=offload and device.type == "cuda", kv_dtype=cfg.kv_dtype)
+                                host=host or HostPages(pin=offload and device.type == "cuda"), kv_dtype=cfg.kv_dtype)
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
         self.decoding = DecodeCache(cfg, kv_heads, head_dim, dtype, device)  # what a decoded token attends to
         self.position = 0  # tokens seen by this layer

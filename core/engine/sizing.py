@@ -12,10 +12,14 @@ def store_bytes_per_token(model_config, cfg: EngineConfig, dtype: torch.dtype) -
     """Block-store bytes each token read takes (K, V in `cfg.kv_dtype` and its share of representative keys, all
     layers)."""
     shape = ModelShape.from_config(model_config)
-    elem = torch.empty(0, dtype=dtype).element_size()
-    per_block = (block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim, elem)
-                 + shape.kv_heads * shape.head_dim * cfg.repr_keys * elem)
-    return shape.layers * per_block / cfg.block_size
+    kv = block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim, dtype.itemsize)
+    return shape.layers * kv / cfg.block_size + repr_bytes_per_token(model_config, cfg, dtype)
+
+
+def repr_bytes_per_token(model_config, cfg: EngineConfig, dtype: torch.dtype) -> float:
+    """The representative keys' share of `store_bytes_per_token`: held beside the compute, never in host pages."""
+    shape = ModelShape.from_config(model_config)
+    return shape.layers * shape.kv_heads * shape.head_dim * cfg.repr_keys * dtype.itemsize / cfg.block_size
 
 
 def memory_blocks(tokens: int, cfg: EngineConfig) -> int:

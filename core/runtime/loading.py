@@ -25,7 +25,7 @@ from safetensors.torch import save_model
 from infllm.errors import ModelError, ResourceError, UsageError, one_line
 from infllm.reporting import Reporter
 from infllm.runtime.placement import DeviceMap, check_placement, drop_dispatch_hooks, map_devices
-from infllm.runtime.resources import is_out_of_memory
+from infllm.runtime.resources import cache_dir, is_out_of_memory
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -38,13 +38,6 @@ class LoadedModel:
     name: str  # what the user asked for, for display and snapshot metadata
     fingerprint: str  # identifies the weights (GGUF hash, or a hash of the config and weight files)
     decode_4bit: bool = False  # decoded tokens through 4-bit projections where the weights allow (infllm.engine.packed)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("INFLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "infllm"
-    )
-    return Path(root)
 
 
 def default_model_path() -> Path:

@@ -12,6 +12,9 @@ chunk at a time, checked against the RAM or, on a GPU, its free memory.
 The RAM available is MemAvailable from /proc/meminfo (Linux), else the free pages `os.sysconf` reports;
 the block store may take `RAM_USABLE` of it. `INFLLM_MEMORY_LIMIT_MB` caps it further: a user sharing a
 machine can say how much infllm may take, and tests set it to see the refusal without filling the machine.
+What the RAM cannot hold goes to the disk tier (infllm.engine.hostpages: memory-mapped spill files in
+INFLLM_SPILL_DIR, default the cache directory's `spill/`), which may take `DISK_USABLE` of that disk's free
+space, capped by INFLLM_SPILL_LIMIT_MB (0 turns the tier off); a read is refused only when both are short.
 
 `check_memory` and `working_bytes` are pure (every measurement can be passed in); `check_reading` and
 `check_engine` measure and call them.
@@ -20,15 +23,20 @@ machine can say how much infllm may take, and tests set it to see the refusal wi
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from infllm.config import EngineConfig, ModelShape, flag
 from infllm.errors import ResourceError, UsageError
 
 ENV_LIMIT = "INFLLM_MEMORY_LIMIT_MB"
 RAM_USABLE = 0.9  # share of the available RAM the block store may take: the rest is the OS's, the answer's
+SPILL_DIR_ENV = "INFLLM_SPILL_DIR"
+SPILL_LIMIT_ENV = "INFLLM_SPILL_LIMIT_MB"
+DISK_USABLE = 0.9  # share of the spill directory's free space the disk tier may take
 MB = 2**20
 
 _MEASURE = object()  # default for measurements: take them from this machine
@@ -82,16 +90,58 @@ def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
 
 def memory_limit_bytes(environ: Mapping[str, str] = os.environ) -> int | None:
     """The cap the user set with INFLLM_MEMORY_LIMIT_MB, in bytes; None if unset."""
-    raw = environ.get(ENV_LIMIT, "").strip()
+    return _megabytes(environ, ENV_LIMIT, zero=False, rule="a positive number of megabytes")
+
+
+def _megabytes(environ: Mapping[str, str], name: str, zero: bool, rule: str) -> int | None:
+    """The variable `name` as bytes (its value in MB; 0 allowed only with `zero`), None if unset; UsageError
+    saying it must be `rule` otherwise."""
+    raw = environ.get(name, "").strip()
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 < value < float("inf"):
-        raise UsageError(f"{ENV_LIMIT} must be a positive number of megabytes, got '{raw}'")
+    if not (0 <= value if zero else 0 < value) or value == float("inf"):
+        raise UsageError(f"{name} must be {rule}, got '{raw}'")
     return int(value * MB)
+
+
+def cache_dir() -> Path:
+    """Where infllm keeps files between runs (converted models, the read cache, the disk tier's default place):
+    INFLLM_CACHE, else XDG_CACHE_HOME/infllm, else ~/.cache/infllm."""
+    root = os.environ.get("INFLLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "infllm"
+    )
+    return Path(root)
+
+
+def spill_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the disk tier's files go: INFLLM_SPILL_DIR, else the cache directory's `spill/`."""
+    raw = environ.get(SPILL_DIR_ENV, "").strip()
+    return Path(raw).expanduser() if raw else cache_dir() / "spill"
+
+
+def spill_limit_bytes(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The disk tier's cap from INFLLM_SPILL_LIMIT_MB, in bytes (0: no disk tier); None if unset."""
+    return _megabytes(environ, SPILL_LIMIT_ENV, zero=True, rule="a number of megabytes (0: no disk tier)")
+
+
+def spill_room(directory: Path | None = None, limit=_MEASURE) -> int:
+    """Bytes the disk tier may take: DISK_USABLE of the free space where its files go, capped by the limit."""
+    directory = spill_dir() if directory is None else directory
+    limit = spill_limit_bytes() if limit is _MEASURE else limit
+    if limit == 0:
+        return 0
+    existing = directory
+    while not existing.exists() and existing != existing.parent:  # measured where the directory will be made
+        existing = existing.parent
+    try:
+        room = int(DISK_USABLE * shutil.disk_usage(existing).free)
+    except OSError:
+        return 0
+    return room if limit is None else min(room, limit)
 
 
 def free_gpu_bytes(device) -> int | None:
@@ -203,36 +253,45 @@ def check_memory(
     available_ram=_MEASURE,
     free_gpu=_MEASURE,
     limit=_MEASURE,
-) -> None:
-    """Raise ResourceError if reading `tokens` tokens cannot fit; return None if it can (or if unknown).
+    spill=_MEASURE,
+) -> int | None:
+    """Raise ResourceError if reading `tokens` tokens cannot fit; else return the RAM the block store may take
+    (bytes; what passes it goes to the disk tier), None if unknown.
 
-    store_bytes: the block store the read will fill (host RAM, whatever the device).
+    store_bytes: the block store the read will fill (host RAM or the disk tier, whatever the device).
     host_extra_bytes: other RAM the read needs (activations, on a CPU run).
     gpu_need_bytes: GPU memory the read still needs (activations, on a CUDA run).
     reclaimable_bytes: RAM that will be freed when the read starts (the previous read's store, with --each).
     available_ram, free_gpu, limit: measured on this machine unless given (bytes, or None for unknown).
+    spill: bytes the disk tier may take (`spill_room`), measured unless given; 0: no disk tier.
     """
     need = store_bytes + host_extra_bytes
     room, why = _ram_room(available_ram, reclaimable_bytes, limit)
+    budget = None if room is None else max(0, int(room - host_extra_bytes))
     if room is not None and need > room:
-        hints = []
-        full = settings is None or settings.kv_dtype == "model"  # 8-bit blocks do not shrink with the dtype
-        if full and dtype_name == "float32":
-            hints.append("--dtype bfloat16 (halves the block store)")
-        if settings is not None and settings.kv_dtype == "model":
-            hints.append("--kv-dtype int8 (8-bit blocks: ~3.7x smaller than float32)")
-        if len(sources) > 1:
-            hints.append(f"--each (reads the {len(sources)} sources one at a time)")
-        hints.append("fewer or shorter sources")
-        if why.startswith("the "):
-            hints.append(f"a higher {ENV_LIMIT}")
-        parts = f" ({_size(store_bytes)} block store + {_size(host_extra_bytes)} working)" if host_extra_bytes else ""
-        raise ResourceError(
-            f"not enough memory: reading {tokens:,} tokens needs ~{_size(need)} of RAM{parts}, "
-            f"but {why} allows {_size(room)}; try " + _either(hints)
-        )
+        disk = spill_room() if spill is _MEASURE else spill
+        if host_extra_bytes > room or store_bytes > budget + disk:
+            hints = []
+            full = settings is None or settings.kv_dtype == "model"  # 8-bit blocks do not shrink with the dtype
+            if full and dtype_name == "float32":
+                hints.append("--dtype bfloat16 (halves the block store)")
+            if settings is not None and settings.kv_dtype == "model":
+                hints.append("--kv-dtype int8 (8-bit blocks: ~3.7x smaller than float32)")
+            if len(sources) > 1:
+                hints.append(f"--each (reads the {len(sources)} sources one at a time)")
+            hints.append("fewer or shorter sources")
+            if why.startswith("the "):
+                hints.append(f"a higher {ENV_LIMIT}")
+            if disk:
+                hints.append(f"{SPILL_DIR_ENV} on a disk with more free space")
+            parts = f" ({_size(store_bytes)} block store + {_size(host_extra_bytes)} working)" if host_extra_bytes else ""
+            spilled = f", and the disk tier {_size(disk)} more" if disk else ""
+            raise ResourceError(
+                f"not enough memory: reading {tokens:,} tokens needs ~{_size(need)} of RAM{parts}, "
+                f"but {why} allows {_size(room)}{spilled}; try " + _either(hints)
+            )
     if getattr(device, "type", None) != "cuda" or not gpu_need_bytes:
-        return
+        return budget
     if free_gpu is _MEASURE:
         free_gpu = free_gpu_bytes(device)
     if free_gpu is not None and gpu_need_bytes > free_gpu:
@@ -247,6 +306,7 @@ def check_memory(
             f"not enough GPU memory on {device}: reading needs ~{_size(gpu_need_bytes)} more for activations, "
             f"but only {_size(free_gpu)} is free; try " + _either(hints)
         )
+    return budget
 
 
 def _ram_room(available_ram, reclaimable_bytes: float, limit) -> tuple[float | None, str]:
@@ -264,9 +324,12 @@ def _ram_room(available_ram, reclaimable_bytes: float, limit) -> tuple[float | N
     return room, why
 
 
-def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
+def check_reading(session, tokens: int, sources: Sequence[str]) -> int:
     """check_memory for a Session about to hold `tokens` tokens in all (the prompt's, the document's, a question's;
-    model loaded, engine made)."""
+    model loaded, engine made), and the engine's block stores placed accordingly: RAM up to the budget, the disk
+    tier past it. Returns the bytes of the block store expected in the disk tier (0: all in RAM)."""
+    from infllm.engine.sizing import repr_bytes_per_token
+
     engine = session.engine
     model = session.loaded.model
     dtype = next(model.parameters()).dtype
@@ -274,17 +337,45 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     device = min({layer.device for layer in engine.adapter.layers}, key=lambda d: free_gpu_bytes(d) or 0)
     activations = activation_bytes(model.config, engine.config, dtype.itemsize)
     on_gpu = device.type == "cuda"
-    check_memory(
-        tokens * engine.memory_report_per_token(),
+    memory = engine.memory_report()
+    store = tokens * engine.memory_report_per_token()
+    directory = spill_dir()
+    disk = spill_room(directory)
+    budget = check_memory(
+        store,
         device,
         tokens=tokens,
         dtype_name=str(dtype).removeprefix("torch."),
         host_extra_bytes=0 if on_gpu else activations,
         gpu_need_bytes=activations if on_gpu else 0,
-        reclaimable_bytes=engine.memory_report().block_store_bytes,
+        reclaimable_bytes=memory.block_store_bytes - memory.spilled_bytes,  # spilled pages hold no RAM of ours
         sources=sources,
         settings=engine.config,
+        spill=disk,
     )
+    if budget is None:
+        engine.place_store(None, None)
+        return 0
+    spilled = max(0, int(store - budget))
+    if not on_gpu:  # on a CPU the representative keys take RAM beside the pages
+        budget = max(0, budget - int(tokens * repr_bytes_per_token(model.config, engine.config, dtype)))
+    engine.place_store(budget, directory if disk else None)
+    return spilled
+
+
+def storage_tier(store_bytes: float, device, *, tokens: int, host_extra_bytes: float = 0, **measured) -> dict:
+    """Where a block store of `store_bytes` would live, said before reading (`infllm info`): tier "ram" (all in
+    RAM), "disk" (`spill_mb` of it in the disk tier, in `spill_dir`) or "none" (it cannot fit: `why`, the line a
+    read would be refused with). measured: check_memory's measurements, measured here unless given."""
+    directory = spill_dir()
+    measured.setdefault("spill", spill_room(directory))
+    try:
+        budget = check_memory(store_bytes, device, tokens=tokens, host_extra_bytes=host_extra_bytes, **measured)
+    except ResourceError as refused:
+        return {"tier": "none", "why": str(refused)}
+    if budget is None or store_bytes <= budget:
+        return {"tier": "ram"}
+    return {"tier": "disk", "spill_mb": round((store_bytes - budget) / MB, 1), "spill_dir": str(directory)}
 
 
 # --- out of memory during the run ----------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""The disk tier: block-store pages past the RAM budget live in memory-mapped spill files, with the same values."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from infllm.config import EngineConfig
+from infllm.engine.engine import Engine
+from infllm.engine.hostpages import SEGMENT_BYTES, HostPages
+from infllm.errors import ResourceError, UsageError
+from infllm.runtime.resources import SPILL_LIMIT_ENV, check_memory, spill_limit_bytes, spill_room
+from tiny_models import tiny_model
+
+MB = 2**20
+GIB = 1024 * MB
+CPU = torch.device("cpu")
+
+
+def _mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The /proc/self/maps entries (the file column) whose range holds the tensor's first byte."""
+    address = tensor.data_ptr()
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                found.append(fields[5].strip() if len(fields) == 6 else "")
+    return found
+
+
+def test_pages_stay_in_ram_within_the_budget_then_go_to_unlinked_spill_files(tmp_path):
+    host = HostPages(pin=False, budget=3 * 4096, spill_dir=tmp_path / "spill")
+    in_ram = [host.page((1024,), torch.float32, CPU) for _ in range(3)]  # 4 KB each: the budget exactly
+    spilled = [host.page((16, 64), torch.int8, CPU), host.page((256,), torch.float32, CPU)]
+    assert host.ram_bytes == 3 * 4096 and host.spilled_bytes == 1024 + 1024
+    for page in in_ram:
+        assert not any("infllm-spill-" in f for f in _mapped_files(page))
+    for page in spilled:
+        (mapped,) = _mapped_files(page)
+        assert "infllm-spill-" in mapped and mapped.endswith("(deleted)")  # unlinked as soon as it was mapped
+    assert os.listdir(tmp_path / "spill") == []  # nothing left to clean up, however the process ends
+    spilled[0].copy_(torch.arange(16 * 64).view(16, 64).to(torch.int8))
+    spilled[1].fill_(2.5)
+    assert spilled[0].flatten()[300].item() == 300 - 256 and spilled[1].sum().item() == 640  # no page overlaps
+    assert spilled[1].data_ptr() % 4096 == 0
+
+
+def test_a_page_larger_than_a_segment_gets_its_own_file(tmp_path):
+    host = HostPages(pin=False, budget=0, spill_dir=tmp_path)
+    small = host.page((4096,), torch.uint8, CPU)
+    big = host.page((SEGMENT_BYTES + 1,), torch.uint8, CPU)  # sparse: only what is written takes disk
+    big[-1] = 7
+    assert big[-1].item() == 7 and _mapped_files(small) != _mapped_files(big)
+
+
+def test_without_a_spill_directory_or_a_budget_pages_stay_in_ram():
+    for host in (HostPages(pin=False, budget=0), HostPages(pin=False, budget=None)):
+        page = host.page((1024,), torch.float32, CPU)
+        assert host.spilled_bytes == 0 and host.ram_bytes == 4096
+        assert not any("infllm-spill-" in f for f in _mapped_files(page))
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "model"])
+def test_a_spilled_store_gives_the_same_logits_and_snapshot_tensors(kv_dtype, tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(6))
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=4, query_chunk=16, cache_blocks=6, prefill_chunk=64,
+                       kv_dtype=kv_dtype)
+
+    def run(budget):
+        engine = Engine(model, cfg)
+        engine.place_store(budget, tmp_path)
+        logits = engine.feed(ids, all_logits=True)
+        decoded = [engine.feed(ids[t : t + 1]) for t in range(5)]
+        return logits, decoded, engine.export()[0], engine.memory_report()
+
+    plain = run(None)
+    spilled = run(0)  # every page on disk
+    mixed = run(plain[3].block_store_bytes // 2)  # some pages in RAM, the rest on disk
+    assert plain[3].spilled_bytes == 0 and spilled[3].spilled_bytes > 0
+    assert 0 < mixed[3].spilled_bytes < spilled[3].spilled_bytes
+    assert plain[3].block_store_bytes == spilled[3].block_store_bytes == mixed[3].block_store_bytes
+    for other in (spilled, mixed):
+        assert torch.equal(plain[0], other[0]) and all(torch.equal(a, b) for a, b in zip(plain[1], other[1]))
+        assert plain[2].keys() == other[2].keys()
+        assert all(torch.equal(plain[2][name], other[2][name]) for name in plain[2])
+
+
+def test_a_reset_keeps_the_budget_and_counts_pages_afresh(tmp_path):
+    model = tiny_model("llama")
+    cfg = EngineConfig(sinks=8, window=64, block_size=16, topk=4, query_chunk=16, cache_blocks=6, prefill_chunk=64)
+    engine = Engine(model, cfg)
+    engine.place_store(0, tmp_path)
+    engine.feed(torch.arange(300) % 256)
+    assert engine.memory_report().spilled_bytes > 0
+    engine.reset()
+    assert engine.memory_report().spilled_bytes == 0 and engine.host.budget == 0 and engine.host.spill_dir == tmp_path
+    engine.feed(torch.arange(300) % 256)
+    assert engine.memory_report().spilled_bytes > 0
+
+
+def test_a_store_past_the_ram_goes_to_the_disk_tier_when_the_disk_has_room():
+    """9 GB of store, 7.2 GB of usable RAM: refused without a disk tier, read with one (the RAM budget returned:
+    what the pages may take in RAM, the rest spilled)."""
+    budget = check_memory(9 * GIB, CPU, tokens=10**6, available_ram=8 * GIB, limit=None, spill=4 * GIB)
+    assert budget == int(0.9 * 8 * GIB)
+    with_activations = check_memory(9 * GIB, CPU, tokens=10**6, host_extra_bytes=GIB, available_ram=8 * GIB,
+                                    limit=None, spill=4 * GIB)
+    assert with_activations == budget - GIB  # activations stay in RAM
+    with pytest.raises(ResourceError) as caught:
+        check_memory(9 * GIB, CPU, tokens=10**6, available_ram=8 * GIB, limit=None, spill=GIB)
+    message = str(caught.value)
+    assert "but 90% of the 8,192 MB available allows 7,373 MB, and the disk tier 1,024 MB more; try " in message
+    assert message.endswith("fewer or shorter sources or INFLLM_SPILL_DIR on a disk with more free space")
+    with pytest.raises(ResourceError, match="allows 7,373 MB; try"):
+        check_memory(9 * GIB, CPU, tokens=10**6, available_ram=8 * GIB, limit=None, spill=0)
+    with pytest.raises(ResourceError):  # activations cannot spill
+        check_memory(GIB, CPU, tokens=10**6, host_extra_bytes=8 * GIB, available_ram=8 * GIB, limit=None,
+                     spill=64 * GIB)
+
+
+def test_the_spill_limit_caps_the_disk_room_and_zero_turns_the_tier_off(tmp_path):
+    assert spill_room(tmp_path, limit=0) == 0
+    assert spill_room(tmp_path, limit=5 * MB) == 5 * MB
+    free = spill_room(tmp_path / "not" / "made" / "yet", limit=None)  # measured where the directory will be made
+    assert free > 0 and not (tmp_path / "not").exists()
+    assert spill_limit_bytes({SPILL_LIMIT_ENV: "0"}) == 0 and spill_limit_bytes({}) is None
+    assert spill_limit_bytes({SPILL_LIMIT_ENV: "1.5"}) == int(1.5 * MB)
+    for bad in ("lots", "-1", "nan", "inf"):
+        with pytest.raises(UsageError, match=SPILL_LIMIT_ENV):
+            spill_limit_bytes({SPILL_LIMIT_ENV: bad})
