@@ -163,6 +163,7 @@ class Model:
         timings["open_s"] = time.perf_counter() - started
         reading = Reading(self, session, template_text, system, sources, timings, mismatch)
         reading.memory["rss_after_open_mb"] = rss_mb()
+        reading._say_spilled()
         return reading
 
 
@@ -231,7 +232,8 @@ class Reading:
         self.timings["prefill_s"] = time.perf_counter() - started  # extraction and tokenizing overlap it
 
     def _say_spilled(self) -> None:
-        """One line when the memory went past the RAM budget into the disk tier (answers read it from there)."""
+        """One line when the memory went past the RAM budget into the disk tier (answers read it from there; an
+        opened snapshot's pages are counted as they are set aside, before they are read)."""
         engine = self.session.engine
         if spilled := engine.memory_report().spilled_bytes:
             self.model.report.phase(f"{spilled / 2**20:,.0f} MB of the memory did not fit the RAM budget: it is in "

@@ -34,6 +34,7 @@ from infllm.config import EngineConfig
 from infllm.engine.blockstore import KV_PAGE_BLOCKS
 from infllm.errors import ResourceError, SnapshotError, UsageError, one_line
 from infllm.runtime.loading import LoadedModel
+from infllm.runtime.resources import check_reading
 from infllm.session import Session
 from infllm.documents.readers import STDIN, Piece, file_kind
 
@@ -305,10 +306,12 @@ class SnapshotFile:
         read()
         return out
 
-    def lazy(self, name: str) -> tuple[torch.Tensor, Callable[[], None]]:
-        """A tensor not read yet (its memory is not touched until then) and the function that reads and verifies it."""
+    def lazy(self, name: str, allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A tensor not read yet (its memory is not touched until then) and the function that reads and verifies it.
+        allocate(shape, dtype) gives the memory it is read into (default: new RAM)."""
         e = self.entries[name]
-        out = torch.empty(e.shape, dtype=e.dtype)
+        out = torch.empty(e.shape, dtype=e.dtype) if allocate is None else allocate(e.shape, e.dtype)
         return out, lambda: self._read_into(name, out)
 
     def _read_into(self, name: str, out: torch.Tensor) -> None:
@@ -542,13 +545,17 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
         if (e.dtype != want) if want else not e.dtype.is_floating_point:
             raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
 
-    # Block pages are read (and verified) when a block of theirs is first used; the rest (state, representative
-    # keys, the document) now.
+    # Block pages are read (and verified) when a block of theirs is first used, into the engine's host pages: RAM
+    # within the budget, the disk tier past it (checked and placed here, as a read would be); the rest (state,
+    # representative keys, the document) now.
+    check_reading(session, tokens, [str(path)])
+    host = engine.host
+    cpu = torch.device("cpu")
     tensors, checks = {}, {}
     for page, names in pages.items():
         reads = []
         for name in names:
-            tensors[name], read = snap.lazy(name)
+            tensors[name], read = snap.lazy(name, lambda shape, dtype: host.page(tuple(shape), dtype, cpu))
             reads.append(read)
         checks[page] = lambda reads=reads: [read() for read in reads]
     for name in snap.entries:

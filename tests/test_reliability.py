@@ -617,7 +617,8 @@ def test_not_enough_memory_is_refused_before_reading(infllm, doc, monkeypatch):
 
 def test_a_store_past_the_memory_cap_is_read_through_the_disk_tier(infllm, monkeypatch, tmp_path):
     """Under the cap that refuses the float32 store above, a store three times larger is read with a disk tier: the
-    same answer, from spill files that are gone once the run ends; a snapshot written from them answers alike."""
+    same answer, from spill files that are gone once the run ends; a snapshot written from them, opened under the
+    same cap, answers alike from the disk tier, and is refused when there is none."""
     doc = tmp_path / "long.txt"
     doc.write_text(_text(450), encoding="utf-8")
     plain = infllm(doc, "q", "--kv-dtype", "model", "--no-cache")
@@ -631,9 +632,12 @@ def test_a_store_past_the_memory_cap_is_read_through_the_disk_tier(infllm, monke
     assert re.search(rf"infllm: \d[\d,]* MB of the memory did not fit the RAM budget: it is in spill files in "
                      rf"{re.escape(str(spill))} \(the disk tier\)", spilled.stderr), spilled.stderr
     assert os.listdir(spill) == []
-    monkeypatch.delenv(ENV_LIMIT)
-    again = infllm(tmp_path / "a.infllm", "q")
+    again = infllm(tmp_path / "a.infllm", "q")  # the snapshot's pages go to the disk tier as they are set aside
     assert again.exit_code == 0 and again.stdout == plain.stdout, again.stderr
+    assert "did not fit the RAM budget: it is in spill files" in again.stderr
+    monkeypatch.setenv(SPILL_LIMIT_ENV, "0")  # no disk tier: the snapshot is refused before its pages are read
+    line = one_error_line(infllm(tmp_path / "a.infllm", "q"), EXIT_RESOURCES)
+    assert line.startswith("infllm: error: not enough memory: reading ")
 
 
 def _failing_read(error: BaseException):

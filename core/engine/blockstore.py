@@ -12,9 +12,9 @@ Representative keys are small (repr_keys/block_size of the store) and are scored
 live on the compute device, laid out [N, R, Hkv, D] so that scoring every block is one matrix product over
 (head, dim) with no copy (the [N, Hkv, R, D] layout of snapshots cost a copy of all of them per retrieval).
 
-A store can also adopt pages it did not allocate (memory-mapped from a snapshot): they are read-only views,
-checked by a callback the first time one of their blocks is read, and a partly filled last page is copied so
-that appends never write into the file's mapping.
+A store can also adopt pages it did not fill (a snapshot's, read from the file on first use): a callback reads
+and checks a page the first time one of its blocks is read; a partly filled last page is read at once and copied
+into a whole page, which later appends fill.
 """
 
 from __future__ import annotations
