@@ -68,6 +68,7 @@ from pathlib import Path
 
 import torch
 
+from infllm.config import KV_DTYPES
 from infllm.documents.readers import Piece
 
 SYSTEMS = ("infllm", "streaming", "last-slice", "bm25")
@@ -388,7 +389,7 @@ def run(args) -> dict:
     tok = loaded.tokenizer
     cfg = engine_defaults(loaded.model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
-        query_chunk=args.query_chunk)
+        query_chunk=args.query_chunk, kv_dtype=args.kv_dtype)
     template = load_template(args.template)
     system_prompt = builtin_template("system").strip()
     stops = stop_token_ids(loaded)
@@ -638,6 +639,7 @@ def main() -> None:
                     help="last-slice document tokens (default: what fits the model's context)")
     for name in ("window", "topk", "sinks", "block-size", "query-chunk"):
         ap.add_argument(f"--{name}", type=int, default=None, help="engine setting (default: the model's)")
+    ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     args = ap.parse_args()
     try:
         if args.rescore:

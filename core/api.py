@@ -291,7 +291,8 @@ class Reading:
                     on_text(chunk)
         timings["answer_s"] = time.perf_counter() - started
         timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
-        memory = {**peak_memory(), "rss_mb": rss_mb(), **self.memory}
+        memory = {**peak_memory(), "rss_mb": rss_mb(),
+                  "spilled_mb": round(session.engine.memory_report().spilled_bytes / 2**20, 1), **self.memory}
         return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
                       session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
                       list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix))

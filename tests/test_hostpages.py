@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -52,9 +53,27 @@ def test_pages_stay_in_ram_within_the_budget_then_go_to_unlinked_spill_files(tmp
 def test_a_page_larger_than_a_segment_gets_its_own_file(tmp_path):
     host = HostPages(pin=False, budget=0, spill_dir=tmp_path)
     small = host.page((4096,), torch.uint8, CPU)
-    big = host.page((SEGMENT_BYTES + 1,), torch.uint8, CPU)  # sparse: only what is written takes disk
+    big = host.page((SEGMENT_BYTES + 1,), torch.uint8, CPU)
     big[-1] = 7
     assert big[-1].item() == 7 and _mapped_files(small) != _mapped_files(big)
+
+
+def test_a_full_disk_is_one_error_before_the_page_is_mapped(tmp_path, monkeypatch):
+    """Space is allocated before mapping: a write into a mapped hole on a full disk would kill the process."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    host = HostPages(pin=False, budget=0, spill_dir=tmp_path)
+    with pytest.raises(ResourceError, match=rf"the disk tier cannot grow in {tmp_path} \(No space left on device\)"):
+        host.page((1024,), torch.float32, CPU)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_directory_where_no_file_can_be_made_gives_no_disk_tier(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert spill_room(blocker / "spill", limit=None) == 0
 
 
 def test_without_a_spill_directory_or_a_budget_pages_stay_in_ram():

@@ -635,6 +635,7 @@ def test_a_store_past_the_memory_cap_is_read_through_the_disk_tier(infllm, monke
     again = infllm(tmp_path / "a.infllm", "q")  # the snapshot's pages go to the disk tier as they are set aside
     assert again.exit_code == 0 and again.stdout == plain.stdout, again.stderr
     assert "did not fit the RAM budget: it is in spill files" in again.stderr
+    assert json.loads(infllm(tmp_path / "a.infllm", "q", "--json").stdout)["memory"]["spilled_mb"] > 0
     monkeypatch.setenv(SPILL_LIMIT_ENV, "0")  # no disk tier: the snapshot is refused before its pages are read
     line = one_error_line(infllm(tmp_path / "a.infllm", "q"), EXIT_RESOURCES)
     assert line.startswith("infllm: error: not enough memory: reading ")

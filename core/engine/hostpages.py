@@ -9,7 +9,9 @@ cache on a GPU run), so the tier changes speed, never values.
 
 The budget is set before each read (`infllm.runtime.resources` computes it from the RAM available and
 INFLLM_MEMORY_LIMIT_MB). Spill files are unlinked as soon as they are mapped: nothing is left on disk when the
-process ends, however it ends, and the space returns once the pages are dropped.
+process ends, however it ends, and the space returns once the pages are dropped. Their space is allocated before
+they are mapped: a write into a mapped hole on a full disk kills the process (SIGBUS), where a failed allocation
+is one error line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-SEGMENT_BYTES = 256 * 2**20  # one spill file: pages are carved from it; its untouched tail stays sparse on disk
+from infllm.errors import ResourceError
+
+SEGMENT_BYTES = 64 * 2**20  # one spill file, allocated whole: pages are carved from it
 _ALIGN = 4096  # page offsets inside a segment: the OS page, so a block page never shares one with another
 
 
@@ -44,14 +48,23 @@ class SpillFiles:
         return out
 
     def _map(self, nbytes: int) -> torch.Tensor:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="infllm-spill-", dir=self.directory)
-        os.close(fd)
+        path = None
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="infllm-spill-", dir=self.directory)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            finally:
+                os.close(fd)
             # shared: writes go to the file, so its pages can leave RAM (a private mapping would be anonymous memory)
             return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        except OSError as err:
+            raise ResourceError(f"the disk tier cannot grow in {self.directory} ({err.strerror or err}): the memory "
+                                "passed the RAM budget; free space there, set INFLLM_SPILL_DIR to another disk, or "
+                                "read less") from None
         finally:
-            os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
+            if path is not None:
+                os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
 
 
 class HostPages:

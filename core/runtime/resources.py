@@ -129,7 +129,8 @@ def spill_limit_bytes(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 def spill_room(directory: Path | None = None, limit=_MEASURE) -> int:
-    """Bytes the disk tier may take: DISK_USABLE of the free space where its files go, capped by the limit."""
+    """Bytes the disk tier may take: DISK_USABLE of the free space where its files go, capped by the limit; 0 where
+    no file can be made."""
     directory = spill_dir() if directory is None else directory
     limit = spill_limit_bytes() if limit is _MEASURE else limit
     if limit == 0:
@@ -137,6 +138,8 @@ def spill_room(directory: Path | None = None, limit=_MEASURE) -> int:
     existing = directory
     while not existing.exists() and existing != existing.parent:  # measured where the directory will be made
         existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return 0  # no files can be made there: no disk tier
     try:
         room = int(DISK_USABLE * shutil.disk_usage(existing).free)
     except OSError:
