@@ -10,7 +10,7 @@ import torch
 
 from infllm.config import EngineConfig
 from infllm.engine.engine import Engine
-from infllm.engine.hostpages import SEGMENT_BYTES, HostPages
+from infllm.engine.hostpages import SLAB_BYTES, HostPages
 from infllm.errors import ResourceError, UsageError
 from infllm.runtime.resources import SPILL_LIMIT_ENV, check_memory, spill_limit_bytes, spill_room
 from tiny_models import tiny_model
@@ -37,7 +37,7 @@ def test_pages_stay_in_ram_within_the_budget_then_go_to_unlinked_spill_files(tmp
     host = HostPages(pin=False, budget=3 * 4096, spill_dir=tmp_path / "spill")
     in_ram = [host.page((1024,), torch.float32, CPU) for _ in range(3)]  # 4 KB each: the budget exactly
     spilled = [host.page((16, 64), torch.int8, CPU), host.page((256,), torch.float32, CPU)]
-    assert host.ram_bytes == 3 * 4096 and host.spilled_bytes == 1024 + 1024
+    assert host.ram_bytes == 3 * 4096 and host.spilled_bytes == 1024 + 1024  # a RAM slab as large as the budget
     for page in in_ram:
         assert not any("infllm-spill-" in f for f in _mapped_files(page))
     for page in spilled:
@@ -50,12 +50,15 @@ def test_pages_stay_in_ram_within_the_budget_then_go_to_unlinked_spill_files(tmp
     assert spilled[1].data_ptr() % 4096 == 0
 
 
-def test_a_page_larger_than_a_segment_gets_its_own_file(tmp_path):
-    host = HostPages(pin=False, budget=0, spill_dir=tmp_path)
-    small = host.page((4096,), torch.uint8, CPU)
-    big = host.page((SEGMENT_BYTES + 1,), torch.uint8, CPU)
-    big[-1] = 7
-    assert big[-1].item() == 7 and _mapped_files(small) != _mapped_files(big)
+def test_pages_share_slabs_and_a_page_larger_than_a_slab_gets_its_own(tmp_path):
+    for budget, spill_dir in ((None, None), (0, tmp_path)):  # RAM slabs, spill-file slabs
+        host = HostPages(pin=False, budget=budget, spill_dir=spill_dir)
+        first, second = host.page((4096,), torch.uint8, CPU), host.page((100,), torch.float32, CPU)
+        assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # one slab
+        assert second.data_ptr() - first.data_ptr() == 4096  # aligned to the OS page, no overlap
+        big = host.page((SLAB_BYTES + 1,), torch.uint8, CPU)
+        big[-1] = 7
+        assert big[-1].item() == 7 and big.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
 
 
 def test_a_full_disk_is_one_error_before_the_page_is_mapped(tmp_path, monkeypatch):
@@ -79,7 +82,7 @@ def test_a_directory_where_no_file_can_be_made_gives_no_disk_tier(tmp_path):
 def test_without_a_spill_directory_or_a_budget_pages_stay_in_ram():
     for host in (HostPages(pin=False, budget=0), HostPages(pin=False, budget=None)):
         page = host.page((1024,), torch.float32, CPU)
-        assert host.spilled_bytes == 0 and host.ram_bytes == 4096
+        assert host.spilled_bytes == 0 and host.ram_bytes == SLAB_BYTES  # one slab, its tail untouched
         assert not any("infllm-spill-" in f for f in _mapped_files(page))
 
 

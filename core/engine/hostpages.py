@@ -1,8 +1,8 @@
 """Where the block stores' K/V pages live on the host: RAM up to a budget, then memory-mapped files (the disk tier).
 
-The block store grows with the text and is what outgrows a machine's RAM (an 8-bit default-model store is ~20 GB
-at 1M tokens). One `HostPages` serves every layer of an engine: pages are allocated in RAM (pinned for a GPU
-run) while the RAM they take stays within `budget`; later pages are carved out of files in a spill directory,
+The block store grows with the text and is what outgrows a machine's RAM (an 8-bit default-model store is ~13 GB
+at 1M tokens). One `HostPages` serves every layer of an engine: pages are carved out of RAM slabs (pinned for a
+GPU run) while the RAM they take stays within `budget`; later pages are carved out of files in a spill directory,
 mapped shared, so the kernel writes them back to disk and drops them from RAM under pressure and reads them
 again when a block is gathered. Blocks are read through the same views either way (and through the GPU's block
 cache on a GPU run), so the tier changes speed, never values.
@@ -18,72 +18,95 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from infllm.errors import ResourceError
 
-SEGMENT_BYTES = 64 * 2**20  # one spill file, allocated whole: pages are carved from it
-_ALIGN = 4096  # page offsets inside a segment: the OS page, so a block page never shares one with another
+SLAB_BYTES = 64 * 2**20  # pages are carved from slabs of this size: RAM allocations, or spill files allocated whole
+_ALIGN = 4096  # page offsets inside a slab: the OS page, so a block page never shares one with another
 
 
-class SpillFiles:
-    """Pages carved out of memory-mapped, already unlinked files in `directory`."""
+class Slabs:
+    """Pages carved one after another out of large uint8 slabs that `make(nbytes)` allocates.
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.segments: list[torch.Tensor] = []  # uint8 [bytes] per file mapped, the last being carved
-        self._used = 0  # bytes of it handed out
-        self.nbytes = 0  # bytes handed out in all
+    Pages of RAM come from slabs too: allocated one by one, a read's 16-block pages were interleaved on the heap
+    with its temporaries, and the heap kept the freed temporaries' memory resident between them (214 MB of 952 at
+    32K tokens, docs/benchmarks.md "The disk tier"); a slab is one allocation of its own."""
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """uint8 [nbytes], backed by a file on disk."""
-        if not self.segments or self._used + nbytes > self.segments[-1].numel():
-            self.segments.append(self._map(max(SEGMENT_BYTES, nbytes)))
+    def __init__(self, make: Callable[[int], torch.Tensor]):
+        self.make = make
+        self.slabs: list[torch.Tensor] = []  # uint8 [bytes] each, the last being carved
+        self._used = 0  # bytes of the last slab handed out (aligned)
+        self.reserved = 0  # bytes of all slabs
+        self.given = 0  # bytes of all pages handed out
+
+    def room(self) -> int:
+        """Bytes the last slab can still hand out without a new one."""
+        return self.slabs[-1].numel() - self._used if self.slabs else 0
+
+    def take(self, nbytes: int, slab_bytes: int) -> torch.Tensor:
+        """uint8 [nbytes] from the last slab, or from a new one of max(slab_bytes, nbytes)."""
+        if nbytes > self.room():
+            self.slabs.append(self.make(max(slab_bytes, nbytes)))
+            self.reserved += self.slabs[-1].numel()
             self._used = 0
-        out = self.segments[-1][self._used : self._used + nbytes]
-        self._used += -(-nbytes // _ALIGN) * _ALIGN
-        self.nbytes += nbytes
+        out = self.slabs[-1][self._used : self._used + nbytes]
+        self.given += nbytes
+        self._used = min(self.slabs[-1].numel(), self._used + -(-nbytes // _ALIGN) * _ALIGN)
         return out
 
-    def _map(self, nbytes: int) -> torch.Tensor:
-        path = None
+
+def spill_file(directory: Path, nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] backed by a new file in `directory`: allocated whole, mapped shared, already unlinked."""
+    path = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="infllm-spill-", dir=directory)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, path = tempfile.mkstemp(prefix="infllm-spill-", dir=self.directory)
-            try:
-                os.posix_fallocate(fd, 0, nbytes)
-            finally:
-                os.close(fd)
-            # shared: writes go to the file, so its pages can leave RAM (a private mapping would be anonymous memory)
-            return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        except OSError as err:
-            raise ResourceError(f"the disk tier cannot grow in {self.directory} ({err.strerror or err}): the memory "
-                                "passed the RAM budget; free space there, set INFLLM_SPILL_DIR to another disk, or "
-                                "read less") from None
+            os.posix_fallocate(fd, 0, nbytes)
         finally:
-            if path is not None:
-                os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
+            os.close(fd)
+        # shared: writes go to the file, so its pages can leave RAM (a private mapping would be anonymous memory)
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    except OSError as err:
+        raise ResourceError(f"the disk tier cannot grow in {directory} ({err.strerror or err}): the memory passed "
+                            "the RAM budget; free space there, set INFLLM_SPILL_DIR to another disk, or read less"
+                            ) from None
+    finally:
+        if path is not None:
+            os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
 
 
 class HostPages:
-    """K/V pages for the block stores of one engine: in RAM while `budget` allows, then in `SpillFiles`.
+    """K/V pages for the block stores of one engine: RAM slabs while `budget` allows, then spill-file slabs.
 
-    budget: bytes of RAM the pages may take (None: no limit, nothing spilled); it may change between reads.
-    Pages on another device than the CPU (a store kept on the compute device) are never budgeted.
+    budget: bytes of RAM the slabs may take (None: no limit, nothing spilled); it may change between reads. A RAM
+    slab is as large as the budget still allows, up to SLAB_BYTES; its untouched tail takes no memory (the OS gives
+    pages on first write) unless it is pinned (resident whole). Pages on another device than the CPU (a store kept
+    on the compute device) are never budgeted.
     """
 
     def __init__(self, pin: bool, budget: int | None = None, spill_dir: Path | None = None):
         self.pin = pin
         self.budget = budget
         self.spill_dir = spill_dir
-        self.ram_bytes = 0
-        self._spill: SpillFiles | None = None
+        # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
+        # hide it (benchmarks/host_memory.py; docs/benchmarks.md): slabs are pinned as they are made.
+        self._ram = Slabs(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin))
+        self._spill = Slabs(lambda n: spill_file(self.spill_dir, n))
+
+    @property
+    def ram_bytes(self) -> int:
+        """RAM the slabs reserve (what the budget bounds)."""
+        return self._ram.reserved
 
     @property
     def spilled_bytes(self) -> int:
-        return self._spill.nbytes if self._spill is not None else 0
+        """Bytes of the pages in the disk tier."""
+        return self._spill.given
 
     def page(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized page [*shape] of `dtype`: on `device`, in host RAM or in a spill file."""
@@ -93,11 +116,10 @@ class HostPages:
         for n in shape:
             numel *= n
         nbytes = numel * dtype.itemsize
-        if self.budget is None or self.spill_dir is None or self.ram_bytes + nbytes <= self.budget:
-            self.ram_bytes += nbytes
-            # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does
-            # not hide it (benchmarks/host_memory.py; docs/benchmarks.md).
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-        if self._spill is None:
-            self._spill = SpillFiles(self.spill_dir)
-        return self._spill.take(nbytes).view(dtype).view(shape)
+        if self.budget is None or self.spill_dir is None:
+            raw = self._ram.take(nbytes, SLAB_BYTES)
+        elif nbytes <= self._ram.room() or self._ram.reserved + nbytes <= self.budget:
+            raw = self._ram.take(nbytes, min(SLAB_BYTES, self.budget - self._ram.reserved))
+        else:
+            raw = self._spill.take(nbytes, SLAB_BYTES)
+        return raw.view(dtype).view(shape)
