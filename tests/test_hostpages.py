@@ -155,3 +155,13 @@ def test_the_spill_limit_caps_the_disk_room_and_zero_turns_the_tier_off(tmp_path
     for bad in ("lots", "-1", "nan", "inf"):
         with pytest.raises(UsageError, match=SPILL_LIMIT_ENV):
             spill_limit_bytes({SPILL_LIMIT_ENV: bad})
+
+
+def test_pinned_pages_are_one_allocation_each():
+    """A GPU run's pinned pages come from the accelerator's host allocator, one page each, as before slabs (no
+    GPU here: the allocation is recorded instead of pinned)."""
+    host = HostPages(pin=True)
+    sizes = []
+    host._ram.make = lambda n: (sizes.append(n), torch.empty(n, dtype=torch.uint8))[1]
+    pages = [host.page((16, 64), torch.int8, CPU), host.page((100,), torch.float32, CPU)]
+    assert sizes == [1024, 400] and [p.shape for p in pages] == [(16, 64), (100,)]

@@ -85,8 +85,8 @@ class HostPages:
 
     budget: bytes of RAM the slabs may take (None: no limit, nothing spilled); it may change between reads. A RAM
     slab is as large as the budget still allows, up to SLAB_BYTES; its untouched tail takes no memory (the OS gives
-    pages on first write) unless it is pinned (resident whole). Pages on another device than the CPU (a store kept
-    on the compute device) are never budgeted.
+    pages on first write). Pinned pages (a GPU run) are slabs of one page each. Pages on another device than the
+    CPU (a store kept on the compute device) are never budgeted.
     """
 
     def __init__(self, pin: bool, budget: int | None = None, spill_dir: Path | None = None):
@@ -94,7 +94,7 @@ class HostPages:
         self.budget = budget
         self.spill_dir = spill_dir
         # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
-        # hide it (benchmarks/host_memory.py; docs/benchmarks.md): slabs are pinned as they are made.
+        # hide it (benchmarks/host_memory.py; docs/benchmarks.md): pinned pages are pinned as they are made.
         self._ram = Slabs(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin))
         self._spill = Slabs(lambda n: spill_file(self.spill_dir, n))
 
@@ -117,9 +117,14 @@ class HostPages:
             numel *= n
         nbytes = numel * dtype.itemsize
         if self.budget is None or self.spill_dir is None:
-            raw = self._ram.take(nbytes, SLAB_BYTES)
+            raw = self._ram.take(nbytes, self._slab(SLAB_BYTES))
         elif nbytes <= self._ram.room() or self._ram.reserved + nbytes <= self.budget:
-            raw = self._ram.take(nbytes, min(SLAB_BYTES, self.budget - self._ram.reserved))
+            raw = self._ram.take(nbytes, self._slab(min(SLAB_BYTES, self.budget - self._ram.reserved)))
         else:
             raw = self._spill.take(nbytes, SLAB_BYTES)
         return raw.view(dtype).view(shape)
+
+    def _slab(self, nbytes: int) -> int:
+        """The size of a new RAM slab: pinned pages are one allocation each (a slab's slices would all be pinned
+        up front, and pinned memory comes from the accelerator's host allocator, not the heap that fragments)."""
+        return 0 if self.pin else nbytes
