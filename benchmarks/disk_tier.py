@@ -43,11 +43,11 @@ def rss_kb() -> dict[str, int]:
         return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
 
 
-def page_out(segments: list[torch.Tensor]) -> bool:
+def page_out(slabs: list[torch.Tensor]) -> bool:
     """Push the spill files' pages out of RAM; False where the kernel refuses (no MADV_PAGEOUT)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return all(libc.madvise(s.data_ptr(), s.numel(), MADV_PAGEOUT) == 0 for s in segments)
+    return all(libc.madvise(s.data_ptr(), s.numel(), MADV_PAGEOUT) == 0 for s in slabs)
 
 
 def turn(loaded, ids, source_map, question: list[int], decode: int, way: str, spill_dir: Path) -> dict:
@@ -62,7 +62,7 @@ def turn(loaded, ids, source_map, question: list[int], decode: int, way: str, sp
     after = rss_kb()
     paged = None
     if way.endswith("paged out)"):
-        paged = page_out(engine.host._spill.segments)
+        paged = page_out(engine.host.spill_slabs)
     session.rewind()
     logits = engine.feed(question)
     start = time.perf_counter()

@@ -237,7 +237,8 @@ class Reading:
         engine = self.session.engine
         if spilled := engine.memory_report().spilled_bytes:
             self.model.report.phase(f"{spilled / 2**20:,.0f} MB of the memory did not fit the RAM budget: it is in "
-                                    f"spill files in {engine.host.spill_dir} (the disk tier), removed at exit")
+                                    f"spill files in {engine.host.spill_dir} (the disk tier; nothing stays there "
+                                    "after the run)")
 
     def _keep(self, cache: ReadCache, key: str) -> None:
         """Keep this read in the cache, if it fits (its size estimated from the memory, over rather than under)."""

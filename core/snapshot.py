@@ -548,14 +548,16 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     # Block pages are read (and verified) when a block of theirs is first used, into the engine's host pages: RAM
     # within the budget, the disk tier past it (checked and placed here, as a read would be); the rest (state,
     # representative keys, the document) now.
+    # A GPU run's host pages are pinned, and pinning every page at open would cost ~2 GB/s: there they stay in new
+    # unpinned RAM, as the cache's misses copy them anyway.
     check_reading(session, tokens, [str(path)])
-    host = engine.host
-    cpu = torch.device("cpu")
+    host, cpu = engine.host, torch.device("cpu")
+    allocate = None if host.pin else lambda shape, dtype: host.page(tuple(shape), dtype, cpu)
     tensors, checks = {}, {}
     for page, names in pages.items():
         reads = []
         for name in names:
-            tensors[name], read = snap.lazy(name, lambda shape, dtype: host.page(tuple(shape), dtype, cpu))
+            tensors[name], read = snap.lazy(name, allocate)
             reads.append(read)
         checks[page] = lambda reads=reads: [read() for read in reads]
     for name in snap.entries:

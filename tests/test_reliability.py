@@ -630,7 +630,8 @@ def test_a_store_past_the_memory_cap_is_read_through_the_disk_tier(infllm, monke
     assert spilled.exit_code == 0, spilled.stderr
     assert spilled.stdout == plain.stdout
     assert re.search(rf"infllm: \d[\d,]* MB of the memory did not fit the RAM budget: it is in spill files in "
-                     rf"{re.escape(str(spill))} \(the disk tier\)", spilled.stderr), spilled.stderr
+                     rf"{re.escape(str(spill))} \(the disk tier; nothing stays there after the run\)",
+                     spilled.stderr), spilled.stderr
     assert os.listdir(spill) == []
     again = infllm(tmp_path / "a.infllm", "q")  # the snapshot's pages go to the disk tier as they are set aside
     assert again.exit_code == 0 and again.stdout == plain.stdout, again.stderr

@@ -32,9 +32,10 @@ _ALIGN = 4096  # page offsets inside a slab: the OS page, so a block page never 
 class Slabs:
     """Pages carved one after another out of large uint8 slabs that `make(nbytes)` allocates.
 
-    Pages of RAM come from slabs too: allocated one by one, a read's 16-block pages were interleaved on the heap
-    with its temporaries, and the heap kept the freed temporaries' memory resident between them (214 MB of 952 at
-    32K tokens, docs/benchmarks.md "The disk tier"); a slab is one allocation of its own."""
+    Unpinned RAM pages come from slabs too: allocated one by one, a read's 16-block pages were interleaved on the
+    heap with its temporaries, and the heap kept the freed temporaries' memory resident between them (a 32K read
+    added ~1,000 MB of anonymous memory with pages allocated one by one, ~740 with slabs: docs/benchmarks.md "The
+    disk tier"); a slab is one allocation of its own."""
 
     def __init__(self, make: Callable[[int], torch.Tensor]):
         self.make = make
@@ -49,7 +50,7 @@ class Slabs:
 
     def take(self, nbytes: int, slab_bytes: int) -> torch.Tensor:
         """uint8 [nbytes] from the last slab, or from a new one of max(slab_bytes, nbytes)."""
-        if nbytes > self.room():
+        if not self.slabs or nbytes > self.room():
             self.slabs.append(self.make(max(slab_bytes, nbytes)))
             self.reserved += self.slabs[-1].numel()
             self._used = 0
@@ -107,6 +108,11 @@ class HostPages:
     def spilled_bytes(self) -> int:
         """Bytes of the pages in the disk tier."""
         return self._spill.given
+
+    @property
+    def spill_slabs(self) -> list[torch.Tensor]:
+        """The spill files' mappings, uint8 [bytes] each (benchmarks/disk_tier.py pushes them out of RAM)."""
+        return self._spill.slabs
 
     def page(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized page [*shape] of `dtype`: on `device`, in host RAM or in a spill file."""

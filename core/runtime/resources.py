@@ -287,7 +287,8 @@ def check_memory(
                 hints.append(f"a higher {ENV_LIMIT}")
             if disk:
                 hints.append(f"{SPILL_DIR_ENV} on a disk with more free space")
-            parts = f" ({_size(store_bytes)} block store + {_size(host_extra_bytes)} working)" if host_extra_bytes else ""
+            parts = (f" ({_size(store_bytes)} block store + {_size(host_extra_bytes)} working)"
+                     if host_extra_bytes else "")
             spilled = f", and the disk tier {_size(disk)} more" if disk else ""
             raise ResourceError(
                 f"not enough memory: reading {tokens:,} tokens needs ~{_size(need)} of RAM{parts}, "
