@@ -1,11 +1,11 @@
 """Where the block stores' K/V pages live on the host: RAM up to a budget, then memory-mapped files (the disk tier).
 
 The block store grows with the text and is what outgrows a machine's RAM (an 8-bit default-model store is ~13 GB
-at 1M tokens). One `HostPages` serves every layer of an engine: pages are carved out of RAM slabs (pinned for a
-GPU run) while the RAM they take stays within `budget`; later pages are carved out of files in a spill directory,
-mapped shared, so the kernel writes them back to disk and drops them from RAM under pressure and reads them
-again when a block is gathered. Blocks are read through the same views either way (and through the GPU's block
-cache on a GPU run), so the tier changes speed, never values.
+at 1M tokens). One `HostPages` serves every layer of an engine: pages are carved out of RAM slabs (a GPU run's
+pinned pages are one allocation each) while the RAM they take stays within `budget`; later pages are carved out of
+files in a spill directory, mapped shared, so the kernel writes them back to disk and drops them from RAM under
+pressure and reads them again when a block is gathered. Blocks are read through the same views either way (and
+through the GPU's block cache on a GPU run), so the tier changes speed, never values.
 
 The budget is set before each read (`infllm.runtime.resources` computes it from the RAM available and
 INFLLM_MEMORY_LIMIT_MB). Spill files are unlinked as soon as they are mapped: nothing is left on disk when the

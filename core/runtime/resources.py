@@ -328,10 +328,10 @@ def _ram_room(available_ram, reclaimable_bytes: float, limit) -> tuple[float | N
     return room, why
 
 
-def check_reading(session, tokens: int, sources: Sequence[str]) -> int:
+def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     """check_memory for a Session about to hold `tokens` tokens in all (the prompt's, the document's, a question's;
     model loaded, engine made), and the engine's block stores placed accordingly: RAM up to the budget, the disk
-    tier past it. Returns the bytes of the block store expected in the disk tier (0: all in RAM)."""
+    tier past it (what went there, the engine's memory report says afterwards)."""
     from infllm.engine.sizing import repr_bytes_per_token
 
     engine = session.engine
@@ -357,14 +357,9 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> int:
         settings=engine.config,
         spill=disk,
     )
-    if budget is None:
-        engine.place_store(None, None)
-        return 0
-    spilled = max(0, int(store - budget))
-    if not on_gpu:  # on a CPU the representative keys take RAM beside the pages
+    if budget is not None and not on_gpu:  # on a CPU the representative keys take RAM beside the pages
         budget = max(0, budget - int(tokens * repr_bytes_per_token(model.config, engine.config, dtype)))
-    engine.place_store(budget, directory if disk else None)
-    return spilled
+    engine.place_store(budget, directory if disk and budget is not None else None)
 
 
 def storage_tier(store_bytes: float, device, *, tokens: int, host_extra_bytes: float = 0, **measured) -> dict:
