@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--float32-prefill", action="store_true",
+                    help="prefill's products in float32 where the CPU multiplies bfloat16 natively (the default there "
+                         "takes bfloat16: infllm.engine.bf16)")
     ap.add_argument("--lengths", default="4096,8192,16384")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--systems", default="full,streaming,infllm")
@@ -153,6 +156,7 @@ def main() -> None:
         return
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded.prefill_bf16 = loaded.prefill_bf16 and not args.float32_prefill
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     from infllm.defaults import engine_defaults
@@ -170,7 +174,7 @@ def main() -> None:
         ap.error(f"--only takes trial indices from 0 to {args.trials - 1}")
     engines = {}
     if "infllm" in systems:
-        engines["infllm"] = Engine(model, cfg, decode_4bit=loaded.decode_4bit)
+        engines["infllm"] = Engine(model, cfg, decode_4bit=loaded.decode_4bit, prefill_bf16=loaded.prefill_bf16)
     if "infllm-4bit" in systems:  # the same, its decoded tokens through 4-bit projections (infllm.engine.packed)
         if packed_decoder(model) is None:
             ap.error("infllm-4bit needs the CPU and a model whose weights are 4-bit (the default model)")

@@ -371,12 +371,17 @@ def run(args) -> dict:
         for spec in filter(None, args.focus.split(",")):
             parts = spec.split(":")
             weight, pins, passages = (parts + ["0", "0"])[:3]
-            bits = parts[3] if len(parts) > 3 else ""
-            if bits not in ("", "4", "32"):
-                raise SetError(f"--focus {spec}: the fourth field is 4 or 32 (bits of the decode projections)")
-            name = f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
+            extra = parts[3:]
+            copy = [p for p in extra if p.startswith("x")]
+            bits = "".join(p for p in extra if not p.startswith("x"))
+            if bits not in ("", "4", "32") or len(copy) > 1:
+                raise SetError(f"--focus {spec}: after W:P:R come 4 or 32 (bits of the decode projections) "
+                               "and xB (the copy bias)")
+            name = (f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
+                    + (f" copy {copy[0][1:]}" if copy else ""))
             blocks = passages.endswith("b")  # whole blocks re-read, not the best sentences
-            focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks)
+            focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks,
+                                copy_bias=float(copy[0][1:]) if copy else 0.0)
             if bits:
                 four_bit[name] = bits == "4"
             systems.insert(systems.index("infllm") + len(focus), name)
@@ -386,6 +391,7 @@ def run(args) -> dict:
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded.prefill_bf16 = loaded.prefill_bf16 and not args.float32_prefill
     tok = loaded.tokenizer
     cfg = engine_defaults(loaded.model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
@@ -620,6 +626,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the built-in default model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--float32-prefill", action="store_true",
+                    help="prefill's products in float32 where the CPU multiplies bfloat16 natively (the default there "
+                         "takes bfloat16: infllm.engine.bf16)")
     ap.add_argument("--max-new", type=int, default=48, help="answer tokens (greedy)")
     ap.add_argument("--ks", default="1,3,8", help="recall@k cut-offs")
     ap.add_argument("--start-char", type=int, default=None, help="override every item's start_char")
@@ -631,7 +640,8 @@ def main() -> None:
                     help="also answer from the infllm read with the question's words steering retrieval: BM25 "
                          "weight W, P pinned blocks, R passages re-read before the question (the best sentences; Rb: whole blocks), per "
                          "variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a fourth field 4 or 32 decodes through "
-                         "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit)")
+                         "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit); a field xB adds B to the "
+                         "logits of the tokens the re-read passages and the question hold (Focus.copy_bias), e.g. 1:2:3:x2")
     ap.add_argument("--passages", type=int, default=3,
                     help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")

@@ -86,12 +86,17 @@ class Model:
 
     def warm_up(self) -> None:
         """Do now what the first answer of this process would otherwise wait for: packing the decode projections
-        and the LM head to low bits where the model allows (about 1 s for the default model on 2 cores). `infllm serve`
-        calls it before it listens; a one-question process gains nothing from it."""
+        and the LM head to low bits where the model allows (about 1 s for the default model on 2 cores), and the
+        prefill's bfloat16 copies where the CPU takes them. `infllm serve` calls it before it listens; a
+        one-question process gains nothing from it."""
         if self.loaded.decode_4bit:
             from infllm.engine.packed import packed_decoder
 
             packed_decoder(self.loaded.model)
+        if self.loaded.prefill_bf16:
+            from infllm.engine.bf16 import bf16_layers
+
+            bf16_layers(self.loaded.model)
 
     def settings(self, **engine: int | None) -> EngineConfig:
         """This model's engine settings: its defaults, then the given ones (None: the default), validated."""

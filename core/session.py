@@ -59,6 +59,9 @@ class Focus:
     # True: the passages are the question's best sentences among its best blocks (citations/sentences.py);
     # False: its best blocks whole, as they were before sentences measured better.
     sentences: bool = True
+    # Added to the logits of every token the re-read passages and the question hold (and the stop tokens), while
+    # the answer is generated: a small model then takes the document's words over ones it makes up. 0: off.
+    copy_bias: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -131,7 +134,7 @@ class Session:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.loaded = loaded
         check_engine(loaded.model, config)  # the engine's buffers are sized by the settings: refuse before allocating
-        self.engine = Engine(loaded.model, config, decode_4bit=loaded.decode_4bit)
+        self.engine = Engine(loaded.model, config, decode_4bit=loaded.decode_4bit, prefill_bf16=loaded.prefill_bf16)
         self.timings = Timings()
         self._read_state: list[dict] | None = None
         self._stops = stop_token_ids(loaded)
@@ -268,13 +271,21 @@ class Session:
         self.engine.set_block_prior(prior)
         start = time.perf_counter()
         tail = list(prompt.suffix)  # what the tally hears: the question, not the passages re-read before it
+        boosted: list[int] = []  # token ids whose logits get focus.copy_bias
         if lexical is not None and focus.passages:
-            suffix = prompt.with_passages(self._passages(lexical, focus.passages, source_map, prompt.question,
-                                                             focus.sentences))
+            texts = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
+            rendered = render_passages(prompt.question, texts)
+            suffix = prompt.with_passages(self.loaded.tokenizer.encode(rendered, add_special_tokens=False))
             tail = list(prompt.suffix[prompt.slot or 0 :])  # the template after its {passages} field
             self.engine.feed(suffix[: len(suffix) - len(tail)])
+            if focus.copy_bias:
+                boosted = self._written_in(texts + [prompt.question])
         tally = self.retrievals = self.engine.count_retrievals(cite > 0)
         logits = self.engine.feed(tail, on_progress=on_progress)
+        bias = None
+        if boosted:  # [vocab], on the logits' device
+            bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            bias[torch.tensor([t for t in boosted if t < bias.shape[0]], device=bias.device)] = focus.copy_bias
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         tokenizer = self.loaded.tokenizer
         tokens: list[int] = []
@@ -284,6 +295,8 @@ class Session:
         stops = tuple(sampling.stop) + prompt.stops
         # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
         for step in range(max_new_tokens):
+            if bias is not None:
+                logits = logits + bias
             token = next_token(logits, sampling, generator, tokens)
             if token in self._stops:
                 self.finish_reason = "stop"
@@ -345,11 +358,11 @@ class Session:
         return prior
 
     def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
-                  question: str, sentences: bool = True) -> list[int]:
-        """Token ids of the `count` sentences (or whole blocks) of the document that the question's words match
-        best, numbered, in document order, under the question they were chosen for: what the question points at,
-        in the model's local view, read knowing what to look for (Prompt.with_passages puts them in the template).
-        Sentences come from the SENTENCE_BLOCKS best blocks and their neighbours (citations/sentences.py)."""
+                  question: str, sentences: bool = True) -> list[str]:
+        """The `count` sentences (or whole blocks) of the document that the question's words match best, in
+        document order: what the question points at, re-read in the model's local view under the question
+        (render_passages; Prompt.with_passages puts them in the template). Sentences come from the
+        SENTENCE_BLOCKS best blocks and their neighbours (citations/sentences.py)."""
         scores, blocks = lexical
         layer = self.engine.layers[0]
         where = lambda i: passage(blocks[i], layer.block_span, self.doc_start, self.doc_offsets, source_map)  # noqa: E731
@@ -361,7 +374,13 @@ class Session:
         else:
             spans = [where(i) for i in sorted(scores.topk(min(count, len(blocks))).indices.tolist())]
             texts = [source_map.text[p.start : p.end] for p in spans]
-        return self.loaded.tokenizer.encode(render_passages(question, texts), add_special_tokens=False)
+        return texts
+
+    def _written_in(self, texts: list[str]) -> list[int]:
+        """The token ids the texts are written in, and the stop tokens (so that, boosted, an answer may end as
+        readily as before)."""
+        ids = {t for text in texts for t in self.loaded.tokenizer.encode(text, add_special_tokens=False)}
+        return sorted(ids | self._stops)
 
     # ---- citations -----------------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from infllm.engine import positions
 from infllm.engine.engine import Engine
 from infllm.engine.memory import LayerMemory
 from infllm.errors import ModelError, UsageError
-from infllm.engine.rope import apply_rotary
 from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
 from infllm.engine.scoring import block_scores
 from tiny_models import tiny_model
@@ -73,6 +72,26 @@ def test_rope_scaling_is_honoured():
     assert (out - hf_logits(model, ids)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_is_transformers_rotation_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from infllm.engine.rope import RopeTable
+
+    a = DecoderAdapter(tiny_model("llama"))
+    rope = RopeTable(a.rotary, -4, 64, torch.device("cpu"), dtype)
+    at = torch.tensor([-4, 0, 7, 63])
+    q = torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(0)).to(dtype)  # [H, L, D]
+    expected, _ = apply_rotary_pos_emb(q[None], q[None], rope.cos[at + 4][None], _sin(a, at, dtype)[None])
+    assert torch.equal(rope.rotate(q, at), expected[0])
+    assert torch.equal(rope.rotate(q[:, :1], 7), apply_rotary_pos_emb(
+        q[None, :, :1], q[None, :, :1], rope.cos[11:12][None], _sin(a, torch.tensor([7]), dtype)[None])[0][0])
+
+
+def _sin(a: DecoderAdapter, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad():
+        return a.rotary(torch.empty(0), at[None])[1][0].to(dtype)
+
+
 def _distance(p: int, j: int, cfg: EngineConfig) -> int:
     """The distance the engine shows query p for key j when every block is retrieved (module docstring)."""
     S, W = cfg.sinks, cfg.window
@@ -96,7 +115,9 @@ def reference_logits(model, ids, cfg: EngineConfig):
             g = a.heads // a.kv_heads
             k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
             # query p rotated by its distance to key j, key unrotated: q R(d) . k
-            qr = apply_rotary(q[:, :, None, :], cos[None], sin[None])  # [H, T, T, D]
+            half = q.shape[-1] // 2
+            qe = q[:, :, None, :]
+            qr = qe * cos[None] + torch.cat((-qe[..., half:], qe[..., :half]), -1) * sin[None]  # [H, T, T, D]
             s = (qr * k[:, None, :, :]).sum(-1) * a.scale
             s = s.masked_fill(~visible, float("-inf"))
             attn = torch.softmax(s, -1) @ v

@@ -89,10 +89,9 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
 
     lexical = session._lexical_scores(prompt.question, session.source_map)
-    reread = tokenizer.decode(session._passages(lexical, 1, session.source_map, prompt.question))
-    assert "[1] Line 21: the quagga waits at the gate." in reread  # its sentence, not the lines around it
-    assert reread.count("Line") == 1 and "grass" not in reread
-    block = tokenizer.decode(session._passages(lexical, 1, session.source_map, prompt.question, sentences=False))
+    reread = session._passages(lexical, 1, session.source_map, prompt.question)
+    assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]  # its sentence, not the lines around it
+    block = "".join(session._passages(lexical, 1, session.source_map, prompt.question, sentences=False))
     assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
@@ -132,12 +131,7 @@ def test_echo_stops_are_the_templates_question_line_and_document_tags():
 
 def test_an_answer_reads_the_passages_before_its_question_and_stops_where_it_echoes_the_template(session,
                                                                                                     monkeypatch):
-    lines = [f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80)]
-    lines[20] = "Line 21: the quagga waits at the gate.\n"
-    text = "".join(lines)
-    tokenizer = session.loaded.tokenizer
-    prompt = build_prompt(tokenizer, builtin_template("ask"), "Where does the quagga wait?", None)
-    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    tokenizer, prompt = _read_the_quagga_text(session)
     fed: list[int] = []
     feed = session.engine.feed
     monkeypatch.setattr(session.engine, "feed", lambda ids, **kw: (fed.extend(list(ids)), feed(ids, **kw))[1])
@@ -167,3 +161,31 @@ def test_an_answer_with_passages_is_steered_by_its_words_and_one_without_is_not(
     "".join(session.answer(prompt, 2, focus=answer_focus(1)))
     assert all(best in m.last_retrieved for m in session.engine.layers)  # pinned while answering
     assert all(m.prior is None for m in session.engine.layers)  # and nothing of it stays
+
+
+def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(session, monkeypatch):
+    tokenizer, prompt = _read_the_quagga_text(session)
+    chosen: list[int] = []
+    pick = __import__("infllm.session", fromlist=["next_token"]).next_token
+    monkeypatch.setattr("infllm.session.next_token", lambda *a: (chosen.append(pick(*a)), chosen[-1])[1])
+    plain = "".join(session.answer(prompt, 12, focus=Focus(passages=1)))
+    unbiased, chosen[:] = list(chosen), []
+    "".join(session.answer(prompt, 12, focus=Focus(passages=1, copy_bias=1e4)))
+    texts = session._passages(session._lexical_scores(prompt.question, session.source_map), 1, session.source_map,
+                              prompt.question) + [prompt.question]
+    assert [t.strip() for t in texts] == ["Line 21: the quagga waits at the gate.", "Where does the quagga wait?"]
+    allowed = {t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)} | session._stops
+    assert chosen and set(chosen) <= allowed  # a random model's answer, held to those words
+    assert not set(unbiased) <= allowed  # which it was not held to without the bias
+    assert "".join(session.answer(prompt, 12, focus=Focus(passages=1))) == plain  # nothing of it stays
+
+
+def _read_the_quagga_text(session):
+    """79 lines of filler with one line about a quagga, read under the built-in ask template; (tokenizer, prompt)."""
+    lines = [f"Line {i}: the grass is green and the sky is blue.\n" for i in range(1, 80)]
+    lines[20] = "Line 21: the quagga waits at the gate.\n"
+    text = "".join(lines)
+    tokenizer = session.loaded.tokenizer
+    prompt = build_prompt(tokenizer, builtin_template("ask"), "Where does the quagga wait?", None)
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    return tokenizer, prompt

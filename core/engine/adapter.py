@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from infllm.config import ModelShape
-from infllm.engine.packed import PackedDecoder, packed_decoder
+from infllm.engine.bf16 import bf16_layers
+from infllm.engine.packed import PackedDecoder, PackedLayer, packed_decoder
 from infllm.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -36,7 +37,7 @@ class DecoderLayer:
 class DecoderAdapter:
     """Exposes one decoder layer at a time as `qkv` (before attention) and `finish` (after it)."""
 
-    def __init__(self, model: nn.Module, decode_4bit: bool = False):
+    def __init__(self, model: nn.Module, decode_4bit: bool = False, prefill_bf16: bool = False):
         config = model.config
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ModelError(
@@ -69,6 +70,10 @@ class DecoderAdapter:
         # model's weights are not on a 4-bit grid.
         self.decode_4bit = decode_4bit
         self._packed: PackedDecoder | None = None  # fetched once, at the first single row
+        # Many rows (prefill) through bfloat16 copies of the projections where the CPU multiplies bfloat16 natively
+        # (infllm.engine.bf16), made at the first such call; turned off then if the model or CPU cannot.
+        self.prefill_bf16 = prefill_bf16
+        self._wide: list[PackedLayer] | None = None
 
     def _packing(self, rows: int) -> PackedDecoder | None:
         if rows != 1 or not self.decode_4bit:
@@ -79,6 +84,20 @@ class DecoderAdapter:
                 self.decode_4bit = False
         return self._packed
 
+    def _projections(self, i: int, rows: int) -> PackedLayer | None:
+        """Layer i's projections for `rows` rows when they take another form than its float32 Linear layers."""
+        if rows == 1:
+            packing = self._packing(1)
+            return None if packing is None else packing.layers[i]
+        if not self.prefill_bf16:
+            return None
+        if self._wide is None:
+            self._wide = bf16_layers(self._model)
+            if self._wide is None:
+                self.prefill_bf16 = False
+                return None
+        return self._wide[i]
+
     @property
     def input_device(self) -> torch.device:
         return self.embed.weight.device
@@ -88,9 +107,9 @@ class DecoderAdapter:
         layer = self.layers[i]
         x = layer.input_norm(hidden)
         length = x.shape[0]
-        packing = self._packing(length)
-        if packing is not None:
-            q, k, v = packing.layers[i].qkv(x)
+        projections = self._projections(i, length)
+        if projections is not None:
+            q, k, v = projections.qkv(x)
         else:
             q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
         q = q.view(length, self.heads, self.head_dim)
@@ -105,12 +124,12 @@ class DecoderAdapter:
     def finish(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after layer i: hidden [L, hidden], attn [H, L, D] -> [L, hidden]."""
         layer = self.layers[i]
-        packing = self._packing(hidden.shape[0])
-        if packing is not None:
-            packed = packing.layers[i]
-            hidden = hidden + packed.o(attn.transpose(0, 1).reshape(1, -1))[0]
-            return hidden + packed.mlp(layer.post_norm(hidden))
-        hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(hidden.shape[0], -1))
+        rows = hidden.shape[0]
+        projections = self._projections(i, rows)
+        if projections is not None:
+            hidden = hidden + projections.o(attn.transpose(0, 1).reshape(rows, -1))[0]
+            return hidden + projections.mlp(layer.post_norm(hidden))
+        hidden = hidden + layer.o_proj(attn.transpose(0, 1).reshape(rows, -1))
         return hidden + layer.mlp(layer.post_norm(hidden))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

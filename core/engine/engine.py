@@ -39,8 +39,8 @@ class MemoryReport:
 
 class Engine:
     def __init__(self, model: nn.Module, config: EngineConfig, offload: bool | None = None,
-                 decode_4bit: bool = False):
-        self.adapter = DecoderAdapter(model, decode_4bit)
+                 decode_4bit: bool = False, prefill_bf16: bool = False):
+        self.adapter = DecoderAdapter(model, decode_4bit, prefill_bf16)
         self.config = config.validate(self.adapter.max_positions)
         self.kernels = kernel_choice()  # a bad INFLLM_KERNELS is refused before any work
         self.model = model

@@ -18,6 +18,7 @@ The q/k/v projections share one packed matrix, as do the MLP's gate and up proje
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,14 @@ def _nibbles(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q4, torch.cat([16 * scale, scale]), torch.cat([-128 * scale, torch.zeros_like(scale)])
 
 
+def joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The layers' biases [sum of outputs] float32, in order (zeros for a layer without one); None if none has one."""
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([(lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features)).float()
+                      for lin in linears])
+
+
 @dataclass
 class PackedLinear:
     """One or more Linear layers of the same input, concatenated along their outputs and packed to 4 bits."""
@@ -122,11 +131,7 @@ class PackedLinear:
         q, scale, low = grid
         # The kernel computes (q - 8) * scale + offset, so the offset is the value at q = 8.
         scales_offsets = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
-        biases = [lin.bias for lin in linears]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            (b.detach() if b is not None else torch.zeros(lin.out_features)).float()
-            for b, lin in zip(biases, linears)])
-        packed = cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_offsets, bias,
+        packed = cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_offsets, joined_bias(linears),
                      tuple(lin.out_features for lin in linears), halves)
         return packed if packed._agrees(weight) else None
 
@@ -140,18 +145,22 @@ class PackedLinear:
         return bool(torch.isfinite(got).all()) and error < CHECK_ERROR
 
 
+Projection = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # x [L, K] -> one [L, n] per source layer
+
+
 @dataclass
 class PackedLayer:
-    """One decoder layer's projections for a single decoded row."""
+    """One decoder layer's projections in another form than its float32 Linear layers: PackedLinear for a single
+    decoded row, infllm.engine.bf16.Bf16Linear for prefill's many rows."""
 
-    qkv: PackedLinear
-    o: PackedLinear
-    gate_up: PackedLinear
-    down: PackedLinear
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
     act: nn.Module  # the MLP's activation, applied to the gate
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, hidden] (normed) -> [1, hidden]: down(act(gate(x)) * up(x)), the gated MLP of llama-like models."""
+        """x [L, hidden] (normed) -> [L, hidden]: down(act(gate(x)) * up(x)), the gated MLP of llama-like models."""
         gate, up = self.gate_up(x)
         return self.down(self.act(gate) * up)[0]
 

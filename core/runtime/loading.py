@@ -38,6 +38,7 @@ class LoadedModel:
     name: str  # what the user asked for, for display and snapshot metadata
     fingerprint: str  # identifies the weights (GGUF hash, or a hash of the config and weight files)
     decode_4bit: bool = False  # decoded tokens through 4-bit projections where the weights allow (infllm.engine.packed)
+    prefill_bf16: bool = False  # prefill's products in bfloat16 where the CPU multiplies it natively (infllm.engine.bf16)
 
 
 def default_model_path() -> Path:
@@ -278,10 +279,11 @@ def load_model(spec: str | ResolvedModel | None = None, device: str = "auto", dt
     else:
         check_placement(model)
         drop_dispatch_hooks(model)
-    # dtype auto on the CPU: float32, and a decoded token's projections in 4 bits when the weights are 4-bit
-    # (a Q4 GGUF); asking for float32 keeps every product in float32.
-    decode_4bit = device_map is None and dev.type == "cpu" and dtype == "auto"
-    return LoadedModel(model.eval(), tokenizer, name, fingerprint, decode_4bit)
+    # dtype auto on the CPU: float32, a decoded token's projections in 4 bits when the weights are 4-bit (a Q4
+    # GGUF), and prefill's projections in bfloat16 where the CPU multiplies it natively; asking for float32 keeps
+    # every product in float32.
+    auto_cpu = device_map is None and dev.type == "cpu" and dtype == "auto"
+    return LoadedModel(model.eval(), tokenizer, name, fingerprint, decode_4bit=auto_cpu, prefill_bf16=auto_cpu)
 
 
 @dataclass(frozen=True)
