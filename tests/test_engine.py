@@ -251,6 +251,9 @@ def test_checkpoint_restore_returns_to_the_same_state():
     engine.restore(state)
     again = engine.feed(ids[200:], all_logits=True)
     assert torch.equal(first, again)
+    held = state[0]["tensors"]  # the filled slots only, on the host
+    assert held["rec_k"].shape[1] == state[0]["rec_len"] <= engine.layers[0].capacity
+    assert all(t.device.type == "cpu" for layer in state for t in layer["tensors"].values())
 
 
 def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0, kv_dtype="int8"):

@@ -126,13 +126,21 @@ class LayerMemory:
         return positions.block_span(self.cfg, block)
 
     def checkpoint(self) -> dict:
-        """A copy of the mutable state; the block store is append-only, so only its length is kept."""
-        return {**self.counters(), "tensors": [t.clone() for t in self._state_tensors()]}
+        """A copy of the mutable state: the filled slots of each state buffer, in host memory (pinned on a GPU run),
+        so that a session's checkpoint takes no device memory (the 8B shape's full buffers are 1.3 GB); the block
+        store is append-only, so only its length is kept."""
+        tensors = {}
+        for name, used in self._used(self.counters()).items():
+            t = getattr(self, _STATE[name])[:, :used]
+            copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            tensors[name] = copy.copy_(t)
+        return {**self.counters(), "tensors": tensors}
 
     def restore(self, state: dict) -> None:
-        """Return to a checkpoint taken earlier on this memory (blocks sealed since are dropped)."""
-        for dst, src in zip(self._state_tensors(), state["tensors"]):
-            dst.copy_(src)
+        """Return to a checkpoint taken earlier on this memory (blocks sealed since are dropped). Slots past the
+        checkpoint's filled ones keep whatever they hold: nothing reads them before writing them."""
+        for name, src in state["tensors"].items():
+            getattr(self, _STATE[name])[:, : src.shape[1]].copy_(src)
         self._set_counters(state)
         self.store.truncate(state["blocks"])
         self.decoding.drop()  # it may hold blocks and keys of tokens read after the checkpoint

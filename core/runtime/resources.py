@@ -178,7 +178,8 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     anything is allocated, by the setting that sizes each part (bytes; the sum is the whole).
 
     Per layer: key, value and query buffers for the sinks and for the recent tokens (core/engine/memory.py), with
-    `checkpoint` a second copy of them (a Session keeps the state right after the read to answer from); the
+    `checkpoint` a second copy of them, a bound (a Session keeps their filled slots right after the read to answer
+    from, in host memory); the
     decode cache (core/engine/decoding.py: keys and values of a window, the sinks, k blocks and a block's tail); with
     `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks` blocks' keys and values (held
     as `kv_dtype`). And
@@ -223,6 +224,7 @@ def check_engine(model, cfg: EngineConfig, *, available_ram=_MEASURE, free_gpu=_
     offload = any(device.type != "cpu" for device in layers)  # as Engine decides
     for device, count in layers.items():
         parts = working_bytes(replace(shape, layers=count), cfg, element, offload=offload,
+                              checkpoint=device.type == "cpu",  # a GPU run's checkpoint is in host memory
                               score_scratch=device.type == "cpu" and adapter.dtype == torch.float32)
         for name, size in _activation_parts(shape, cfg, element).items():
             parts[name] += size
