@@ -71,9 +71,6 @@ class DecodeCache:
     def memory_v(self) -> torch.Tensor:
         return self.values[:, self.cfg.window :]
 
-    def allocated(self) -> bool:
-        return self.keys is not None
-
     def nbytes(self) -> int:
         """Bytes of the buffers, allocated or still to be."""
         kv_heads, head_dim, dtype, _ = self._shape
