@@ -84,6 +84,22 @@ def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
     assert torch.equal(resident, offloaded)
 
 
+def test_a_gpu_engines_checkpoint_is_pinned_host_memory_and_restores_the_same_state():
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(6))
+    cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=4, query_chunk=32, cache_blocks=8, prefill_chunk=64)
+    engine = Engine(model, cfg)
+    engine.feed(ids[:500])
+    before = torch.cuda.memory_allocated()
+    state = engine.checkpoint()
+    assert torch.cuda.memory_allocated() == before  # nothing of it on the GPU
+    assert all(t.device.type == "cpu" and t.is_pinned() for layer in state for t in layer["tensors"].values())
+    first = engine.feed(ids[500:], all_logits=True)
+    engine.feed(ids[:200])  # wander off
+    engine.restore(state)
+    assert torch.equal(engine.feed(ids[500:], all_logits=True), first)
+
+
 def test_spilled_host_pages_feed_the_gpu_cache_with_the_same_blocks(tmp_path):
     """Pages in the disk tier (unpinned file mappings) reach the GPU cache as pinned RAM pages do: equal logits,
     decoded tokens and exported blocks."""
