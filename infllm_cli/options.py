@@ -70,7 +70,8 @@ MODEL = OptionGroup("model_choice", (
     _option("device", str, "auto", envvar="INFLLM_DEVICE", help="auto, cpu, cuda, cuda:N"),
     _option("dtype", str, "auto", envvar="INFLLM_DTYPE",
             help="auto (bfloat16 on GPU; float32 on CPU, decoded tokens through 4-bit weights when the model's "
-                 "are 4-bit, as the default model's), float32, bfloat16, float16"),
+                 "are 4-bit, as the default model's, and reading's products in bfloat16 where the CPU has native "
+                 "bfloat16), float32 (every product), bfloat16, float16"),
     _option("device_map", Optional[str], None, envvar="INFLLM_DEVICE_MAP", metavar="MAP",
             help="spread the model's layers over several GPUs: auto, a JSON object {module: GPU} or a JSON file "
                  "(docs/scaling.md)"),
