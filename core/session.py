@@ -59,8 +59,9 @@ class Focus:
     # True: the passages are the question's best sentences among its best blocks (citations/sentences.py);
     # False: its best blocks whole, as they were before sentences measured better.
     sentences: bool = True
-    # Added to the logits of every token the re-read passages and the question hold (and the stop tokens), while
-    # the answer is generated: a small model then takes the document's words over ones it makes up. 0: off.
+    # Added to the logits of every token the re-read passages and the question hold (and the stop tokens) while
+    # the answer is generated, to hold a small model to the document's words. Off: with the default model it
+    # answered more dev questions and fewer held-out ones (docs/benchmarks.md, "A copy bias").
     copy_bias: float = 0.0
 
     @property
