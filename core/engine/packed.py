@@ -10,7 +10,7 @@ matrix is packed as two 4-bit ones, its high and its low four bits, whose produc
 bytes, one kernel call. The kernel takes its activations, scales and offsets in bfloat16, so a packed projection
 differs from the float32 one by ~0.4% of its output's norm: the same order as llama.cpp's own path for this file,
 which rounds activations to 8 bits. Prefill (many rows at once) is bound by arithmetic, not by reading weights,
-and keeps the float32 matrices.
+and takes the float32 matrices or their bfloat16 copies (infllm.engine.bf16).
 
 The q/k/v projections share one packed matrix, as do the MLP's gate and up projections: one kernel call each.
 """
