@@ -63,7 +63,7 @@ def test_without_native_bf16_prefill_keeps_float32_to_the_last_bit(monkeypatch):
     asked = Engine(model, CFG, prefill_bf16=True)
     torch.testing.assert_close(asked.feed(ids, all_logits=True), Engine(model, CFG).feed(ids, all_logits=True),
                                rtol=0, atol=0)
-    assert not asked.adapter.prefill_bf16  # turned off at the first prefill piece
+    assert not asked.adapter.prefill_bf16  # turned off when the engine was made
 
 
 def test_copies_are_made_once_per_model_and_only_of_float32_cpu_weights(native):
