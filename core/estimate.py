@@ -16,7 +16,7 @@ from infllm.documents.readers import STDIN, SkipReport, describe_source, iter_pi
 from infllm.engine.sizing import memory_blocks, store_bytes_per_token
 from infllm.reporting import Reporter
 from infllm.runtime.loading import pick_device, pick_dtype
-from infllm.runtime.resources import activation_bytes, storage_tier
+from infllm.runtime.resources import beside_the_store, storage_tier
 from infllm.session import Session
 
 
@@ -45,10 +45,10 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     store = tokens * store_bytes_per_token(model.loaded.model.config, config, dtype)
-    activations = 0 if device.type == "cuda" else activation_bytes(model.loaded.model.config, config, dtype.itemsize)
+    activations, reprs = beside_the_store(model.loaded.model.config, config, dtype, tokens, device.type == "cuda")
     return {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
             "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
-            "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=activations),
+            "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=activations, reprs_bytes=reprs),
             "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1), "device": str(device),
             "estimated_read_s": tokens / rate, "engine": config.to_dict(), "model": model.name,
             "tokens_per_s": rate}

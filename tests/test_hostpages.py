@@ -145,6 +145,17 @@ def test_a_store_past_the_ram_goes_to_the_disk_tier_when_the_disk_has_room():
                      spill=64 * GIB)
 
 
+def test_info_places_a_store_as_a_read_does_with_the_representative_keys_beside_the_pages():
+    """7 GB of store in 7.2 GB of usable RAM: all in RAM alone, but with 1 GB of representative keys beside the
+    pages (a CPU run) 0.8 GB of it goes to the disk tier, as check_reading places it."""
+    from infllm.runtime.resources import storage_tier
+
+    measured = {"available_ram": 8 * GIB, "limit": None, "spill": 4 * GIB}
+    assert storage_tier(7 * GIB, CPU, tokens=10**6, **measured) == {"tier": "ram"}
+    tier = storage_tier(7 * GIB, CPU, tokens=10**6, reprs_bytes=GIB, **measured)
+    assert tier["tier"] == "disk" and tier["spill_mb"] == round((7 * GIB - (int(0.9 * 8 * GIB) - GIB)) / MB, 1)
+
+
 def test_the_spill_limit_caps_the_disk_room_and_zero_turns_the_tier_off(tmp_path):
     assert spill_room(tmp_path, limit=0) == 0
     assert spill_room(tmp_path, limit=5 * MB) == 5 * MB
