@@ -45,10 +45,10 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     store = tokens * store_bytes_per_token(model.loaded.model.config, config, dtype)
-    activations, reprs = beside_the_store(model.loaded.model.config, config, dtype, tokens, device.type == "cuda")
+    beside = beside_the_store(model.loaded.model.config, config, dtype, tokens, device.type == "cuda")
     return {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
             "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
-            "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=activations, reprs_bytes=reprs),
+            "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=beside),
             "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1), "device": str(device),
             "estimated_read_s": tokens / rate, "engine": config.to_dict(), "model": model.name,
             "tokens_per_s": rate}

@@ -152,7 +152,7 @@ def test_info_places_a_store_as_a_read_does_with_the_representative_keys_beside_
 
     measured = {"available_ram": 8 * GIB, "limit": None, "spill": 4 * GIB}
     assert storage_tier(7 * GIB, CPU, tokens=10**6, **measured) == {"tier": "ram"}
-    tier = storage_tier(7 * GIB, CPU, tokens=10**6, reprs_bytes=GIB, **measured)
+    tier = storage_tier(7 * GIB, CPU, tokens=10**6, host_extra_bytes=GIB, **measured)
     assert tier["tier"] == "disk" and tier["spill_mb"] == round((7 * GIB - (int(0.9 * 8 * GIB) - GIB)) / MB, 1)
 
 

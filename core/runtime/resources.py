@@ -330,15 +330,15 @@ def _ram_room(available_ram, reclaimable_bytes: float, limit) -> tuple[float | N
     return room, why
 
 
-def beside_the_store(model_config, cfg: EngineConfig, dtype, tokens: int, on_gpu: bool) -> tuple[int, int]:
-    """What a read of `tokens` tokens takes beside its block store's pages: (a prefill step's activations, and
-    the representative keys), in host RAM on a CPU run, 0 and 0 on a GPU run (both are on the GPU there)."""
+def beside_the_store(model_config, cfg: EngineConfig, dtype, tokens: int, on_gpu: bool) -> int:
+    """Host RAM a read of `tokens` tokens takes beside its block store's pages, which cannot go to the disk tier:
+    on a CPU run a prefill step's activations and the representative keys; 0 on a GPU run (both are on the GPU)."""
     from infllm.engine.sizing import repr_bytes_per_token
 
     if on_gpu:
-        return 0, 0
-    return (activation_bytes(model_config, cfg, dtype.itemsize),
-            int(tokens * repr_bytes_per_token(model_config, cfg, dtype)))
+        return 0
+    return activation_bytes(model_config, cfg, dtype.itemsize) + int(tokens * repr_bytes_per_token(model_config, cfg,
+                                                                                                   dtype))
 
 
 def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
@@ -351,7 +351,7 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     # Every device of a model split by --device-map holds a layer's activations: check the one with least room.
     device = min({layer.device for layer in engine.adapter.layers}, key=lambda d: free_gpu_bytes(d) or 0)
     on_gpu = device.type == "cuda"
-    host_activations, reprs = beside_the_store(model.config, engine.config, dtype, tokens, on_gpu)
+    beside = beside_the_store(model.config, engine.config, dtype, tokens, on_gpu)
     memory = engine.memory_report()
     store = tokens * engine.memory_report_per_token()
     directory = spill_dir()
@@ -361,32 +361,27 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
         device,
         tokens=tokens,
         dtype_name=str(dtype).removeprefix("torch."),
-        host_extra_bytes=host_activations,
+        host_extra_bytes=beside,
         gpu_need_bytes=activation_bytes(model.config, engine.config, dtype.itemsize) if on_gpu else 0,
         reclaimable_bytes=memory.block_store_bytes - memory.spilled_bytes,  # spilled pages hold no RAM of ours
         sources=sources,
         settings=engine.config,
         spill=disk,
     )
-    if budget is not None:  # on a CPU the representative keys take RAM beside the pages
-        budget = max(0, budget - reprs)
     engine.place_store(budget, directory if disk and budget is not None else None)
 
 
-def storage_tier(store_bytes: float, device, *, tokens: int, host_extra_bytes: float = 0, reprs_bytes: float = 0,
-                 **measured) -> dict:
+def storage_tier(store_bytes: float, device, *, tokens: int, host_extra_bytes: float = 0, **measured) -> dict:
     """Where a block store of `store_bytes` would live, said before reading (`infllm info`): tier "ram" (all in
     RAM), "disk" (`spill_mb` of it in the disk tier, in `spill_dir`) or "none" (it cannot fit: `why`, the line a
-    read would be refused with). host_extra_bytes and reprs_bytes: beside_the_store's two parts, placed as
-    check_reading places them. measured: check_memory's measurements, measured here unless given."""
+    read would be refused with). host_extra_bytes: beside_the_store, as check_reading passes it. measured:
+    check_memory's measurements, measured here unless given."""
     directory = spill_dir()
     measured.setdefault("spill", spill_room(directory))
     try:
         budget = check_memory(store_bytes, device, tokens=tokens, host_extra_bytes=host_extra_bytes, **measured)
     except ResourceError as refused:
         return {"tier": "none", "why": str(refused)}
-    if budget is not None:
-        budget = max(0, budget - reprs_bytes)
     if budget is None or store_bytes <= budget:
         return {"tier": "ram"}
     return {"tier": "disk", "spill_mb": round((store_bytes - budget) / MB, 1), "spill_dir": str(directory)}
