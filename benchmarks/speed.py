@@ -4,7 +4,8 @@ Rows: one dense 4K forward without cache (the practical roofline), transformers 
 chunked prefill + greedy decode through transformers' own cache), and infllm (also with
 INFLLM_KERNELS=masked and =band, to weigh the kernels against each other in the same run).
 Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
-row of the same run.
+row of the same run. infllm's decode is the steady state: its first decoded token, which on one GPU captures the
+decode graphs, is timed in a warm-up and reported apart (`first_decode_ms` in the JSON lines on stderr).
 
   GPU:  python benchmarks/speed.py --shape llama8b --lengths 32768,131072
   CPU:  python benchmarks/speed.py --shape smollm2 --device cpu --dtype float32 --lengths 4096,16384,65536 --full-max 8192
@@ -105,6 +106,11 @@ def infllm(model, device, length, decode, overrides):
     engine = Engine(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (length,))
     engine.feed(ids[: cfg.prefill_chunk])  # warm-up (allocations, kernel selection)
+    sync(device)
+    t0 = time.perf_counter()
+    engine.feed(ids[:1])  # a decoded token: on one GPU it captures the decode graphs (infllm.engine.graphs)
+    sync(device)
+    first_decode_ms = (time.perf_counter() - t0) * 1000
     engine.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -119,7 +125,7 @@ def infllm(model, device, length, decode, overrides):
     t2 = time.perf_counter()
     report = engine.memory_report()
     return {"system": "infllm", "tokens": length, "prefill_tok_s": length / (t1 - t0),
-            "decode_ms": (t2 - t1) / decode * 1000, **peak(device),
+            "decode_ms": (t2 - t1) / decode * 1000, "first_decode_ms": first_decode_ms, **peak(device),
             "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
 
 
@@ -160,31 +166,54 @@ VIEW_OPS = {"as_strided", "slice", "transpose", "select", "narrow", "view", "res
             "numpy_T", "item", "_local_scalar_dense", "lift_fresh", "to", "_to_copy", "resolve_conj", "resolve_neg"}
 
 
-def decode_ops(model, length, overrides) -> None:
+def decode_ops(model, device, length, overrides) -> None:
     """Operators per layer per decoded token: on a GPU each is about one kernel launch, and decoding is
     launch-bound there, so this CPU-countable figure tracks what a GPU token costs the host. Top-level aten
-    calls only (an op's own sub-calls are not launches of ours), views and allocations left out."""
+    calls only (an op's own sub-calls are not launches of ours), views and allocations left out. On a GPU also
+    the wall and device-busy time per token (the gap is the device waiting for the host) and the host's waits
+    for the device per token (stream synchronizations: each drains the launch queue)."""
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
 
     engine = Engine(model, engine_defaults(model.config).with_overrides(**overrides))
     engine.feed(torch.randint(0, model.config.vocab_size, (length,)))
-    for _ in range(2):
+    tokens = 8
+    for _ in range(tokens):  # warm-up, then the same number timed without the profiler
         engine.feed([5])
-    tokens = 4
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        engine.feed([5])
+    sync(device)
+    wall = (time.perf_counter() - t0) / tokens * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(tokens):
             engine.feed([5])
-    ops = Counter(e.name[6:] for e in prof.events() if e.name.startswith("aten::")
+        sync(device)
+    events = prof.events()
+    ops = Counter(e.name[6:] for e in events if e.name.startswith("aten::")
                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
     ops = {k: n for k, n in ops.items() if k not in VIEW_OPS}
     per = len(model.model.layers) * tokens
-    print(f"decode after {length:,} tokens: {sum(ops.values()) / per:.1f} operators per layer per token")
+    print(f"decode after {length:,} tokens: {wall:.1f} ms/token without the profiler, "
+          f"{sum(ops.values()) / per:.1f} operators per layer per token")
     print(", ".join(f"{k} {n / per:.1f}" for k, n in sorted(ops.items(), key=lambda x: -x[1])))
-    timed = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    averages = prof.key_averages()
+    timed = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:10]
     print("host time per token (self): " + ", ".join(f"{e.key} {e.self_cpu_time_total / tokens / 1e3:.1f} ms"
                                                      for e in timed))
+    if device.type == "cuda":
+        # Kernels and copies only: operators and sections report their kernels' time again, as their own.
+        kernels = [e for e in averages if e.device_type.name == "CUDA" and not e.key.startswith("infllm.")]
+        busy = sum(e.self_device_time_total for e in kernels) / tokens / 1e3
+        waits = sum(e.count for e in averages if "Synchronize" in e.key) / tokens
+        copies = Counter(e.key for e in kernels if e.key.startswith("Memcpy"))
+        print(f"device busy {busy:.1f} ms/token; host waits for the device {waits:.1f} times per token; "
+              + ", ".join(f"{k} {n / tokens:.1f}/token" for k, n in copies.items()))
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]:
+            print(f"  {e.self_device_time_total / tokens / 1e3:7.2f} ms/token  {e.count / tokens:6.1f}x  {e.key[:90]}")
 
 
 def main() -> None:
@@ -214,7 +243,7 @@ def main() -> None:
                                        query_chunk=args.query_chunk, cache_blocks=args.cache_blocks,
                                        kv_dtype=args.kv_dtype).items() if v}
     if args.count_ops:
-        decode_ops(model, int(args.lengths.split(",")[0]), overrides)
+        decode_ops(model, device, int(args.lengths.split(",")[0]), overrides)
         return
     if args.breakdown:
         breakdown(model, device, int(args.lengths.split(",")[0]), overrides)

@@ -112,8 +112,8 @@ def test_the_cache_is_allocated_by_the_first_decoded_token():
 
 @pytest.mark.parametrize("split,total", [(32, 70), (32, 32), (1, 9)])
 def test_one_softmax_over_both_groups_equals_their_merged_attentions(split, total):
-    """The CPU's decode attention (`lone_query_attention`) against the two fused calls and their log-sum-exp merge
-    it replaces; `total == split` is a memory group with no keys."""
+    """The decode attention of a CPU in float32 (`lone_query_attention`) against the two fused calls and their
+    log-sum-exp merge it replaces; `total == split` is a memory group with no keys."""
     from infllm.engine.attention import attention_lse, lone_query_attention, merge
 
     g = torch.Generator().manual_seed(split + total)
@@ -125,3 +125,16 @@ def test_one_softmax_over_both_groups_equals_their_merged_attentions(split, tota
         local, attention_lse(q_b[None], keys[None, :, split:], values[None, :, split:], None, 0.25))[0]
     assert got.shape == (3, 4, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    padding = torch.randn(3, 5, 16, generator=g) * 3  # keys past `valid` take no weight, whatever they hold
+    padded = lone_query_attention(q_a, q_b, torch.cat([keys, padding], 1), torch.cat([values, padding], 1), split,
+                                  0.25, valid=total)
+    torch.testing.assert_close(padded, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graphs_stay_off_without_a_cuda_device():
+    """CUDA graphs (infllm.engine.graphs) need the whole model on one CUDA device; a CPU engine decodes eagerly."""
+    engine = Engine(tiny_model("llama"), CFG)
+    assert not engine.decode_graphs
+    engine.feed(torch.arange(40))
+    engine.feed([5])
+    assert engine._graphs is None

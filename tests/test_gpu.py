@@ -195,6 +195,31 @@ def test_decoding_on_gpu_matches_cpu_token_by_token():
     assert (logits["cuda"] - logits["cpu"]).abs().max().item() <= 1e-3
 
 
+def test_a_lone_query_on_gpu_scores_in_float32():
+    """A decoded token's attention on CUDA (`lone_query_attention`, what `auto` takes there) against the float64
+    reference on the same bfloat16 inputs: only the weights' and the output's rounding to bfloat16 remain. Scores
+    rounded to bfloat16 before the softmax (magnitudes ~70 here: steps of 0.5) miss the bound, which the test
+    checks too, so that the bound tells the two apart."""
+    from infllm.engine.attention import lone_query_attention, lone_query_products
+
+    assert lone_query_products(torch.device("cuda"), torch.bfloat16, "auto")
+    assert not lone_query_products(torch.device("cuda"), torch.bfloat16, "masked")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q_a, q_b = (torch.randn(4, 4, 64, device="cuda", generator=g).mul(3).bfloat16() for _ in range(2))
+    keys = torch.randn(4, 700, 64, device="cuda", generator=g).mul(3).bfloat16()
+    values = torch.randn(4, 700, 64, device="cuda", generator=g).bfloat16()
+    got = lone_query_attention(q_a, q_b, keys, values, 300, 0.125)
+    k, v = keys.double(), values.double()
+    scores = torch.cat([q_a.double() @ k[:, :300].transpose(1, 2), q_b.double() @ k[:, 300:].transpose(1, 2)], -1)
+    want = torch.softmax(scores * 0.125, dim=-1) @ v
+    error = lambda x: (x.double() - want).abs().mean().item() / want.abs().mean().item()  # noqa: E731
+    assert got.dtype == torch.bfloat16
+    assert error(got) <= 5e-3 and (got.double() - want).abs().max().item() <= 3e-2
+    rounded = torch.cat([q_a @ keys[:, :300].transpose(1, 2), q_b @ keys[:, 300:].transpose(1, 2)], -1)  # bf16
+    naive = torch.softmax(rounded.float() * 0.125, dim=-1).bfloat16() @ values
+    assert error(naive) > 5e-3  # 1.2% in a CPU emulation of this test, float32 scores 0.17%
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("kv_dtype", ["model", "int8"])
 def test_decode_cache_on_gpu_equals_the_general_path(dtype, tol, kv_dtype):
@@ -213,6 +238,42 @@ def test_decode_cache_on_gpu_equals_the_general_path(dtype, tol, kv_dtype):
         got = decode(cached, ids[160:])
     assert cached.layers[0].cache is not None and counter.call_count >= 150 * len(cached.layers)
     assert (got - expected).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_graphs_give_the_eager_logits(arch, dtype):
+    """Decoded tokens through the CUDA graphs of the dense work (captured at the first token) against the same
+    engine eager, token by token past the window, with blocks sealed and retrieved while decoding: the graphs
+    replay the kernels eager runs, so the logits agree to float32 rounding (bfloat16: one unit in the last place
+    of the logits' magnitude, in case a captured product takes another cuBLAS algorithm)."""
+    model = tiny_model(arch, dtype=dtype).to("cuda")
+    ids = torch.randint(0, 256, (320,), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for graphs in (False, True):
+        engine = Engine(model, DECODE_CFG, decode_graphs=graphs)
+        engine.feed(ids[:200])
+        logits[graphs] = decode(engine, ids[200:])
+        assert (engine._graphs is not None) == graphs
+        assert engine.layers[0].store.count > 200 // DECODE_CFG.block_size
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (logits[True].float() - logits[False].float()).abs().max().item() <= tol
+
+
+def test_decode_graphs_are_the_default_on_one_gpu_and_fall_back_to_eager_if_capture_fails():
+    model = tiny_model("llama").to("cuda")
+    assert Engine(model, DECODE_CFG).decode_graphs
+    with mock.patch.dict("os.environ", {"INFLLM_KERNELS": "reference"}):
+        assert not Engine(model, DECODE_CFG).decode_graphs
+    ids = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(6))
+    expected = Engine(model, DECODE_CFG, decode_graphs=False)
+    expected.feed(ids[:100])
+    engine = Engine(model, DECODE_CFG)
+    engine.feed(ids[:100])
+    with mock.patch("infllm.engine.engine.DecodeGraphs", side_effect=RuntimeError("not capturable")):
+        got = decode(engine, ids[100:])
+    assert not engine.decode_graphs and engine._graphs is None
+    assert (got - decode(expected, ids[100:])).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -136,16 +136,37 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask 
     return out, lse
 
 
+def lone_query_products(device: torch.device, dtype: torch.dtype, kernels: str) -> bool:
+    """Whether a decoded token attends through `lone_query_attention` rather than two fused kernels merged by
+    log-sum-exp: on a CPU in float32 (half the time at the default model's shape, docs/benchmarks.md "Decoding"),
+    and on CUDA under `auto`, where the fused kernels run a lone query per KV head on a handful of thread blocks
+    (docs/benchmarks.md, "A decoded token's attention on the GPU"). INFLLM_KERNELS=masked or band keeps the
+    kernels on CUDA, to compare them."""
+    if device.type == "cpu":
+        return dtype == torch.float32
+    return device.type == "cuda" and kernels == "auto"
+
+
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [Hkv, G, D] . keys [Hkv, N, D] -> [Hkv, G, N] in float32: half-precision products come out of the
+    matrix unit in float32 (CUDA), as the fused kernels keep them, not rounded to the inputs' dtype."""
+    if q.dtype == torch.float32:
+        return torch.bmm(q, keys.transpose(1, 2))
+    return torch.bmm(q, keys.transpose(1, 2), torch.float32)
+
+
 def lone_query_attention(q_a: torch.Tensor, q_b: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, split: int,
-                         scale: float) -> torch.Tensor:
+                         scale: float, valid: int | None = None) -> torch.Tensor:
     """One query per head against two key groups that see it rotated differently: q_a, q_b [Hkv, G, D] (G heads
     per KV head), keys/values [Hkv, N, D] whose first `split` keys are q_a's group and the rest q_b's, every key
-    visible. Returns [Hkv, G, D]: one softmax over all N keys, which is what merging the two groups' attentions
-    by log-sum-exp computes. For a decoded token on a CPU: three matrix products and one softmax take about half
-    the time of two fused kernels and their merge at the default model's shape (docs/benchmarks.md, "Decoding")."""
-    scores = torch.cat([torch.bmm(q_a, keys[:, :split].transpose(1, 2)),
-                        torch.bmm(q_b, keys[:, split:].transpose(1, 2))], dim=-1)  # [Hkv, G, N]
-    weights = torch.softmax(scores.mul_(scale), dim=-1, dtype=torch.float32)
+    visible; with `valid`, keys from `valid` on are padding (finite, weight 0). Returns [Hkv, G, D]: one softmax
+    over all keys, which is what merging the two groups' attentions by log-sum-exp computes, with float32 scores
+    and the weights rounded to the values' dtype for their product, as the fused kernels round them
+    (`lone_query_products` says where this runs)."""
+    scores = torch.cat([_scores(q_a, keys[:, :split]), _scores(q_b, keys[:, split:])], dim=-1)  # [Hkv, G, N]
+    if valid is not None and valid < scores.shape[-1]:
+        scores[..., valid:] = float("-inf")
+    weights = torch.softmax(scores.mul_(scale), dim=-1)
     return torch.bmm(weights.to(values.dtype), values)
 
 

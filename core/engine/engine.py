@@ -16,6 +16,7 @@ from torch import nn
 
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.attention import kernel_choice
+from infllm.engine.graphs import DecodeGraphs
 from infllm.engine.hostpages import HostPages
 from infllm.engine.tally import RetrievalTally
 from infllm.config import EngineConfig
@@ -39,10 +40,16 @@ class MemoryReport:
 
 class Engine:
     def __init__(self, model: nn.Module, config: EngineConfig, offload: bool | None = None,
-                 decode_4bit: bool = False, prefill_bf16: bool = False):
+                 decode_4bit: bool = False, prefill_bf16: bool = False, decode_graphs: bool | None = None):
         self.adapter = DecoderAdapter(model, decode_4bit, prefill_bf16)
         self.config = config.validate(self.adapter.max_positions)
         self.kernels = kernel_choice()  # a bad INFLLM_KERNELS is refused before any work
+        # Decoded tokens' dense work through CUDA graphs (infllm.engine.graphs), captured at the first one; by
+        # default wherever the model sits on one CUDA device, unless INFLLM_KERNELS=reference asks for plain torch.
+        if decode_graphs is None:
+            decode_graphs = self.kernels != "reference" and DecodeGraphs.usable(self.adapter)
+        self.decode_graphs = decode_graphs
+        self._graphs: DecodeGraphs | None = None
         self.model = model
         devices = {layer.device for layer in self.adapter.layers}
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
@@ -136,6 +143,10 @@ class Engine:
         """ids [L] -> last-layer hidden states [L, hidden]; every layer's memory advances by L tokens.
         after_layer(layers done) is called as each layer finishes."""
         a = self.adapter
+        if ids.numel() == 1 and self.decode_graphs:
+            graphs = self._decode_graphs()
+            if graphs is not None:
+                return self._forward_graphed(graphs, ids, after_layer)
         hidden = a.embed(ids.to(a.input_device))
         self.masks.clear()  # masks are per positions: this call's are shared by every layer, then dropped
         for i, layer in enumerate(a.layers):
@@ -148,6 +159,33 @@ class Engine:
             if after_layer is not None:
                 after_layer(i + 1)
         return hidden
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The decode graphs, captured at the first call; None (and eager from then on) if this model's modules
+        cannot be captured (an operator that waits for the host, say)."""
+        if self._graphs is None:
+            try:
+                self._graphs = DecodeGraphs(self.adapter)
+            except RuntimeError:
+                self.decode_graphs = False
+        return self._graphs
+
+    def _forward_graphed(self, graphs: DecodeGraphs, ids: torch.Tensor,
+                         after_layer: Callable[[int], None] | None) -> torch.Tensor:
+        """`_forward` of one token: ids [1] -> hidden [1, hidden] (a static tensor of the graphs, valid until the
+        next token), each layer boundary one graph replay and each layer's attention eager in between."""
+        a = self.adapter
+        graphs.hidden.copy_(a.embed(ids.to(a.input_device)))
+        self.masks.clear()
+        with section("infllm.projections"):
+            out = graphs.replay(0)
+        for i in range(len(a.layers)):
+            graphs.attn.copy_(self.layers[i].attend(*out[1:]))
+            with section("infllm.projections"):
+                out = graphs.replay(i + 1)
+            if after_layer is not None:
+                after_layer(i + 1)
+        return out[0]
 
     @torch.inference_mode()
     def feed(self, ids: Sequence[int] | torch.Tensor, all_logits: bool = False,

@@ -33,7 +33,7 @@ import torch
 
 from infllm.config import EngineConfig
 from infllm.engine import positions
-from infllm.engine.attention import attention_lse, lone_query_attention, merge
+from infllm.engine.attention import attention_lse, lone_query_attention, lone_query_products, merge
 from infllm.engine.blockstore import BlockCache, BlockStore, gather_blocks
 from infllm.engine.decoding import DecodeCache
 from infllm.engine.hostpages import HostPages
@@ -386,12 +386,15 @@ class LayerMemory:
         at, count = tail[0] - self.recent_start, tail[1]
         memory = cache.put_tail(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
         with section("infllm.attention"):
-            if self.device.type == "cpu" and self.dtype == torch.float32:
-                # One softmax over [ring | memory], the keys laid out so by the cache: fewer, cheaper calls. In
-                # float32 only: bfloat16 products would round the scores before the softmax, the kernels do not.
-                end = cfg.window + memory
-                out = lone_query_attention(q_local, queries[0], cache.keys[:, :end], cache.values[:, :end],
-                                           cfg.window, self.scale)
+            if lone_query_products(self.device, self.dtype, self.kernels):
+                # One softmax over [ring | memory], the keys laid out so by the cache: fewer, cheaper calls.
+                end = span = cfg.window + memory
+                if self.device.type == "cuda":
+                    # A key count padded to whole 16-byte rows: with an odd count (every other token, as the tail
+                    # grows) cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens).
+                    span = min(-(-end // 8) * 8, cache.keys.shape[1])
+                out = lone_query_attention(q_local, queries[0], cache.keys[:, :span], cache.values[:, :span],
+                                           cfg.window, self.scale, valid=end)
                 return out[None]
             local_out = attention_lse(q_local[None], cache.ring_k[None], cache.ring_v[None], None, self.scale,
                                       self.kernels)
