@@ -380,8 +380,12 @@ def run(args) -> dict:
             name = (f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
                     + (f" copy {copy[0][1:]}" if copy else ""))
             blocks = passages.endswith("b")  # whole blocks re-read, not the best sentences
-            focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks,
-                                copy_bias=float(copy[0][1:]) if copy else 0.0)
+            try:
+                focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks,
+                                    copy_bias=float(copy[0][1:]) if copy else 0.0)
+            except ValueError:
+                raise SetError(f"--focus {spec}: W (a number), P and R (counts, R with an optional b) and xB (a "
+                               "number) expected") from None
             if bits:
                 four_bit[name] = bits == "4"
             systems.insert(systems.index("infllm") + len(focus), name)
