@@ -309,7 +309,9 @@ class Session:
             if stopped:
                 self.finish_reason = "stop"
                 break
-            # Hold back a trailing replacement char: a multi-byte character may be split across tokens.
+            # Hold back trailing whitespace (the blank line before an echo would end the answer with it) and a
+            # trailing replacement char (a multi-byte character may be split across tokens).
+            text = text.rstrip()
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
@@ -317,7 +319,7 @@ class Session:
                 logits = self.engine.feed([token])
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         before_stop, stopped = visible_text(text, stops)
-        text = before_stop if stopped else text  # a tail held back for a stop string that never came is shown
+        text = before_stop.rstrip() if stopped else text  # a tail held back for a stop that never came is shown
         if len(text) > len(shown):
             yield text[len(shown):]
         self.timings.answer_s = time.perf_counter() - start

@@ -123,10 +123,12 @@ def test_the_built_in_template_puts_the_passages_after_the_document_and_asks_aga
         build_prompt(tokenizer, "{document}{passages}{passages}\n{question}", "Where?", None)
 
 
-def test_echo_stops_are_the_templates_question_line_and_document_tags():
-    assert echo_stops(builtin_template("ask")) == ("\nQuestion:", "<document>", "</document>")
+def test_echo_stops_are_the_templates_question_line_document_tags_and_passage_numbers():
+    numbered = tuple(f"\n[{d}" for d in range(1, 10))
+    assert echo_stops(builtin_template("ask")) == ("\nQuestion:", "<document>", "</document>", *numbered)
     assert echo_stops("{document}\n{question}") == ()
     assert echo_stops("Q: {question}\n{document}") == ("\nQ:",)
+    assert echo_stops("{document}\n{passages}{question}") == numbered
 
 
 def test_an_answer_reads_the_passages_before_its_question_and_stops_where_it_echoes_the_template(session,
@@ -143,6 +145,15 @@ def test_an_answer_reads_the_passages_before_its_question_and_stops_where_it_ech
     shown = tokenizer.decode(fed)
     assert shown.index("</document>") < shown.index("quagga waits") < shown.rindex("Question: Where does the quagga")
     assert shown.count("Question: Where does the quagga") == 2  # before the passages, and after them
+
+
+def test_an_answer_stops_where_it_goes_on_writing_the_passage_list(session, monkeypatch):
+    """What the default model did on a git log: answered, then wrote "[4] John Bowman", "[5] ..." to the limit."""
+    tokenizer, prompt = _read_the_quagga_text(session)
+    script = iter(tokenizer.encode("At the gate.\n\n[4] At the gate.\n\n[5] At", add_special_tokens=False))
+    monkeypatch.setattr("infllm.session.next_token", lambda *a: next(script))
+    answer = "".join(session.answer(prompt, 32, focus=Focus(passages=1)))
+    assert answer == "At the gate." and session.finish_reason == "stop"
 
 
 def test_an_answer_with_passages_is_steered_by_its_words_and_one_without_is_not(session):

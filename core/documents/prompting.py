@@ -132,7 +132,11 @@ def render_passages(question: str, passages: list[str]) -> str:
 
 def echo_stops(template: str) -> tuple[str, ...]:
     """The template's own markers that an answer must not run into: the start of the line holding {question}
-    ("Question:" in the built-in one) at a line start, and the document's tags."""
+    ("Question:" in the built-in one) at a line start, the document's tags, and where the template has a
+    {passages} field a line opening with a passage number as `render_passages` writes them ("[1] ..."; the
+    first digit stops "[10]" too). Small models answer, then go on writing the passage list (8 of the 48
+    development answers in docs/benchmarks.md, "Where the re-read passages go, and where an answer stops")."""
+    numbered = [f"\n[{digit}" for digit in range(1, 10)] if "{passages}" in template else []
     questions, tags = [], []
     for line in template.splitlines():
         lead = line.partition("{question}")[0].replace("{passages}", "").strip()  # the passages end in a new line
@@ -141,7 +145,7 @@ def echo_stops(template: str) -> tuple[str, ...]:
         tag = line.strip()
         if tag.startswith("<") and tag.endswith(">") and "{" not in tag:  # <document>, </document>
             tags.append(tag)
-    return tuple(dict.fromkeys(questions + tags))
+    return tuple(dict.fromkeys(questions + tags + numbered))
 
 
 def _render_chat(tokenizer, system: str | None, user: str) -> str:
