@@ -482,6 +482,21 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     assert "block store: in RAM\n" in plain.stdout
 
 
+def test_info_times_a_chunk_read_past_the_first(tiny_model_dir, docs, monkeypatch):
+    """The first prefill chunk attends to no memory and reads ~1.5x as fast as every later one: the estimate's rate
+    is that of the second chunk, fed after the first was read (128-token chunks here)."""
+    from infllm.engine.engine import Engine
+
+    fed = []  # (position before the call, tokens fed) of every Engine.feed
+    real = Engine.feed
+    monkeypatch.setattr(Engine, "feed", lambda self, ids, **kw: (fed.append((self.position, len(ids))),
+                                                                 real(self, ids, **kw))[1])
+    result = CliRunner().invoke(app, ["info", "--model", str(tiny_model_dir), "--device", "cpu", *ENGINE, "--json",
+                                      str(docs["a"])], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    assert fed[-1] == (128, 128)  # the timed call: the second chunk, after the first
+
+
 def test_info_says_which_tier_the_block_store_will_need(tiny_model_dir, docs, tmp_path, monkeypatch):
     """Under a cap the activations fit but the store does not: the disk tier, or no room at all without one."""
     base = ["info", "--model", str(tiny_model_dir), "--device", "cpu", *ENGINE, "--kv-dtype", "model"]
