@@ -682,8 +682,10 @@ def _show(answer: Answer, out: _AnswerOut, display: Display) -> None:
     """Close the answer on stdout (or print it as JSON), then citations and a summary line on stderr."""
     out.close(answer)
     if answer.citations and not out.as_json:
+        # Best first by the heads' votes and the question's words together; the vote alone (`weight` in --json)
+        # is not shown: beside a ranking it does not follow, it read as a ranking out of order.
         for i, c in enumerate(answer.citations, 1):
-            display.always(f"[{i}] {c.location()} (weight {c.weight:.2f}): {c.excerpt}")
+            display.always(f"[{i}] {c.location()}: {c.excerpt}")
     timings, mem = answer.timings, answer.memory
     read = ""
     if "prefill_s" in timings:

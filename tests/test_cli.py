@@ -590,6 +590,17 @@ def test_stdin_cites_the_same_passages_as_the_file(ask, docs):
     assert [{**s, "source": "<stdin>"} for s in from_file["citations"]] == piped["citations"]
 
 
+def test_citations_are_listed_best_first_with_where_they_are_and_an_excerpt(ask, docs):
+    """Each on its own stderr line: number, file and lines, excerpt; the heads' vote is in --json only (beside a
+    ranking that also counts the question's words, it read as a ranking out of order)."""
+    result = ask("--cite", "2", docs["a"], "What is the pass key?")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    cited = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [line[:4] for line in cited] == ["[1] ", "[2] "]
+    assert all(f"{docs['a']}, lines " in line and "weight" not in line for line in cited)
+    assert "[1]" not in result.stdout
+
+
 def test_a_stream_too_big_for_memory_is_stopped_when_it_outgrows_it(ask, docs, monkeypatch):
     """Its size is unknown in advance, so each prefill step is checked: ~1.2 MB of activations and ~0.5 KB of block
     store per token (float32 blocks) fit ~5,000 tokens in a 4 MB cap; the stream holds ~9,400."""
