@@ -27,7 +27,7 @@ from infllm.engine.engine import Engine
 from infllm.errors import UsageError
 from infllm.runtime.loading import LoadedModel
 from infllm.runtime.resources import check_engine
-from infllm.documents.prompting import Prompt, render_passages
+from infllm.documents.prompting import Prompt, render_passages, without_passage_number
 from infllm.engine.sampling import SamplingConfig, next_token, visible_text
 from infllm.citations.scores import attention_shares, head_quality, head_scores, token_scores
 from infllm.documents.readers import Piece
@@ -294,6 +294,8 @@ class Session:
         self.finish_reason = "length"
         generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
         stops = tuple(sampling.stop) + prompt.stops
+        # The passages' numbers, where the template lists passages, are not the answer's.
+        visible = without_passage_number if prompt.slot is not None else (lambda text: text)
         # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
         for step in range(max_new_tokens):
             if bias is not None:
@@ -311,7 +313,7 @@ class Session:
                 break
             # Hold back trailing whitespace (the blank line before an echo would end the answer with it) and a
             # trailing replacement char (a multi-byte character may be split across tokens).
-            text = text.rstrip()
+            text = visible(text.rstrip())
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
@@ -319,7 +321,7 @@ class Session:
                 logits = self.engine.feed([token])
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         before_stop, stopped = visible_text(text, stops)
-        text = before_stop.rstrip() if stopped else text  # a tail held back for a stop that never came is shown
+        text = visible(before_stop.rstrip() if stopped else text)  # a tail held back for a stop that never came
         if len(text) > len(shown):
             yield text[len(shown):]
         self.timings.answer_s = time.perf_counter() - start

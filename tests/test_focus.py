@@ -14,7 +14,7 @@ import torch
 from infllm.citations.lexical import LexicalIndex, words
 from infllm.citations.passages import SourceMap
 from infllm.config import EngineConfig
-from infllm.documents.prompting import build_prompt, builtin_template, echo_stops
+from infllm.documents.prompting import build_prompt, builtin_template, echo_stops, without_passage_number
 from infllm.errors import UsageError
 from infllm.documents.readers import Piece
 from infllm.engine.engine import Engine
@@ -154,6 +154,22 @@ def test_an_answer_stops_where_it_goes_on_writing_the_passage_list(session, monk
     monkeypatch.setattr("infllm.session.next_token", lambda *a: next(script))
     answer = "".join(session.answer(prompt, 32, focus=Focus(passages=1)))
     assert answer == "At the gate." and session.finish_reason == "stop"
+
+
+def test_a_passage_number_an_answer_opens_with_is_not_shown():
+    assert without_passage_number("[4] The manual says so.") == "The manual says so."
+    assert [without_passage_number(t) for t in ("", " ", "[", "[4", "[12]", "[4] ")] == [""] * 6  # may still be one
+    assert without_passage_number("[x] marks") == "[x] marks"
+    assert without_passage_number("[1, 2] are") == "[1, 2] are"
+    assert without_passage_number("Gate [4] here") == "Gate [4] here"
+
+
+def test_an_answer_that_opens_with_a_passage_number_streams_without_it(session, monkeypatch):
+    tokenizer, prompt = _read_the_quagga_text(session)
+    script = iter(tokenizer.encode("[4] At the gate.", add_special_tokens=False))
+    monkeypatch.setattr("infllm.session.next_token", lambda *a: next(script, session.loaded.tokenizer.eos_token_id))
+    pieces = list(session.answer(prompt, 12, focus=Focus(passages=1)))
+    assert "".join(pieces) == "At the gate." and all("[" not in piece for piece in pieces)
 
 
 def test_an_answer_with_passages_is_steered_by_its_words_and_one_without_is_not(session):

@@ -9,6 +9,7 @@ hold a `{passages}` field after the document: where the passages the question's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -128,6 +129,21 @@ def render_passages(question: str, passages: list[str]) -> str:
     again after them."""
     numbered = "\n\n".join(f"[{i}] {text.strip()}" for i, text in enumerate(passages, 1))
     return f"Question: {question}\n\nPassages of the document that may hold the answer:\n\n{numbered}\n\n"
+
+
+_NUMBER = re.compile(r"\s*\[\d+\]\s*")  # a passage number as render_passages writes it, "[4] "
+_MAYBE_NUMBER = re.compile(r"\s*(\[\d*\]?)?")  # what may still become one
+
+
+def without_passage_number(text: str) -> str:
+    """An answer's text without a passage number it opens with ("[4] The manual ..." -> "The manual ..."): small
+    models start an answer by going on with the numbered passages above the question (11 of 139 answers in the
+    runs of docs/benchmarks.md, "Where the re-read passages go, and where an answer stops"). While the text may
+    still become such a number ("[", "[4", "[4]"), none of it is shown."""
+    if _MAYBE_NUMBER.fullmatch(text):
+        return ""
+    number = _NUMBER.match(text)
+    return text[number.end():] if number else text
 
 
 def echo_stops(template: str) -> tuple[str, ...]:
