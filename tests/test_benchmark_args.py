@@ -1,0 +1,22 @@
+"""The benchmark scripts refuse malformed arguments with one error line and exit code 2, before any model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7"])
+def test_qa_refuses_a_malformed_focus_in_one_line(focus):
+    proc = subprocess.run([sys.executable, "benchmarks/qa.py", "benchmarks/qa/dev.jsonl", "--systems", "infllm",
+                           "--focus", focus, "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"--focus {focus}:" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
