@@ -5,18 +5,23 @@ the default model (or --model), then, from that same memory, decodes --decode gr
 turns that alternate between the paths, --repeats times each: the general path (every decoded token's keys built
 afresh, as prefill builds them: `LayerMemory._steady_tail` patched to refuse), the DecodeCache, and the DecodeCache
 with the projections in 4 bits (infllm.engine.packed), with the LM head in float32 and packed (the two rows are
-left out when the model's weights are not 4-bit or the device is not the CPU, the last when the head is on no grid). It prints, per path, the best ms per token, how many decoded tokens equal the
-general path's, and how many of the k retrieved blocks change from one token to the next (per layer and token;
-the blocks a step must decode).
+left out when the model's weights are not 4-bit or the device is not the CPU, the last when the head is on no grid),
+and the last of those paths with retrieval shared by each of --decode-chunks decoded tokens (EngineConfig's
+decode_chunk; the rows before it retrieve at every token). It prints, per path, the best ms per token, how many
+decoded tokens equal the general path's, and how many of the k retrieved blocks change from one token to the next
+(per layer and token; the blocks a step must decode).
 
-Example (CPU):  python benchmarks/decode.py --tokens 20000 --decode 48 --repeats 2
+Example (CPU):  python benchmarks/decode.py --tokens 20000 --decode 48 --repeats 2 --decode-chunks 8,16
+At 128K on a small CPU, read once into a snapshot and decode from it after: --tokens 131072 --snapshot FILE.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -26,6 +31,7 @@ from infllm.engine.memory import LayerMemory
 from infllm.engine.packed import packed_decoder
 from infllm.runtime.loading import load_model
 from infllm.session import Session
+from infllm.snapshot import SnapshotFile, open_session, page_in, save_session
 
 from kv_memory import document, reading_arguments  # the same texts and flags (benchmarks/ is on a script's path)
 
@@ -38,9 +44,11 @@ PATHS = (("general path", False, False, False), ("DecodeCache", True, False, Fal
          ("DecodeCache + 4-bit projections and packed head", True, True, True))
 
 
-def turn(session: Session, question: list[int], decode: int, cached: bool, four_bit: bool, head: bool) -> dict:
+def turn(session: Session, question: list[int], decode: int, cached: bool, four_bit: bool, head: bool,
+         decode_chunk: int) -> dict:
     """One greedy answer from the state right after the read, on one path: ms/token, tokens, block turnover."""
     engine = session.engine
+    engine.set_decode_chunk(decode_chunk)
     engine.adapter.decode_4bit = four_bit
     packing = packed_decoder(engine.model) if four_bit else None
     float_head = mock.patch.object(packing, "head", None) if packing is not None and not head else nullcontext()
@@ -64,25 +72,43 @@ def turn(session: Session, question: list[int], decode: int, cached: bool, four_
     return {"ms": 1000 * elapsed / max(1, len(tokens)), "tokens": tokens, "turnover": changed / max(1, steps)}
 
 
+def more(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode-chunks", default="", help="comma-separated decode_chunk values to add")
+    parser.add_argument("--snapshot", default=None, help="decode from this snapshot if it exists (its text, not "
+                                                         "--tokens); else read and save it there")
+
+
 def main() -> None:
     args = reading_arguments(__doc__.splitlines()[0], 20000, 48, "greedy tokens decoded after the question",
-                             "turns per path, alternating; best time kept")
+                             "turns per path, alternating; best time kept",
+                             more)
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     packing = packed_decoder(loaded.model) if args.device == "cpu" else None
-    ids, source_map = document(loaded.tokenizer, args.tokens)
-    session = Session(loaded, settings_for(loaded.model.config, {}))
     start = time.perf_counter()
-    session.read([], ids, source_map=source_map)
-    print(f"{loaded.name}, {len(ids):,} tokens read in {time.perf_counter() - start:.0f} s, device {args.device}, "
-          f"dtype {loaded.model.dtype}", file=sys.stderr)
+    if args.snapshot and Path(args.snapshot).exists():
+        session = open_session(loaded, SnapshotFile(args.snapshot), {})
+        page_in(session.engine)  # every page read and checked now, not by the first turn's tokens
+        print(f"{loaded.name}, {session.engine.position:,} tokens from {args.snapshot} in "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    else:
+        ids, source_map = document(loaded.tokenizer, args.tokens)
+        session = Session(loaded, settings_for(loaded.model.config, {}))
+        session.read([], ids, source_map=source_map)
+        print(f"{loaded.name}, {len(ids):,} tokens read in {time.perf_counter() - start:.0f} s, device "
+              f"{args.device}, dtype {loaded.model.dtype}", file=sys.stderr)
+        if args.snapshot:
+            save_session(session, args.snapshot, None, None)
     question = loaded.tokenizer.encode(QUESTION, add_special_tokens=False)
+    paths = [(name, cached, four_bit, head) for name, cached, four_bit, head in PATHS
+             if not (four_bit and packing is None) and not (head and packing.head is None)]
+    paths = [(*path, 1) for path in paths]
+    paths += [(f"{paths[-1][0]}, retrieval shared by {n} tokens", *paths[-1][1:4], n)
+              for n in map(int, filter(None, args.decode_chunks.split(",")))]
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
-        for name, cached, four_bit, head in PATHS:
-            if (four_bit and packing is None) or (head and packing.head is None):
-                continue
-            row = turn(session, question, args.decode, cached, four_bit, head)
+        for name, *path in paths:
+            row = turn(session, question, args.decode, *path)
             print(f"  turn {repeat + 1} {name}: {row['ms']:.1f} ms/token", file=sys.stderr, flush=True)
             kept = best.setdefault(name, row)
             kept["ms"] = min(kept["ms"], row["ms"])

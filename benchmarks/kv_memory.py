@@ -22,6 +22,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,10 +51,13 @@ def document(tokenizer, tokens: int) -> tuple[list[int], SourceMap]:
     return ids, SourceMap(text, [Piece(text, "reference texts", None, 1)])
 
 
-def reading_arguments(description: str, tokens: int, decode: int, decode_help: str, repeats_help: str):
+def reading_arguments(description: str, tokens: int, decode: int, decode_help: str, repeats_help: str,
+                      more: Callable[[argparse.ArgumentParser], None] | None = None):
     """The command line of a benchmark that reads the reference texts and decodes after them, parsed: --model,
-    --device, --dtype, --tokens, --decode, --repeats (benchmarks/decode.py shares it)."""
+    --device, --dtype, --tokens, --decode, --repeats, and what `more` adds (benchmarks/decode.py shares it)."""
     parser = argparse.ArgumentParser(description=description)
+    if more is not None:
+        more(parser)
     parser.add_argument("--model", default=None, help="as infllm --model (default: the default model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")

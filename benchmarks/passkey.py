@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--query-chunk", type=int, default=None)
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--cache-blocks", type=int, default=None)
+    ap.add_argument("--decode-chunk", type=int, default=None, help="decoded tokens sharing one retrieval")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
     ap.add_argument("--only", default=None,
@@ -164,7 +165,7 @@ def main() -> None:
     cfg = engine_defaults(model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
         query_chunk=args.query_chunk, prefill_chunk=args.prefill_chunk, cache_blocks=args.cache_blocks,
-        kv_dtype=args.kv_dtype)
+        decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype)
     stops = stop_token_ids(loaded)
     prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
     systems = args.systems.split(",")

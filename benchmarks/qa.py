@@ -367,18 +367,23 @@ def run(args) -> dict:
     bad = [s for s in systems if s not in SYSTEMS]
     focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
     four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
+    decode_chunk = {}  # variant -> decoded tokens sharing one retrieval (EngineConfig.decode_chunk)
     if "infllm" in systems:
         for spec in filter(None, args.focus.split(",")):
             parts = spec.split(":")
             weight, pins, passages = (parts + ["0", "0"])[:3]
             extra = parts[3:]
             copy = [p for p in extra if p.startswith("x")]
-            bits = "".join(p for p in extra if not p.startswith("x"))
-            if bits not in ("", "4", "32") or len(copy) > 1:
-                raise SetError(f"--focus {spec}: after W:P:R come 4 or 32 (bits of the decode projections) "
-                               "and xB (the copy bias)")
+            chunk = [p for p in extra if p.startswith("d")]
+            bits = "".join(p for p in extra if p[:1] not in ("x", "d"))
+            if bits not in ("", "4", "32") or len(copy) > 1 or len(chunk) > 1 or not all(p[1:].isdigit()
+                                                                                          for p in chunk):
+                raise SetError(f"--focus {spec}: after W:P:R come 4 or 32 (bits of the decode projections), "
+                               "xB (the copy bias) and dN (decoded tokens sharing a retrieval)")
             name = (f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
-                    + (f" copy {copy[0][1:]}" if copy else ""))
+                    + (f" copy {copy[0][1:]}" if copy else "") + (f" decode {chunk[0][1:]}" if chunk else ""))
+            if chunk:
+                decode_chunk[name] = int(chunk[0][1:])
             blocks = passages.endswith("b")  # whole blocks re-read, not the best sentences
             try:
                 focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks,
@@ -399,7 +404,7 @@ def run(args) -> dict:
     tok = loaded.tokenizer
     cfg = engine_defaults(loaded.model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
-        query_chunk=args.query_chunk, kv_dtype=args.kv_dtype)
+        query_chunk=args.query_chunk, decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype)
     template = load_template(args.template)
     system_prompt = builtin_template("system").strip()
     stops = stop_token_ids(loaded)
@@ -478,6 +483,7 @@ def run(args) -> dict:
                 if system in sessions or system in focus:
                     session = sessions["infllm" if system in focus else system]
                     session.engine.adapter.decode_4bit = four_bit.get(system, loaded.decode_4bit)
+                    session.engine.set_decode_chunk(decode_chunk.get(system, cfg.decode_chunk))
                     text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
                                                   cite=0 if system == "streaming" else max(ks),
                                                   focus=focus[system] if system in focus else default_focus[system]))
@@ -645,13 +651,14 @@ def main() -> None:
                          "weight W, P pinned blocks, R passages re-read before the question (the best sentences; Rb: whole blocks), per "
                          "variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a fourth field 4 or 32 decodes through "
                          "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit); a field xB adds B to the "
-                         "logits of the tokens the re-read passages and the question hold (Focus.copy_bias), e.g. 1:2:3:x2")
+                         "logits of the tokens the re-read passages and the question hold (Focus.copy_bias), e.g. 1:2:3:x2; a "
+                         "field dN shares each retrieval among N decoded tokens (EngineConfig.decode_chunk), e.g. 1:2:3:d16")
     ap.add_argument("--passages", type=int, default=3,
                     help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")
     ap.add_argument("--slice-tokens", type=int, default=0,
                     help="last-slice document tokens (default: what fits the model's context)")
-    for name in ("window", "topk", "sinks", "block-size", "query-chunk"):
+    for name in ("window", "topk", "sinks", "block-size", "query-chunk", "decode-chunk"):
         ap.add_argument(f"--{name}", type=int, default=None, help="engine setting (default: the model's)")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     args = ap.parse_args()

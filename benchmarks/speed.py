@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int)
     ap.add_argument("--query-chunk", type=int)
     ap.add_argument("--cache-blocks", type=int)
+    ap.add_argument("--decode-chunk", type=int, help="decoded tokens sharing one retrieval")
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
@@ -241,7 +242,7 @@ def main() -> None:
     model = build(args.shape, device, dtype)
     overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk,
                                        query_chunk=args.query_chunk, cache_blocks=args.cache_blocks,
-                                       kv_dtype=args.kv_dtype).items() if v}
+                                       decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype).items() if v}
     if args.count_ops:
         decode_ops(model, device, int(args.lengths.split(",")[0]), overrides)
         return

@@ -59,7 +59,8 @@ class EngineConfig:
 
     A query attends to (a) the `sinks` first tokens, (b) its `window` most recent tokens with true relative
     positions and (c) `topk` blocks of `block_size` tokens retrieved from everything older, plus the few evicted
-    tokens that do not fill a block yet. Retrieval is shared by `query_chunk` consecutive queries.
+    tokens that do not fill a block yet. Retrieval is shared by `query_chunk` consecutive queries while reading and
+    by `decode_chunk` consecutive decoded tokens while answering (a block sealed meanwhile retrieves afresh).
     """
 
     sinks: int = _setting(128, "initial tokens always attended", low=0)
@@ -68,6 +69,8 @@ class EngineConfig:
     repr_keys: int = _setting(4, "representative keys per block, scored against the queries; at most block_size")
     topk: int = _setting(16, "memory blocks retrieved per query chunk", low=0)
     query_chunk: int = _setting(512, "queries sharing one retrieval; at most the window")
+    decode_chunk: int = _setting(16, "decoded tokens sharing one retrieval (1: each token retrieves; a block "
+                                    "sealed meanwhile retrieves afresh)")
     cache_blocks: int = _setting(32, "blocks per layer cached on the GPU (LRU); unused on CPU-only runs", low=0)
     prefill_chunk: int = _setting(2048, "tokens per prefill step; a multiple of query_chunk")
     kv_dtype: str = _choice(KV_DTYPES, "how memory blocks' keys and values are held: int8 (8 bits with scales, "

@@ -15,8 +15,9 @@ from tiny_models import tiny_model
 
 # A window of 32 and a recent buffer of 96 slots: 200 decoded tokens compact it several times and seal a dozen
 # blocks, while top-3 of them keeps retrieval changing from token to token.
-CFG = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=3, query_chunk=8, cache_blocks=4,
-                   prefill_chunk=48)
+# Every decoded token retrieves (decode_chunk 1), as the general path it is held to does.
+CFG = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=3, query_chunk=8, decode_chunk=1,
+                   cache_blocks=4, prefill_chunk=48)
 
 
 def decode(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
@@ -24,15 +25,20 @@ def decode(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([engine.feed(ids[t : t + 1]) for t in range(ids.numel())])
 
 
-def steady_calls():
-    """A mock counting the decoded tokens that took the DecodeCache's path."""
-    counter, real = mock.Mock(), LayerMemory._attend_one
+def counted(method: str):
+    """A mock counting the calls of LayerMemory.<method> (per layer), and the patch that puts it in place."""
+    counter, real = mock.Mock(), getattr(LayerMemory, method)
 
-    def attend_one(memory, *args):
+    def wrapper(memory, *args):
         counter()
         return real(memory, *args)
 
-    return counter, mock.patch.object(LayerMemory, "_attend_one", attend_one)
+    return counter, mock.patch.object(LayerMemory, method, wrapper)
+
+
+def steady_calls():
+    """A mock counting the decoded tokens (per layer) that took the DecodeCache's path."""
+    return counted("_attend_one")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -138,3 +144,92 @@ def test_decode_graphs_stay_off_without_a_cuda_device():
     engine.feed(torch.arange(40))
     engine.feed([5])
     assert engine._graphs is None
+
+
+def retrievals():
+    """A mock counting the retrievals scored (one per layer and call of LayerMemory._retrieve)."""
+    return counted("_retrieve")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_decoded_tokens_sharing_a_retrieval_attend_exactly_the_held_blocks(offload):
+    """With decode_chunk 4 a decoded token retrieves, the next three attend its blocks without scoring any, and
+    a sealed block makes the next token retrieve at once. What they attend equals the general path told to
+    retrieve those same blocks, token by token: holding changes which blocks are seen, nothing else."""
+    model = tiny_model("llama")
+    cfg = CFG.with_overrides(decode_chunk=4)
+    ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(11))
+    held = Engine(model, cfg, offload=offload)
+    held.feed(ids[:160])
+    seen, seals, got = [], [], []  # per token: every layer's block ids, whether it sealed a block, its logits
+    counter, patch = retrievals()
+    with patch:
+        for t in range(160, 360):
+            before = held.layers[0].store.count
+            got.append(held.feed(ids[t : t + 1]))
+            seen.append([list(m.last_retrieved) for m in held.layers])
+            seals.append(held.layers[0].store.count != before)
+    got = torch.stack(got)
+    tokens = 200
+    # Every fourth token retrieves, and so does each token that sealed a block: far fewer than one per token.
+    assert counter.call_count <= len(held.layers) * (tokens // 4 + sum(seals) + 1)
+    assert counter.call_count < len(held.layers) * tokens // 2
+    # Held ids change only at a retrieval: within a run of four tokens without a seal they stay the same.
+    changes = sum(seen[i] != seen[i - 1] for i in range(1, tokens))
+    assert changes <= tokens // 4 + sum(seals)
+
+    general = Engine(model, CFG, offload=offload)  # decode_chunk 1: every token retrieves, told what to take
+    general.feed(ids[:160])
+    step = iter(range(tokens * len(general.layers)))
+
+    def told(memory, q_mem, firsts, length):
+        i = next(step)
+        return [seen[i // len(general.layers)][i % len(general.layers)]]
+
+    with mock.patch.object(LayerMemory, "_steady_tail", return_value=None), \
+            mock.patch.object(LayerMemory, "_retrieve", told):
+        expected = decode(general, ids[160:])
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_decode_chunk_one_retrieves_every_token_and_a_restore_forgets_the_held_blocks():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(12))
+    engine = Engine(model, CFG.with_overrides(decode_chunk=8), offload=False)
+    engine.feed(ids[:160])
+    state = engine.checkpoint()
+    decode(engine, ids[160:163])
+    assert all(m.decoding.held(m.position, m.store.count) is not None for m in engine.layers)
+    engine.restore(state)
+    assert all(m.decoding.held(m.position, m.store.count) is None for m in engine.layers)
+    every = Engine(model, CFG, offload=False)
+    every.feed(ids[:160])
+    counter, patch = retrievals()
+    with patch:
+        decode(every, ids[160:200])
+    assert counter.call_count == 40 * len(every.layers)
+
+
+def test_set_decode_chunk_changes_an_engine_between_answers():
+    """One read answers both ways (benchmarks/qa.py --decode-chunks): the setting takes from the next token on."""
+    from infllm.errors import UsageError
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(13))
+    engine = Engine(model, CFG, offload=False)
+    engine.feed(ids[:160])
+    state = engine.checkpoint()
+    engine.set_decode_chunk(8)
+    assert engine.config.decode_chunk == 8
+    counter, patch = retrievals()
+    with patch:
+        decode(engine, ids[160:168])  # eight tokens from one retrieval, unless a block sealed among them
+    assert counter.call_count <= 2 * len(engine.layers)
+    engine.restore(state)
+    engine.set_decode_chunk(1)
+    counter, patch = retrievals()
+    with patch:
+        decode(engine, ids[160:168])
+    assert counter.call_count == 8 * len(engine.layers)
+    with pytest.raises(UsageError, match="--decode-chunk must be from 1"):
+        engine.set_decode_chunk(0)

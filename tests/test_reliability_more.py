@@ -722,3 +722,18 @@ def test_a_template_file_without_an_extension_is_used(infllm, doc, tmp_path, mon
     assert infllm("ask", "--template", "ask", doc, "q").exit_code == 0
     line = one_error_line(infllm("ask", "--template", "nosuch", doc, "q"), EXIT_USAGE)
     assert line == "infllm: error: template 'nosuch' is neither a file nor a built-in template (built-in: ask, summarize)"
+
+
+def test_a_snapshot_without_decode_chunk_answers_with_the_default_and_takes_the_flag(snapshot, tmp_path):
+    """decode_chunk is a setting of answering only: files written before it have none, and any file takes the flag."""
+    from infllm.snapshot import read_header, snapshot_config
+
+    old = edited(snapshot, tmp_path, lambda meta: meta["engine"].pop("decode_chunk"))
+    meta = read_header(old)[0]
+    assert "decode_chunk" not in meta["engine"]
+    assert snapshot_config(meta, {}, old).decode_chunk == EngineConfig().decode_chunk
+    assert snapshot_config(meta, {"decode_chunk": 1}, old).decode_chunk == 1
+    result = CliRunner().invoke(app, ["ask", str(old), "q", "--device", "cpu", "--max-tokens", "2", "--json",
+                                      "--decode-chunk", "4"], prog_name="infllm")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["engine"]["decode_chunk"] == 4

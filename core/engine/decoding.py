@@ -15,6 +15,11 @@ CPU more time than the attention itself. `DecodeCache` keeps them between tokens
 Both groups lie in one key buffer and one value buffer, [ring | memory] along the tokens, so that on a CPU a
 token's attention is a few matrix products over contiguous keys (infllm.engine.attention.lone_query_attention).
 
+Retrieval itself is held too: the blocks one decoded token retrieved serve the next `decode_chunk` - 1 tokens as
+well, as `query_chunk` queries share one retrieval while reading, unless a block was sealed meanwhile (a token that
+left the tail must stay within reach). A held token scores no block and, on a GPU, waits for nothing: retrieval's
+block ids are the only values a decoded token's attention needs on the host.
+
 A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
 changes only the rounding of the softmax sums. The cache is valid for the steady state of decoding only (past the
 first S + W tokens, with k blocks retrieved); `LayerMemory` attends the general way otherwise and drops the cache
@@ -40,6 +45,7 @@ class DecodeCache:
         # not raise the peak device memory (0.8 GB for an 8B shape's 32 layers). Counted in working memory anyway.
         self.keys = self.values = None  # [Hkv, W + S + k*B + B, D]: the ring, then the memory group
         self.device = device
+        self.chunk = cfg.decode_chunk  # decoded tokens sharing one retrieval (Engine.set_decode_chunk changes it)
         self.drop()
 
     def _allocate(self) -> None:
@@ -54,6 +60,7 @@ class DecodeCache:
         self.upto = 0  # the ring holds positions [upto - W, upto)
         self.sinks = False
         self.slots: list[int | None] = [None] * self.cfg.topk  # block id held by each slot
+        self._held: tuple[list[int], int, int] | None = None  # (block ids, position retrieved at, blocks then)
 
     @property
     def ring_k(self) -> torch.Tensor:  # [Hkv, W, D], slot = position mod W
@@ -71,10 +78,34 @@ class DecodeCache:
     def memory_v(self) -> torch.Tensor:
         return self.values[:, self.cfg.window :]
 
+    def span(self, end: int) -> int:
+        """How many of the buffers' leading keys to hand a lone query whose keys are the first `end`: on CUDA
+        whole 16-byte rows (a multiple of 8 keys; the spare slots after the tail give room, and the attention
+        gives the padding no weight), elsewhere `end`. With an odd count (every other token, as the tail grows)
+        cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens)."""
+        if self.device.type != "cuda":
+            return end
+        return min(-(-end // 8) * 8, self.keys.shape[1])
+
     def nbytes(self) -> int:
         """Bytes of the buffers, allocated or still to be."""
         kv_heads, head_dim, dtype, _ = self._shape
         return 2 * kv_heads * head_dim * dtype.itemsize * (self.cfg.window + self._tail_at + self.cfg.block_size)
+
+    # ---- retrieval shared by decoded tokens ---------------------------------------------------------------
+
+    def held(self, position: int, blocks: int) -> list[int] | None:
+        """The block ids a decoded token at `position` attends to without retrieving, the layer's store holding
+        `blocks` blocks: those of the last retrieval if it was fewer than `chunk` tokens ago and no block
+        was sealed since; else None (retrieve, then `hold`)."""
+        if self._held is None:
+            return None
+        ids, at, count = self._held
+        return ids if position - at < self.chunk and blocks == count else None
+
+    def hold(self, retrieved: list[int], position: int, blocks: int) -> None:
+        """Keep what the decoded token at `position` retrieved (k ids, the store holding `blocks`) for `held`."""
+        self._held = (retrieved, position, blocks)
 
     # ---- the local group --------------------------------------------------------------------------------
 

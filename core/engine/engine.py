@@ -8,7 +8,7 @@ Working memory is fixed when the engine is built; only the block stores grow wit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -127,6 +127,13 @@ class Engine:
         set to None (how strongly the question points at each block; a large value keeps a block in view)."""
         for m in self.layers:
             m.prior = None if prior is None else prior.to(device=m.device, dtype=torch.float32)
+
+    def set_decode_chunk(self, tokens: int) -> None:
+        """Share each retrieval among `tokens` decoded tokens from the next one on (EngineConfig.decode_chunk,
+        which the engine starts with): a setting of answering only, so one read can answer both ways."""
+        self.config = replace(self.config, decode_chunk=tokens).validate()
+        for m in self.layers:
+            m.decoding.chunk = tokens
 
     def memory_report(self) -> MemoryReport:
         working = sum(m.working_nbytes() for m in self.layers) + sum(r.nbytes() for r in self._ropes.values())

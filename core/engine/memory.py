@@ -92,6 +92,7 @@ class LayerMemory:
         self.groups = heads // kv_heads
         self.scale = scale
         self.kernels = kernels  # attention kernels (infllm.engine.attention.kernel_choice)
+        self.lone_query = lone_query_products(device, dtype, kernels)  # how a decoded token attends (_attend_one)
         self.scratch = scratch  # rows for a decoded token's block scores (scoring.score_scratch), shared by layers
         self.rope = rope
         self.device = device
@@ -323,10 +324,16 @@ class LayerMemory:
         firsts = range(0, length, step)
         with section("infllm.evict"):
             self._seal(positions.sealed_for(cfg, first + firsts[-1]))
-        with section("infllm.retrieve"):
-            retrieved = self._retrieve(q_mem, firsts, length)
+        held = self.decoding.held(first, self.store.count) if length == 1 else None
+        if held is not None:
+            retrieved = [held]
+        else:
+            with section("infllm.retrieve"):
+                retrieved = self._retrieve(q_mem, firsts, length)
         tail = self._steady_tail(first, retrieved[0]) if length == 1 else None
         if tail is not None:
+            if held is None:
+                self.decoding.hold(retrieved[0], first, self.store.count)
             out = self._attend_one(q, q_mem, retrieved, tail)
             self.position += 1
             return out.reshape(h, 1, d)
@@ -386,13 +393,10 @@ class LayerMemory:
         at, count = tail[0] - self.recent_start, tail[1]
         memory = cache.put_tail(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
         with section("infllm.attention"):
-            if lone_query_products(self.device, self.dtype, self.kernels):
+            if self.lone_query:
                 # One softmax over [ring | memory], the keys laid out so by the cache: fewer, cheaper calls.
-                end = span = cfg.window + memory
-                if self.device.type == "cuda":
-                    # A key count padded to whole 16-byte rows: with an odd count (every other token, as the tail
-                    # grows) cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens).
-                    span = min(-(-end // 8) * 8, cache.keys.shape[1])
+                end = cfg.window + memory
+                span = cache.span(end)
                 out = lone_query_attention(q_local, queries[0], cache.keys[:, :span], cache.values[:, :span],
                                            cfg.window, self.scale, valid=end)
                 return out[None]
