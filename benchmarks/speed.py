@@ -101,7 +101,9 @@ def full(model, device, length, decode, chunk=8192):
             "decode_ms": (t2 - t1) / decode * 1000, **peak(device)}
 
 
-def infllm(model, device, length, decode, overrides):
+def infllm(model, device, length, decode, overrides, then_chunk=None):
+    """infllm's row; with `then_chunk`, a second row: `decode` more tokens after the first decode, from the same
+    read, with retrieval shared by `then_chunk` decoded tokens (Engine.set_decode_chunk)."""
     cfg = engine_defaults(model.config).with_overrides(**overrides)
     engine = Engine(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (length,))
@@ -124,9 +126,20 @@ def infllm(model, device, length, decode, overrides):
     sync(device)
     t2 = time.perf_counter()
     report = engine.memory_report()
-    return {"system": "infllm", "tokens": length, "prefill_tok_s": length / (t1 - t0),
-            "decode_ms": (t2 - t1) / decode * 1000, "first_decode_ms": first_decode_ms, **peak(device),
-            "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
+    row = {"system": "infllm", "tokens": length, "prefill_tok_s": length / (t1 - t0),
+           "decode_ms": (t2 - t1) / decode * 1000, "first_decode_ms": first_decode_ms, **peak(device),
+           "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
+    if then_chunk is None:
+        return [row]
+    engine.set_decode_chunk(then_chunk)
+    logits = engine.feed(ids[-1:])
+    sync(device)
+    t0 = time.perf_counter()
+    for token in engine.generate(logits, decode, stop_ids=set()):
+        pass
+    sync(device)
+    return [row, {**row, "system": f"infllm, then decode_chunk {then_chunk}", "decode_ms":
+                  (time.perf_counter() - t0) / decode * 1000, **peak(device)}]
 
 
 def breakdown(model, device, length, overrides) -> None:
@@ -231,6 +244,8 @@ def main() -> None:
     ap.add_argument("--query-chunk", type=int)
     ap.add_argument("--cache-blocks", type=int)
     ap.add_argument("--decode-chunk", type=int, help="decoded tokens sharing one retrieval")
+    ap.add_argument("--then-decode-chunk", type=int, default=None,
+                    help="infllm: decode again from the same read with this decode_chunk (a second row)")
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
@@ -259,12 +274,13 @@ def main() -> None:
             rows.append(full(model, device, length, args.decode))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if "infllm" in systems:
-            rows.append(infllm(model, device, length, args.decode, overrides))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for row in infllm(model, device, length, args.decode, overrides, args.then_decode_chunk):
+                rows.append(row)
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for kernels in ("masked", "band"):  # the same engine on one kernel family (auto picks between them)
             if f"infllm-{kernels}" in systems:
                 with mock.patch.dict(os.environ, {"INFLLM_KERNELS": kernels}):
-                    row = infllm(model, device, length, args.decode, overrides)
+                    row = infllm(model, device, length, args.decode, overrides)[0]
                 rows.append({**row, "system": f"infllm, {kernels} kernel"})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
