@@ -376,8 +376,8 @@ def run(args) -> dict:
             copy = [p for p in extra if p.startswith("x")]
             chunk = [p for p in extra if p.startswith("d")]
             bits = "".join(p for p in extra if p[:1] not in ("x", "d"))
-            if bits not in ("", "4", "32") or len(copy) > 1 or len(chunk) > 1 or not all(p[1:].isdigit()
-                                                                                          for p in chunk):
+            if bits not in ("", "4", "32") or len(copy) > 1 or len(chunk) > 1 or not all(
+                    p[1:].isdigit() and int(p[1:]) > 0 for p in chunk):
                 raise SetError(f"--focus {spec}: after W:P:R come 4 or 32 (bits of the decode projections), "
                                "xB (the copy bias) and dN (decoded tokens sharing a retrieval)")
             name = (f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7", "1:2:3:dx"])
+@pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7", "1:2:3:dx", "1:2:3:d0"])
 def test_qa_refuses_a_malformed_focus_in_one_line(focus):
     proc = subprocess.run([sys.executable, "benchmarks/qa.py", "benchmarks/qa/dev.jsonl", "--systems", "infllm",
                            "--focus", focus, "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
