@@ -190,10 +190,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="as the CLI's --dtype (float32 on a GPU reproduces a CPU run)")
     ap.add_argument("--docs-dir", default=str(SHARED), help="where the named documents are")
     ap.add_argument("--json", default=None, help="write all results (summaries included) to this file")
+    ap.add_argument("--decode-chunk", type=int, default=None, help="decoded tokens sharing one retrieval")
     args = ap.parse_args()
 
     resolved = resolve_model(args.model)
-    config = engine_defaults(resolved.config)
+    config = engine_defaults(resolved.config).with_overrides(decode_chunk=args.decode_chunk)
     loaded = load_model(resolved, device=args.device, dtype=args.dtype)
     session = Session(loaded, config)
     system = builtin_template("system").strip()
@@ -202,7 +203,7 @@ def main() -> None:
     prompt_words = {w.lower() for w in WORD.findall(system + " " + template + " " + SUMMARY_REQUEST)}
     param = next(loaded.model.parameters())
     print(f"model {loaded.name} ({param.device}, {param.dtype}), window {config.window}, top-k {config.topk}, "
-          f"block {config.block_size}, query chunk {config.query_chunk}", flush=True)
+          f"block {config.block_size}, query chunk {config.query_chunk}, decode chunk {config.decode_chunk}", flush=True)
 
     results = []
     for name in args.docs.split(","):
