@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7", "1:2:3:dx", "1:2:3:d0"])
-def test_qa_refuses_a_malformed_focus_in_one_line(focus):
-    proc = subprocess.run([sys.executable, "benchmarks/qa.py", "benchmarks/qa/dev.jsonl", "--systems", "infllm",
+def test_qa_refuses_a_malformed_focus_in_one_line(focus, tmp_path):
+    # A set of its own, so that the refusal does not wait on the shared documents being beside the repository.
+    (tmp_path / "doc.txt").write_text("The lighthouse keeper was called Amos Trent.\n")
+    (tmp_path / "set.jsonl").write_text(json.dumps({
+        "id": "q-1", "document": "doc.txt", "question": "Who kept the lighthouse?", "answer": "Amos Trent",
+        "evidence": "The lighthouse keeper was called Amos Trent."}) + "\n")
+    proc = subprocess.run([sys.executable, "benchmarks/qa.py", str(tmp_path / "set.jsonl"), "--systems", "infllm",
                            "--focus", focus, "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
