@@ -203,7 +203,8 @@ def main() -> None:
     prompt_words = {w.lower() for w in WORD.findall(system + " " + template + " " + SUMMARY_REQUEST)}
     param = next(loaded.model.parameters())
     print(f"model {loaded.name} ({param.device}, {param.dtype}), window {config.window}, top-k {config.topk}, "
-          f"block {config.block_size}, query chunk {config.query_chunk}, decode chunk {config.decode_chunk}", flush=True)
+          f"block {config.block_size}, query chunk {config.query_chunk}, decode chunk {config.decode_chunk}",
+          flush=True)
 
     results = []
     for name in args.docs.split(","):

@@ -248,10 +248,13 @@ class Server:
             engine = snapshot_config(snap.meta, plan.opts.engine, snap.path)
         else:
             engine = plan.config
-        key = _key(request, plan.opts, engine.to_dict(), snapshot=snap is not None)
+        # decode_chunk only changes how an answer retrieves, not what was read: a kept reading takes this one's.
+        reading_settings = {k: v for k, v in engine.to_dict().items() if k != "decode_chunk"}
+        key = _key(request, plan.opts, reading_settings, snapshot=snap is not None)
         kept = self.kept.get(key) if key is not None else None
         if kept is not None and list(kept.reading.prompt(question).prefix) == kept.reading.session.prefix:
             self.kept.move_to_end(key)
+            kept.reading.session.engine.set_decode_chunk(engine.decode_chunk)
             if snap is not None:
                 snap.close()  # check() opened it again to look at its header; the kept one stays mapped
                 kept.reading.sources = list(request.sources)  # the answer names the file as this client did

@@ -93,7 +93,7 @@ def test_an_answer_from_the_server_is_the_answer_of_the_clients_own_run(server, 
 
 
 def test_a_reading_is_kept_for_the_next_question_until_its_file_changes(server, tiny_model_dir, doc, monkeypatch):
-    _, path = server
+    srv, path = server
     monkeypatch.chdir(doc.parent)
     options = fields(tiny_model_dir)
 
@@ -107,6 +107,12 @@ def test_a_reading_is_kept_for_the_next_question_until_its_file_changes(server, 
     assert any(line.startswith("extracting text") for line in read) and "prefill_s" in first.timings
     assert any(line.startswith("answering from the reading kept") for line in kept)
     assert not any(line.startswith("extracting text") for line in kept) and "prefill_s" not in again.timings
+    # Another --decode-chunk changes answering only: the reading is kept, and answers with it.
+    report = Phases()
+    [_] = ask(path, Request([doc.name], ["What is the pass key?"],
+                            {**options, "engine": {**options["engine"], "decode_chunk": 3}}), report)
+    assert any(line.startswith("answering from the reading kept") for line in report.lines), report.lines
+    assert list(srv.kept.values())[-1].reading.session.engine.config.decode_chunk == 3  # the one just used
     doc.write_text(doc.read_text() + "One more line.\n")
     _, changed = phases("What is the pass key?")
     assert any(line.startswith("extracting text") for line in changed)

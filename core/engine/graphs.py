@@ -2,8 +2,9 @@
 
 A decoded token on a GPU is bound by launches, not arithmetic: about 54 operators per layer, each launched from
 Python, and, when it retrieves (one token in `decode_chunk`), one wait for the device per layer (retrieval's block
-ids reach the host for the device cache), after which the device idles until the host launches again. Twenty of those operators are the same every token and touch
-no memory state: layer i's o projection, residual, norm and MLP, then layer i+1's norm and q/k/v projections.
+ids reach the host for the device cache), after which the device idles until the host launches again. Twenty of
+those operators are the same every token and touch no memory state: layer i's o projection, residual, norm and
+MLP, then layer i+1's norm and q/k/v projections.
 `DecodeGraphs` captures that stretch once per layer boundary and replays it with one launch (54 -> 34 launches per
 layer); the attention between (`LayerMemory.attend`, which retrieves, gathers and decides on the host) stays eager.
 
