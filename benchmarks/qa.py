@@ -71,7 +71,7 @@ import torch
 from infllm.config import KV_DTYPES
 from infllm.documents.readers import Piece
 
-SYSTEMS = ("infllm", "streaming", "last-slice", "bm25")
+SYSTEMS = ("infllm", "streaming", "last-slice", "bm25", "evidence")
 BUCKETS = ("early", "middle", "late")
 
 
@@ -297,7 +297,7 @@ def bucket(fraction: float) -> str:
     return BUCKETS[min(2, int(fraction * 3))]
 
 
-# ---- full attention (last slice, bm25) ----------------------------------------------------------------
+# ---- full attention (last slice, bm25, evidence) ----------------------------------------------------------------
 
 
 class FullAttention:
@@ -364,7 +364,9 @@ def run(args) -> dict:
         for g in excerpts:
             g.items, g.spans = g.items[: args.per_document], g.spans[: args.per_document]
     systems = args.systems.split(",")
-    bad = [s for s in systems if s not in SYSTEMS]
+    # cited-N answers from the citations of the infllm answer just made, so it comes after infllm.
+    bad = [s for i, s in enumerate(systems) if s not in SYSTEMS and not (
+        s.startswith("cited-") and s[6:].isdigit() and int(s[6:]) > 0 and "infllm" in systems[:i])]
     focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
     four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
     decode_chunk = {}  # variant -> decoded tokens sharing one retrieval (EngineConfig.decode_chunk)
@@ -395,7 +397,8 @@ def run(args) -> dict:
                 four_bit[name] = bits == "4"
             systems.insert(systems.index("infllm") + len(focus), name)
     if bad:
-        raise SetError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
+        raise SetError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}, and cited-N (N > 0) "
+                       "after infllm")
     ks = sorted({int(k) for k in args.ks.split(",")})
 
     t0 = time.perf_counter()
@@ -466,11 +469,14 @@ def run(args) -> dict:
                 first_seen = max(0, n_doc - budget)
                 full.read(prefix + doc_ids[first_seen:])
                 read_s = time.perf_counter() - start
-            else:  # bm25: chunk the document once; each question reads its own passages
+            elif system.startswith("cited-"):
+                read_s = 0.0
+            else:  # bm25, evidence: chunk the document once; each question reads its own passages
                 size = cfg.block_size
                 chunks = [(s, min(n_doc, s + size)) for s in range(0, n_doc, size)]
-                lexical = LexicalIndex.over_spans(group.text, [(int(offsets[a, 0]), int(offsets[b - 1, 1]))
-                                                               for a, b in chunks])
+                if system == "bm25":
+                    lexical = LexicalIndex.over_spans(group.text, [(int(offsets[a, 0]), int(offsets[b - 1, 1]))
+                                                                   for a, b in chunks])
                 read_s = time.perf_counter() - start
             info["read_s"][system] = round(read_s, 2)
             if system == "last-slice":
@@ -494,6 +500,7 @@ def run(args) -> dict:
                                   if p >= cfg.sinks}
                         is_doc = lambda b: layer.block_span(b)[1] - session.doc_start <= n_doc  # noqa: E731
                         cited = [b for b, _ in session.ranking]
+                        out["ranking"] = [[p - session.doc_start for p in layer.block_span(b)] for b in cited[:8]]
                         out["evidence_rank"] = next((r + 1 for r, b in enumerate(cited) if b in blocks), None)
                         out["evidence_rank_retrieved"] = evidence_rank(session.retrievals, blocks, is_doc)
                         out["cited"] = [{"where": c.location(), "weight": round(c.weight, 3), "excerpt": c.excerpt}
@@ -501,10 +508,20 @@ def run(args) -> dict:
                 elif system == "last-slice":
                     text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
                     in_view = any(min(occ) >= first_seen for occ in occs)
+                elif system.startswith("cited-"):  # infllm's first citations, its document token spans
+                    spans = sorted(rec["systems"]["infllm"]["ranking"][: int(system[6:])])
+                    passages = "\n\n".join(group.text[int(offsets[a, 0]) : int(offsets[min(b, n_doc) - 1, 1])]
+                                           for a, b in spans)
+                    full.read(prefix + tok.encode(passages, add_special_tokens=False))
+                    text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
+                    in_view = any(a <= min(occ) and max(occ) < b for occ in occs for a, b in spans)
                 else:
-                    scores = lexical.scores(item.question)
-                    ranking = torch.argsort(scores, descending=True, stable=True).tolist()
-                    chosen = sorted(ranking[:n_passages])
+                    if system == "bm25":
+                        scores = lexical.scores(item.question)
+                        ranking = torch.argsort(scores, descending=True, stable=True).tolist()
+                        chosen = sorted(ranking[:n_passages])
+                    else:  # the first occurrence's chunks: the evidence whole, once
+                        ranking = chosen = sorted({i // cfg.block_size for i in occs[0]})
                     passages = "\n\n".join(group.text[int(offsets[chunks[c][0], 0]) : int(offsets[chunks[c][1] - 1, 1])]
                                            for c in chosen)
                     full.read(prefix + tok.encode(passages, add_special_tokens=False))
@@ -512,7 +529,7 @@ def run(args) -> dict:
                     blocks = {i // cfg.block_size for occ in occs for i in occ}
                     out["evidence_rank"] = next((r + 1 for r, c in enumerate(ranking) if c in blocks), None)
                     out["passages"] = [f"tokens {chunks[c][0]}-{chunks[c][1]}" for c in chosen]
-                    in_view = False
+                    in_view = system == "evidence"
                 answer_s = time.perf_counter() - t
                 rank = out.get("evidence_rank")
                 hits = {k: bool(in_view or (rank is not None and rank <= k)) for k in ks}

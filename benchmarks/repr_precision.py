@@ -1,0 +1,96 @@
+"""How the storage format of representative keys would change retrieval: block rankings against full precision.
+
+Representative keys are the one part of the memory that grows with the text on the compute device (an 8B shape's
+take ~2.1 GB of GPU memory at 1M tokens in bfloat16), so holding them in fewer bits is the obvious lever. This
+script measures what it would cost, on a real read: it takes a snapshot written on a CPU (float32 keys), stores
+every layer's representative keys in each candidate format, and scores the blocks with real queries, the
+group-summed memory queries the snapshot keeps for its recent tokens (`state.rec_q`), as retrieval does
+(`infllm.engine.scoring.block_scores`): query chunks of `--chunk` queries, as reading does, and single queries,
+as decoding does. It reports how many of each query's top-k blocks under float32 keys stay in the top-k.
+
+  .venv/bin/python benchmarks/repr_precision.py book.infllm --topk 16
+
+Nothing in core/ changes; the formats are computed here (int8 with the block store's own `quantize`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from infllm.engine.kvcodec import quantize
+from infllm.engine.scoring import block_scores
+from infllm.snapshot import SnapshotFile
+
+
+def _int8(reprs: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    codes, scale = quantize(reprs, dims)
+    return codes.float() * scale
+
+
+def _fp8(reprs: torch.Tensor) -> torch.Tensor:
+    scale = reprs.abs().amax(dim=3, keepdim=True).clamp_min(1e-30) / torch.finfo(torch.float8_e4m3fn).max
+    return (reprs / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+# name -> (bytes per element incl. scales for [R, Hkv, D] rows of D = 64..128, keys [N, R, Hkv, D] -> as stored)
+FORMATS = {
+    "bfloat16 (the GPU's compute dtype)": ("2", lambda r: r.bfloat16().float()),
+    "float16": ("2", lambda r: r.half().float()),
+    "int8, a scale per (block, key, head)": ("1 + 4/D", lambda r: _int8(r, (3,))),
+    "int8, a scale per (block, head, channel)": ("1 + 4/R", lambda r: _int8(r, (1,))),
+    "fp8 e4m3, a scale per (block, key, head)": ("1 + 4/D", _fp8),
+}
+
+
+def overlap(reference: torch.Tensor, other: torch.Tensor, queries: list[torch.Tensor], k: int) -> tuple[int, int]:
+    """Blocks of each query's top-k under `reference` keys also in its top-k under `other`: (kept, total)."""
+    kept = total = 0
+    for q in queries:
+        a = torch.topk(block_scores(q, reference)[0], k).indices.tolist()
+        b = torch.topk(block_scores(q, other)[0], k).indices.tolist()
+        kept += len(set(a) & set(b))
+        total += k
+    return kept, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("snapshot", help="a snapshot written on a CPU (float32 representative keys)")
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=512, help="queries per chunk, as reading retrieves")
+    ap.add_argument("--single-every", type=int, default=97, help="every Nth recent query alone, as decoding")
+    args = ap.parse_args()
+    snap = SnapshotFile(args.snapshot)
+    layers = sorted({int(n.split(".")[1]) for n in snap.entries if n.endswith(".store.repr")})
+    counts = {name: {"chunk": [0, 0], "single": [0, 0]} for name in FORMATS}
+    blocks = 0
+    for layer in layers:
+        stored = snap.tensor(f"layer.{layer}.store.repr")  # [N, Hkv, R, D]
+        if stored.dtype != torch.float32:
+            sys.exit(f"{args.snapshot}: representative keys are {stored.dtype}, not float32 (write it on a CPU)")
+        reprs = stored.transpose(1, 2).contiguous()  # [N, R, Hkv, D], as the block store holds them
+        recent = snap.tensor(f"layer.{layer}.state.rec_q").float()  # [Hkv, n, D]
+        blocks = reprs.shape[0]
+        n = recent.shape[1]
+        queries = {"chunk": [recent[None, :, s : s + args.chunk] for s in range(0, n - args.chunk + 1, args.chunk)],
+                   "single": [recent[None, :, t : t + 1] for t in range(0, n, args.single_every)]}
+        for name, (_, convert) in FORMATS.items():
+            other = convert(reprs)
+            for kind, qs in queries.items():
+                kept, total = overlap(reprs, other, qs, min(args.topk, blocks))
+                counts[name][kind][0] += kept
+                counts[name][kind][1] += total
+    print(f"{args.snapshot}: {blocks:,} blocks per layer, {len(layers)} layers; top-{args.topk} blocks kept against "
+          "float32 keys")
+    print(f"| format | bytes per key element | chunks of {args.chunk} queries | single queries |")
+    print("|---|---|---|---|")
+    for name, (size, _) in FORMATS.items():
+        cells = [f"{100 * kept / total:.1f}% ({total // args.topk:,})" for kept, total in counts[name].values()]
+        print(f"| {name} | {size} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
