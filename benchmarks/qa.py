@@ -297,7 +297,7 @@ def bucket(fraction: float) -> str:
     return BUCKETS[min(2, int(fraction * 3))]
 
 
-# ---- full attention (last slice, bm25, evidence) ----------------------------------------------------------------
+# ---- full attention (last slice, bm25, evidence, cited-N) --------------------------------------------
 
 
 class FullAttention:
@@ -442,6 +442,14 @@ def run(args) -> dict:
                 "questions": len(group.items), "read_s": {}}
         print(f"[{gi + 1}/{len(excerpts)}] {name}: {len(group.text):,} chars, {n_doc:,} tokens, "
               f"{len(group.items)} questions", file=sys.stderr)
+
+        def answer_from(spans: list[tuple[int, int]], prompt) -> str:
+            """Full attention over the document tokens [a, b) of each span, their text in the prompt's document
+            slot in the order given, blank lines between: how bm25, evidence and cited-N answer."""
+            passages = "\n\n".join(group.text[int(offsets[a, 0]) : int(offsets[b - 1, 1])] for a, b in spans)
+            full.read(prefix + tok.encode(passages, add_special_tokens=False))
+            return tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
+
         ev_tokens = [sorted({i for occ in token_span(offsets, spans) for i in occ}) for spans in group.spans]
         ev_occ = [token_span(offsets, spans) for spans in group.spans]
         group_records = []
@@ -510,10 +518,7 @@ def run(args) -> dict:
                     in_view = any(min(occ) >= first_seen for occ in occs)
                 elif system.startswith("cited-"):  # infllm's first citations, its document token spans
                     spans = sorted(rec["systems"]["infllm"]["ranking"][: int(system[6:])])
-                    passages = "\n\n".join(group.text[int(offsets[a, 0]) : int(offsets[min(b, n_doc) - 1, 1])]
-                                           for a, b in spans)
-                    full.read(prefix + tok.encode(passages, add_special_tokens=False))
-                    text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
+                    text = answer_from(spans, prompt)
                     in_view = any(a <= min(occ) and max(occ) < b for occ in occs for a, b in spans)
                 else:
                     if system == "bm25":
@@ -522,10 +527,7 @@ def run(args) -> dict:
                         chosen = sorted(ranking[:n_passages])
                     else:  # the first occurrence's chunks: the evidence whole, once
                         ranking = chosen = sorted({i // cfg.block_size for i in occs[0]})
-                    passages = "\n\n".join(group.text[int(offsets[chunks[c][0], 0]) : int(offsets[chunks[c][1] - 1, 1])]
-                                           for c in chosen)
-                    full.read(prefix + tok.encode(passages, add_special_tokens=False))
-                    text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
+                    text = answer_from([chunks[c] for c in chosen], prompt)
                     blocks = {i // cfg.block_size for occ in occs for i in occ}
                     out["evidence_rank"] = next((r + 1 for r, c in enumerate(ranking) if c in blocks), None)
                     out["passages"] = [f"tokens {chunks[c][0]}-{chunks[c][1]}" for c in chosen]
