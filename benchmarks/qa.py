@@ -667,12 +667,12 @@ def main() -> None:
     ap.add_argument("--template", default="ask", help="prompt template (built-in name or file), as the CLI's")
     ap.add_argument("--focus", default="", metavar="W:P:R,...",
                     help="also answer from the infllm read with the question's words steering retrieval: BM25 "
-                         "weight W, P pinned blocks, R passages re-read before the question (the best sentences; Rb: whole blocks), per "
-                         "variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a fourth field 4 or 32 decodes through "
-                         "4-bit or float32 projections (default: as --dtype loads, auto on a CPU: 4-bit); a field xB adds B to the "
-                         "logits of the tokens the re-read passages and the question hold (Focus.copy_bias), e.g. "
-                         "1:2:3:x2; a field dN shares each retrieval among N decoded tokens "
-                         "(EngineConfig.decode_chunk), e.g. 1:2:3:d16")
+                         "weight W, P pinned blocks, R passages re-read before the question (the best sentences; "
+                         "Rb: whole blocks), per variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a "
+                         "fourth field 4 or 32 decodes through 4-bit or float32 projections (default: as --dtype "
+                         "loads, auto on a CPU: 4-bit); a field xB adds B to the logits of the tokens the re-read "
+                         "passages and the question hold (Focus.copy_bias), e.g. 1:2:3:x2; a field dN shares each "
+                         "retrieval among N decoded tokens (EngineConfig.decode_chunk), e.g. 1:2:3:d16")
     ap.add_argument("--passages", type=int, default=3,
                     help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")

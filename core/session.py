@@ -19,7 +19,7 @@ import torch
 
 from infllm.citations.lexical import LexicalIndex
 from infllm.citations.passages import SourceMap, passage, quote
-from infllm.citations.sentences import best_sentences
+from infllm.citations.sentences import reread_spans
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
 from infllm.config import EngineConfig
@@ -37,10 +37,6 @@ PROMPT_CHANGED = ("the prompt does not begin the way it did when the document wa
                   "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 PINNED = 1e4  # a prior this large keeps a block among every retrieval's top-k
-# Blocks whose sentences compete to be re-read: the question's best by BM25, each with its two neighbours so that
-# a sentence a block boundary cut is whole. 8 is the only value measured (docs/benchmarks.md, "Sentences, not
-# blocks"); the evidence block is among the 8 best by BM25 for most questions (BM25 R@8 there).
-SENTENCE_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -151,7 +147,8 @@ class Session:
         self.cite_heads = 10  # heads whose attention ranks the citations
         # (probe key, [layers * heads] quality): per document and template (citing_heads, calibration)
         self._head_quality: tuple[str, torch.Tensor] | None = None
-        self._lexical: tuple[LexicalIndex, list[int]] | None = None  # per document: index, its block ids
+        # Per document: the lexical index, its block ids and their character spans.
+        self._lexical: tuple[LexicalIndex, list[int], list[tuple[int, int]]] | None = None
 
     def tokenize(self, text: str, offsets: bool = True) -> list[int]:
         """Token ids of a document; with offsets (fast tokenizers) also each token's character span, for citations
@@ -345,9 +342,10 @@ class Session:
         if self._lexical is None:
             layer = self.engine.layers[0]
             blocks = self._document_blocks()
-            spans = [passage(b, layer.block_span, self.doc_start, self.doc_offsets, source_map) for b in blocks]
-            self._lexical = LexicalIndex.over_spans(source_map.text, [(p.start, p.end) for p in spans]), blocks
-        index, blocks = self._lexical
+            spans = [(p.start, p.end) for p in (passage(b, layer.block_span, self.doc_start, self.doc_offsets,
+                                                        source_map) for b in blocks)]
+            self._lexical = LexicalIndex.over_spans(source_map.text, spans), blocks, spans
+        index, blocks, _ = self._lexical
         scores = index.scores(question)
         return (scores, blocks) if blocks and float(scores.max()) > 0 else None
 
@@ -366,20 +364,15 @@ class Session:
                   question: str, sentences: bool = True) -> list[str]:
         """The `count` sentences (or whole blocks) of the document that the question's words match best, in
         document order: what the question points at, re-read in the model's local view under the question
-        (render_passages; Prompt.with_passages puts them in the template). Sentences come from the
-        SENTENCE_BLOCKS best blocks and their neighbours (citations/sentences.py)."""
-        scores, blocks = lexical
-        layer = self.engine.layers[0]
-        where = lambda i: passage(blocks[i], layer.block_span, self.doc_start, self.doc_offsets, source_map)  # noqa: E731
+        (render_passages; Prompt.with_passages puts them in the template). Sentences come from the question's
+        best blocks and their neighbours (citations/sentences.reread_spans)."""
+        scores, _ = lexical
+        index, _, spans = self._lexical  # built by _lexical_scores, which gave `lexical`
         if sentences:
-            best = scores.topk(min(SENTENCE_BLOCKS, len(blocks))).indices.tolist()
-            regions = [(where(max(0, i - 1)).start, where(min(len(blocks) - 1, i + 1)).end) for i in best]
-            index = self._lexical[0]  # built by _lexical_scores, which gave `lexical`
-            texts = best_sentences(index, question, source_map.text, regions, count)
+            chosen = reread_spans(index, question, source_map.text, spans, scores, count)
         else:
-            spans = [where(i) for i in sorted(scores.topk(min(count, len(blocks))).indices.tolist())]
-            texts = [source_map.text[p.start : p.end] for p in spans]
-        return texts
+            chosen = [spans[i] for i in sorted(scores.topk(min(count, len(spans))).indices.tolist())]
+        return [source_map.text[start:end] for start, end in chosen]
 
     def _written_in(self, texts: list[str]) -> list[int]:
         """The token ids the texts are written in, and the stop tokens (so that, boosted, an answer may end as

@@ -8,7 +8,7 @@ import math
 import torch
 
 from infllm.citations.lexical import LexicalIndex, words
-from infllm.citations.sentences import LONG_SENTENCE, best_sentences, merge, sentences
+from infllm.citations.sentences import LONG_SENTENCE, SENTENCE_BLOCKS, best_sentences, merge, reread_spans, sentences
 
 
 def test_sentences_end_at_stops_and_blank_lines_and_keep_their_offsets():
@@ -59,8 +59,27 @@ def test_sentences_score_with_the_documents_rare_words_and_come_back_in_document
     text = ("The zebra sleeps. The cat sat on the mat. A dog sat there. Nothing else. "
             "The zebra woke up at noon. The end.")
     chosen = best_sentences(index, "When did the zebra wake?", text, [(0, 40), (30, len(text))], 2)
+    chosen = [text[a:b] for a, b in chosen]
     assert chosen == ["The zebra sleeps. ", "The zebra woke up at noon. "]  # order of the text, not of score
     index = LexicalIndex(blocks + [words("woke up at noon, the end")])
     together = best_sentences(index, "the zebra woke at noon; the end", text, [(0, len(text))], 2)
-    assert together == ["The zebra woke up at noon. The end."]  # neighbours come as one passage
+    assert [text[a:b] for a, b in together] == ["The zebra woke up at noon. The end."]  # neighbours come as one passage
     assert best_sentences(index, "zebra", text, [], 3) == []
+
+
+def test_reread_spans_take_sentences_from_the_best_blocks_and_their_neighbours():
+    # Blocks of 20 characters; the sentence on the quokka's smile (characters 86-113) is cut by the boundary of
+    # blocks 4 and 5.
+    text = "".join(f"Filler line {i:02d} x. " for i in range(4)) + "A quokka sat. The quokka smiled at noon. "
+    text += "".join(f"Filler line {i:02d} x. " for i in range(20))
+    blocks = [(i * 20, (i + 1) * 20) for i in range(len(text) // 20)]
+    index = LexicalIndex.over_spans(text, blocks)
+    scores = torch.zeros(len(blocks))
+    scores[4] = 1.0  # block 4 holds "The q": its neighbour 5 brings the rest of the sentence
+    got = [text[a:b] for a, b in reread_spans(index, "when did the quokka smile", text, blocks, scores, 1)]
+    assert got == ["The quokka smiled at noon. "] and text.index("smiled") < 100 < text.index("noon")
+    # Only the SENTENCE_BLOCKS best blocks (and neighbours) compete: a sentence far from them is not re-read.
+    assert len(blocks) - SENTENCE_BLOCKS - 1 > 5
+    scores = torch.arange(len(blocks), dtype=torch.float32)  # the last blocks best, far from blocks 4 and 5
+    far = [text[a:b] for a, b in reread_spans(index, "quokka", text, blocks, scores, 1)]
+    assert len(far) == 1 and "quokka" not in far[0]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from infllm.citations.lexical import LexicalIndex, words
 
 # A sentence ends at . ! or ? (and any closing quotes or brackets) followed by white space, or at a blank line...
@@ -23,6 +25,9 @@ _ABBREVIATIONS = frozenset("mr mrs ms messrs dr st jr sr prof rev hon gen col ca
                            "e.g i.e viz fig figs sec ch chap vol pp ed eds approx dept inc ltd co jan feb "
                            "mar apr jun jul aug sep sept oct nov dec".split())
 _LAST_WORD = re.compile(r"[\w.]+$")
+# Blocks whose sentences compete to be re-read: the question's best by BM25. 8 is the only value measured
+# (docs/benchmarks.md, "Sentences, not blocks"); the evidence block is among the 8 best by BM25 for most questions.
+SENTENCE_BLOCKS = 8
 LONG_SENTENCE = 60  # words: a longer run without sentence ends (code, a list, a table) is split at its lines
 
 
@@ -69,9 +74,9 @@ def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[tuple[int, int]],
-                   count: int) -> list[str]:
-    """The `count` sentences of text[regions] that the question's words match best (BM25 with the index's
-    document frequencies), in document order; sentences next to each other come as one passage."""
+                   count: int) -> list[tuple[int, int]]:
+    """Character spans of the `count` sentences of text[regions] that the question's words match best (BM25 with
+    the index's document frequencies), in document order; sentences next to each other come as one passage."""
     spans = [span for s, e in merge(regions) for span in sentences(text[s:e], s)]
     if not spans:
         return []
@@ -83,4 +88,15 @@ def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[
             passages[-1].append(i)
         else:
             passages.append([i])
-    return [text[spans[p[0]][0] : spans[p[-1]][1]] for p in passages]
+    return [(spans[p[0]][0], spans[p[-1]][1]) for p in passages]
+
+
+def reread_spans(index: LexicalIndex, question: str, text: str, blocks: list[tuple[int, int]],
+                 scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    """Character spans of what an answer re-reads: the `count` best sentences (best_sentences) of the
+    SENTENCE_BLOCKS best blocks by `scores` [len(blocks)], each block with its two neighbours so that a sentence
+    a block boundary cut is whole. blocks: each block's character span in text, in document order."""
+    last = len(blocks) - 1
+    best = scores.topk(min(SENTENCE_BLOCKS, len(blocks))).indices.tolist()
+    regions = [(blocks[max(0, i - 1)][0], blocks[min(last, i + 1)][1]) for i in best]
+    return best_sentences(index, question, text, regions, count)
