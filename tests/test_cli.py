@@ -778,3 +778,13 @@ def test_kv_dtype_is_int8_or_model_and_reported(ask, docs, monkeypatch):
     assert json.loads(full.stdout)["engine"]["kv_dtype"] == "model"
     monkeypatch.setenv("INFLLM_KV_DTYPE", "fp4")
     assert "--kv-dtype must be one of" in assert_one_error_line(ask(docs["a"], "q"), 2)
+
+
+@pytest.mark.parametrize("code, rc, err", [(3, 3, ""), (None, 0, ""), ("bad thing", 1, "bad thing\n")])
+def test_the_command_exits_with_its_code_after_the_exit_handlers_and_with_the_output_flushed(code, rc, err):
+    # `main` ends the process without the interpreter's teardown (infllm.cli.app._exit); what a normal exit does
+    # before it (exit handlers, flushing buffered output) must still happen.
+    script = ("import atexit, sys; from infllm.cli.app import _exit; atexit.register(print, 'handler ran'); "
+              f"sys.stdout.write('answer '); _exit({code!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (rc, "answer handler ran\n", err)
