@@ -210,6 +210,26 @@ def test_decode_chunk_one_retrieves_every_token_and_a_restore_forgets_the_held_b
     assert counter.call_count == 40 * len(every.layers)
 
 
+def test_a_new_block_prior_makes_the_next_decoded_token_retrieve():
+    """Blocks held from before a prior was set were picked without it: the next token retrieves with it."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (170,), generator=torch.Generator().manual_seed(14))
+    engine = Engine(model, CFG.with_overrides(decode_chunk=8), offload=False)
+    engine.feed(ids[:160])
+    decode(engine, ids[160:162])
+    count = engine.layers[0].store.count
+    assert all(m.decoding.held(m.position, count) is not None for m in engine.layers)
+    prior = torch.zeros(count)
+    prior[0] = 100.0  # block 0 first, whatever the queries say
+    engine.set_block_prior(prior)
+    assert all(m.decoding.held(m.position, count) is None for m in engine.layers)
+    counter, patch = retrievals()
+    with patch:
+        decode(engine, ids[162:163])
+    assert counter.call_count == len(engine.layers)
+    assert all(0 in m.last_retrieved for m in engine.layers)
+
+
 def test_set_decode_chunk_changes_an_engine_between_answers():
     """One read answers both ways (benchmarks/qa.py --decode-chunks): the setting takes from the next token on."""
     from infllm.errors import UsageError

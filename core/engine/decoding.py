@@ -17,7 +17,7 @@ token's attention is a few matrix products over contiguous keys (infllm.engine.a
 
 Retrieval itself is held too: the blocks one decoded token retrieved serve the next `decode_chunk` - 1 tokens as
 well, as `query_chunk` queries share one retrieval while reading, unless a block was sealed meanwhile (a token that
-left the tail must stay within reach). A held token scores no block and, on a GPU, waits for nothing: retrieval's
+left the tail must stay within reach) or a new block prior was set (`unhold`). A held token scores no block and, on a GPU, waits for nothing: retrieval's
 block ids are the only values a decoded token's attention needs on the host.
 
 A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
@@ -106,6 +106,11 @@ class DecodeCache:
     def hold(self, retrieved: list[int], position: int, blocks: int) -> None:
         """Keep what the decoded token at `position` retrieved (k ids, the store holding `blocks`) for `held`."""
         self._held = (retrieved, position, blocks)
+
+    def unhold(self) -> None:
+        """Make the next decoded token retrieve afresh (what a retrieval would pick changed: a new block prior);
+        the keys and blocks already in place stay for it to reuse."""
+        self._held = None
 
     # ---- the local group --------------------------------------------------------------------------------
 

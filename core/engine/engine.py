@@ -124,9 +124,11 @@ class Engine:
 
     def set_block_prior(self, prior: torch.Tensor | None) -> None:
         """prior [blocks] float: added to every layer's standardized block scores at each retrieval until it is
-        set to None (how strongly the question points at each block; a large value keeps a block in view)."""
+        set to None (how strongly the question points at each block; a large value keeps a block in view). The
+        next decoded token retrieves afresh: blocks held from before were picked without it."""
         for m in self.layers:
             m.prior = None if prior is None else prior.to(device=m.device, dtype=torch.float32)
+            m.decoding.unhold()
 
     def set_decode_chunk(self, tokens: int) -> None:
         """Share each retrieval among `tokens` decoded tokens from the next one on (EngineConfig.decode_chunk,
