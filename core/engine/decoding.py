@@ -17,8 +17,9 @@ token's attention is a few matrix products over contiguous keys (infllm.engine.a
 
 Retrieval itself is held too: the blocks one decoded token retrieved serve the next `decode_chunk` - 1 tokens as
 well, as `query_chunk` queries share one retrieval while reading, unless a block was sealed meanwhile (a token that
-left the tail must stay within reach) or a new block prior was set (`unhold`). A held token scores no block and, on a GPU, waits for nothing: retrieval's
-block ids are the only values a decoded token's attention needs on the host.
+left the tail must stay within reach) or a new block prior was set (`unhold`). A held token scores no block and,
+on a GPU, waits for nothing: retrieval's block ids are the only values a decoded token's attention needs on the
+host.
 
 A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
 changes only the rounding of the softmax sums. The cache is valid for the steady state of decoding only (past the
