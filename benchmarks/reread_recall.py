@@ -1,13 +1,14 @@
 """How often what an answer re-reads holds the evidence: the passages `--passages N` puts before the question.
 
-An answer re-reads the N sentences the question's words match best among its best blocks by BM25
-(`infllm.citations.sentences.reread_spans`); when the evidence is not among them the default model seldom answers (1
-of the 10 such questions among the development excerpts' 48, against 12 of the other 38). This script measures, with
-no model run, for a question set in `benchmarks/qa.py`'s format: for how many questions the re-read text holds the
-whole evidence (every non-blank character of one occurrence), part of it, and how many words it re-reads per
-question; and, as the bound those passages are drawn from, for how many the evidence is in the best blocks by BM25
-(R@8). The document is tokenized and cut into blocks as `benchmarks/qa.py` reads it (the default model's tokenizer,
-the prompt before the document, the engine's block positions), so the blocks are the ones the session ranks.
+An answer re-reads the N sentences ranked best (`infllm.citations.sentences.sentence_scores`) among its best
+blocks by BM25 (`infllm.citations.sentences.reread_spans`); when the evidence is not among them the default model
+seldom answers (1 of the 10 such questions among the development excerpts' 48, against 12 of the other 38, with
+the earlier ranking by BM25 alone). This script measures, with no model run, for a question set in
+`benchmarks/qa.py`'s format: for how many questions the re-read text holds the whole evidence (every non-blank
+character of one occurrence), part of it, and how many words it re-reads per question; and, as the bound those
+passages are drawn from, for how many the evidence is in the best blocks by BM25 (R@8). The document is tokenized
+and cut into blocks as `benchmarks/qa.py` reads it (the default model's tokenizer, the prompt before the document,
+the engine's block positions), so the blocks are the ones the session ranks.
 
   .venv/bin/python benchmarks/reread_recall.py benchmarks/qa/dev.jsonl benchmarks/qa/whole-dev.jsonl --passages 2,3,5
 """

@@ -8,7 +8,9 @@ import math
 import torch
 
 from infllm.citations.lexical import LexicalIndex, words
-from infllm.citations.sentences import LONG_SENTENCE, SENTENCE_BLOCKS, best_sentences, merge, reread_spans, sentences
+from infllm.citations.sentences import (LONG_SENTENCE, NEIGHBOUR_SHARE, SENTENCE_BLOCKS, asks_for_number,
+                                        best_sentences, holds_number, merge, reread_spans, sentence_scores,
+                                        sentences)
 
 
 def test_sentences_end_at_stops_and_blank_lines_and_keep_their_offsets():
@@ -65,6 +67,42 @@ def test_sentences_score_with_the_documents_rare_words_and_come_back_in_document
     together = best_sentences(index, "the zebra woke at noon; the end", text, [(0, len(text))], 2)
     assert [text[a:b] for a, b in together] == ["The zebra woke up at noon. The end."]  # neighbours come as one passage
     assert best_sentences(index, "zebra", text, [], 3) == []
+
+
+def test_questions_that_ask_for_a_number_are_told_from_others():
+    for question in ("How old is Charlotte Lucas?", "On what date did he arrive?", "When was it written?",
+                     "Which R version is needed for \\doi{}?", "What is the default value of columns?",
+                     "How many blocks are cached?"):
+        assert asks_for_number(question), question
+    for question in ("Who wrote the letter?", "Which town did she visit?", "What does the option --foo do?"):
+        assert not asks_for_number(question), question
+    question = words("What happened in 1813 on the first day?")
+    assert holds_number(words("It came on Monday, November 18th."), question)
+    assert holds_number(words("about twenty-seven years"), question)
+    assert not holds_number(words("In 1813, on the first day, it rained."), question)  # only the question's own
+    assert not holds_number(words("No number here at all."), question)
+
+
+def test_a_question_asking_for_a_number_prefers_a_sentence_holding_one():
+    blocks = [words("the cat sat on the mat"), words("the dog sat"), words("a zebra and the cat"),
+              words("the herd left"), words("old news")] * 4
+    index = LexicalIndex(blocks)
+    text = "The zebra left the herd at dawn. The old zebra was nine. The cat sat."
+    region = [[words(text[s:e]) for s, e in sentences(text)]]
+
+    def best(question):
+        return [text[a:b] for a, b in best_sentences(index, question, text, [(0, len(text))], 1)]
+
+    question = "How old was the zebra when it left the herd?"
+    assert int(index.score_texts(question, region[0]).argmax()) == 0  # the words alone point at the first
+    assert best(question) == ["The old zebra was nine. "]
+    assert best("Which old zebra left the herd?") == ["The zebra left the herd at dawn. "]  # no number asked
+    assert best("How old was the zebra that left the herd at nine?") == ["The zebra left the herd at dawn. "]
+    # Each sentence also gains a share of its neighbours' scores, and only of those in its own region.
+    bm25 = index.score_texts("Which herd?", region[0] + region[0])
+    scores = sentence_scores(index, "Which herd?", [region[0], region[0]])
+    assert float(bm25[1]) == 0 and math.isclose(float(scores[1]), NEIGHBOUR_SHARE * float(bm25[0]), rel_tol=1e-6)
+    assert float(bm25[3]) > 0 and float(scores[2]) == 0  # the next region's first sentence is not a neighbour
 
 
 def test_reread_spans_take_sentences_from_the_best_blocks_and_their_neighbours():

@@ -7,6 +7,13 @@ answer. So the question's best blocks by BM25 (lexical.py), each with its neighb
 block boundary is whole again, are split into sentences, and the sentences are ranked by BM25 with the document's
 word statistics (its rare words weigh most, however few sentences are ranked). Measured in docs/benchmarks.md
 ("Sentences, not blocks").
+
+Two things the question's words miss are added to a sentence's score. A sentence often names what it is about only
+in the sentence before it ("Sir William had several children. The eldest of them, about twenty-seven, ..."), so
+a sentence gains a little of its neighbours' scores. And a question that asks for a quantity, a date or a version
+("how old", "on what date", "which R version") is answered by a sentence that holds a number the question does
+not: such sentences gain a share of the best sentence's score, the answer-type check of classic factoid QA
+systems. Both measured in docs/benchmarks.md ("Neighbours and numbers").
 """
 
 from __future__ import annotations
@@ -29,6 +36,25 @@ _LAST_WORD = re.compile(r"[\w.]+$")
 # (docs/benchmarks.md, "Sentences, not blocks"); the evidence block is among the 8 best by BM25 for most questions.
 SENTENCE_BLOCKS = 8
 LONG_SENTENCE = 60  # words: a longer run without sentence ends (code, a list, a table) is split at its lines
+# Chosen on the development sets' re-read recall (docs/benchmarks.md, "Neighbours and numbers"): the share of each
+# neighbour's score a sentence gains, and the share of the best sentence's score a number adds when one is asked.
+NEIGHBOUR_SHARE = 0.15
+NUMBER_SHARE = 0.35
+# Questions whose answer is a quantity, a date, a time or a version (the numeric classes of the TREC question
+# taxonomy: count, date, money, percent, period, size, speed, temperature, weight, order, code).
+_ASKS_NUMBER = re.compile(
+    r"\bhow (many|much|old|long|far|often|large|big|tall|high|wide|heavy|fast)\b|\bwhen\b|"
+    r"\b(what|which)\b[^?]*?\b(year|years|date|day|days|month|time|hour|number|numbers|version|percentage|"
+    r"percent|sum|amount|price|cost|age|size|length|width|height|weight|distance|speed|temperature|fortune|income|"
+    r"salary|allowance|rate|fee|value|count|total|limit|maximum|minimum|default)\b", re.IGNORECASE)
+_NUMBER_WORDS = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion "
+    "first second third fourth fifth sixth seventh eighth ninth tenth twelfth half dozen score "
+    "january february march april may june july august september october november december "
+    "jan feb mar apr jun jul aug sep sept oct nov dec "
+    "monday tuesday wednesday thursday friday saturday sunday mon tue wed thu fri sat sun".split())
+# (Some are also common words, "may", "second", "sat": they count too, as they did when the shares were measured.)
 
 
 def _ends_sentence(text: str, end: re.Match) -> bool:
@@ -73,14 +99,48 @@ def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def asks_for_number(question: str) -> bool:
+    """Whether the question asks for a quantity, a date, a time or a version (_ASKS_NUMBER)."""
+    return _ASKS_NUMBER.search(question) is not None
+
+
+def holds_number(sentence: list[str], question: list[str]) -> bool:
+    """Whether a sentence's words (lexical.words) hold a number, a number word, a month or a weekday that the
+    question's words do not."""
+    asked = set(question)
+    return any((w[0].isdigit() or w in _NUMBER_WORDS) and w not in asked for w in sentence)
+
+
+def sentence_scores(index: LexicalIndex, question: str, texts: list[list[list[str]]]) -> torch.Tensor:
+    """[sentences] how well each sentence answers the question: BM25 with the index's document frequencies, plus
+    NEIGHBOUR_SHARE of each neighbour's (within its own region), plus NUMBER_SHARE of the best sentence's when the
+    question asks for a number and the sentence holds one. texts: per region, its sentences' words."""
+    flat = [t for region in texts for t in region]
+    bm25 = index.score_texts(question, flat)  # [sentences]
+    context = torch.zeros_like(bm25)
+    at = 0
+    for region in texts:
+        own = bm25[at : at + len(region)]
+        context[at : at + len(region) - 1] += own[1:]
+        context[at + 1 : at + len(region)] += own[:-1]
+        at += len(region)
+    scores = bm25 + NEIGHBOUR_SHARE * context
+    if flat and asks_for_number(question):
+        asked = words(question)
+        has = torch.tensor([holds_number(t, asked) for t in flat], dtype=scores.dtype)
+        scores = scores + NUMBER_SHARE * float(bm25.max()) * has
+    return scores
+
+
 def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[tuple[int, int]],
                    count: int) -> list[tuple[int, int]]:
-    """Character spans of the `count` sentences of text[regions] that the question's words match best (BM25 with
-    the index's document frequencies), in document order; sentences next to each other come as one passage."""
-    spans = [span for s, e in merge(regions) for span in sentences(text[s:e], s)]
+    """Character spans of the `count` sentences of text[regions] that best answer the question
+    (sentence_scores), in document order; sentences next to each other come as one passage."""
+    per_region = [sentences(text[s:e], s) for s, e in merge(regions)]
+    spans = [span for region in per_region for span in region]
     if not spans:
         return []
-    scores = index.score_texts(question, [words(text[s:e]) for s, e in spans])
+    scores = sentence_scores(index, question, [[words(text[s:e]) for s, e in region] for region in per_region])
     best = sorted(scores.topk(min(count, len(spans))).indices.tolist())
     passages: list[list[int]] = []
     for i in best:
