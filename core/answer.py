@@ -27,17 +27,21 @@ class Answer:
     citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
     finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
     tokens_question: int = 0  # the question's prompt tokens, read after the document
+    # The passages the model re-read just before the question (--passages), in document order; weight 0: they
+    # were chosen by the question's words, not by the citing heads.
+    reread: list[Citation] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
                 "tokens_read": self.tokens_read, "tokens_question": self.tokens_question,
                 "tokens_generated": self.tokens_generated,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
-                "engine": self.engine, "citations": [c.to_dict() for c in self.citations]}
+                "engine": self.engine, "citations": [c.to_dict() for c in self.citations],
+                "reread": [c.to_dict() for c in self.reread]}
 
     @staticmethod
     def from_dict(d: dict) -> "Answer":
-        """The inverse of to_dict (timings keep to_dict's rounding)."""
+        """The inverse of to_dict (timings keep to_dict's rounding). A server older than `reread` sends none."""
         return Answer(d["answer"], d["model"], d["inputs"], d["tokens_read"], d["tokens_generated"], d["timings"],
                       d["memory"], d["engine"], [Citation.from_dict(c) for c in d["citations"]], d["finish_reason"],
-                      d["tokens_question"])
+                      d["tokens_question"], [Citation.from_dict(c) for c in d.get("reread", [])])

@@ -301,7 +301,8 @@ class Reading:
                   "spilled_mb": round(session.engine.memory_report().spilled_bytes / 2**20, 1), **self.memory}
         return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
                       session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
-                      list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix))
+                      list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix),
+                      list(session.reread))
 
     def summarize(self, **options) -> Answer:
         """ask() with the summary request (read with the "summarize" template for the built-in wording)."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from infllm.citations.lexical import LexicalIndex
-from infllm.citations.passages import SourceMap, passage, quote
+from infllm.citations.citation import Citation
+from infllm.citations.passages import SourceMap, cite_span, passage, quote
 from infllm.citations.sentences import reread_spans
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
@@ -37,6 +38,7 @@ PROMPT_CHANGED = ("the prompt does not begin the way it did when the document wa
                   "--template?); use the same ones, or read the document again")
 SCORE_BLOCKS = 256  # blocks whose keys citations score at once ([Hkv, question, 256, block_size] dot products)
 PINNED = 1e4  # a prior this large keeps a block among every retrieval's top-k
+REREAD_CHARS = 1000  # a re-read passage's excerpt: a sentence or a few, shown whole unless a run of code is long
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class Session:
         self.prefix: list[int] = []  # the prompt tokens read before the document
         self.source_map: SourceMap | None = None  # extracted text -> files, pages, lines (for citations)
         self.citations: list = []
+        self.reread: list[Citation] = []  # the passages the last answer re-read before its question, in order
         self.ranking: list[tuple[int, float]] = []  # every document block, best first, behind `citations`
         self.retrievals: RetrievalTally | None = None  # the last answer's retrievals for memory attention
         self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
@@ -270,8 +273,11 @@ class Session:
         start = time.perf_counter()
         tail = list(prompt.suffix)  # what the tally hears: the question, not the passages re-read before it
         boosted: list[int] = []  # token ids whose logits get focus.copy_bias
+        self.reread = []
         if lexical is not None and focus.passages:
-            texts = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
+            chosen = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
+            texts = [source_map.text[start:end] for start, end in chosen]
+            self.reread = [cite_span(start, end, source_map, excerpt_chars=REREAD_CHARS) for start, end in chosen]
             rendered = render_passages(prompt.question, texts)
             suffix = prompt.with_passages(self.loaded.tokenizer.encode(rendered, add_special_tokens=False))
             tail = list(prompt.suffix[prompt.slot or 0 :])  # the template after its {passages} field
@@ -361,18 +367,16 @@ class Session:
         return prior
 
     def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
-                  question: str, sentences: bool = True) -> list[str]:
-        """The `count` sentences (or whole blocks) of the document that the question's words match best, in
-        document order: what the question points at, re-read in the model's local view under the question
-        (render_passages; Prompt.with_passages puts them in the template). Sentences come from the question's
-        best blocks and their neighbours (citations/sentences.reread_spans)."""
+                  question: str, sentences: bool = True) -> list[tuple[int, int]]:
+        """Character spans of the `count` sentences (or whole blocks) of the document that the question's words
+        match best, in document order: what the question points at, re-read in the model's local view under the
+        question (render_passages; Prompt.with_passages puts them in the template). Sentences come from the
+        question's best blocks and their neighbours (citations/sentences.reread_spans)."""
         scores, _ = lexical
         index, _, spans = self._lexical  # built by _lexical_scores, which gave `lexical`
         if sentences:
-            chosen = reread_spans(index, question, source_map.text, spans, scores, count)
-        else:
-            chosen = [spans[i] for i in sorted(scores.topk(min(count, len(spans))).indices.tolist())]
-        return [source_map.text[start:end] for start, end in chosen]
+            return reread_spans(index, question, source_map.text, spans, scores, count)
+        return [spans[i] for i in sorted(scores.topk(min(count, len(spans))).indices.tolist())]
 
     def _written_in(self, texts: list[str]) -> list[int]:
         """The token ids the texts are written in, and the stop tokens (so that, boosted, an answer may end as

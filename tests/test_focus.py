@@ -89,14 +89,19 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
 
     lexical = session._lexical_scores(prompt.question, session.source_map)
-    reread = session._passages(lexical, 1, session.source_map, prompt.question)
+    reread = [text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question)]
     assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]  # its sentence, not the lines around it
-    block = "".join(session._passages(lexical, 1, session.source_map, prompt.question, sentences=False))
+    block = "".join(text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question,
+                                                            sentences=False))
     assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
     assert "quagga" in session.citations[0].excerpt  # the citations lead with the block the retrieval was given
+    # What the answer re-read is kept with where it lies, for --json.
+    assert [(c.source, c.first_line, c.last_line, c.excerpt) for c in session.reread] == [
+        ("n.txt", 21, 21, "Line 21: the quagga waits at the gate.")]
     assert "".join(session.answer(prompt, 4)) == plain  # and nothing of it stays for the next answer
+    assert session.reread == []
     # Unsteered retrieval (no focus), yet the citations still rank by the question's words too.
     assert "".join(session.answer(prompt, 4, cite=2)) == plain
     assert any("quagga" in c.excerpt for c in session.citations)
@@ -198,8 +203,9 @@ def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(s
     plain = "".join(session.answer(prompt, 12, focus=Focus(passages=1)))
     unbiased, chosen[:] = list(chosen), []
     "".join(session.answer(prompt, 12, focus=Focus(passages=1, copy_bias=1e4)))
-    texts = session._passages(session._lexical_scores(prompt.question, session.source_map), 1, session.source_map,
-                              prompt.question) + [prompt.question]
+    spans = session._passages(session._lexical_scores(prompt.question, session.source_map), 1, session.source_map,
+                              prompt.question)
+    texts = [session.source_map.text[a:b] for a, b in spans] + [prompt.question]
     assert [t.strip() for t in texts] == ["Line 21: the quagga waits at the gate.", "Where does the quagga wait?"]
     allowed = {t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)} | session._stops
     assert chosen and set(chosen) <= allowed  # a random model's answer, held to those words

@@ -72,6 +72,17 @@ def passage(block: int, block_span, doc_start: int, offsets: torch.Tensor, sourc
     return Passage(source, page, line, last_line, c0, c1)
 
 
+def cite_span(start: int, end: int, source_map: SourceMap, weight: float = 0.0,
+              excerpt_chars: int = 160) -> Citation:
+    """The citation of the extracted text's characters [start, end): where they lie, and an excerpt of at most
+    `excerpt_chars` characters (white space runs as one space)."""
+    source, page, line = source_map.locate(start)
+    _, _, last_line = source_map.locate(max(start, end - 1))
+    text = " ".join(source_map.text[start:end].split())
+    excerpt = text if len(text) <= excerpt_chars else text[: excerpt_chars - 1] + "…"
+    return Citation(source, page, line, last_line, excerpt, weight)
+
+
 def cite(ranking: list[tuple[int, float]], block_span, doc_start: int, offsets: torch.Tensor,
          source_map: SourceMap, limit: int, excerpt_chars: int = 160) -> list[Citation]:
     """The first `limit` passages of a ranking [(block id, weight)], best first."""
@@ -82,7 +93,5 @@ def cite(ranking: list[tuple[int, float]], block_span, doc_start: int, offsets: 
         where = passage(block, block_span, doc_start, offsets, source_map)
         if where is None:  # a block of prompt text: the document's passages are what the user asked for
             continue
-        text = " ".join(source_map.text[where.start : where.end].split())
-        excerpt = text if len(text) <= excerpt_chars else text[: excerpt_chars - 1] + "…"
-        out.append(Citation(where.source, where.page, where.first_line, where.last_line, excerpt, weight))
+        out.append(cite_span(where.start, where.end, source_map, weight, excerpt_chars))
     return out
