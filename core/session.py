@@ -19,7 +19,7 @@ import torch
 
 from infllm.citations.lexical import LexicalIndex
 from infllm.citations.citation import Citation
-from infllm.citations.passages import SourceMap, cite_span, passage, quote
+from infllm.citations.passages import SourceMap, block_chars, cite_span, passage, quote
 from infllm.citations.sentences import reread_spans
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
@@ -348,8 +348,7 @@ class Session:
         if self._lexical is None:
             layer = self.engine.layers[0]
             blocks = self._document_blocks()
-            spans = [(p.start, p.end) for p in (passage(b, layer.block_span, self.doc_start, self.doc_offsets,
-                                                        source_map) for b in blocks)]
+            spans = [block_chars(b, layer.block_span, self.doc_start, self.doc_offsets) for b in blocks]
             self._lexical = LexicalIndex.over_spans(source_map.text, spans), blocks, spans
         index, blocks, _ = self._lexical
         scores = index.scores(question)

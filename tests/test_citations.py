@@ -121,3 +121,15 @@ def _template(tmp_path):
     path = tmp_path / "terse.txt"
     path.write_text(load_template("ask").replace("Answer in one short sentence", "Answer in three words"))
     return path
+
+
+def test_a_character_is_located_on_its_piece_page_and_line():
+    pieces = [Piece("a\nb\n\nc", "one.txt", None, 1), Piece("\nd\ne", "two.pdf", 3, 10), Piece("f", "three", None, 5)]
+    text = "".join(p.text for p in pieces)
+    source_map = SourceMap(text, pieces)
+    starts = [0, 6, 10]  # where each piece begins in the text
+    for char in range(len(text)):
+        i = max(k for k, start in enumerate(starts) if start <= char)
+        expected = pieces[i].line + text.count("\n", starts[i], char)  # newlines before it in its piece
+        assert source_map.locate(char) == (pieces[i].source, pieces[i].page, expected), char
+    assert source_map.locate(7) == ("two.pdf", 3, 11) and source_map.locate(3) == ("one.txt", None, 2)
