@@ -253,3 +253,73 @@ def test_set_decode_chunk_changes_an_engine_between_answers():
     assert counter.call_count == 8 * len(engine.layers)
     with pytest.raises(UsageError, match="--decode-chunk must be from 1"):
         engine.set_decode_chunk(0)
+
+
+def held_steps():
+    """A patch routing every decoded token that `steady_step` accepts through `attend_steady` with its step as a
+    tensor (what a CUDA graph replays), then `advance_steady`; a counter of those tokens per layer."""
+    counter, real = mock.Mock(), LayerMemory.attend
+
+    def attend(memory, q, k, v):
+        step = memory.steady_step() if q.shape[1] == 1 else None
+        if step is None:
+            return real(memory, q, k, v)
+        counter()
+        out = memory.attend_steady(q, k, v, torch.tensor(step, device=q.device))
+        memory.advance_steady()
+        return out
+
+    return counter, mock.patch.object(LayerMemory, "attend", attend)
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "int8"])
+def test_a_held_token_attended_by_tensor_indices_equals_the_eager_token(kv_dtype):
+    """`attend_steady` (every index a tensor, for a CUDA graph) against `attend` over 200 decoded tokens with
+    decode_chunk 4, across compactions of the recent buffer and sealed blocks: the same logits (float32 rounding:
+    the held path attends the whole decode buffer, padding weighted 0), the same counters, buffers, rings and
+    retrievals."""
+    model = tiny_model("llama")
+    cfg = CFG.with_overrides(decode_chunk=4, kv_dtype=kv_dtype)
+    ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(15))
+    eager, held = Engine(model, cfg, offload=False), Engine(model, cfg, offload=False)
+    for engine in (eager, held):
+        engine.feed(ids[:160])
+    tally = held.count_retrievals(True)
+    tally.open = False
+    expected = decode(eager, ids[160:])
+    counter, patch = held_steps()
+    with patch:
+        got = decode(held, ids[160:])
+    assert counter.call_count >= 100 * len(held.layers)  # most tokens are held (3 of 4, less those that seal)
+    assert (got - expected).abs().max().item() < 1e-5
+    for a, b in zip(eager.layers, held.layers):
+        assert a.counters() == b.counters() and a.last_retrieved == b.last_retrieved
+        assert (a.decoding.upto, a.decoding.frame) == (b.decoding.upto, b.decoding.frame)
+        # Keys and queries of later layers carry the logits' rounding.
+        for x, y in ((a.recent_k[:, : a.recent_len], b.recent_k[:, : b.recent_len]),
+                     (a.recent_q[:, : a.recent_len], b.recent_q[:, : b.recent_len]),
+                     (a.decoding.ring_k, b.decoding.ring_k), (a.decoding.ring_v, b.decoding.ring_v)):
+            assert (x - y).abs().max().item() < 1e-5
+    assert sum(tally.values()) == 200 * len(held.layers) * cfg.topk  # held tokens counted as retrievals too
+
+
+def test_no_step_is_steady_while_a_tally_asks_for_queries_or_a_block_is_due():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(16))
+    engine = Engine(model, CFG.with_overrides(decode_chunk=8), offload=False)
+    engine.feed(ids[:160])
+    decode(engine, ids[160:161])  # retrieves: the next tokens hold its blocks
+    assert all(m.steady_step() is not None for m in engine.layers)
+    engine.count_retrievals(True)  # open: it records each token's queries, which only `attend` hands it
+    assert all(m.steady_step() is None for m in engine.layers)
+    engine.count_retrievals(False)
+    memory = engine.layers[0]
+    while positions_due(memory) <= memory.store.count:
+        decode(engine, ids[161:162])
+    assert memory.steady_step() is None  # this token seals a block: it retrieves afresh
+
+
+def positions_due(memory: LayerMemory) -> int:
+    from infllm.engine import positions
+
+    return positions.sealed_for(memory.cfg, memory.position)

@@ -16,7 +16,7 @@ from infllm.engine import positions
 from infllm.engine.engine import Engine
 from infllm.engine.masks import Band, Mask
 from infllm.cli.app import app
-from test_decoding import CFG as DECODE_CFG, decode, steady_calls
+from test_decoding import CFG as DECODE_CFG, counted, decode, steady_calls
 from test_engine import batched_calls
 from tiny_models import tiny_model
 
@@ -222,7 +222,7 @@ def test_decoded_tokens_sharing_a_retrieval_on_gpu_wait_for_nothing():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         seen.append([list(m.last_retrieved) for m in engine.layers])
-        # Past the first token's graph capture, and not a token that sealed a block (it retrieves afresh).
+        # Past the first tokens' graph captures, and not a token that sealed a block (it retrieves afresh).
         if held and memory.store.count == blocks and t > 701:
             syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
             assert not syncs, (t, syncs)
@@ -308,6 +308,32 @@ def test_decode_graphs_give_the_eager_logits(arch, dtype):
     assert (logits[True].float() - logits[False].float()).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, "model"), (torch.bfloat16, "int8")])
+def test_held_tokens_replay_one_graph_each_and_give_the_eager_logits(arch, dtype, kv_dtype):
+    """With decode_chunk 8 most decoded tokens hold their blocks and replay one graph of the whole token
+    (HeldTokenGraph: every layer's attention included) against the same engine eager, token by token across
+    compactions and sealed blocks; after a reset the graph is captured again on the new memories."""
+    model = tiny_model(arch, dtype=dtype).to("cuda")
+    cfg = DECODE_CFG.with_overrides(decode_chunk=8, kv_dtype=kv_dtype)
+    ids = torch.randint(0, 256, (360,), generator=torch.Generator().manual_seed(8))
+    eager = Engine(model, cfg, decode_graphs=False)
+    eager.feed(ids[:200])
+    expected = decode(eager, ids[200:])
+    engine = Engine(model, cfg)
+    counter, patch = counted("advance_steady")
+    for _ in range(2):
+        engine.reset()
+        assert engine._held is None
+        engine.feed(ids[:200])
+        with patch:
+            got = decode(engine, ids[200:])
+        assert engine._held is not None and engine._held.layers is engine.layers
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert (got.float() - expected.float()).abs().max().item() <= tol
+    assert counter.call_count >= 2 * 120 * len(engine.layers)  # 7 of 8 tokens, less those that seal or compact
+
+
 def test_decode_graphs_are_the_default_on_one_gpu_and_fall_back_to_eager_if_capture_fails():
     model = tiny_model("llama").to("cuda")
     assert Engine(model, DECODE_CFG).decode_graphs
@@ -321,6 +347,15 @@ def test_decode_graphs_are_the_default_on_one_gpu_and_fall_back_to_eager_if_capt
     with mock.patch("infllm.engine.engine.DecodeGraphs", side_effect=RuntimeError("not capturable")):
         got = decode(engine, ids[100:])
     assert not engine.decode_graphs and engine._graphs is None
+    assert (got - decode(expected, ids[100:])).abs().max().item() <= 1e-5
+    # A held token's graph that cannot be captured leaves its tokens to the eager path, which writes them again.
+    cfg = DECODE_CFG.with_overrides(decode_chunk=8)
+    expected, engine = Engine(model, cfg, decode_graphs=False), Engine(model, cfg)
+    for e in (expected, engine):
+        e.feed(ids[:100])
+    with mock.patch("infllm.engine.graphs.HeldTokenGraph.run", side_effect=RuntimeError("not capturable")):
+        got = decode(engine, ids[100:])
+    assert engine.decode_graphs and not engine.held_graphs and engine._held is None
     assert (got - decode(expected, ids[100:])).abs().max().item() <= 1e-5
 
 

@@ -156,15 +156,18 @@ def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def lone_query_attention(q_a: torch.Tensor, q_b: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, split: int,
-                         scale: float, valid: int | None = None) -> torch.Tensor:
+                         scale: float, valid: int | torch.Tensor | None = None) -> torch.Tensor:
     """One query per head against two key groups that see it rotated differently: q_a, q_b [Hkv, G, D] (G heads
     per KV head), keys/values [Hkv, N, D] whose first `split` keys are q_a's group and the rest q_b's, every key
-    visible; with `valid`, keys from `valid` on are padding (finite, weight 0). Returns [Hkv, G, D]: one softmax
+    visible; with `valid`, keys from `valid` on are padding (finite, weight 0); a [1] tensor on the keys' device
+    says so without the host knowing the count (a CUDA graph's replay). Returns [Hkv, G, D]: one softmax
     over all keys, which is what merging the two groups' attentions by log-sum-exp computes, with float32 scores
     and the weights rounded to the values' dtype for their product, as the fused kernels round them
     (`lone_query_products` says where this runs)."""
     scores = torch.cat([_scores(q_a, keys[:, :split]), _scores(q_b, keys[:, split:])], dim=-1)  # [Hkv, G, N]
-    if valid is not None and valid < scores.shape[-1]:
+    if isinstance(valid, torch.Tensor):
+        scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= valid, float("-inf"))
+    elif valid is not None and valid < scores.shape[-1]:
         scores[..., valid:] = float("-inf")
     weights = torch.softmax(scores.mul_(scale), dim=-1)
     return torch.bmm(weights.to(values.dtype), values)

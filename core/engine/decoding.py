@@ -49,11 +49,17 @@ class DecodeCache:
         self.chunk = cfg.decode_chunk  # decoded tokens sharing one retrieval (Engine.set_decode_chunk changes it)
         self.drop()
 
+    def _slots(self) -> int:
+        """Keys the buffers hold: the ring, the memory group with a whole block's tail, and on CUDA up to a
+        multiple of 8 (whole 16-byte rows for `span`)."""
+        n = self.cfg.window + self._tail_at + self.cfg.block_size
+        return -(-n // 8) * 8 if self.device.type == "cuda" else n
+
     def _allocate(self) -> None:
         kv_heads, head_dim, dtype, device = self._shape
-        n = self.cfg.window + self._tail_at + self.cfg.block_size
-        self.keys = torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)
+        self.keys = torch.zeros((kv_heads, self._slots(), head_dim), dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
+        self._tail_steps = torch.arange(self.cfg.block_size, device=device)  # put_tail_at's slot offsets
 
     def drop(self) -> None:
         """Forget everything: the next decoded token rebuilds the ring, the sinks and every block slot."""
@@ -80,18 +86,17 @@ class DecodeCache:
         return self.values[:, self.cfg.window :]
 
     def span(self, end: int) -> int:
-        """How many of the buffers' leading keys to hand a lone query whose keys are the first `end`: on CUDA
-        whole 16-byte rows (a multiple of 8 keys; the spare slots after the tail give room, and the attention
-        gives the padding no weight), elsewhere `end`. With an odd count (every other token, as the tail grows)
-        cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens)."""
-        if self.device.type != "cuda":
-            return end
-        return min(-(-end // 8) * 8, self.keys.shape[1])
+        """How many of the buffers' leading keys to hand a lone query whose keys are the first `end`: on CUDA all
+        of them, a multiple of 8 (the attention gives the slots past `end` no weight), elsewhere `end`. One shape
+        for every token is what a CUDA graph of a held token replays (`LayerMemory.attend_steady`), and the eager
+        tokens take the same products so that both round alike; with an odd count (every other token, as the tail
+        grows) cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens)."""
+        return self.keys.shape[1] if self.device.type == "cuda" else end
 
     def nbytes(self) -> int:
         """Bytes of the buffers, allocated or still to be."""
         kv_heads, head_dim, dtype, _ = self._shape
-        return 2 * kv_heads * head_dim * dtype.itemsize * (self.cfg.window + self._tail_at + self.cfg.block_size)
+        return 2 * kv_heads * head_dim * dtype.itemsize * self._slots()
 
     # ---- retrieval shared by decoded tokens ---------------------------------------------------------------
 
@@ -173,3 +178,15 @@ class DecodeCache:
         self.keys[:, at : at + n] = tail_k
         self.values[:, at : at + n] = tail_v
         return self._tail_at + n
+
+    def put_tail_at(self, recent_k: torch.Tensor, recent_v: torch.Tensor, slot: torch.Tensor) -> None:
+        """`put_tail` with the tail's first recent slot as a [1] tensor on the device: copies B slots from there
+        (up to the buffer's last), of which the `valid` count handed to the attention keeps the tail's."""
+        at = self.cfg.window + self._tail_at
+        index = (slot + self._tail_steps).clamp_(max=recent_k.shape[1] - 1)  # [B]
+        self.keys[:, at : at + self.cfg.block_size] = recent_k.index_select(1, index)
+        self.values[:, at : at + self.cfg.block_size] = recent_v.index_select(1, index)
+
+    def memory_end(self, tail: int) -> int:
+        """Keys a lone query attends in the buffers (ring, then memory) with a tail of `tail` tokens."""
+        return self.cfg.window + self._tail_at + tail

@@ -16,7 +16,7 @@ from torch import nn
 
 from infllm.engine.adapter import DecoderAdapter
 from infllm.engine.attention import kernel_choice
-from infllm.engine.graphs import DecodeGraphs
+from infllm.engine.graphs import DecodeGraphs, HeldTokenGraph
 from infllm.engine.hostpages import HostPages
 from infllm.engine.tally import RetrievalTally
 from infllm.config import EngineConfig
@@ -50,6 +50,10 @@ class Engine:
             decode_graphs = self.kernels != "reference" and DecodeGraphs.usable(self.adapter)
         self.decode_graphs = decode_graphs
         self._graphs: DecodeGraphs | None = None
+        # Held decoded tokens as one graph each (infllm.engine.graphs.HeldTokenGraph), with the dense work's graphs;
+        # off for good if its capture fails.
+        self.held_graphs = decode_graphs
+        self._held: HeldTokenGraph | None = None  # captured on the current memories
         self.model = model
         devices = {layer.device for layer in self.adapter.layers}
         self.offload = any(d.type != "cpu" for d in devices) if offload is None else offload
@@ -72,6 +76,7 @@ class Engine:
                         self._scratch[layer.device], self.host)
             for layer in a.layers
         ]
+        self._held = None  # its graph wrote the old memories' buffers
 
     def place_store(self, budget: int | None, spill_dir: Path | None) -> None:
         """Let the block stores' pages take at most `budget` bytes of RAM from now on (None: no limit) and put the
@@ -184,6 +189,18 @@ class Engine:
         """`_forward` of one token: ids [1] -> hidden [1, hidden] (a static tensor of the graphs, valid until the
         next token), each layer boundary one graph replay and each layer's attention eager in between."""
         a = self.adapter
+        step = self._held_step() if after_layer is None and self.held_graphs else None
+        if step is not None:
+            if self._held is None:
+                self._held = HeldTokenGraph(a, self.layers)
+            try:
+                out = self._held.run(a.embed(ids.to(a.input_device)), step)
+            except RuntimeError:  # not capturable: its warm-up wrote what the eager token writes again
+                self.held_graphs, self._held = False, None
+            else:
+                for memory in self.layers:
+                    memory.advance_steady()
+                return out
         graphs.hidden.copy_(a.embed(ids.to(a.input_device)))
         self.masks.clear()
         with section("infllm.projections"):
@@ -195,6 +212,13 @@ class Engine:
             if after_layer is not None:
                 after_layer(i + 1)
         return out[0]
+
+    def _held_step(self) -> tuple[int, ...] | None:
+        """The step every layer's next decoded token takes (LayerMemory.steady_step) if all can be attended by a
+        held-token graph, else None. Layers seal, retrieve and compact together, so they agree unless one
+        cannot (a tally, a restore)."""
+        steps = {memory.steady_step() for memory in self.layers}
+        return steps.pop() if len(steps) == 1 else None
 
     @torch.inference_mode()
     def feed(self, ids: Sequence[int] | torch.Tensor, all_logits: bool = False,

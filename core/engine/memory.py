@@ -22,6 +22,9 @@ positions; other calls (the first window, a piece's short tail, decoding) go chu
 
 A sealed block keeps the keys with the highest representative scores (`scoring.representative_scores`) from
 the group-summed queries the recent buffer keeps for them.
+
+A decoded token that holds its blocks and seals nothing (`steady_step`) can also be attended by `attend_steady`,
+its indices in a tensor on the device, which a CUDA graph captures whole (infllm.engine.graphs.HeldTokenGraph).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from infllm.engine.decoding import DecodeCache
 from infllm.engine.hostpages import HostPages
 from infllm.engine.masks import Mask, MaskCache
 from infllm.engine.positions import KeyLayout
-from infllm.engine.rope import RopeTable
+from infllm.engine.rope import RopeTable, apply_rotary
 from infllm.engine.scoring import block_scores, representative_scores
 from infllm.engine.sections import section
 
@@ -407,6 +410,61 @@ class LayerMemory:
             mem_out = attention_lse(queries, cache.memory_k[None, :, :memory], cache.memory_v[None, :, :memory],
                                     None, self.scale, self.kernels)
         return merge(local_out, mem_out)
+
+    # ---- a decoded token the host has nothing to decide for (what a CUDA graph replays) ---------------------
+
+    def steady_step(self) -> tuple[int, int, int, int, int] | None:
+        """Where the next decoded token's writes and reads fall if `attend_steady` can attend it: it seals no
+        block and compacts nothing, attends the blocks held from an earlier retrieval through a current ring, one
+        softmax over the DecodeCache (`lone_query`), and no open tally asks for its queries. Returns (recent slot,
+        ring slot, rotation row, the tail's recent slot, keys attended), or None: attend it with `attend`."""
+        cfg, first, cache = self.cfg, self.position, self.decoding
+        if not self.lone_query or cache.keys is None or (self.tally is not None and self.tally.open):
+            return None
+        if positions.sealed_for(cfg, first) > self.store.count or self.recent_len + 1 > self.capacity:
+            return None
+        held = cache.held(first, self.store.count)
+        if held is None or not cache.ring_current(first, self.recent_start):
+            return None
+        tail = self._steady_tail(first, held)
+        if tail is None:
+            return None
+        return (self.recent_len, first % cfg.window,
+                positions.local_rotation(cfg, first, self.recent_start) - self.rope.lo,
+                tail[0] - self.recent_start, cache.memory_end(tail[1]))
+
+    def attend_steady(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """`attend` of a decoded token for which `steady_step` gave `step` (its values, [5] int64 on the device):
+        the writes and the attention of `_attend_one`, every index a tensor, so the host reads nothing and
+        decides nothing (a CUDA graph captures it once and replays it; `advance_steady` does the host's part).
+        q [H, 1, D], k/v [Hkv, 1, D] without RoPE. Returns [H, 1, D]."""
+        cfg, cache = self.cfg, self.decoding
+        h, _, d = q.shape
+        hkv, g = k.shape[0], self.groups
+        q_mem = self.rope.rotate(q, cfg.window).view(hkv, g, 1, d)
+        slot, ring, rotation, tail, end = step[0:1], step[1:2], step[2:3], step[3:4], step[4:5]
+        self.recent_k.index_copy_(1, slot, k)
+        self.recent_v.index_copy_(1, slot, v)
+        self.recent_q.index_copy_(1, slot, q_mem.sum(dim=1))
+        cos, sin = self.rope.cos.index_select(0, rotation), self.rope.sin_signed.index_select(0, rotation)  # [1, D]
+        cache.ring_k.index_copy_(1, ring, apply_rotary(k, cos, sin))
+        cache.ring_v.index_copy_(1, ring, v)
+        cache.put_tail_at(self.recent_k, self.recent_v, tail)
+        q_local = apply_rotary(q, cos, sin).reshape(hkv, g, d)
+        out = lone_query_attention(q_local, q_mem.reshape(hkv, g, d), cache.keys, cache.values, cfg.window,
+                                   self.scale, valid=end)
+        return out.reshape(h, 1, d)
+
+    def advance_steady(self) -> None:
+        """The host's part of a token `attend_steady` attended: its counters, the ring's end and what it
+        retrieved (the held blocks, counted by the tally)."""
+        held = self.decoding.held(self.position, self.store.count)
+        self.last_retrieved = held
+        if self.tally is not None:
+            self.tally.update(held)  # RetrievalTally.record without queries: steady_step refuses an open tally
+        self.recent_len += 1
+        self.position += 1
+        self.decoding.upto = self.position
 
     def _local_rotations(self, start: int, end: int) -> torch.Tensor:
         """[end - start] local-group rotation positions of the recent tokens at positions [start, end)."""
