@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from infllm.config import EngineConfig
+from infllm.engine import positions
 from infllm.engine.engine import Engine
 from infllm.engine.memory import LayerMemory
 from tiny_models import tiny_model
@@ -314,12 +315,6 @@ def test_no_step_is_steady_while_a_tally_asks_for_queries_or_a_block_is_due():
     assert all(m.steady_step() is None for m in engine.layers)
     engine.count_retrievals(False)
     memory = engine.layers[0]
-    while positions_due(memory) <= memory.store.count:
+    while positions.sealed_for(memory.cfg, memory.position) <= memory.store.count:  # until a block is due
         decode(engine, ids[161:162])
     assert memory.steady_step() is None  # this token seals a block: it retrieves afresh
-
-
-def positions_due(memory: LayerMemory) -> int:
-    from infllm.engine import positions
-
-    return positions.sealed_for(memory.cfg, memory.position)

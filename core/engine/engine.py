@@ -187,7 +187,8 @@ class Engine:
     def _forward_graphed(self, graphs: DecodeGraphs, ids: torch.Tensor,
                          after_layer: Callable[[int], None] | None) -> torch.Tensor:
         """`_forward` of one token: ids [1] -> hidden [1, hidden] (a static tensor of the graphs, valid until the
-        next token), each layer boundary one graph replay and each layer's attention eager in between."""
+        next token). A held token is one replay of the whole token's graph; any other token replays one graph per
+        layer boundary, each layer's attention eager in between."""
         a = self.adapter
         step = self._held_step() if after_layer is None and self.held_graphs else None
         if step is not None:
@@ -215,8 +216,8 @@ class Engine:
 
     def _held_step(self) -> tuple[int, ...] | None:
         """The step every layer's next decoded token takes (LayerMemory.steady_step) if all can be attended by a
-        held-token graph, else None. Layers seal, retrieve and compact together, so they agree unless one
-        cannot (a tally, a restore)."""
+        held-token graph, else None. Layers seal, retrieve and compact at the same tokens, so they agree; should
+        they not, the token takes the per-boundary graphs."""
         steps = {memory.steady_step() for memory in self.layers}
         return steps.pop() if len(steps) == 1 else None
 
