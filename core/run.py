@@ -83,11 +83,11 @@ def per_source(each: bool, failures: dict[int, InfllmError], index: int) -> Iter
 
 def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str | None = None,
           each: bool = False, report: Reporter | None = None) -> Plan:
-    """Everything that can be refused before the model loads: settings, special files, snapshots."""
+    """Everything that can be refused before the model loads: settings, missing and special files, snapshots."""
     from infllm.cache import limit_bytes
     from infllm.defaults import settings_for
     from infllm.documents.prompting import load_template
-    from infllm.documents.readers import STDIN, refuse_special_files
+    from infllm.documents.readers import STDIN, check_sources
     from infllm.engine.attention import kernel_choice
     from infllm.runtime.loading import pick_device, pick_dtype, resolve_model
     from infllm.runtime.placement import parse_device_map
@@ -107,7 +107,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     snaps = {}
     for i, sources in enumerate(groups):
         with per_source(each, failures, i):
-            refuse_special_files(sources)  # a FIFO would block is_snapshot's open forever
+            check_sources(sources)  # before the model loads; a FIFO would block is_snapshot's open forever
             found = [s for s in sources if s != STDIN and is_snapshot(s)]
             if found and len(sources) > 1:
                 raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")

@@ -399,9 +399,11 @@ def read_command(
     if output.as_json:
         _stdout()
     sources, _ = _split_question([*(sources or []), "read"])
+    from infllm.documents.readers import check_sources
     from infllm.run import check_output, prepare
 
-    check_output(output_path, sources)  # before the model loads and the text is read
+    check_sources(sources)  # before the model loads and the text is read
+    check_output(output_path, sources)
     model, settings = prepare(_model_options(model_choice, engine), _display(output))
     reading = model.read(sources, engine=settings, template=template, system=system, gitignore=gitignore)
     size = reading.save(output_path, model_choice.model)

@@ -103,7 +103,7 @@ def test_a_checked_run_answers_without_the_command_line(tiny_model_dir, doc, tmp
     groups = [[str(doc)], [str(missing)]]
     opts = RunOptions(model=str(tiny_model_dir), device="cpu", engine=SETTINGS, max_tokens=3)
     plan = check(opts, groups, "What is the pass key?", each=True)
-    assert plan.failures == {}  # a missing file is found when it is read, not by the checks
+    assert list(plan.failures) == [1] and plan.failures[1].exit_code == 3  # found by the checks, kept for its turn
     runner = Runner(plan)
     answer = runner.answer(groups[0])
     assert answer.inputs == [str(doc)] and answer.tokens_generated <= 3

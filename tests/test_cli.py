@@ -684,6 +684,18 @@ def test_json_says_why_the_answer_ended_and_a_stop_string_ends_it(ask, docs):
     assert plain.stdout.strip() == cut["answer"]  # what is streamed stops there too
 
 
+@pytest.mark.parametrize("command", ["ask", "summarize", "read"])
+def test_a_missing_source_is_refused_before_the_model_loads(tiny_model_dir, docs, tmp_path, command):
+    """A mistyped path costs no model load (seconds on a CPU): the same line reading it would give, at once."""
+    missing = tmp_path / "missing.txt"
+    tail = {"ask": ["What is the pass key?"], "summarize": [], "read": ["-o", str(tmp_path / "out.infllm")]}[command]
+    argv = [command, "--model", str(tiny_model_dir), "--device", "cpu", *ENGINE, str(docs["a"]), str(missing),
+            *tail]
+    result = CliRunner().invoke(app, argv, prog_name="infllm")
+    assert assert_one_error_line(result, 3) == f"infllm: error: {missing}: no such file or directory"
+    assert "loading model" not in result.stderr and not (tmp_path / "out.infllm").exists()
+
+
 def test_with_json_a_failure_is_a_json_object_on_stdout(ask, docs, tmp_path):
     missing = tmp_path / "missing.txt"
     result = ask("--json", missing, "What is the pass key?")
