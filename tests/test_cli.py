@@ -703,7 +703,8 @@ def test_with_json_a_failure_is_a_json_object_on_stdout(ask, docs, tmp_path):
     assert json.loads(result.stdout) == {"error": f"{missing}: no such file or directory", "exit_code": 3}
     assert result.stderr.splitlines()[-1] == f"infllm: error: {missing}: no such file or directory"
     bad = ask("--json", "--top-p", "0", docs["a"], "q")
-    assert bad.exit_code == 2 and json.loads(bad.stdout)["exit_code"] == 2 and "top-p" in json.loads(bad.stdout)["error"]
+    refused = json.loads(bad.stdout)
+    assert bad.exit_code == 2 and refused["exit_code"] == 2 and "top-p" in refused["error"]
     # With --each the failed source's line is already there: nothing is added after it.
     each = ask("--json", "--each", missing, "q")
     assert each.exit_code == 3 and [json.loads(line) for line in each.stdout.splitlines()] == [
@@ -726,7 +727,8 @@ def test_version_short_help_and_examples_per_command():
     runner = CliRunner()
     version = runner.invoke(app, ["--version"], prog_name="infllm")
     assert version.exit_code == 0 and version.stdout.startswith("infllm ")
-    assert runner.invoke(app, ["-h"], prog_name="infllm").stdout == runner.invoke(app, ["--help"], prog_name="infllm").stdout
+    short, long = (runner.invoke(app, [flag], prog_name="infllm").stdout for flag in ("-h", "--help"))
+    assert short == long
     for command, example in [("ask", "infllm ask --questions questions.txt book.txt"),
                              ("summarize", "infllm summarize book.txt"), ("read", "infllm read book.pdf -o book.infllm"),
                              ("info", "zcat huge.log.gz | infllm info -"), ("chat", "infllm chat book.txt"),

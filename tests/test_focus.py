@@ -90,7 +90,8 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
 
     lexical = session._lexical_scores(prompt.question, session.source_map)
     reread = [text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question)]
-    assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]  # its sentence, not the lines around it
+    # its sentence, not the lines around it
+    assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]
     block = "".join(text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question,
                                                             sentences=False))
     assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21

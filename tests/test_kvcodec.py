@@ -118,7 +118,8 @@ def test_the_default_model_stores_under_13_kb_per_token_in_int8():
     """SmolLM2-135M: 30 layers x 3 KV heads x 64 dims; float32 on a CPU, blocks of 128 with 4 representatives."""
     smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                               head_dim=64, intermediate_size=1536, max_position_embeddings=8192)
-    per_token = {kv: store_bytes_per_token(smollm2, EngineConfig(kv_dtype=kv), torch.float32) for kv in ("int8", "model")}
+    per_token = {kv: store_bytes_per_token(smollm2, EngineConfig(kv_dtype=kv), torch.float32)
+                 for kv in ("int8", "model")}
     # K/V codes 11,520 + scales 540 (180 for keys, 360 for values) + representative keys 720 bytes per token,
     # against 46,080 + 720 in float32.
     assert per_token == {"int8": 12_780, "model": 46_800}

@@ -500,7 +500,8 @@ def test_bad_spill_limit(infllm, doc, monkeypatch):
 def test_bad_kernel_choice(infllm, doc, monkeypatch):
     monkeypatch.setenv("INFLLM_KERNELS", "fastest")
     result = infllm(doc, "q")
-    assert "INFLLM_KERNELS must be one of auto, masked, band, reference, got 'fastest'" in one_error_line(result, EXIT_USAGE)
+    line = one_error_line(result, EXIT_USAGE)
+    assert "INFLLM_KERNELS must be one of auto, masked, band, reference, got 'fastest'" in line
     assert nothing_was_read(result)
 
 

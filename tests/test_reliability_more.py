@@ -586,7 +586,8 @@ def test_a_snapshot_truncated_while_in_use_is_a_snapshot_error_never_a_bus_error
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     out = json.loads(proc.stdout.splitlines()[-1])
-    assert out["opened"][0] == EXIT_SNAPSHOT and "truncated while in use: it ends inside tensor layer." in out["opened"][1]
+    code, message = out["opened"]
+    assert code == EXIT_SNAPSHOT and "truncated while in use: it ends inside tensor layer." in message
     assert out["checked"] == [EXIT_SNAPSHOT, f"{work}: truncated since it was checked (it is shorter than its header "
                                              "says)"]
     assert isinstance(out["used"], str)
