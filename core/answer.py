@@ -27,8 +27,8 @@ class Answer:
     citations: list[Citation] = field(default_factory=list)  # best first; empty unless cite > 0
     finish_reason: str = "stop"  # "stop": the model ended it (or a stop string came); "length": max_tokens ran out
     tokens_question: int = 0  # the question's prompt tokens, read after the document
-    # The passages the model re-read just before the question (--passages), in document order; weight 0: they
-    # were chosen by the question's words, not by the citing heads.
+    # The passages the model re-read just before the question (--passages), in the order it read them (the best
+    # last); weight 0: they were chosen by the question's words, not by the citing heads.
     reread: list[Citation] = field(default_factory=list)
 
     def to_dict(self) -> dict:

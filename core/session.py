@@ -368,9 +368,10 @@ class Session:
     def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
                   question: str, sentences: bool = True) -> list[tuple[int, int]]:
         """Character spans of the `count` sentences (or whole blocks) of the document that the question's words
-        match best, in document order: what the question points at, re-read in the model's local view under the
-        question (render_passages; Prompt.with_passages puts them in the template). Sentences come from the
-        question's best blocks and their neighbours (citations/sentences.reread_spans)."""
+        match best: what the question points at, re-read in the model's local view under the question
+        (render_passages; Prompt.with_passages puts them in the template). Sentences come from the question's best
+        blocks and their neighbours, the best last (citations/sentences.reread_spans); whole blocks in document
+        order."""
         scores, _ = lexical
         index, _, spans = self._lexical  # built by _lexical_scores, which gave `lexical`
         if sentences:

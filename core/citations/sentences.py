@@ -14,6 +14,9 @@ a sentence gains a little of its neighbours' scores. And a question that asks fo
 ("how old", "on what date", "which R version") is answered by a sentence that holds a number the question does
 not: such sentences gain a share of the best sentence's score, the answer-type check of classic factoid QA
 systems. Both measured in docs/benchmarks.md ("Neighbours and numbers").
+
+The passages are given best last, just above the question: the default model copied from the last passage it read
+more often than from the best one when they came in the text's order (docs/benchmarks.md, "The best passage last").
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def sentence_scores(index: LexicalIndex, question: str, texts: list[list[list[st
 def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[tuple[int, int]],
                    count: int) -> list[tuple[int, int]]:
     """Character spans of the `count` sentences of text[regions] that best answer the question
-    (sentence_scores), in document order; sentences next to each other come as one passage."""
+    (sentence_scores); sentences next to each other come as one passage, and the passages come in rising order of
+    their best sentence's score, the best last (next to the question, where the model reads it last)."""
     per_region = [sentences(text[s:e], s) for s, e in merge(regions)]
     spans = [span for region in per_region for span in region]
     if not spans:
@@ -148,6 +152,7 @@ def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[
             passages[-1].append(i)
         else:
             passages.append([i])
+    passages.sort(key=lambda p: max(float(scores[i]) for i in p))  # stable: ties keep the text's order
     return [(spans[p[0]][0], spans[p[-1]][1]) for p in passages]
 
 
