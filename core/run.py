@@ -16,7 +16,7 @@ from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 from infllm.documents.readers import STDIN
-from infllm.snapshot import check_output  # noqa: F401 - the command line's read -o
+from infllm.snapshot import check_output
 from infllm.api import check_answer
 from infllm.engine.sampling import SamplingConfig
 from infllm.errors import EXIT_INTERNAL, InfllmError, ResourceError, SnapshotError, SourceError, UsageError, one_line
@@ -82,8 +82,9 @@ def per_source(each: bool, failures: dict[int, InfllmError], index: int) -> Iter
 
 
 def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str | None = None,
-          each: bool = False, report: Reporter | None = None) -> Plan:
-    """Everything that can be refused before the model loads: settings, missing and special files, snapshots."""
+          each: bool = False, report: Reporter | None = None, read_here: bool = True) -> Plan:
+    """Everything that can be refused before the model loads: settings, missing and special files, snapshots.
+    read_here=False: other machines read the sources (Ray workers), so a path missing here is theirs to judge."""
     from infllm.cache import limit_bytes
     from infllm.defaults import settings_for
     from infllm.documents.prompting import load_template
@@ -107,7 +108,7 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
     snaps = {}
     for i, sources in enumerate(groups):
         with per_source(each, failures, i):
-            check_sources(sources)  # before the model loads; a FIFO would block is_snapshot's open forever
+            check_sources(sources, missing_ok=not read_here)  # a FIFO would block is_snapshot's open forever
             found = [s for s in sources if s != STDIN and is_snapshot(s)]
             if found and len(sources) > 1:
                 raise UsageError(f"a snapshot ({found[0]}) must be the only source of a question (or use --each)")
@@ -142,6 +143,15 @@ def check(opts: RunOptions, groups: list[list[str]], question: str, *, save: str
                 check_model(snap, resolved.fingerprint, resolved.name)
                 snapshot_config(snap.meta, opts.engine, snap.path).validate(max_positions)
     return replace(plan, resolved=resolved, config=config, spec=spec, device_map=device_map)
+
+
+def check_read(sources: list[str], output: str) -> None:
+    """What `infllm read` refuses before the model loads: a source that cannot be read, a snapshot path that cannot
+    be written."""
+    from infllm.documents.readers import check_sources
+
+    check_sources(sources)
+    check_output(output, sources)
 
 
 def prepare(opts: RunOptions, report: Reporter | None = None):

@@ -399,11 +399,9 @@ def read_command(
     if output.as_json:
         _stdout()
     sources, _ = _split_question([*(sources or []), "read"])
-    from infllm.documents.readers import check_sources
-    from infllm.run import check_output, prepare
+    from infllm.run import check_read, prepare
 
-    check_sources(sources)  # before the model loads and the text is read
-    check_output(output_path, sources)
+    check_read(sources, output_path)  # before the model loads and the text is read
     model, settings = prepare(_model_options(model_choice, engine), _display(output))
     reading = model.read(sources, engine=settings, template=template, system=system, gitignore=gitignore)
     size = reading.save(output_path, model_choice.model)
@@ -632,7 +630,8 @@ def _answer_all(sources: list[str], question: str, opts: RunOptions, batch: Batc
         raise UsageError("--ray answers per source as JSON lines: use it with --each --json")
     display = _display(output, streamed=True)
     groups = [[s] for s in sources] if batch.each else [sources]
-    plan = check(opts, groups, question, save=batch.save, each=batch.each and not batch.on_ray, report=display)
+    plan = check(opts, groups, question, save=batch.save, each=batch.each and not batch.on_ray, report=display,
+                 read_here=not batch.on_ray)
     if batch.on_ray:
         from infllm.batch import RayOptions, answers_on_ray
 

@@ -174,16 +174,17 @@ def iter_pieces(
     return _all_pieces(sources, stdin, skipped if skipped is not None else SkipReport(), limits)
 
 
-def check_sources(sources: list[str]) -> None:
+def check_sources(sources: list[str], missing_ok: bool = False) -> None:
     """Refuse missing paths and named pipes, devices and sockets among the sources, from their metadata alone,
-    with the line reading them would give.
+    with the line reading them would give; with missing_ok, paths that do not exist here are left to whoever
+    reads them (Ray workers may see files the driver does not).
 
     For callers that look at sources before reading them: a command refuses a mistyped path before it loads the
     model (seconds on a CPU), and opening a FIFO blocks until a writer comes, so nothing may open a source (to
     tell a snapshot from a document, say) before this has passed.
     """
     for source in sources:
-        if source != STDIN:
+        if source != STDIN and not (missing_ok and not os.path.lexists(source)):
             _check_source(source)
 
 
