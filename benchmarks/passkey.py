@@ -7,7 +7,10 @@ assistant turn opened with "The pass key is". Greedy decoding; a trial succeeds 
 For InfLLM it also reports the retrieval hit rate: the share of (trial, layer) pairs in which a block holding
 the key was among the blocks retrieved for the last prompt token (the one that predicts the first answer token).
 System `infllm-4bit` is InfLLM with its decoded tokens through 4-bit projections (infllm.engine.packed; CPU, a
-model whose weights are 4-bit), beside `infllm` in float32 when --dtype is float32.
+model whose weights are 4-bit), beside `infllm` in float32 when --dtype is float32. System `ask` is what
+`infllm ask haystack.txt "What is the pass key?"` does (the library's `Reading.ask` with its defaults: the ask
+template, no answer prefix, the best passages by the question's words re-read under the question and the same
+words steering every layer's retrieval); its retrieval hit is not counted.
 
 Example (CPU, a few trials):   python benchmarks/passkey.py --lengths 4096,8192,16384 --trials 3
 Prints a table; --json PATH also writes every trial.
@@ -20,11 +23,13 @@ import json
 import random
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from infllm.api import Model
 from infllm.config import KV_DTYPES, EngineConfig
 from infllm.engine.engine import Engine
 from infllm.engine.packed import packed_decoder
@@ -62,6 +67,18 @@ def run_engine(engine: Engine, prompt, doc_ids, stops, max_new: int):
     retrieved = [list(m.last_retrieved) for m in engine.layers]
     tokens = list(engine.generate(logits, max_new, stops))
     return tokens, prefill_s, retrieved
+
+
+def run_ask(model: Model, cfg: EngineConfig, text: str, max_new: int) -> tuple[list[int], float]:
+    """The product's path: the haystack as a file, read and asked with `infllm ask`'s defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "haystack.txt"
+        path.write_text(text, encoding="utf-8")
+        start = time.perf_counter()
+        reading = model.read([str(path)], engine=cfg)
+        prefill_s = time.perf_counter() - start
+        answer = reading.ask("What is the pass key?", max_tokens=max_new)
+    return model.loaded.tokenizer.encode(answer.text, add_special_tokens=False), prefill_s
 
 
 def run_full(model, prompt, doc_ids, stops, max_new: int):
@@ -180,6 +197,7 @@ def main() -> None:
         if packed_decoder(model) is None:
             ap.error("infllm-4bit needs the CPU and a model whose weights are 4-bit (the default model)")
         engines["infllm-4bit"] = Engine(model, cfg, decode_4bit=True)
+    asker = Model(loaded) if "ask" in systems else None
     if "streaming" in systems:
         engines["streaming"] = Engine(model, cfg.with_overrides(topk=0, cache_blocks=0))
     rows, trials = [], []
@@ -200,6 +218,8 @@ def main() -> None:
                 if system == "full":
                     tokens, prefill_s = run_full(model, prompt, doc_ids, stops, args.max_new)
                     retrieved = None
+                elif system == "ask":
+                    tokens, prefill_s = run_ask(asker, cfg, text, args.max_new)
                 else:
                     tokens, prefill_s, retrieved = run_engine(engines[system], prompt, doc_ids, stops, args.max_new)
                 answer = tok.decode(tokens, skip_special_tokens=True)

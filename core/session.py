@@ -275,7 +275,7 @@ class Session:
         boosted: list[int] = []  # token ids whose logits get focus.copy_bias
         self.reread = []
         if lexical is not None and focus.passages:
-            chosen = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
+            chosen = self._passages(focus.passages, source_map, prompt.question, focus.sentences)
             texts = [source_map.text[start:end] for start, end in chosen]
             self.reread = [cite_span(start, end, source_map, excerpt_chars=REREAD_CHARS) for start, end in chosen]
             rendered = render_passages(prompt.question, texts)
@@ -349,9 +349,13 @@ class Session:
             layer = self.engine.layers[0]
             blocks = self._document_blocks()
             spans = [block_chars(b, layer.block_span, self.doc_start, self.doc_offsets) for b in blocks]
+            if blocks and layer.block_span(blocks[0])[0] > self.doc_start:
+                # The document's opening lies in the sinks, in no block: its passages can still be re-read.
+                opening = layer.block_span(blocks[0])[0] - self.doc_start
+                spans.insert(0, (int(self.doc_offsets[0, 0]), int(self.doc_offsets[opening - 1, 1])))
             self._lexical = LexicalIndex.over_spans(source_map.text, spans), blocks, spans
-        index, blocks, _ = self._lexical
-        scores = index.scores(question)
+        index, blocks, spans = self._lexical
+        scores = index.scores(question)[len(spans) - len(blocks) :]  # the blocks' (an opening has no block id)
         return (scores, blocks) if blocks and float(scores.max()) > 0 else None
 
     def _prior(self, lexical: tuple[torch.Tensor, list[int]], focus: Focus) -> torch.Tensor:
@@ -365,15 +369,15 @@ class Session:
             prior[ids[scores.topk(min(focus.pins, len(blocks))).indices]] += PINNED
         return prior
 
-    def _passages(self, lexical: tuple[torch.Tensor, list[int]], count: int, source_map: SourceMap,
+    def _passages(self, count: int, source_map: SourceMap,
                   question: str, sentences: bool = True) -> list[tuple[int, int]]:
         """Character spans of the `count` sentences (or whole blocks) of the document that the question's words
         match best: what the question points at, re-read in the model's local view under the question
         (render_passages; Prompt.with_passages puts them in the template). Sentences come from the question's best
         blocks and their neighbours, the best last (citations/sentences.reread_spans); whole blocks in document
         order."""
-        scores, _ = lexical
-        index, _, spans = self._lexical  # built by _lexical_scores, which gave `lexical`
+        index, _, spans = self._lexical  # built by _lexical_scores, which found the question's words
+        scores = index.scores(question)  # [spans]: the document's opening first where it has no block
         if sentences:
             return reread_spans(index, question, source_map.text, spans, scores, count)
         return [spans[i] for i in sorted(scores.topk(min(count, len(spans))).indices.tolist())]

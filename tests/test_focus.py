@@ -88,12 +88,11 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     plain = "".join(session.answer(prompt, 4))
     assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
 
-    lexical = session._lexical_scores(prompt.question, session.source_map)
-    reread = [text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question)]
+    assert session._lexical_scores(prompt.question, session.source_map) is not None  # builds the index
+    reread = [text[a:b] for a, b in session._passages(1, session.source_map, prompt.question)]
     # its sentence, not the lines around it
     assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]
-    block = "".join(text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question,
-                                                            sentences=False))
+    block = "".join(text[a:b] for a, b in session._passages(1, session.source_map, prompt.question, sentences=False))
     assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
@@ -196,6 +195,20 @@ def test_an_answer_with_passages_is_steered_by_its_words_and_one_without_is_not(
     assert all(m.prior is None for m in session.engine.layers)  # and nothing of it stays
 
 
+def test_the_documents_opening_in_the_sinks_can_be_re_read(session):
+    """The first tokens of a document sit in the sinks, in no block: its opening is searched as a passage too."""
+    lines = ["The quagga waits at the gate.\n"] + [f"Line {i}: the grass is green and the sky is blue.\n"
+                                                   for i in range(2, 80)]
+    text = "".join(lines)
+    prompt = build_prompt(session.loaded.tokenizer, "{document}\n{question}", "Where does the quagga wait?", None)
+    session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
+    layer = session.engine.layers[0]
+    assert layer.block_span(session._document_blocks()[0])[0] > session.doc_start + 8  # the opening has no block
+    assert session._lexical_scores(prompt.question, session.source_map) is not None
+    reread = [text[a:b].strip() for a, b in session._passages(1, session.source_map, prompt.question)]
+    assert reread == ["The quagga waits at the gate."]
+
+
 def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(session, monkeypatch):
     tokenizer, prompt = _read_the_quagga_text(session)
     chosen: list[int] = []
@@ -204,8 +217,8 @@ def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(s
     plain = "".join(session.answer(prompt, 12, focus=Focus(passages=1)))
     unbiased, chosen[:] = list(chosen), []
     "".join(session.answer(prompt, 12, focus=Focus(passages=1, copy_bias=1e4)))
-    spans = session._passages(session._lexical_scores(prompt.question, session.source_map), 1, session.source_map,
-                              prompt.question)
+    session._lexical_scores(prompt.question, session.source_map)
+    spans = session._passages(1, session.source_map, prompt.question)
     texts = [session.source_map.text[a:b] for a, b in spans] + [prompt.question]
     assert [t.strip() for t in texts] == ["Line 21: the quagga waits at the gate.", "Where does the quagga wait?"]
     allowed = {t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)} | session._stops
