@@ -45,12 +45,15 @@ def measure(path: Path, tokenizer, cfg, counts: list[int]) -> dict:
     out["questions"] = out["block_r8"] = 0
     for group in groups:
         offsets = tokenizer(group.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        blocks, b = [], 0
+        blocks, b, opening = [], 0, None
         while (span := block_span(cfg, b))[1] - doc_start <= len(offsets):
             first, last = span[0] - doc_start, span[1] - 1 - doc_start
             if first >= 0:  # a block that starts in the prompt before the document is not the document's
+                opening = first if opening is None else opening
                 blocks.append((offsets[first][0], offsets[last][1]))
             b += 1
+        if opening:  # the document's tokens before its first block: the session searches them as one span
+            blocks.insert(0, (offsets[0][0], offsets[opening - 1][1]))
         index = LexicalIndex.over_spans(group.text, blocks)
         for item, evidence in zip(group.items, group.spans):
             scores = index.scores(item.question)

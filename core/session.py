@@ -342,7 +342,7 @@ class Session:
 
     def _lexical_scores(self, question: str, source_map: SourceMap | None) -> tuple[torch.Tensor, list[int]] | None:
         """([document blocks] BM25 of the question, those blocks' ids), or None when the text was not kept or no
-        word of the question occurs in the document."""
+        word of the question occurs in the document (its opening, which no block holds, included)."""
         if source_map is None or self.doc_offsets is None:
             return None
         if self._lexical is None:
@@ -355,8 +355,10 @@ class Session:
                 spans.insert(0, (int(self.doc_offsets[0, 0]), int(self.doc_offsets[opening - 1, 1])))
             self._lexical = LexicalIndex.over_spans(source_map.text, spans), blocks, spans
         index, blocks, spans = self._lexical
-        scores = index.scores(question)[len(spans) - len(blocks) :]  # the blocks' (an opening has no block id)
-        return (scores, blocks) if blocks and float(scores.max()) > 0 else None
+        scores = index.scores(question)  # [spans]
+        if not blocks or float(scores.max()) <= 0:
+            return None
+        return scores[len(spans) - len(blocks) :], blocks  # the blocks' (an opening has no block id)
 
     def _prior(self, lexical: tuple[torch.Tensor, list[int]], focus: Focus) -> torch.Tensor:
         """[blocks] what `focus` adds to each block's standardized retrieval score for this question."""
@@ -365,7 +367,7 @@ class Session:
         prior = torch.zeros(max(self.engine.layers[0].store.count, blocks[-1] + 1))  # the tail may seal later
         ids = torch.tensor(blocks)
         prior[ids] = focus.weight * z
-        if focus.pins:
+        if focus.pins and float(scores.max()) > 0:  # no block holds a word of the question: nothing to pin
             prior[ids[scores.topk(min(focus.pins, len(blocks))).indices]] += PINNED
         return prior
 

@@ -200,13 +200,18 @@ def test_the_documents_opening_in_the_sinks_can_be_re_read(session):
     lines = ["The quagga waits at the gate.\n"] + [f"Line {i}: the grass is green and the sky is blue.\n"
                                                    for i in range(2, 80)]
     text = "".join(lines)
-    prompt = build_prompt(session.loaded.tokenizer, "{document}\n{question}", "Where does the quagga wait?", None)
+    # No word of the question occurs after the opening: the blocks score 0, and none is pinned.
+    prompt = build_prompt(session.loaded.tokenizer, "{document}\n{question}", "Where does a quagga wait?", None)
     session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
     layer = session.engine.layers[0]
     assert layer.block_span(session._document_blocks()[0])[0] > session.doc_start + 8  # the opening has no block
-    assert session._lexical_scores(prompt.question, session.source_map) is not None
+    lexical = session._lexical_scores(prompt.question, session.source_map)
+    assert lexical is not None and float(lexical[0].abs().max()) == 0
+    assert float(session._prior(lexical, answer_focus(3)).max()) < PINNED
     reread = [text[a:b].strip() for a, b in session._passages(1, session.source_map, prompt.question)]
     assert reread == ["The quagga waits at the gate."]
+    "".join(session.answer(prompt, 2, focus=answer_focus(1)))
+    assert [c.excerpt.strip() for c in session.reread] == ["The quagga waits at the gate."]
 
 
 def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(session, monkeypatch):
