@@ -275,7 +275,7 @@ class Session:
         boosted: list[int] = []  # token ids whose logits get focus.copy_bias
         self.reread = []
         if lexical is not None and focus.passages:
-            chosen = self._passages(focus.passages, source_map, prompt.question, focus.sentences)
+            chosen = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
             texts = [source_map.text[start:end] for start, end in chosen]
             self.reread = [cite_span(start, end, source_map, excerpt_chars=REREAD_CHARS) for start, end in chosen]
             rendered = render_passages(prompt.question, texts)
@@ -340,9 +340,11 @@ class Session:
 
     # ---- the question's words ---------------------------------------------------------------------------
 
-    def _lexical_scores(self, question: str, source_map: SourceMap | None) -> tuple[torch.Tensor, list[int]] | None:
-        """([document blocks] BM25 of the question, those blocks' ids), or None when the text was not kept or no
-        word of the question occurs in the document (its opening, which no block holds, included)."""
+    def _lexical_scores(self, question: str, source_map: SourceMap | None
+                        ) -> tuple[torch.Tensor, list[int], torch.Tensor] | None:
+        """([document blocks] BM25 of the question, those blocks' ids, [spans] the same scores with the document's
+        opening first where no block holds it), or None when the text was not kept or no word of the question
+        occurs in the document (its opening included)."""
         if source_map is None or self.doc_offsets is None:
             return None
         if self._lexical is None:
@@ -358,11 +360,11 @@ class Session:
         scores = index.scores(question)  # [spans]
         if not blocks or float(scores.max()) <= 0:
             return None
-        return scores[len(spans) - len(blocks) :], blocks  # the blocks' (an opening has no block id)
+        return scores[len(spans) - len(blocks) :], blocks, scores  # the blocks' first (an opening has no block id)
 
-    def _prior(self, lexical: tuple[torch.Tensor, list[int]], focus: Focus) -> torch.Tensor:
+    def _prior(self, lexical: tuple[torch.Tensor, list[int], torch.Tensor], focus: Focus) -> torch.Tensor:
         """[blocks] what `focus` adds to each block's standardized retrieval score for this question."""
-        scores, blocks = lexical
+        scores, blocks, _ = lexical
         z = (scores - scores.mean()) / scores.std(correction=0).clamp_min(1e-6)
         prior = torch.zeros(max(self.engine.layers[0].store.count, blocks[-1] + 1))  # the tail may seal later
         ids = torch.tensor(blocks)
@@ -371,15 +373,15 @@ class Session:
             prior[ids[scores.topk(min(focus.pins, len(blocks))).indices]] += PINNED
         return prior
 
-    def _passages(self, count: int, source_map: SourceMap,
+    def _passages(self, lexical: tuple[torch.Tensor, list[int], torch.Tensor], count: int, source_map: SourceMap,
                   question: str, sentences: bool = True) -> list[tuple[int, int]]:
         """Character spans of the `count` sentences (or whole blocks) of the document that the question's words
         match best: what the question points at, re-read in the model's local view under the question
         (render_passages; Prompt.with_passages puts them in the template). Sentences come from the question's best
         blocks and their neighbours, the best last (citations/sentences.reread_spans); whole blocks in document
         order."""
-        index, _, spans = self._lexical  # built by _lexical_scores, which found the question's words
-        scores = index.scores(question)  # [spans]: the document's opening first where it has no block
+        scores = lexical[2]  # [spans]
+        index, _, spans = self._lexical  # built by _lexical_scores, which gave `lexical`
         if sentences:
             return reread_spans(index, question, source_map.text, spans, scores, count)
         return [spans[i] for i in sorted(scores.topk(min(count, len(spans))).indices.tolist())]

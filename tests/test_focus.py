@@ -88,11 +88,12 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     plain = "".join(session.answer(prompt, 4))
     assert "".join(session.answer(prompt, 4, focus=Focus())) == plain  # inactive: the answer as before
 
-    assert session._lexical_scores(prompt.question, session.source_map) is not None  # builds the index
-    reread = [text[a:b] for a, b in session._passages(1, session.source_map, prompt.question)]
+    lexical = session._lexical_scores(prompt.question, session.source_map)
+    reread = [text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question)]
     # its sentence, not the lines around it
     assert [p.strip() for p in reread] == ["Line 21: the quagga waits at the gate."]
-    block = "".join(text[a:b] for a, b in session._passages(1, session.source_map, prompt.question, sentences=False))
+    block = "".join(text[a:b] for a, b in session._passages(lexical, 1, session.source_map, prompt.question,
+                                                            sentences=False))
     assert "quagga" in block and "grass" in block and block.count("Line") <= 3  # the block around line 21
     cited = "".join(session.answer(prompt, 4, cite=2, focus=Focus(weight=1.0, pins=1, passages=1)))
     assert isinstance(cited, str)
@@ -208,7 +209,7 @@ def test_the_documents_opening_in_the_sinks_can_be_re_read(session):
     lexical = session._lexical_scores(prompt.question, session.source_map)
     assert lexical is not None and float(lexical[0].abs().max()) == 0
     assert float(session._prior(lexical, answer_focus(3)).max()) < PINNED
-    reread = [text[a:b].strip() for a, b in session._passages(1, session.source_map, prompt.question)]
+    reread = [text[a:b].strip() for a, b in session._passages(lexical, 1, session.source_map, prompt.question)]
     assert reread == ["The quagga waits at the gate."]
     "".join(session.answer(prompt, 2, focus=answer_focus(1)))
     assert [c.excerpt.strip() for c in session.reread] == ["The quagga waits at the gate."]
@@ -222,8 +223,8 @@ def test_a_copy_bias_keeps_an_answer_to_the_words_of_its_passages_and_question(s
     plain = "".join(session.answer(prompt, 12, focus=Focus(passages=1)))
     unbiased, chosen[:] = list(chosen), []
     "".join(session.answer(prompt, 12, focus=Focus(passages=1, copy_bias=1e4)))
-    session._lexical_scores(prompt.question, session.source_map)
-    spans = session._passages(1, session.source_map, prompt.question)
+    spans = session._passages(session._lexical_scores(prompt.question, session.source_map), 1, session.source_map,
+                              prompt.question)
     texts = [session.source_map.text[a:b] for a, b in spans] + [prompt.question]
     assert [t.strip() for t in texts] == ["Line 21: the quagga waits at the gate.", "Where does the quagga wait?"]
     allowed = {t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)} | session._stops
