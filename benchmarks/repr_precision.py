@@ -6,7 +6,9 @@ script measures what it would cost, on a real read: it takes a snapshot written 
 every layer's representative keys in each candidate format, and scores the blocks with real queries, the
 group-summed memory queries the snapshot keeps for its recent tokens (`state.rec_q`), as retrieval does
 (`infllm.engine.scoring.block_scores`): query chunks of `--chunk` queries, as reading does, and single queries,
-as decoding does. It reports how many of each query's top-k blocks under float32 keys stay in the top-k.
+as decoding does. It reports how many of each query's top-k blocks under float32 keys stay in the top-k, and
+how many blocks an exact top-k through int8 keys would have to rescore at full precision under error bounds of
+three sizes (`candidates`).
 
   .venv/bin/python benchmarks/repr_precision.py book.infllm --topk 16
 
@@ -56,6 +58,25 @@ def overlap(reference: torch.Tensor, other: torch.Tensor, queries: list[torch.Te
     return kept, total
 
 
+def candidates(reprs: torch.Tensor, q: torch.Tensor, k: int, sigmas: float | None) -> tuple[int, bool]:
+    """An exact top-k from 8-bit keys would score every block with its int8 keys (a scale per block, key and head),
+    bound each score's error, and rescore at full precision only the blocks whose upper bound reaches the k-th
+    best lower bound. reprs [N, R, Hkv, D] float32, q [Hkv, D] one chunk's summed query. The bound: the worst
+    case (half a scale per element, sigmas None) or `sigmas` standard deviations of uniform rounding errors.
+    Returns (blocks to rescore, whether they hold the float32 top-k)."""
+    codes, scale = quantize(reprs, (3,))
+    scale = scale[..., 0]  # [N, R, Hkv]
+    approx = (torch.einsum("hd,nrhd->nrh", q, codes.float()) * scale).sum(-1)  # [N, R]
+    if sigmas is None:
+        bound = (scale / 2 * q.abs().sum(-1)).sum(-1)
+    else:
+        bound = sigmas * ((scale**2 / 12) * (q**2).sum(-1)).sum(-1).sqrt()
+    upper, lower = (approx + bound).amax(1), (approx - bound).amax(1)
+    chosen = upper >= lower.topk(k).values[-1]
+    exact = torch.einsum("hd,nrhd->nr", q, reprs).amax(1).topk(k).indices
+    return int(chosen.sum()), bool(chosen[exact].all())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("snapshot", help="a snapshot written on a CPU (float32 representative keys)")
@@ -83,6 +104,17 @@ def main() -> None:
                 kept, total = overlap(reprs, other, qs, min(args.topk, blocks))
                 counts[name][kind][0] += kept
                 counts[name][kind][1] += total
+    # Exact top-k through an 8-bit index: how many blocks each query would rescore at full precision.
+    bounds = {"worst case": None, "6 sigma": 6.0, "4 sigma": 4.0}
+    rescored = {name: [] for name in bounds}
+    for layer in layers:
+        reprs = snap.tensor(f"layer.{layer}.store.repr").transpose(1, 2).contiguous().float()
+        recent = snap.tensor(f"layer.{layer}.state.rec_q").float()
+        n = recent.shape[1]
+        qs = [recent[:, s : s + args.chunk].sum(1) for s in range(0, n - args.chunk + 1, args.chunk)]
+        qs += [recent[:, t] for t in range(0, n, args.single_every)]
+        for name, sigmas in bounds.items():
+            rescored[name] += [candidates(reprs, q, min(args.topk, reprs.shape[0]), sigmas) for q in qs]
     print(f"{args.snapshot}: {blocks:,} blocks per layer, {len(layers)} layers; top-{args.topk} blocks kept against "
           "float32 keys")
     print(f"| format | bytes per key element | chunks of {args.chunk} queries | single queries |")
@@ -90,6 +122,12 @@ def main() -> None:
     for name, (size, _) in FORMATS.items():
         cells = [f"{100 * kept / total:.1f}% ({total // args.topk:,})" for kept, total in counts[name].values()]
         print(f"| {name} | {size} | " + " | ".join(cells) + " |")
+    print(f"\nexact top-{args.topk} through int8 keys: blocks rescored at full precision per query (chunks and single)")
+    print("| error bound | mean | max | queries whose top-k the rescored blocks miss |")
+    print("|---|---|---|---|")
+    for name, rows in rescored.items():
+        counts = [c for c, _ in rows]
+        print(f"| {name} | {sum(counts) / len(counts):.1f} | {max(counts)} | {sum(not ok for _, ok in rows)} of {len(rows)} |")
 
 
 if __name__ == "__main__":

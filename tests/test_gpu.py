@@ -14,6 +14,7 @@ from infllm.engine.attention import KERNEL_CHOICES, _cuda_flash, _flash_agrees, 
 from infllm.config import EngineConfig
 from infllm.engine import positions
 from infllm.engine.engine import Engine
+from infllm.engine.hostpages import pinned_slab
 from infllm.engine.masks import Band, Mask
 from infllm.cli.app import app
 from test_decoding import CFG as DECODE_CFG, counted, decode, steady_calls
@@ -82,6 +83,20 @@ def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
     assert store.pages["k"][0].dtype == torch.int8 and store.pages["k"][0].is_pinned()
     assert cache.parts["k"].dtype == torch.int8 and cache.parts["k"].is_cuda
     assert torch.equal(resident, offloaded)
+
+
+def test_a_registered_pinned_slab_takes_asynchronous_copies_both_ways():
+    """Block pages come from page-locked slabs registered in place (hostpages.pinned_slab): the copies into and
+    out of them are asynchronous and land whole."""
+    slab = pinned_slab(8 * 2**20)
+    assert slab.is_pinned()
+    data = torch.randint(-128, 127, (8 * 2**20,), dtype=torch.int8, device="cuda")
+    page = slab.view(torch.int8)
+    page.copy_(data, non_blocking=True)
+    back = torch.empty_like(data)
+    back.copy_(page, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, data)
 
 
 def test_a_gpu_engines_checkpoint_is_pinned_host_memory_and_restores_the_same_state():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from infllm.config import EngineConfig
 from infllm.engine.engine import Engine
-from infllm.engine.hostpages import SLAB_BYTES, HostPages
+from infllm.engine.hostpages import SLAB_BYTES, HostPages, pinned_slab
 from infllm.errors import ResourceError, UsageError
 from infllm.runtime.resources import SPILL_LIMIT_ENV, check_memory, spill_limit_bytes, spill_room
 from tiny_models import tiny_model
@@ -168,11 +169,59 @@ def test_the_spill_limit_caps_the_disk_room_and_zero_turns_the_tier_off(tmp_path
             spill_limit_bytes({SPILL_LIMIT_ENV: bad})
 
 
-def test_pinned_pages_are_one_allocation_each():
-    """A GPU run's pinned pages come from the accelerator's host allocator, one page each, as before slabs (no
-    GPU here: the allocation is recorded instead of pinned)."""
+def test_pinned_pages_are_carved_from_slabs():
+    """A GPU run's pinned pages come from page-locked slabs as unpinned pages do (no GPU here: the slab maker is
+    recorded instead)."""
     host = HostPages(pin=True)
     sizes = []
     host._ram.make = lambda n: (sizes.append(n), torch.empty(n, dtype=torch.uint8))[1]
     pages = [host.page((16, 64), torch.int8, CPU), host.page((100,), torch.float32, CPU)]
-    assert sizes == [1024, 400] and [p.shape for p in pages] == [(16, 64), (100,)]
+    assert sizes == [SLAB_BYTES] and [p.shape for p in pages] == [(16, 64), (100,)]
+
+
+class _FakeCudart:
+    """Records cudaHostRegister / cudaHostUnregister; `fail` makes registration return an error."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.registered, self.unregistered = fail, [], []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered.append((ptr, nbytes))
+        return 1 if self.fail else 0
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
+    """The slab is registered in place, and unregistered only once no page of it is left (pages outlive the slab
+    tensor: the stores hold views)."""
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    slab = pinned_slab(1 << 20)
+    ptr = slab.data_ptr()
+    assert fake.registered == [(ptr, 1 << 20)] and int(slab.sum()) == 0
+    page = slab[4096:8192].view(torch.int32)
+    page.fill_(7)
+    del slab
+    gc.collect()
+    assert fake.unregistered == [] and int(page.sum()) == 7 * 1024  # the page still reads its memory
+    del page
+    gc.collect()
+    assert fake.unregistered == [ptr]
+
+
+def test_a_pinned_slab_falls_back_to_the_allocator_when_registration_fails(monkeypatch):
+    fake = _FakeCudart(fail=True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    made = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        made.append(kwargs.get("pin_memory", False))
+        return real_empty(*args, **{k: v for k, v in kwargs.items() if k != "pin_memory"})
+
+    monkeypatch.setattr(torch, "empty", empty)
+    slab = pinned_slab(1 << 16)
+    assert slab.numel() == 1 << 16 and made == [True] and len(fake.registered) == 1

@@ -1,8 +1,8 @@
 """Where the block stores' K/V pages live on the host: RAM up to a budget, then memory-mapped files (the disk tier).
 
 The block store grows with the text and is what outgrows a machine's RAM (an 8-bit default-model store is ~13 GB
-at 1M tokens). One `HostPages` serves every layer of an engine: pages are carved out of RAM slabs (a GPU run's
-pinned pages are one allocation each) while the RAM they take stays within `budget`; later pages are carved out of
+at 1M tokens). One `HostPages` serves every layer of an engine: pages are carved out of RAM slabs (page-locked on a
+GPU run, `pinned_slab`) while the RAM they take stays within `budget`; later pages are carved out of
 files in a spill directory, mapped shared, so the kernel writes them back to disk and drops them from RAM under
 pressure and reads them again when a block is gathered. Blocks are read through the same views either way (and
 through the GPU's block cache on a GPU run), so the tier changes speed, never values.
@@ -16,8 +16,11 @@ is one error line.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,12 +84,36 @@ def spill_file(directory: Path, nbytes: int) -> torch.Tensor:
             os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
 
 
+def pinned_slab(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] of page-locked host memory for a GPU run: an anonymous mapping asked for 2 MB pages, touched,
+    then registered with CUDA in place. Locking memory the CUDA host allocator hands out (cudaHostAlloc) ran at
+    ~2 GB/s and held the driver; registering touched huge pages walks 512x fewer pages
+    (benchmarks/host_memory.py). Falls back to the allocator where the mapping or the registration fails.
+
+    The registration is undone when the last view of the slab is gone, before the mapping is released: the ctypes
+    array the tensor is made over keeps the mapping alive, and a finalizer on that array unregisters it."""
+    try:
+        area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            area.madvise(mmap.MADV_HUGEPAGE)
+        view = type("PinnedArea", (ctypes.c_uint8 * nbytes,), {}).from_buffer(area)
+    except (OSError, AttributeError, ValueError):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    slab = torch.frombuffer(view, dtype=torch.uint8)
+    slab.fill_(0)  # touch every page first: registering then only locks them
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(slab.data_ptr(), nbytes, 0)) != 0:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    weakref.finalize(view, cudart.cudaHostUnregister, slab.data_ptr()).atexit = False
+    return slab
+
+
 class HostPages:
     """K/V pages for the block stores of one engine: RAM slabs while `budget` allows, then spill-file slabs.
 
     budget: bytes of RAM the slabs may take (None: no limit, nothing spilled); it may change between reads. A RAM
     slab is as large as the budget still allows, up to SLAB_BYTES; its untouched tail takes no memory (the OS gives
-    pages on first write). Pinned pages (a GPU run) are slabs of one page each. Pages on another device than the
+    pages on first write), except a pinned slab's (a GPU run), which is touched and locked whole. Pages on another device than the
     CPU (a store kept on the compute device) are never budgeted.
     """
 
@@ -94,9 +121,7 @@ class HostPages:
         self.pin = pin
         self.budget = budget
         self.spill_dir = spill_dir
-        # Pinning was measured at ~2 GB/s on a GPU host and holds the driver lock, so a background thread does not
-        # hide it (benchmarks/host_memory.py; docs/benchmarks.md): pinned pages are pinned as they are made.
-        self._ram = Slabs(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin))
+        self._ram = Slabs(pinned_slab if pin else lambda n: torch.empty(n, dtype=torch.uint8))
         self._spill = Slabs(lambda n: spill_file(self.spill_dir, n))
 
     @property
@@ -123,14 +148,10 @@ class HostPages:
             numel *= n
         nbytes = numel * dtype.itemsize
         if self.budget is None or self.spill_dir is None:
-            raw = self._ram.take(nbytes, self._slab(SLAB_BYTES))
+            raw = self._ram.take(nbytes, SLAB_BYTES)
         elif nbytes <= self._ram.room() or self._ram.reserved + nbytes <= self.budget:
-            raw = self._ram.take(nbytes, self._slab(min(SLAB_BYTES, self.budget - self._ram.reserved)))
+            raw = self._ram.take(nbytes, min(SLAB_BYTES, self.budget - self._ram.reserved))
         else:
             raw = self._spill.take(nbytes, SLAB_BYTES)
         return raw.view(dtype).view(shape)
 
-    def _slab(self, nbytes: int) -> int:
-        """The size of a new RAM slab: pinned pages are one allocation each (a slab's slices would all be pinned
-        up front, and pinned memory comes from the accelerator's host allocator, not the heap that fragments)."""
-        return 0 if self.pin else nbytes
