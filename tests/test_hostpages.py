@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
 
 import pytest
@@ -210,6 +211,19 @@ def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
     del page
     gc.collect()
     assert fake.unregistered == [ptr]
+
+
+@pytest.mark.parametrize("huge_pages", ["unknown", "refused"])
+def test_a_pinned_slab_is_registered_without_huge_pages(monkeypatch, huge_pages):
+    """Where 2 MB pages cannot be asked for, the slab is still registered (4 KB pages), not left to the allocator."""
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    if huge_pages == "unknown":
+        monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    else:
+        monkeypatch.setattr(mmap, "MADV_HUGEPAGE", -1, raising=False)  # madvise refuses it (EINVAL)
+    slab = pinned_slab(1 << 16)
+    assert fake.registered == [(slab.data_ptr(), 1 << 16)]
 
 
 def test_a_pinned_slab_falls_back_to_the_allocator_when_registration_fails(monkeypatch):

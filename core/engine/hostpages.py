@@ -86,19 +86,21 @@ def spill_file(directory: Path, nbytes: int) -> torch.Tensor:
 
 def pinned_slab(nbytes: int) -> torch.Tensor:
     """uint8 [nbytes] of page-locked host memory for a GPU run: an anonymous mapping asked for 2 MB pages, touched,
-    then registered with CUDA in place. Locking memory the CUDA host allocator hands out (cudaHostAlloc) ran at
-    ~2 GB/s and held the driver; registering touched huge pages walks 512x fewer pages
-    (benchmarks/host_memory.py). Falls back to the allocator where the mapping or the registration fails.
+    then registered with CUDA in place. The CUDA host allocator's pinned memory came at 1.3-2.1 GB/s on an H100 host
+    and held the driver meanwhile; mapped, touched and registered it came at 15-23 GB/s with 2 MB pages, 8-9 with
+    4 KB pages (benchmarks/host_memory.py). Falls back to the allocator where mapping or registering fails.
 
     The registration is undone when the last view of the slab is gone, before the mapping is released: the ctypes
     array the tensor is made over keeps the mapping alive, and a finalizer on that array unregisters it."""
     try:
         area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            area.madvise(mmap.MADV_HUGEPAGE)
         view = type("PinnedArea", (ctypes.c_uint8 * nbytes,), {}).from_buffer(area)
-    except (OSError, AttributeError, ValueError):
+    except (OSError, AttributeError, ValueError):  # no anonymous mappings here (not a POSIX system)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass  # 4 KB pages: registering them is slower, still several times the allocator's speed
     slab = torch.frombuffer(view, dtype=torch.uint8)
     slab.fill_(0)  # touch every page first: registering then only locks them
     cudart = torch.cuda.cudart()
