@@ -195,11 +195,20 @@ class _FakeCudart:
         return 0
 
 
+def _no_cuda(monkeypatch, fake: _FakeCudart, synced: list | None = None) -> None:
+    """torch.cuda as pinned_slab sees it: the fake cudart, and `synced` recording each device synchronized
+    (before or after an unregistration: what `fake.unregistered` holds then)."""
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    record = (lambda d: synced.append((d, list(fake.unregistered)))) if synced is not None else (lambda d: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", record)
+
+
 def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
     """The slab is registered in place, and unregistered only once no page of it is left (pages outlive the slab
     tensor: the stores hold views)."""
-    fake = _FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fake, synced = _FakeCudart(), []
+    _no_cuda(monkeypatch, fake, synced)
     slab = pinned_slab(1 << 20)
     ptr = slab.data_ptr()
     assert fake.registered == [(ptr, 1 << 20)] and int(slab.sum()) == 0
@@ -211,13 +220,14 @@ def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
     del page
     gc.collect()
     assert fake.unregistered == [ptr]
+    assert synced == [(0, []), (1, [])]  # every device drained first: a copy to or from it may still be queued
 
 
 @pytest.mark.parametrize("huge_pages", ["unknown", "refused"])
 def test_a_pinned_slab_is_registered_without_huge_pages(monkeypatch, huge_pages):
     """Where 2 MB pages cannot be asked for, the slab is still registered (4 KB pages), not left to the allocator."""
     fake = _FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    _no_cuda(monkeypatch, fake)
     if huge_pages == "unknown":
         monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
     else:
@@ -228,7 +238,7 @@ def test_a_pinned_slab_is_registered_without_huge_pages(monkeypatch, huge_pages)
 
 def test_a_pinned_slab_falls_back_to_the_allocator_when_registration_fails(monkeypatch):
     fake = _FakeCudart(fail=True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    _no_cuda(monkeypatch, fake)
     made = []
     real_empty = torch.empty
 

@@ -106,8 +106,20 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(slab.data_ptr(), nbytes, 0)) != 0:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(view, cudart.cudaHostUnregister, slab.data_ptr()).atexit = False
+    weakref.finalize(view, _unregister, cudart, slab.data_ptr()).atexit = False
     return slab
+
+
+def _unregister(cudart, ptr: int) -> None:
+    """Undo `pinned_slab`'s registration once every device is done with the slab: unlike the allocator's pinned
+    memory, which is only reused after the copies recorded on it finish, a registered slab is unmapped right after
+    this, and an asynchronous copy to or from it may still be queued (an engine dropped right after a feed)."""
+    for device in range(torch.cuda.device_count()):
+        try:
+            torch.cuda.synchronize(device)
+        except RuntimeError:  # a stream being captured into a graph: nothing of it has run yet
+            pass
+    cudart.cudaHostUnregister(ptr)
 
 
 class HostPages:
