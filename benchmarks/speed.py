@@ -3,7 +3,8 @@
 Rows: one dense 4K forward without cache (the practical roofline), transformers full attention (SDPA,
 chunked prefill + greedy decode through transformers' own cache), and infllm (also with
 INFLLM_KERNELS=masked and =band, to weigh the kernels against each other in the same run).
-Columns: prefill tokens/s, decode ms/token, peak GPU memory, process peak RSS. Ratios are against the dense
+Columns: prefill tokens/s, decode ms/token, peak GPU memory (of the whole run, and of infllm's read alone: the
+decode cache is allocated by the first decoded token), process peak RSS. Ratios are against the dense
 row of the same run. infllm's decode is the steady state: its first two decoded tokens, which on one GPU capture
 the decode graphs, are timed apart (`first_decode_ms` in the JSON lines on stderr). The JSON lines also give the
 median decoded token (`decode_median_ms`): with retrieval shared by 16 tokens, a held token's time, where the mean
@@ -118,6 +119,7 @@ def infllm(model, device, length, decode, overrides, then_chunk=None):
     logits = engine.feed(ids)
     sync(device)
     t1 = time.perf_counter()
+    reading_gpu_gb = peak(device).get("gpu_gb")  # the peak of the read alone; the row's peak includes decoding
     # On one GPU the first decoded token captures the per-boundary graphs and the second, which holds the first's
     # blocks, a held token's graph (infllm.engine.graphs): timed apart from the steady state.
     for _ in range(2):
@@ -134,6 +136,7 @@ def infllm(model, device, length, decode, overrides, then_chunk=None):
     row = {"system": "infllm", "tokens": length, "prefill_tok_s": length / (t1 - t0),
            "decode_ms": (t3 - t2) / decode * 1000, "first_decode_ms": (t2 - t1) * 1000,
            "decode_median_ms": steps[len(steps) // 2] * 1000 if steps else None, **peak(device),
+           "reading_gpu_gb": reading_gpu_gb,
            "block_store_gb": round(report.block_store_bytes / 1e9, 2), "config": cfg.to_dict()}
     if then_chunk is None:
         return [row]
@@ -291,12 +294,14 @@ def main() -> None:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = next((r["prefill_tok_s"] for r in rows if r["system"].startswith("dense")), None)
     print(f"\n{args.shape} on {device} ({args.dtype})\n")
-    print("| system | tokens | prefill tok/s | vs dense 4K | decode ms/token | peak GPU GB | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | tokens | prefill tok/s | vs dense 4K | decode ms/token | peak GPU GB | peak GPU GB reading | "
+          "peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['prefill_tok_s'] / base:.2f}x" if base else ""
         print(f"| {r['system']} | {r['tokens']:,} | {r['prefill_tok_s']:,.0f} | {ratio} | "
-              f"{r.get('decode_ms', float('nan')):.1f} | {r.get('gpu_gb', '')} | {r.get('rss_gb', '')} |")
+              f"{r.get('decode_ms', float('nan')):.1f} | {r.get('gpu_gb', '')} | {r.get('reading_gpu_gb') or ''} | "
+              f"{r.get('rss_gb', '')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -12,6 +12,7 @@ import torch
 
 from infllm.config import EngineConfig
 from infllm.engine.engine import Engine
+from infllm.engine import hostpages
 from infllm.engine.hostpages import SLAB_BYTES, HostPages, pinned_slab
 from infllm.errors import ResourceError, UsageError
 from infllm.runtime.resources import SPILL_LIMIT_ENV, check_memory, spill_limit_bytes, spill_room
@@ -247,5 +248,8 @@ def test_a_pinned_slab_falls_back_to_the_allocator_when_registration_fails(monke
         return real_empty(*args, **{k: v for k, v in kwargs.items() if k != "pin_memory"})
 
     monkeypatch.setattr(torch, "empty", empty)
+    taken = []
+    monkeypatch.setattr(hostpages, "_take_cuda_error", lambda: taken.append(True))
     slab = pinned_slab(1 << 16)
     assert slab.numel() == 1 << 16 and made == [True] and len(fake.registered) == 1
+    assert taken == [True]  # the failure is not left for the next kernel launch to report

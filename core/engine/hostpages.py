@@ -105,9 +105,19 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
     slab.fill_(0)  # touch every page first: registering then only locks them
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(slab.data_ptr(), nbytes, 0)) != 0:
+        _take_cuda_error()
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     weakref.finalize(view, _unregister, cudart, slab.data_ptr()).atexit = False
     return slab
+
+
+def _take_cuda_error() -> None:
+    """A failed CUDA runtime call is also the runtime's last error, which torch's next kernel launch check would
+    report as that kernel's (torch binds no cudaGetLastError): a launch here takes it."""
+    try:
+        torch.empty(1, device="cuda").fill_(1)  # an elementwise kernel, checked as launched
+    except RuntimeError:
+        pass
 
 
 def _unregister(cudart, ptr: int) -> None:
