@@ -2,9 +2,9 @@
 
 The block store of an 8B model grows by 128 KB per token: at 25K tokens/s that is 3.3 GB/s of new host memory.
 Rows: allocating pinned pages (torch.empty(pin_memory=True)), allocating and touching pageable pages, and the
-device-to-host copy into each. The last line pins pages from the allocator on a background thread while the main thread keeps
-launching GPU work, and reports how much the main thread was slowed: ~1.0x means pinning
-releases the interpreter lock and runs beside the compute. A second table locks memory the way the block store
+device-to-host copy into each. The last line pins pages from the allocator on a background thread while the main
+thread keeps launching GPU work, and reports how much the main thread was slowed: ~1.0x means pinning releases the
+interpreter lock and runs beside the compute. A second table locks memory the way the block store
 does (core/engine/hostpages.py, `pinned_slab`): anonymous mappings, touched, then registered with CUDA in place,
 with 4 KB pages and with 2 MB pages asked for, and the device-to-host copy into them.
 

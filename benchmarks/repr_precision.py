@@ -127,7 +127,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, rows in rescored.items():
         counts = [c for c, _ in rows]
-        print(f"| {name} | {sum(counts) / len(counts):.1f} | {max(counts)} | {sum(not ok for _, ok in rows)} of {len(rows)} |")
+        missed = sum(not ok for _, ok in rows)
+        print(f"| {name} | {sum(counts) / len(counts):.1f} | {max(counts)} | {missed} of {len(rows)} |")
 
 
 if __name__ == "__main__":

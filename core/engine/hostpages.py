@@ -92,11 +92,12 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
 
     The registration is undone when the last view of the slab is gone, before the mapping is released: the ctypes
     array the tensor is made over keeps the mapping alive, and a finalizer on that array unregisters it."""
+    allocated = lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # noqa: E731 (the fallback)
     try:
         area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = type("PinnedArea", (ctypes.c_uint8 * nbytes,), {}).from_buffer(area)
     except (OSError, AttributeError, ValueError):  # no anonymous mappings here (not a POSIX system)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return allocated()
     try:
         area.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, AttributeError):
@@ -106,7 +107,7 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(slab.data_ptr(), nbytes, 0)) != 0:
         _take_cuda_error()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return allocated()
     weakref.finalize(view, _unregister, cudart, slab.data_ptr()).atexit = False
     return slab
 
@@ -137,8 +138,8 @@ class HostPages:
 
     budget: bytes of RAM the slabs may take (None: no limit, nothing spilled); it may change between reads. A RAM
     slab is as large as the budget still allows, up to SLAB_BYTES; its untouched tail takes no memory (the OS gives
-    pages on first write), except a pinned slab's (a GPU run), which is touched and locked whole. Pages on another device than the
-    CPU (a store kept on the compute device) are never budgeted.
+    pages on first write), except a pinned slab's (a GPU run), which is touched and locked whole. Pages on another
+    device than the CPU (a store kept on the compute device) are never budgeted.
     """
 
     def __init__(self, pin: bool, budget: int | None = None, spill_dir: Path | None = None):
