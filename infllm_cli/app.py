@@ -92,17 +92,29 @@ class _Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_signals: list[int] = []  # the signals that reached the running command, in order
+
+
 def _stop(signum, frame) -> None:
+    _signals.append(signum)
     raise _Stopped(signum)
+
+
+def _interrupt(signum, frame) -> None:
+    _signals.append(signum)
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def _stopping_cleanly() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind the command (see _Stopped) while it runs; their handlers are restored after."""
+    """SIGTERM and SIGHUP unwind the command (see _Stopped) while it runs, and Ctrl-C as always; each is noted, so
+    that an error it caused is reported as the signal (a library that catches the KeyboardInterrupt, as
+    transformers' lazy imports do, turns it into an import error). The handlers are restored after."""
     previous = {}
+    _signals.clear()
     try:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, _stop)
+        for signum, handler in ((signal.SIGTERM, _stop), (signal.SIGHUP, _stop), (signal.SIGINT, _interrupt)):
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: signals stay as they are
         pass
     try:
@@ -110,6 +122,14 @@ def _stopping_cleanly() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _signal_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The interruption that caused `err`, if a signal reached the command: what `guarded` reports instead."""
+    if not _signals or isinstance(err, typer.Exit):  # an exit the command chose stays its own
+        return None
+    signum = _signals[0]
+    return KeyboardInterrupt() if signum == signal.SIGINT else _Stopped(signum)
 
 
 def guarded(command):
@@ -130,7 +150,13 @@ def guarded(command):
 
         try:
             with _stopping_cleanly():
-                return command(*args, **kwargs)
+                try:
+                    return command(*args, **kwargs)
+                except Exception as err:
+                    signalled = _signal_behind(err)
+                    if signalled is None:
+                        raise
+                    raise signalled from None
         except InfllmError as err:
             _say(f"infllm: error: {err}")
             raise failed(str(err), err.exit_code) from None

@@ -10,8 +10,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -372,6 +374,46 @@ def test_interrupt_exits_130(ask, docs, monkeypatch):
     result = ask(docs["a"], "q")
     assert result.exit_code == 130
     assert result.stderr.splitlines()[-1] == "infllm: interrupted"
+
+
+@pytest.mark.parametrize("signum,code,line", [(signal.SIGINT, 130, "infllm: interrupted"),
+                                              (signal.SIGTERM, 143, "infllm: stopped by SIGTERM")])
+def test_an_error_a_signal_caused_is_reported_as_the_signal(ask, docs, monkeypatch, signum, code, line):
+    """A library that catches the KeyboardInterrupt (transformers' lazy imports turn a Ctrl-C into "Could not
+    import module 'LlamaConfig'") must not make a Ctrl-C look like a broken model (exit 4)."""
+    import infllm.runtime.loading
+    from infllm.errors import ModelError
+
+    def swallowed(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ModelError("cannot load model tiny: Could not import module 'LlamaConfig'") from None
+
+    monkeypatch.setattr(infllm.runtime.loading, "load_model", swallowed)
+    result = ask(docs["a"], "q")
+    assert (result.exit_code, result.stderr.splitlines()[-1]) == (code, line)
+    assert "error" not in result.stderr
+
+
+def test_a_failure_without_a_signal_keeps_its_own_exit(ask, docs, monkeypatch):
+    """The signal record is per command: an earlier command's Ctrl-C does not turn a later failure into one."""
+    import infllm.runtime.loading
+    from infllm.errors import ModelError
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises here
+
+    def broken(*args, **kwargs):
+        raise ModelError("cannot load model tiny: damaged")
+
+    monkeypatch.setattr(infllm.runtime.loading, "load_model", interrupted)
+    assert ask(docs["a"], "q").exit_code == 130
+    monkeypatch.setattr(infllm.runtime.loading, "load_model", broken)
+    result = ask(docs["a"], "q")
+    assert result.exit_code == 4 and result.stderr.splitlines()[-1] == "infllm: error: cannot load model tiny: damaged"
 
 
 # --- help ----------------------------------------------------------------------------------------------------
