@@ -6,6 +6,7 @@ import errno
 import gc
 import mmap
 import os
+import weakref
 
 import pytest
 import torch
@@ -253,3 +254,21 @@ def test_a_pinned_slab_falls_back_to_the_allocator_when_registration_fails(monke
     slab = pinned_slab(1 << 16)
     assert slab.numel() == 1 << 16 and made == [True] and len(fake.registered) == 1
     assert taken == [True]  # the failure is not left for the next kernel launch to report
+
+
+def test_a_reset_lets_go_of_the_old_texts_pages_at_once():
+    """The old text's stores and host pages are freed when the engine resets, not whenever Python's cycle
+    collector next runs: on a GPU run they are GBs of locked memory, and a server reads text after text."""
+    model = tiny_model("llama")
+    cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=4, query_chunk=32, cache_blocks=8, prefill_chunk=64)
+    engine = Engine(model, cfg)
+    engine.feed(torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(3)))
+    assert engine.layers[0].store.count > 0
+    gc.collect()
+    old = [weakref.ref(engine.host), weakref.ref(engine.layers[0].store), weakref.ref(engine.layers[0])]
+    gc.disable()
+    try:
+        engine.reset()
+        assert [r() is None for r in old] == [True, True, True]
+    finally:
+        gc.enable()

@@ -147,7 +147,11 @@ class HostPages:
         self.budget = budget
         self.spill_dir = spill_dir
         self._ram = Slabs(pinned_slab if pin else lambda n: torch.empty(n, dtype=torch.uint8))
-        self._spill = Slabs(lambda n: spill_file(self.spill_dir, n))
+        # Through a weak reference: a lambda over self would be a reference cycle, and the slabs of a store the
+        # engine dropped (a reset: the next text) would stay in RAM, locked on a GPU run, until Python's cycle
+        # collector happened to run.
+        me = weakref.ref(self)
+        self._spill = Slabs(lambda n: spill_file(me().spill_dir, n))
 
     @property
     def ram_bytes(self) -> int:
