@@ -81,6 +81,7 @@ def test_offloaded_blocks_on_gpu_give_the_same_logits_as_a_gpu_resident_store():
     assert offloaded_engine.layers[0].cache.stats.evictions > 0
     store, cache = offloaded_engine.layers[0].store, offloaded_engine.layers[0].cache
     assert store.pages["k"][0].dtype == torch.int8 and store.pages["k"][0].is_pinned()
+    assert [d.type for d in offloaded_engine.host.devices] == ["cuda"]  # drained before a dead slab is unregistered
     assert cache.parts["k"].dtype == torch.int8 and cache.parts["k"].is_cuda
     assert torch.equal(resident, offloaded)
 

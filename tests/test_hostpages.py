@@ -201,17 +201,16 @@ def _no_cuda(monkeypatch, fake: _FakeCudart, synced: list | None = None) -> None
     """torch.cuda as pinned_slab sees it: the fake cudart, and `synced` recording each device synchronized
     (before or after an unregistration: what `fake.unregistered` holds then)."""
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     record = (lambda d: synced.append((d, list(fake.unregistered)))) if synced is not None else (lambda d: None)
     monkeypatch.setattr(torch.cuda, "synchronize", record)
 
 
 def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
     """The slab is registered in place, and unregistered only once no page of it is left (pages outlive the slab
-    tensor: the stores hold views)."""
+    tensor: the stores hold views), after its devices, and no other, have drained."""
     fake, synced = _FakeCudart(), []
     _no_cuda(monkeypatch, fake, synced)
-    slab = pinned_slab(1 << 20)
+    slab = pinned_slab(1 << 20, devices=(torch.device("cuda", 0), torch.device("cuda", 2)))
     ptr = slab.data_ptr()
     assert fake.registered == [(ptr, 1 << 20)] and int(slab.sum()) == 0
     page = slab[4096:8192].view(torch.int32)
@@ -222,7 +221,8 @@ def test_a_pinned_slab_is_registered_until_its_last_view_is_gone(monkeypatch):
     del page
     gc.collect()
     assert fake.unregistered == [ptr]
-    assert synced == [(0, []), (1, [])]  # every device drained first: a copy to or from it may still be queued
+    # Its devices drained first (a copy to or from it may still be queued); cuda:1 untouched, no context made there.
+    assert synced == [(torch.device("cuda", 0), []), (torch.device("cuda", 2), [])]
 
 
 @pytest.mark.parametrize("huge_pages", ["unknown", "refused"])

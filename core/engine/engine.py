@@ -62,14 +62,15 @@ class Engine:
         self.masks = MaskCache(self.config)
         a = self.adapter
         self._scratch = {d: score_scratch(a.kv_heads, a.head_dim, a.dtype, d) for d in devices}
-        self.host = HostPages(pin=self.offload and any(d.type == "cuda" for d in devices))
+        cuda = tuple(sorted((d for d in devices if d.type == "cuda"), key=str))
+        self.host = HostPages(pin=self.offload and bool(cuda), devices=cuda)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything read so far."""
         a, cfg = self.adapter, self.config
         # New stores count their pages afresh (the old pages go with the old stores); the budget stays.
-        self.host = HostPages(self.host.pin, self.host.budget, self.host.spill_dir)
+        self.host = HostPages(self.host.pin, self.host.budget, self.host.spill_dir, self.host.devices)
         self.layers = [
             LayerMemory(cfg, a.heads, a.kv_heads, a.head_dim, a.scale, a.dtype, layer.device,
                         self._ropes[layer.device], self.offload, self.masks, self.kernels,

@@ -17,11 +17,12 @@ is one error line.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -84,14 +85,15 @@ def spill_file(directory: Path, nbytes: int) -> torch.Tensor:
             os.unlink(path)  # the mapping keeps the file alive until its pages are dropped
 
 
-def pinned_slab(nbytes: int) -> torch.Tensor:
+def pinned_slab(nbytes: int, devices: Sequence[torch.device] = ()) -> torch.Tensor:
     """uint8 [nbytes] of page-locked host memory for a GPU run: an anonymous mapping asked for 2 MB pages, touched,
     then registered with CUDA in place. The CUDA host allocator's pinned memory came at 1.3-2.1 GB/s on an H100 host
     and held the driver meanwhile; mapped, touched and registered it came at 15-23 GB/s with 2 MB pages, 8-9 with
     4 KB pages (benchmarks/host_memory.py). Falls back to the allocator where mapping or registering fails.
 
     The registration is undone when the last view of the slab is gone, before the mapping is released: the ctypes
-    array the tensor is made over keeps the mapping alive, and a finalizer on that array unregisters it."""
+    array the tensor is made over keeps the mapping alive, and a finalizer on that array unregisters it after
+    `devices` (those its pages are copied to and from; none: the current one) have done their queued work."""
     allocated = lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # noqa: E731 (the fallback)
     try:
         area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -108,7 +110,7 @@ def pinned_slab(nbytes: int) -> torch.Tensor:
     if int(cudart.cudaHostRegister(slab.data_ptr(), nbytes, 0)) != 0:
         _take_cuda_error()
         return allocated()
-    weakref.finalize(view, _unregister, cudart, slab.data_ptr()).atexit = False
+    weakref.finalize(view, _unregister, cudart, slab.data_ptr(), tuple(devices)).atexit = False
     return slab
 
 
@@ -121,11 +123,12 @@ def _take_cuda_error() -> None:
         pass
 
 
-def _unregister(cudart, ptr: int) -> None:
-    """Undo `pinned_slab`'s registration once every device is done with the slab: unlike the allocator's pinned
+def _unregister(cudart, ptr: int, devices: tuple[torch.device, ...]) -> None:
+    """Undo `pinned_slab`'s registration once its devices are done with the slab: unlike the allocator's pinned
     memory, which is only reused after the copies recorded on it finish, a registered slab is unmapped right after
-    this, and an asynchronous copy to or from it may still be queued (an engine dropped right after a feed)."""
-    for device in range(torch.cuda.device_count()):
+    this, and an asynchronous copy to or from it may still be queued (an engine dropped right after a feed). Only
+    the slab's devices: synchronizing another GPU would start a CUDA context there."""
+    for device in devices or (None,):
         try:
             torch.cuda.synchronize(device)
         except RuntimeError:  # a stream being captured into a graph: nothing of it has run yet
@@ -142,11 +145,14 @@ class HostPages:
     device than the CPU (a store kept on the compute device) are never budgeted.
     """
 
-    def __init__(self, pin: bool, budget: int | None = None, spill_dir: Path | None = None):
+    def __init__(self, pin: bool, budget: int | None = None, spill_dir: Path | None = None,
+                 devices: Sequence[torch.device] = ()):
         self.pin = pin
         self.budget = budget
         self.spill_dir = spill_dir
-        self._ram = Slabs(pinned_slab if pin else lambda n: torch.empty(n, dtype=torch.uint8))
+        self.devices = tuple(devices)  # the CUDA devices pinned pages are copied to and from
+        self._ram = Slabs(functools.partial(pinned_slab, devices=self.devices) if pin
+                          else lambda n: torch.empty(n, dtype=torch.uint8))
         # Through a weak reference: a lambda over self would be a reference cycle, and the slabs of a store the
         # engine dropped (a reset: the next text) would stay in RAM, locked on a GPU run, until Python's cycle
         # collector happened to run.

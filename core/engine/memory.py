@@ -108,7 +108,8 @@ class LayerMemory:
         self.recent_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
-                                host=host or HostPages(pin=offload and device.type == "cuda"), kv_dtype=cfg.kv_dtype)
+                                host=host or HostPages(pin=offload and device.type == "cuda", devices=(device,)),
+                                kv_dtype=cfg.kv_dtype)
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
         self.decoding = DecodeCache(cfg, kv_heads, head_dim, dtype, device)  # what a decoded token attends to
         self.position = 0  # tokens seen by this layer
