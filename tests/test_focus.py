@@ -14,7 +14,8 @@ import torch
 from infllm.citations.lexical import LexicalIndex, words
 from infllm.citations.passages import SourceMap
 from infllm.config import EngineConfig
-from infllm.documents.prompting import build_prompt, builtin_template, echo_stops, without_passage_number
+from infllm.documents.prompting import (build_prompt, builtin_template, echo_stops, render_passages,
+                                        without_passage_number)
 from infllm.errors import UsageError
 from infllm.documents.readers import Piece
 from infllm.engine.engine import Engine
@@ -127,6 +128,11 @@ def test_the_built_in_template_puts_the_passages_after_the_document_and_asks_aga
         build_prompt(tokenizer, "{passages}{document}\n{question}", "Where?", None)
     with pytest.raises(UsageError, match="once"):
         build_prompt(tokenizer, "{document}{passages}{passages}\n{question}", "Where?", None)
+
+
+def test_the_passages_follow_the_question_numbered_with_no_line_an_answer_could_restate():
+    rendered = render_passages("Where does the quagga wait?", [" At the gate. ", "By the river."])
+    assert rendered == "Question: Where does the quagga wait?\n\n[1] At the gate.\n\n[2] By the river.\n\n"
 
 
 def test_echo_stops_are_the_templates_question_line_document_tags_and_passage_numbers():
