@@ -126,9 +126,9 @@ def build_prompt(tokenizer, template: str, question: str, system: str | None, an
 def render_passages(question: str, passages: list[str]) -> str:
     """What fills a template's {passages} field: the question, then the passages numbered, each a paragraph.
     The question comes first so that the model reads them knowing what to look for; the template asks it
-    again after them. No line introduces the passages: the default model restated such a line as its answer
-    ("The document contains passages that may hold the answer."): 5 of 52 development answers spoke of passages
-    with such a line, none without, and 14 -> 20 of 52 answered (docs/benchmarks.md "No line above the re-read
+    again after them. No line introduces the passages, since the default model restated one as its answer ("The
+    document contains passages that may hold the answer."): with such a line 5 of 52 development answers spoke
+    of passages and 14 were right, without it none and 20 (docs/benchmarks.md "No line above the re-read
     passages")."""
     numbered = "\n\n".join(f"[{i}] {text.strip()}" for i, text in enumerate(passages, 1))
     return f"Question: {question}\n\n{numbered}\n\n"
