@@ -221,9 +221,9 @@ class BlockCache:
         keep, missed = set(blocks), []
         slots = {b: self._slot_for(b, keep, missed) for b in dict.fromkeys(blocks)}
         if missed:
-            # One call per part for all misses: a GPU prefill step misses ~25 blocks per layer, and copies issued
-            # one by one from Python took the host 0.77-0.84 ms for 25 misses against 0.61-0.65 (docs/benchmarks.md,
-            # "Where an 8B prefill's time goes"). The misses' slots are distinct, so the copies are independent.
+            # One call per part for all misses: a GPU prefill step misses ~25 blocks per layer, each copy issued
+            # from Python costs the host a launch, and the step is bound by the host (docs/benchmarks.md, "Where an
+            # 8B prefill's time goes"). The misses' slots are distinct, so the copies are independent.
             stored = [self.store.parts(b) for b, _ in missed]
             for part, cached in self.parts.items():
                 torch._foreach_copy_([cached[slot] for _, slot in missed], [s[part] for s in stored],
