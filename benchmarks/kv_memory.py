@@ -9,8 +9,8 @@ greedy tokens and writes a snapshot. It prints, for `--kv-dtype model` and `int8
     is a fixed part of it), and its block tensors over the tokens in blocks;
   - read tokens/s and decode ms/token (best of --repeats);
 and the int8 blocks' error on the model-dtype run's own K/V: every layer's blocks encoded and decoded, the
-memory group's attention of the last recent tokens' queries (rotated as memory sees them, averaged over each KV
-group) over them, relative error of the output; how many of the blocks each layer retrieved last the two runs
+memory group's attention of the text's last 256 tokens' queries, read once more (rotated as memory sees them,
+averaged over each KV group), over them, relative error of the output; how many of the blocks each layer retrieved last the two runs
 share; and how many decoded tokens agree.
 
 Example (CPU):  python benchmarks/kv_memory.py --tokens 16384 --decode 32 --repeats 2
@@ -95,9 +95,23 @@ def run(loaded, kv_dtype: str, ids: list[int], source_map: SourceMap, decode: in
 
 
 @torch.inference_mode()
-def attention_error(layer: LayerMemory, queries: int = 256) -> float:
+def probe_queries(session, ids: list[int], count: int = 256) -> list[torch.Tensor]:
+    """Each layer's memory queries [Hkv, count, D] (rotated as memory sees them, averaged over each KV group) of the
+    text's last `count` tokens read once more after it: real queries for `attention_error`. The session is rewound
+    to the end of the read after."""
+    engine = session.engine
+    tally = engine.count_retrievals(True)
+    engine.feed(ids[-count:])
+    engine.count_retrievals(False)
+    session.rewind()
+    return [torch.cat([c.view(c.shape[0], m.groups, -1, c.shape[-1]).mean(dim=1) for c in tally.queries[m]],
+                      dim=1).float() for m in engine.layers]
+
+
+@torch.inference_mode()
+def attention_error(layer: LayerMemory, q: torch.Tensor) -> float:
     """Relative error of the memory group's attention output over every block of `layer` when its blocks are held
-    in int8 rather than as computed: the last `queries` recent tokens' queries, averaged over each KV group."""
+    in int8 rather than as computed, for queries q [Hkv, n, D] (`probe_queries`)."""
     from infllm.engine.kvcodec import KVCodec
 
     store = layer.store
@@ -105,7 +119,6 @@ def attention_error(layer: LayerMemory, queries: int = 256) -> float:
     codec = KVCodec("int8", *store.shape[:2], store.shape[2], k.dtype)
     k8, v8 = codec.decode(codec.encode(k, v))
     flat = lambda x: x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3]).float()  # noqa: E731 [Hkv, N*B, D]
-    q = layer.recent_q[:, max(0, layer.recent_len - queries) : layer.recent_len].float() / layer.groups  # [Hkv, n, D]
 
     def attend(keys, values):
         return torch.softmax(q @ flat(keys).transpose(1, 2) * layer.scale, dim=-1) @ flat(values)
@@ -143,7 +156,8 @@ def main() -> None:
     ratio = lambda key: int8[key] / model[key]  # noqa: E731
     print(f"\nint8 / model: store {ratio('store'):.3f}, snapshot {ratio('snapshot'):.3f}, "
           f"read speed {ratio('read_tok_s'):.3f}, decode time {ratio('decode_ms'):.3f}")
-    errors = [attention_error(layer) for layer in model["session"].engine.layers]
+    session = model["session"]
+    errors = [attention_error(layer, q) for layer, q in zip(session.engine.layers, probe_queries(session, ids))]
     print(f"attention output error of int8 blocks (per layer): mean {sum(errors) / len(errors):.4f}, "
           f"max {max(errors):.4f}")
     shared = [len(set(a) & set(b)) / max(1, len(a)) for a, b in zip(model["retrieved"], int8["retrieved"])]

@@ -4,7 +4,8 @@ Representative keys are the one part of the memory that grows with the text on t
 take ~2.1 GB of GPU memory at 1M tokens in bfloat16), so holding them in fewer bits is the obvious lever. This
 script measures what it would cost, on a real read: it takes a snapshot written on a CPU (float32 keys), stores
 every layer's representative keys in each candidate format, and scores the blocks with real queries, the
-group-summed memory queries the snapshot keeps for its recent tokens (`state.rec_q`), as retrieval does
+group-summed memory queries of the document's last `--probe` tokens read once more after the snapshot (with the
+model it was read with), as retrieval does
 (`infllm.engine.scoring.block_scores`): query chunks of `--chunk` queries, as reading does, and single queries,
 as decoding does. It reports how many of each query's top-k blocks under float32 keys stay in the top-k, and
 how many blocks an exact top-k through int8 keys would have to rescore at full precision under error bounds of
@@ -12,7 +13,8 @@ three sizes (`candidates`).
 
   .venv/bin/python benchmarks/repr_precision.py book.infllm --topk 16
 
-Nothing in core/ changes; the formats are computed here (int8 with the block store's own `quantize`).
+Nothing in core/ changes; the formats are computed here (int8 with the block store's own `quantize`). The
+snapshot is only read: the probe tokens are fed to a copy of its memory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 
 import torch
 
+from infllm.api import Model
 from infllm.engine.kvcodec import quantize
 from infllm.engine.scoring import block_scores
 from infllm.snapshot import SnapshotFile
@@ -77,14 +80,31 @@ def candidates(reprs: torch.Tensor, q: torch.Tensor, k: int, sigmas: float | Non
     return int(chosen.sum()), bool(chosen[exact].all())
 
 
+@torch.inference_mode()
+def probe_queries(snap: SnapshotFile, model: str | None, count: int) -> dict[int, torch.Tensor]:
+    """Layer -> the memory queries [Hkv, n, D] (rotated as memory sees them, summed over each KV group, float32)
+    of the document's last `count` tokens fed once more to the snapshot's memory on the CPU."""
+    reading = Model.load(model, device="cpu", dtype="float32").open(snap)
+    engine = reading.session.engine
+    text = bytes(snap.tensor("doc.text").numpy()).decode("utf-8", "surrogatepass")
+    ids = reading.model.loaded.tokenizer.encode(text[-8 * count :], add_special_tokens=False)[-count:]
+    tally = engine.count_retrievals(True)
+    engine.feed(ids)
+    return {i: torch.cat([c.view(c.shape[0], m.groups, -1, c.shape[-1]).sum(dim=1) for c in tally.queries[m]],
+                         dim=1).float() for i, m in enumerate(engine.layers)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("snapshot", help="a snapshot written on a CPU (float32 representative keys)")
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=512, help="queries per chunk, as reading retrieves")
-    ap.add_argument("--single-every", type=int, default=97, help="every Nth recent query alone, as decoding")
+    ap.add_argument("--single-every", type=int, default=97, help="every Nth probe query alone, as decoding")
+    ap.add_argument("--probe", type=int, default=2560, help="tokens of the document's end fed again for queries")
+    ap.add_argument("--model", default=None, help="the model the snapshot was read with (default: the default model)")
     args = ap.parse_args()
     snap = SnapshotFile(args.snapshot)
+    probes = probe_queries(snap, args.model, args.probe)
     layers = sorted({int(n.split(".")[1]) for n in snap.entries if n.endswith(".store.repr")})
     counts = {name: {"chunk": [0, 0], "single": [0, 0]} for name in FORMATS}
     blocks = 0
@@ -93,7 +113,7 @@ def main() -> None:
         if stored.dtype != torch.float32:
             sys.exit(f"{args.snapshot}: representative keys are {stored.dtype}, not float32 (write it on a CPU)")
         reprs = stored.transpose(1, 2).contiguous()  # [N, R, Hkv, D], as the block store holds them
-        recent = snap.tensor(f"layer.{layer}.state.rec_q").float()  # [Hkv, n, D]
+        recent = probes[layer]  # [Hkv, n, D]
         blocks = reprs.shape[0]
         n = recent.shape[1]
         queries = {"chunk": [recent[None, :, s : s + args.chunk] for s in range(0, n - args.chunk + 1, args.chunk)],
@@ -109,7 +129,7 @@ def main() -> None:
     rescored = {name: [] for name in bounds}
     for layer in layers:
         reprs = snap.tensor(f"layer.{layer}.store.repr").transpose(1, 2).contiguous().float()
-        recent = snap.tensor(f"layer.{layer}.state.rec_q").float()
+        recent = probes[layer]
         n = recent.shape[1]
         qs = [recent[:, s : s + args.chunk].sum(1) for s in range(0, n - args.chunk + 1, args.chunk)]
         qs += [recent[:, t] for t in range(0, n, args.single_every)]

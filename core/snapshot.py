@@ -40,8 +40,10 @@ from infllm.documents.readers import STDIN, Piece, file_kind
 
 FORMAT = "infllm-snapshot"
 # 3: blocks' K/V in engine.kv_dtype (int8 parts with scales, or the model's dtype); 4: may hold the citing heads'
-# calibration ("citing" and the tensor cite.quality), so that citations from the file ask no probe questions.
-VERSION = 4
+# calibration ("citing" and the tensor cite.quality), so that citations from the file ask no probe questions;
+# 5: the recent buffer's running representative scores (state.rec_score, state.rec_qsum) instead of each recent
+# token's query (state.rec_q), which the reader of an older file turns into those scores (LayerMemory.adopt).
+VERSION = 5
 # The oldest version read: 2 (the memory keeps one recent-token buffer) differs from 3 only in holding its blocks
 # in the model's dtype, so it is read as kv_dtype "model".
 _OLDEST = 2
@@ -516,6 +518,8 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
                                                      ("position", "rec_start", "rec_len", "blocks")):
             raise ValueError("missing memory counters")
         expected = engine.expected_shapes(counters)
+        if meta["version"] < 5:
+            expected = _with_recent_queries(expected)
         doc_start, tokens = meta["doc_start"], meta["tokens"]
         if not (isinstance(doc_start, int) and tokens == counters["position"] and 0 <= doc_start <= tokens):
             raise ValueError("token counts do not agree")
@@ -570,6 +574,18 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
     if citing is not None:
         session.adopt_calibration(citing["key"], tensors["cite.quality"])
     return session
+
+
+def _with_recent_queries(expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The tensors a snapshot of format 2 to 4 holds: each layer's recent queries `state.rec_q`, shaped as its
+    recent keys, where the running scores are now."""
+    out = {}
+    for name, shape in expected.items():
+        if name.endswith(".state.rec_score"):
+            out[name[: -len("rec_score")] + "rec_q"] = expected[name[: -len("rec_score")] + "rec_k"]
+        elif not name.endswith(".state.rec_qsum"):
+            out[name] = shape
+    return out
 
 
 def _block_page(name: str) -> tuple[int, int] | None:

@@ -295,10 +295,14 @@ def test_a_held_token_attended_by_tensor_indices_equals_the_eager_token(kv_dtype
     assert (got - expected).abs().max().item() < 1e-5
     for a, b in zip(eager.layers, held.layers):
         assert a.counters() == b.counters() and a.last_retrieved == b.last_retrieved
+        assert a.pending == b.pending > 0  # eager or held, a decoded token's query waits for the next seal
+        a.settle_scores()
+        b.settle_scores()
         assert (a.decoding.upto, a.decoding.frame) == (b.decoding.upto, b.decoding.frame)
-        # Keys and queries of later layers carry the logits' rounding.
+        # Keys and representative scores of later layers carry the logits' rounding.
         for x, y in ((a.recent_k[:, : a.recent_len], b.recent_k[:, : b.recent_len]),
-                     (a.recent_q[:, : a.recent_len], b.recent_q[:, : b.recent_len]),
+                     (a.recent_score[:, : a.recent_len], b.recent_score[:, : b.recent_len]),
+                     (a.recent_qsum, b.recent_qsum),
                      (a.decoding.ring_k, b.decoding.ring_k), (a.decoding.ring_v, b.decoding.ring_v)):
             assert (x - y).abs().max().item() < 1e-5
     assert sum(tally.values()) == 200 * len(held.layers) * cfg.topk  # held tokens counted as retrievals too

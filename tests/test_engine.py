@@ -459,6 +459,102 @@ def test_a_lone_querys_block_scores_through_the_scratch_equal_the_product(blocks
                        block_scores(queries.expand(2, -1, -1, -1), reprs))  # chunks: the product, scratch unused
 
 
+def _band_scores(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
+    """InfLLM's representative score by its definition, one key at a time: keys/queries [Hkv, n, D] -> [n], each
+    key's dot products with the W - 1 queries after it (fewer near the end), summed over heads."""
+    n = keys.shape[1]
+    return torch.stack([(keys[:, j : j + 1].double() * queries[:, j + 1 : j + window].double()).sum()
+                        for j in range(n)]).float()
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_running_representative_scores_equal_their_definition_however_the_queries_arrive(window):
+    """Queries written in pieces of any size, the running sum restarted between some (as the recent buffer does
+    before dropping slots): every key's score, read at every step, is its dot product with the queries after it
+    written so far, up to W - 1. Fails if a band is closed one query early or late, or a rebase loses a term."""
+    from infllm.engine.scoring import rebase_running_scores, running_scores, write_running_scores
+
+    g = torch.Generator().manual_seed(window)
+    keys, queries = torch.randn(2, 60, 8, generator=g), torch.randn(2, 60, 8, generator=g)
+    score, qsum = torch.zeros(1, 60, 1), torch.zeros(2, 1, 8)
+    at = 0
+    for step, n in enumerate([1, 7, 1, 1, 13, 2, 20, 1, 14]):
+        write_running_scores(score, qsum, keys, at, queries[:, at : at + n], window)
+        at += n
+        if step % 3 == 1:
+            rebase_running_scores(score, qsum, keys, at, window)
+        want = _band_scores(keys[:, :at], queries[:, :at], window)
+        torch.testing.assert_close(running_scores(score, qsum, keys, 0, at, at, window), want, rtol=1e-5, atol=1e-4)
+        if at > 9:  # a slice of the keys, as a block is sealed
+            torch.testing.assert_close(running_scores(score, qsum, keys, 3, 9, at, window), want[3:9],
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_a_memory_adopting_recent_queries_holds_the_scores_their_writing_gave():
+    """A format-4 snapshot holds each recent token's group-summed query instead of the running scores: adopting
+    them gives the scores and running sum the memory holds after writing those queries (no slot was dropped)."""
+    import infllm.engine.memory as memory_module
+
+    cfg = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=2, query_chunk=8, prefill_chunk=48)
+    engine = Engine(tiny_model("llama"), cfg)
+    layer = engine.layers[1]
+    written: list[torch.Tensor] = []
+    original = memory_module.write_running_scores
+
+    def spy(score, qsum, keys, at, queries, window):
+        if score is layer.recent_score:
+            written.append(queries.clone())
+        original(score, qsum, keys, at, queries, window)
+
+    with mock.patch.object(memory_module, "write_running_scores", spy):
+        engine.feed(torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(0)))
+    assert layer.store.count > 0 and layer.recent_start == cfg.sinks  # blocks sealed, nothing dropped yet
+    exported = {name: t.clone() for name, t in layer.export().items()}
+    legacy = {n: t for n, t in exported.items() if n not in ("state.rec_score", "state.rec_qsum")}
+    legacy["state.rec_q"] = torch.cat(written, dim=1)
+    assert legacy["state.rec_q"].shape == exported["state.rec_k"].shape
+    other = Engine(tiny_model("llama"), cfg).layers[1]
+    other.adopt(legacy, layer.counters())
+    n = layer.recent_len
+    torch.testing.assert_close(other.recent_score[:, :n], layer.recent_score[:, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.recent_qsum, layer.recent_qsum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pending", [3, 64])  # 3: the pending rows fill between two seals
+def test_decoded_tokens_pending_queries_give_the_scores_of_one_piece(pending):
+    """Tokens fed one at a time leave their queries pending until a seal, a compaction or a full pending buffer
+    folds them in: the blocks sealed and the running scores are those of the same tokens fed as one piece (all
+    blocks retrieved, so both runs see the same hidden states)."""
+    import infllm.engine.memory as memory_module
+    from infllm.engine.scoring import running_scores
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(4))
+    cfg = EngineConfig(sinks=8, window=32, block_size=8, repr_keys=2, topk=64, query_chunk=8, cache_blocks=64,
+                       prefill_chunk=96, kv_dtype="model")
+    whole, pieces = Engine(model, cfg), Engine(model, cfg)
+    whole.feed(ids)
+    pieces.feed(ids[:200])
+    most = 0  # the most queries left pending after a token
+    with mock.patch.object(memory_module, "PENDING", pending):
+        for t in range(200, 300):
+            pieces.feed(ids[t : t + 1])
+            most = max(most, *(layer.pending for layer in pieces.layers))
+    assert most == min(pending, 7)  # a seal every 8 tokens folds them, or a full buffer does sooner
+    for a, b in zip(whole.layers, pieces.layers):
+        b.settle_scores()
+        assert a.store.count == b.store.count and b.recent_start > cfg.sinks  # slots were dropped meanwhile
+        for name, t in a.store.export().items():
+            torch.testing.assert_close(b.store.export()[name], t, rtol=1e-4, atol=1e-4, msg=name)
+        # Each drops slots (and restarts its running sum) at its own calls: compare the scores of the positions
+        # both still hold.
+        start, end = max(a.recent_start, b.recent_start), a.position
+        assert b.position == end and end - start >= cfg.window
+        scores = [running_scores(m.recent_score, m.recent_qsum, m.recent_k, start - m.recent_start,
+                                 end - m.recent_start, m.recent_len, cfg.window) for m in (a, b)]
+        torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=1e-4)
+
+
 def test_the_engines_sections_are_recorded_under_a_profiler_and_cost_nothing_without_one():
     """`speed.py --breakdown` reads the engine's time by section; outside a profiler no section is entered."""
     from torch.profiler import ProfilerActivity, profile

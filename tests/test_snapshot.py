@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -56,11 +57,16 @@ def loaded(tiny_model_dir):
 
 def _read(loaded, doc: Path, config: EngineConfig = CONFIG) -> tuple[Session, object]:
     session = Session(loaded, config)
+    return session, _read_into(session, loaded, doc)
+
+
+def _read_into(session: Session, loaded, doc: Path):
+    """Read the document into `session`; the prompt of the question the tests ask."""
     text, pieces = read_text([str(doc)])
     prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
                           builtin_template("system").strip())
     session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, pieces))
-    return session, prompt
+    return prompt
 
 
 def _answer(session: Session, prompt) -> tuple[str, list]:
@@ -138,22 +144,78 @@ def test_a_snapshot_records_its_kv_dtype_and_holds_8_bit_pages(snapshot):
     assert pages == int8 < 0.3 * full
 
 
+def _read_recording_queries(loaded, doc: Path, config: EngineConfig) -> tuple[Session, object, dict]:
+    """`_read`, noting every group-summed query each layer writes: (layer, position) -> [Hkv, D]."""
+    import infllm.engine.memory as memory_module
+
+    queries: dict[tuple[int, int], torch.Tensor] = {}
+    original = memory_module.write_running_scores
+    session = Session(loaded, config)
+
+    def spy(score, qsum, keys, at, written, window):
+        (i, layer), = [(i, m) for i, m in enumerate(session.engine.layers) if m.recent_score is score]
+        for j in range(written.shape[1]):
+            queries[i, layer.recent_start + at + j] = written[:, j].clone()
+        original(score, qsum, keys, at, written, window)
+
+    with mock.patch.object(memory_module, "write_running_scores", spy):
+        prompt = _read_into(session, loaded, doc)
+    return session, prompt, queries
+
+
+def _with_recent_queries(path: Path, session: Session, queries: dict, out: Path, change) -> Path:
+    """A copy of snapshot `path` (of `session`, read by `_read_recording_queries`) as formats 2-4 held it: each
+    recent token's query instead of the running scores, its metadata edited by `change`."""
+    snap = SnapshotFile(path)
+    tensors = {name: snap.tensor(name) for name in snap.entries}
+    for i, layer in enumerate(session.engine.layers):
+        del tensors[f"layer.{i}.state.rec_score"], tensors[f"layer.{i}.state.rec_qsum"]
+        span = range(layer.recent_start, layer.recent_start + layer.recent_len)
+        tensors[f"layer.{i}.state.rec_q"] = torch.stack([queries[i, p] for p in span], dim=1)
+    meta = json.loads(json.dumps(snap.meta))
+    change(meta)
+    write_file(out, tensors, meta)
+    return out
+
+
 def test_a_version_2_snapshot_is_read_as_blocks_in_the_models_dtype(loaded, doc, tmp_path):
     """Version 2 held blocks as the model computed them and had no kv_dtype: it answers as a full-precision read."""
-    session, prompt = _read(loaded, doc, replace(CONFIG, kv_dtype="model"))
-    fresh = _answer(session, prompt)
+    session, prompt, queries = _read_recording_queries(loaded, doc, replace(CONFIG, kv_dtype="model"))
     path = tmp_path / "model.infllm"
     save_session(session, path, None, builtin_template("system").strip())
+    fresh = _answer(session, prompt)
     assert read_header(path)[1]["layer.0.store.k.0"].dtype == torch.float32
 
     def as_version_2(meta):
         meta["version"] = 2
         del meta["engine"]["kv_dtype"]
 
-    old = _copy(path, tmp_path, lambda d: _with_meta(d, as_version_2))
+    old = _with_recent_queries(path, session, queries, tmp_path / "old.infllm", as_version_2)
     opened = open_session(loaded, SnapshotFile(old), {})
     assert opened.engine.config.kv_dtype == "model"
     assert _answer(opened, prompt) == fresh
+
+
+def test_a_version_4_snapshot_is_read_with_the_scores_its_recent_queries_give(loaded, doc, tmp_path):
+    """Format 4 held each recent token's group-summed query (`state.rec_q`) where format 5 holds the running
+    representative scores: such a file opens with the scores the queries give, as the read that wrote it had,
+    and answers as it did."""
+    from infllm.engine.scoring import running_scores
+
+    session, prompt, queries = _read_recording_queries(loaded, doc, CONFIG)
+    path = tmp_path / "new.infllm"
+    save_session(session, path, None, builtin_template("system").strip())
+    old = _with_recent_queries(path, session, queries, tmp_path / "old.infllm",
+                               lambda meta: meta.__setitem__("version", 4))
+    opened = open_session(loaded, SnapshotFile(old), {})
+    layers = session.engine.layers
+    assert layers[0].store.count > 16 and layers[0].recent_start > CONFIG.sinks  # slots were dropped while reading
+    for a, b in zip(layers, opened.engine.layers):
+        n, w = a.recent_len, CONFIG.window
+        torch.testing.assert_close(running_scores(b.recent_score, b.recent_qsum, b.recent_k, 0, n, n, w),
+                                   running_scores(a.recent_score, a.recent_qsum, a.recent_k, 0, n, n, w),
+                                   rtol=1e-4, atol=1e-4)
+    assert _answer(opened, prompt) == _answer(session, prompt)
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -233,7 +295,7 @@ CORRUPTIONS = {
     "other model": (lambda d: _with_meta(d, lambda m: m["model"].__setitem__("fingerprint", "0" * 64)),
                     "its files have changed since"),  # the same model name, other weights
     "bad counters": (lambda d: _with_meta(d, lambda m: m["counters"].__setitem__("blocks", 5)), "corrupt"),
-    "int8 pages as version 2": (_as_version_2, "layer.0.store.k_scale.0 is missing, extra or of the wrong shape"),
+    "int8 pages as version 2": (_as_version_2, "missing, extra or of the wrong shape"),
     "int8 pages claimed full": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "model")),
                                 "is missing, extra or of the wrong shape"),
     "unknown kv dtype": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "int4")),

@@ -97,7 +97,7 @@ class HeldTokenGraph:
     """One graph of a whole decoded token that every layer attends by `LayerMemory.attend_steady` (module
     docstring), on the memories `layers`; captured at its first `run`."""
 
-    STEP = 5  # the values of LayerMemory.steady_step
+    STEP = 6  # the values of LayerMemory.steady_step
 
     def __init__(self, adapter: DecoderAdapter, layers: list[LayerMemory]):
         self.adapter = adapter

@@ -2,7 +2,8 @@
 
 Token life cycle (positions are absolute token indices, S = sinks, W = window, B = block size):
   positions < S            -> sink store, forever
-  otherwise                -> the recent buffer (keys unrotated, values, and each token's queries for scoring)
+  otherwise                -> the recent buffer (keys unrotated, values, and each key's running representative
+                              score)
   a whole block out of reach of every query still to come in this call
                            -> sealed: copied to the block store with its `repr_keys` most representative keys;
                               it stays in the recent buffer while some query can still see it locally
@@ -20,8 +21,8 @@ chunk dimension C: past the first window the chunks of a piece attend together, 
 for all of them (`positions.uniform`), since their keys then have the same shapes at the same relative
 positions; other calls (the first window, a piece's short tail, decoding) go chunk by chunk, C = 1.
 
-A sealed block keeps the keys with the highest representative scores (`scoring.representative_scores`) from
-the group-summed queries the recent buffer keeps for them.
+A sealed block keeps the keys with the highest representative scores: each key's dot product with the group-summed
+queries of the W - 1 tokens after it, kept running as the queries are written (`scoring.write_running_scores`).
 
 A decoded token that holds its blocks and seals nothing (`steady_step`) can also be attended by `attend_steady`,
 its indices in a tensor on the device, which a CUDA graph captures whole (infllm.engine.graphs.HeldTokenGraph).
@@ -43,16 +44,19 @@ from infllm.engine.hostpages import HostPages
 from infllm.engine.masks import Mask, MaskCache
 from infllm.engine.positions import KeyLayout
 from infllm.engine.rope import RopeTable, apply_rotary
-from infllm.engine.scoring import block_scores, representative_scores
+from infllm.engine.scoring import block_scores, rebase_running_scores, running_scores, write_running_scores
 from infllm.engine.sections import section
 
 if TYPE_CHECKING:
     from infllm.engine.tally import RetrievalTally
 
+# Decoded tokens whose queries wait to be folded into the running scores (LayerMemory.pending_q); when it is full, the
+# next token folds them and is attended eagerly.
+PENDING = 64
 # The state tensors under the names snapshot files give them (docs/snapshot-format.md; the counters keep their
 # file names too, `rec_start` and `rec_len`): file name -> attribute.
 _STATE = {"sink_local": "sink_k_local", "sink_mem": "sink_k_memory", "sink_v": "sink_v",
-          "rec_k": "recent_k", "rec_v": "recent_v", "rec_q": "recent_q"}
+          "rec_k": "recent_k", "rec_v": "recent_v", "rec_score": "recent_score", "rec_qsum": "recent_qsum"}
 
 
 def _chunks(x: torch.Tensor, offset: int, n: int, count: int) -> torch.Tensor:
@@ -105,7 +109,15 @@ class LayerMemory:
         # Sink keys rotated for each group (true positions, and frozen before the memory), and their values.
         self.sink_k_local, self.sink_k_memory, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
         self.recent_k, self.recent_v = buf(self.capacity), buf(self.capacity)
-        self.recent_q = buf(self.capacity)  # each slot's query rotated at W, summed over its KV group (for scores)
+        # Representative scores kept running (infllm.engine.scoring): per recent slot [1, N, 1], and the running sum
+        # of the queries [Hkv, 1, D], both float32, laid out as the other state buffers (tokens on dimension 1).
+        self.recent_score = torch.zeros((1, self.capacity, 1), dtype=torch.float32, device=device)
+        self.recent_qsum = torch.zeros((kv_heads, 1, head_dim), dtype=torch.float32, device=device)
+        # The group-summed queries of the last `pending` recent slots, decoded tokens' (eager or `attend_steady`), not
+        # yet in the scores: a token writes one row instead of updating scores in ~20 small kernels, and sealing,
+        # compaction, a prefill piece, a checkpoint or an export folds them in at once (`settle_scores`).
+        self.pending_q = buf(PENDING)
+        self.pending = 0
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
                                 host=host or HostPages(pin=offload and device.type == "cuda", devices=(device,)),
@@ -134,6 +146,7 @@ class LayerMemory:
         """A copy of the mutable state: the filled slots of each state buffer, in host memory (pinned on a GPU run),
         so that a session's checkpoint takes no device memory (the 8B shape's full buffers are 1.3 GB); the block
         store is append-only, so only its length is kept."""
+        self.settle_scores()
         tensors = {}
         for name, used in self._used(self.counters()).items():
             t = getattr(self, _STATE[name])[:, :used]
@@ -147,6 +160,7 @@ class LayerMemory:
         for name, src in state["tensors"].items():
             getattr(self, _STATE[name])[:, : src.shape[1]].copy_(src)
         self._set_counters(state)
+        self.pending = 0
         self.store.truncate(state["blocks"])
         self.decoding.drop()  # it may hold blocks and keys of tokens read after the checkpoint
         if self.cache is not None:
@@ -169,11 +183,13 @@ class LayerMemory:
         """How many token slots of each state buffer (by file name) hold data."""
         sinks = min(self.cfg.sinks, counters["position"])
         n = counters["rec_len"]
-        return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "rec_k": n, "rec_v": n, "rec_q": n}
+        return {"sink_local": sinks, "sink_mem": sinks, "sink_v": sinks, "rec_k": n, "rec_v": n, "rec_score": n,
+                "rec_qsum": 1}
 
     def export(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue from here: the filled part of each buffer (`state.NAME`) and the block
         store (`store.NAME`, see BlockStore.export). Views, not copies. Pair with `counters()`."""
+        self.settle_scores()
         out = {f"state.{name}": getattr(self, _STATE[name])[:, :used]
                for name, used in self._used(self.counters()).items()}
         out.update({f"store.{k}": t for k, t in self.store.export().items()})
@@ -194,11 +210,21 @@ class LayerMemory:
     def adopt(self, tensors: dict[str, torch.Tensor], counters: dict[str, int],
               checks: dict[int, Callable[[], None]] | None = None) -> None:
         """Continue from `export`ed tensors (shapes already checked against `expected_shapes`). Block pages are
-        used in place (they may be memory-mapped); checks[p] verifies store page p before its first use."""
+        used in place (they may be memory-mapped); checks[p] verifies store page p before its first use. A snapshot of
+        format 4 or older holds each recent token's query (`state.rec_q`) instead of the running scores: they are
+        computed from those queries here, as their writing would have."""
+        if "state.rec_q" in tensors:
+            tensors = dict(tensors)
+            keys, queries = tensors["state.rec_k"].to(self.device), tensors.pop("state.rec_q").to(self.device)
+            score, qsum = torch.zeros_like(self.recent_score), torch.zeros_like(self.recent_qsum)
+            if queries.shape[1]:
+                write_running_scores(score, qsum, keys, 0, queries, self.cfg.window)
+            tensors["state.rec_score"], tensors["state.rec_qsum"] = score[:, : queries.shape[1]], qsum
         for name, attribute in _STATE.items():
             src = tensors[f"state.{name}"]
             getattr(self, attribute)[:, : src.shape[1]].copy_(src)
         self._set_counters(counters)
+        self.pending = 0
         self.store.adopt({k[len("store."):]: t for k, t in tensors.items() if k.startswith("store.")},
                          counters["blocks"], checks)
         self.decoding.drop()
@@ -207,8 +233,17 @@ class LayerMemory:
 
     # ---- writing, sealing blocks ------------------------------------------------------------------------
 
+    def settle_scores(self) -> None:
+        """Fold the pending queries of decoded tokens into the running scores (a no-op when none are pending)."""
+        if self.pending:
+            at = self.recent_len - self.pending
+            write_running_scores(self.recent_score, self.recent_qsum, self.recent_k, at,
+                                 self.pending_q[:, : self.pending], self.cfg.window)
+            self.pending = 0
+
     def _write(self, q_mem: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' keys/values (sinks or recent buffer) and their group-summed memory queries."""
+        """Store the new tokens' keys/values (sinks or recent buffer) and account for their group-summed memory
+        queries in the running representative scores."""
         c = self.cfg
         first, length = self.position, k.shape[1]
         n_sink_new = max(0, min(c.sinks - first, length))
@@ -224,7 +259,15 @@ class LayerMemory:
             at = slice(self.recent_len, self.recent_len + n_new)
             self.recent_k[:, at] = k[:, n_sink_new:]
             self.recent_v[:, at] = v[:, n_sink_new:]
-            self.recent_q[:, at] = q_mem[:, :, n_sink_new:].sum(dim=1)
+            queries = q_mem[:, :, n_sink_new:].sum(dim=1)  # [Hkv, n_new, D]
+            if n_new == 1 and self.pending < PENDING:
+                # A decoded token's query waits, as a held token's does: the ~20 small operations of the update,
+                # eager, cost a retrieving token of an 8B shape more than the retrieval saved by holding.
+                self.pending_q[:, self.pending : self.pending + 1] = queries
+                self.pending += 1
+            else:
+                self.settle_scores()
+                write_running_scores(self.recent_score, self.recent_qsum, self.recent_k, at.start, queries, c.window)
             self.recent_len += n_new
 
     def _seal(self, count: int) -> None:
@@ -233,10 +276,11 @@ class LayerMemory:
         n = count - self.store.count
         if n <= 0:
             return
+        self.settle_scores()
         start = positions.block_span(c, self.store.count)[0] - self.recent_start  # slot of the first new block
         stop = start + n * c.block_size
-        later = self.recent_q[:, start + 1 : min(self.recent_len, stop + c.window - 1)]  # queries after the first key
-        scores = representative_scores(self.recent_k[:, start:stop], later, c.window).view(n, c.block_size)
+        scores = running_scores(self.recent_score, self.recent_qsum, self.recent_k, start, stop, self.recent_len,
+                                c.window).view(n, c.block_size)
         top = torch.topk(scores, c.repr_keys, dim=1).indices.sort(dim=1).values  # [n, R]
         hkv, _, d = self.recent_k.shape
         k = self.recent_k[:, start:stop].view(hkv, n, c.block_size, d).transpose(0, 1)  # [n, Hkv, B, D]
@@ -251,7 +295,9 @@ class LayerMemory:
         if shift <= 0:
             return
         keep = self.recent_len - shift
-        for buf in (self.recent_k, self.recent_v, self.recent_q):
+        self.settle_scores()
+        rebase_running_scores(self.recent_score, self.recent_qsum, self.recent_k, self.recent_len, self.cfg.window)
+        for buf in (self.recent_k, self.recent_v, self.recent_score):
             buf[:, :keep] = buf[:, shift : self.recent_len].clone()
         self.recent_start, self.recent_len = keep_from, keep
 
@@ -414,15 +460,18 @@ class LayerMemory:
 
     # ---- a decoded token the host has nothing to decide for (what a CUDA graph replays) ---------------------
 
-    def steady_step(self) -> tuple[int, int, int, int, int] | None:
+    def steady_step(self) -> tuple[int, int, int, int, int, int] | None:
         """Where the next decoded token's writes and reads fall if `attend_steady` can attend it: it seals no
         block and compacts nothing, attends the blocks held from an earlier retrieval through a current ring, one
-        softmax over the DecodeCache (`lone_query`), and no open tally asks for its queries. Returns (recent slot,
-        ring slot, rotation row, the tail's recent slot, keys attended), or None: attend it with `attend`."""
+        softmax over the DecodeCache (`lone_query`), no open tally asks for its queries, and its query finds a
+        pending row. Returns (recent slot, ring slot, rotation row, the tail's recent slot, keys attended, pending
+        row), or None: attend it with `attend`."""
         cfg, first, cache = self.cfg, self.position, self.decoding
         if not self.lone_query or cache.keys is None or (self.tally is not None and self.tally.open):
             return None
         if positions.sealed_for(cfg, first) > self.store.count or self.recent_len + 1 > self.capacity:
+            return None
+        if self.pending == PENDING:
             return None
         held = cache.held(first, self.store.count)
         if held is None or not cache.ring_current(first, self.recent_start):
@@ -432,10 +481,10 @@ class LayerMemory:
             return None
         return (self.recent_len, first % cfg.window,
                 positions.local_rotation(cfg, first, self.recent_start) - self.rope.lo,
-                tail[0] - self.recent_start, cache.memory_end(tail[1]))
+                tail[0] - self.recent_start, cache.memory_end(tail[1]), self.pending)
 
     def attend_steady(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """`attend` of a decoded token for which `steady_step` gave `step` (its values, [5] int64 on the device):
+        """`attend` of a decoded token for which `steady_step` gave `step` (its values, [6] int64 on the device):
         the writes and the attention of `_attend_one`, every index a tensor, so the host reads nothing and
         decides nothing (a CUDA graph captures it once and replays it; `advance_steady` does the host's part).
         q [H, 1, D], k/v [Hkv, 1, D] without RoPE. Returns [H, 1, D]."""
@@ -443,10 +492,10 @@ class LayerMemory:
         h, _, d = q.shape
         hkv, g = k.shape[0], self.groups
         q_mem = self.rope.rotate(q, cfg.window).view(hkv, g, 1, d)
-        slot, ring, rotation, tail, end = step[0:1], step[1:2], step[2:3], step[3:4], step[4:5]
+        slot, ring, rotation, tail, end, pending = step[0:1], step[1:2], step[2:3], step[3:4], step[4:5], step[5:6]
         self.recent_k.index_copy_(1, slot, k)
         self.recent_v.index_copy_(1, slot, v)
-        self.recent_q.index_copy_(1, slot, q_mem.sum(dim=1))
+        self.pending_q.index_copy_(1, pending, q_mem.sum(dim=1))
         cos, sin = self.rope.cos.index_select(0, rotation), self.rope.sin_signed.index_select(0, rotation)  # [1, D]
         cache.ring_k.index_copy_(1, ring, apply_rotary(k, cos, sin))
         cache.ring_v.index_copy_(1, ring, v)
@@ -464,6 +513,7 @@ class LayerMemory:
         if self.tally is not None:
             self.tally.update(held)  # RetrievalTally.record without queries: steady_step refuses an open tally
         self.recent_len += 1
+        self.pending += 1
         self.position += 1
         self.decoding.upto = self.position
 

@@ -52,18 +52,51 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tens
     return (summed @ keys.t()).view(c, n, r).amax(dim=-1).float()
 
 
-def representative_scores(keys: torch.Tensor, later: torch.Tensor, window: int) -> torch.Tensor:
-    """How well each of n consecutive keys represents its block: keys [Hkv, n, D]; later [Hkv, M, D] the queries of
-    the tokens after the first key (rotated as memory sees them, summed over each KV head's group), up to W - 1
-    past the last key or to the end of the text. Returns [n] float32: each key's dot product with the W - 1
-    queries after it, summed over heads (InfLLM's definition; no attention weights are needed).
+# Which keys represent a block. InfLLM scores each key by its dot product with the W - 1 queries after it (their
+# group-summed, memory-rotated queries), summed over KV heads, and keeps a block's best `repr_keys`. The scores
+# are kept running while the text is read instead of keeping every recent token's query until its keys are sealed:
+#   qsum [Hkv, 1, D] float32  the running sum P(t) of the queries written since the last rebase
+#   score [1, N, 1] float32   per recent slot j: -k_j . P(j), plus k_j . P(j + W - 1) once that query is written
+# so a key's score at any time is score_j, plus k_j . P(now) while its W - 1 queries are not all written yet:
+# k_j . (P(min(j + W - 1, now)) - P(j)), the sum of the dot products with the queries after it. Writing n queries
+# costs two dot products per query (its own key, and the key whose band it closes) in a few operations whatever
+# n is, where keeping the queries would take as much memory as the keys (0.44 GB for an 8B shape's 32 layers).
 
-    The sum over a sliding band of queries is a difference of running sums, taken along the innermost
-    dimension (an outer-dimension scan was measured at milliseconds per call on a GPU)."""
-    n, device = keys.shape[1], keys.device
-    queries = later.float().transpose(1, 2).contiguous()  # [Hkv, D, M]
-    running = torch.nn.functional.pad(queries.cumsum(dim=-1), (1, 0))  # running[..., t] = sum of first t
-    upto = torch.clamp(torch.arange(n, device=device) + window - 1, max=later.shape[1])
-    since = torch.arange(n, device=device)
-    band = running[..., upto] - running[..., since]  # [Hkv, D, n]: queries after each key, up to W - 1
-    return torch.einsum("hnd,hdn->n", keys.float(), band)
+
+def _dots(keys: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """keys [Hkv, m, D] (any float dtype) . sums [Hkv, m or 1, D] float32 -> [m] float32, summed over heads."""
+    return (keys.float() * sums).sum(dim=(0, 2))
+
+
+def write_running_scores(score: torch.Tensor, qsum: torch.Tensor, keys: torch.Tensor, at: int,
+                         queries: torch.Tensor, window: int) -> None:
+    """Account for n new queries written at slots [at, at + n): queries [Hkv, n, D] (group-summed, memory-rotated);
+    keys [Hkv, >= at + n, D] the recent keys, the new ones written. Updates score (module comment) and qsum."""
+    n = queries.shape[1]
+    running = qsum + queries.float().cumsum(dim=1)  # [Hkv, n, D]: P after each new query
+    score[0, at : at + n, 0] = -_dots(keys[:, at : at + n], running)
+    first, last = max(0, at - window + 1), at + n - window  # keys whose last query in band is a new one
+    if last >= first:
+        offset = first + window - 1 - at
+        score[0, first : last + 1, 0] += _dots(keys[:, first : last + 1], running[:, offset : offset + last + 1 - first])
+    qsum.copy_(running[:, -1:])
+
+
+def running_scores(score: torch.Tensor, qsum: torch.Tensor, keys: torch.Tensor, start: int, stop: int,
+                   length: int, window: int) -> torch.Tensor:
+    """[stop - start] float32: the scores of keys [start, stop) with `length` slots written (module comment)."""
+    out = score[0, start:stop, 0].clone()
+    open_from = max(start, length - window + 1)  # keys some of whose W - 1 queries are still to come
+    if open_from < stop:
+        out[open_from - start :] += _dots(keys[:, open_from:stop], qsum)
+    return out
+
+
+def rebase_running_scores(score: torch.Tensor, qsum: torch.Tensor, keys: torch.Tensor, length: int,
+                          window: int) -> None:
+    """Restart P from zero (the scores stay what they are): before the recent buffer drops its oldest slots, so
+    that P sums the queries of a few windows, never of the whole text, and keeps float32's precision."""
+    open_from = max(0, length - window + 1)
+    if open_from < length:
+        score[0, open_from:length, 0] += _dots(keys[:, open_from:length], qsum)
+    qsum.zero_()
