@@ -350,6 +350,8 @@ def run(args) -> dict:
     from infllm.defaults import engine_defaults
     from infllm.runtime.loading import load_model
     from infllm.documents.prompting import build_prompt, builtin_template, load_template
+    from infllm.engine.sampling import SamplingConfig
+    from infllm.errors import UsageError
     from infllm.session import Focus, Session, answer_focus, stop_token_ids
 
     items = parse_set(Path(args.questions))
@@ -370,6 +372,7 @@ def run(args) -> dict:
     focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
     four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
     decode_chunk = {}  # variant -> decoded tokens sharing one retrieval (EngineConfig.decode_chunk)
+    sampling = {}  # variant -> its decoding's n-gram blocking and repetition penalty (greedy otherwise)
     if "infllm" in systems:
         for spec in filter(None, args.focus.split(",")):
             parts = spec.split(":")
@@ -377,15 +380,25 @@ def run(args) -> dict:
             extra = parts[3:]
             copy = [p for p in extra if p.startswith("x")]
             chunk = [p for p in extra if p.startswith("d")]
-            bits = "".join(p for p in extra if p[:1] not in ("x", "d"))
-            if bits not in ("", "4", "32") or len(copy) > 1 or len(chunk) > 1 or not all(
-                    p[1:].isdigit() and int(p[1:]) > 0 for p in chunk):
+            ngram = [p for p in extra if p.startswith("n")]
+            penalty = [p for p in extra if p.startswith("p")]
+            bits = "".join(p for p in extra if p[:1] not in ("x", "d", "n", "p"))
+            if bits not in ("", "4", "32") or any(len(f) > 1 for f in (copy, chunk, ngram, penalty)) or not all(
+                    p[1:].isdigit() and int(p[1:]) > 0 for p in chunk + ngram):
                 raise SetError(f"--focus {spec}: after W:P:R come 4 or 32 (bits of the decode projections), "
-                               "xB (the copy bias) and dN (decoded tokens sharing a retrieval)")
+                               "xB (the copy bias), dN (decoded tokens sharing a retrieval), nN (no n-gram "
+                               "twice) and pP (repetition penalty)")
             name = (f"infllm+lex w{weight} p{pins} r{passages}" + (f" {bits}-bit" if bits else "")
-                    + (f" copy {copy[0][1:]}" if copy else "") + (f" decode {chunk[0][1:]}" if chunk else ""))
+                    + (f" copy {copy[0][1:]}" if copy else "") + (f" decode {chunk[0][1:]}" if chunk else "")
+                    + (f" no-repeat {ngram[0][1:]}" if ngram else "")
+                    + (f" penalty {penalty[0][1:]}" if penalty else ""))
             if chunk:
                 decode_chunk[name] = int(chunk[0][1:])
+            try:
+                sampling[name] = SamplingConfig(no_repeat_ngram=int(ngram[0][1:]) if ngram else 0,
+                                                repetition_penalty=float(penalty[0][1:]) if penalty else 1.0).validate()
+            except (ValueError, UsageError) as err:
+                raise SetError(f"--focus {spec}: {err}") from None
             blocks = passages.endswith("b")  # whole blocks re-read, not the best sentences
             try:
                 focus[name] = Focus(float(weight), int(pins), int(passages.removesuffix("b")), sentences=not blocks,
@@ -498,7 +511,8 @@ def run(args) -> dict:
                     session = sessions["infllm" if system in focus else system]
                     session.engine.adapter.decode_4bit = four_bit.get(system, loaded.decode_4bit)
                     session.engine.set_decode_chunk(decode_chunk.get(system, cfg.decode_chunk))
-                    text = "".join(session.answer(prompt, args.max_new, source_map=source_map,
+                    text = "".join(session.answer(prompt, args.max_new, sampling.get(system, SamplingConfig()),
+                                                  source_map=source_map,
                                                   cite=0 if system == "streaming" else max(ks),
                                                   focus=focus[system] if system in focus else default_focus[system]))
                     positions = [[session.doc_start + i for i in occ] for occ in occs]
@@ -672,7 +686,9 @@ def main() -> None:
                          "fourth field 4 or 32 decodes through 4-bit or float32 projections (default: as --dtype "
                          "loads, auto on a CPU: 4-bit); a field xB adds B to the logits of the tokens the re-read "
                          "passages and the question hold (Focus.copy_bias), e.g. 1:2:3:x2; a field dN shares each "
-                         "retrieval among N decoded tokens (EngineConfig.decode_chunk), e.g. 1:2:3:d16")
+                         "retrieval among N decoded tokens (EngineConfig.decode_chunk), e.g. 1:2:3:d16; nN never "
+                         "writes the same N tokens twice and pP is a repetition penalty (as ask's flags), e.g. "
+                         "1:2:3:n4:p1.2")
     ap.add_argument("--passages", type=int, default=3,
                     help="infllm: as ask --passages (re-read passages, the question's words steering retrieval)")
     ap.add_argument("--bm25-passages", type=int, default=0, help="chunks put in the prompt (default: topk)")

@@ -27,7 +27,8 @@ def qa_refusal(tmp_path: Path, *args: str) -> str:
     return proc.stderr
 
 
-@pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7", "1:2:3:dx", "1:2:3:d0"])
+@pytest.mark.parametrize("focus", ["1:2:3:xfoo", "w:2:3", "1:2:3:7", "1:2:3:dx", "1:2:3:d0", "1:2:3:n0", "1:2:3:p0",
+                                   "1:2:3:pfoo"])
 def test_qa_refuses_a_malformed_focus_in_one_line(focus, tmp_path):
     assert f"--focus {focus}:" in qa_refusal(tmp_path, "--systems", "infllm", "--focus", focus)
 
