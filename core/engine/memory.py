@@ -22,7 +22,8 @@ for all of them (`positions.uniform`), since their keys then have the same shape
 positions; other calls (the first window, a piece's short tail, decoding) go chunk by chunk, C = 1.
 
 A sealed block keeps the keys with the highest representative scores: each key's dot product with the group-summed
-queries of the W - 1 tokens after it, kept running as the queries are written (`scoring.write_running_scores`).
+queries of the W - 1 tokens after it, kept running as the queries are written (`scoring.write_running_scores`); a
+decoded token's query waits in a small pending buffer until the next seal folds it in (`settle_scores`).
 
 A decoded token that holds its blocks and seals nothing (`steady_step`) can also be attended by `attend_steady`,
 its indices in a tensor on the device, which a CUDA graph captures whole (infllm.engine.graphs.HeldTokenGraph).
@@ -135,7 +136,8 @@ class LayerMemory:
 
     def working_nbytes(self) -> int:
         """Bytes of everything but the block store: fixed at construction, whatever the text length."""
-        total = sum(t.numel() * t.element_size() for t in self._state_tensors()) + self.decoding.nbytes()
+        total = sum(t.numel() * t.element_size() for t in (*self._state_tensors(), self.pending_q))
+        total += self.decoding.nbytes()
         return total + (self.cache.nbytes() if self.cache is not None else 0)
 
     def block_span(self, block: int) -> tuple[int, int]:

@@ -177,19 +177,24 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     """The engine's working buffers on one device holding `shape.layers` layers, computed from the settings before
     anything is allocated, by the setting that sizes each part (bytes; the sum is the whole).
 
-    Per layer: key, value and query buffers for the sinks and for the recent tokens (core/engine/memory.py), with
-    `checkpoint` a second copy of them, a bound (a Session keeps their filled slots right after the read to answer
-    from, in host memory); the decode cache (core/engine/decoding.py: keys and values of a window, the sinks, k
+    Per layer: the sinks' keys (two rotations) and values, the recent tokens' keys, values and float32
+    representative scores, and the running query sum (core/engine/memory.py), with `checkpoint` a second copy of
+    them, a bound (a Session keeps their filled slots right after the read to answer from, in host memory); the
+    decoded tokens' pending queries (PENDING rows, sized by no setting); the decode cache (core/engine/decoding.py: keys and values of a window, the sinks, k
     blocks and a block's tail); with `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks`
     blocks' keys and values (held as `kv_dtype`). And cos and sin for every rotation position the memory uses;
     with `score_scratch` (a float32 CPU) the rows a decoded token's block scores go through
     (core/engine/scoring.py), one buffer per device, sized by no setting.
     Without `checkpoint` the sum is what the engine reports as its working bytes once made (tests check that)."""
     from infllm.engine.kvcodec import block_bytes
+    from infllm.engine.memory import PENDING
     from infllm.engine.positions import rope_range
     from infllm.engine.scoring import SCRATCH_ROWS
 
-    per_slot = shape.layers * 3 * shape.kv_heads * shape.head_dim * element_size * (2 if checkpoint else 1)
+    copies = 2 if checkpoint else 1
+    row = shape.kv_heads * shape.head_dim  # one token's key (or value, or query) per layer
+    per_slot = shape.layers * (2 * row * element_size + 4) * copies  # key, value, float32 score
+    per_sink = shape.layers * 3 * row * element_size * copies
     per_position = 2 * shape.head_dim * element_size
     # The recent buffer's slots: a window, a block, a query chunk and a prefill step (recent_capacity in
     # core/engine/memory.py). The rotary tables cover those, the sinks and the sinks' negative positions.
@@ -197,7 +202,8 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
              "prefill_chunk": max(cfg.prefill_chunk, cfg.query_chunk)}
     parts = {name: n * (per_slot + per_position) for name, n in slots.items()}
     lo, hi = rope_range(cfg)
-    parts["sinks"] = cfg.sinks * per_slot + (hi - lo - sum(slots.values())) * per_position
+    parts["sinks"] = cfg.sinks * per_sink + (hi - lo - sum(slots.values())) * per_position
+    parts["pending_queries"] = shape.layers * (PENDING * row * element_size + row * 4 * copies)  # and the query sum
     per_decode_slot = shape.layers * 2 * shape.kv_heads * shape.head_dim * element_size
     for name, n in (("window", cfg.window), ("sinks", cfg.sinks), ("block_size", cfg.block_size),
                     ("topk", cfg.topk * cfg.block_size)):
