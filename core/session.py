@@ -14,13 +14,14 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
 from infllm.citations.lexical import LexicalIndex
 from infllm.citations.citation import Citation
 from infllm.citations.passages import SourceMap, block_chars, cite_span, passage, quote
-from infllm.citations.sentences import reread_spans
+from infllm.citations.sentences import best_sentence_start, reread_spans
 from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
 from infllm.config import EngineConfig
@@ -335,8 +336,12 @@ class Session:
             if prior is None and lexical is not None:  # retrieval was not steered: citations still hear the words
                 prior = self._prior(lexical, WORDS_FOCUS)
             self.ranking = self.rank_blocks(tally, prompt, source_map, prior)
+            focus_at = None
+            if lexical is not None:  # each excerpt starts at the passage's sentence the question's words match best
+                index = self._lexical[0]
+                focus_at = partial(best_sentence_start, index, prompt.question, source_map.text)
             self.citations = cite_blocks(self.ranking, self.engine.layers[0].block_span, self.doc_start,
-                                         self.doc_offsets, source_map, cite)
+                                         self.doc_offsets, source_map, cite, focus=focus_at)
 
     # ---- the question's words ---------------------------------------------------------------------------
 

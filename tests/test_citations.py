@@ -28,6 +28,30 @@ def test_blocks_map_to_the_right_page_and_lines():
     assert cites[0].excerpt == "beta one beta two" and cites[0].weight == 0.5
 
 
+def test_an_excerpt_starts_at_the_sentence_the_question_asks_about():
+    """A block cut mid-text shows, from the sentence the question's words match best, as much as fits, marked
+    with "…" where it leaves text out; the citation still names the whole block's lines. Fails if the excerpt
+    keeps starting at the block boundary, as it did (the evidence then lay past the 160 characters shown)."""
+    from infllm.citations.lexical import LexicalIndex
+    from infllm.citations.passages import cite_span
+    from infllm.citations.sentences import best_sentence_start
+
+    text = ("ended mid-way through a sentence. The weather was grey all week.\n"
+            "Long before that, the old mill had been sold to a Mr. Hartley of Leeds. The sale was quiet.\n"
+            "Nobody in the village spoke of it.\n")
+    source_map = SourceMap(text, [Piece(text, "mill.txt", None, 1)])
+    index = LexicalIndex.over_spans(text, [(0, 34), (34, len(text))])
+    start = best_sentence_start(index, "Who bought the old mill?", text, 0, len(text))
+    assert text[start:].startswith("Long before that, the old mill")
+    c = cite_span(0, len(text), source_map, excerpt_chars=60, shown_from=start)
+    assert (c.first_line, c.last_line) == (1, 3)  # the block's lines, not only the sentence's
+    assert c.excerpt == "…Long before that, the old mill had been sold to a Mr. Hart…" and len(c.excerpt) == 60
+    assert cite_span(0, len(text), source_map, shown_from=0).excerpt.startswith("ended mid-way")  # no "…" before
+    # A passage of one sentence starts where it starts.
+    one = text.index("the old mill")
+    assert best_sentence_start(index, "Who bought the old mill?", text, one, text.index(" The sale")) == one
+
+
 def test_cli_cites_passages_that_are_really_at_the_reported_lines(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("INFLLM_CACHE", str(tmp_path / "cache"))
     doc = tmp_path / "notes.txt"
@@ -43,12 +67,13 @@ def test_cli_cites_passages_that_are_really_at_the_reported_lines(tiny_model_dir
     for s in sources:
         assert s["source"] == str(doc) and s["page"] is None and 0 < s["weight"] <= 1
         assert s["first_line"] <= s["last_line"]
-        # The excerpt (whitespace collapsed, maybe cut short) is the text of exactly the reported lines: it
-        # starts on the first one and reaches the last one.
+        # The excerpt (whitespace collapsed, maybe cut short at either end, "…" marking it) is text of the
+        # reported lines: unless it starts later, it starts on the first one; unless cut short, it reaches the last.
         reported = " ".join(" ".join(lines[s["first_line"] - 1 : s["last_line"]]).split())
-        excerpt = s["excerpt"].rstrip("…")
+        excerpt = s["excerpt"].strip("…")
         assert excerpt in reported
-        assert excerpt.split()[0] in lines[s["first_line"] - 1]
+        if not s["excerpt"].startswith("…"):
+            assert excerpt.split()[0] in lines[s["first_line"] - 1]
         if not s["excerpt"].endswith("…"):
             assert excerpt.split()[-1] in lines[s["last_line"] - 1]
 

@@ -7,12 +7,14 @@ model answers.
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 from infllm.citations.lexical import LexicalIndex, words
 from infllm.citations.passages import SourceMap
+from infllm.citations.sentences import best_sentence_start
 from infllm.config import EngineConfig
 from infllm.documents.prompting import (build_prompt, builtin_template, echo_stops, render_passages,
                                         without_passage_number)
@@ -107,6 +109,10 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     # Unsteered retrieval (no focus), yet the citations still rank by the question's words too.
     assert "".join(session.answer(prompt, 4, cite=2)) == plain
     assert any("quagga" in c.excerpt for c in session.citations)
+    # Each excerpt starts at its passage's sentence the question's words match best (citations/sentences.py).
+    with mock.patch("infllm.session.best_sentence_start", wraps=best_sentence_start) as start:
+        "".join(session.answer(prompt, 4, cite=2))
+    assert start.call_count == len(session.citations) and start.call_args.args[1] == prompt.question
 
 
 # ---- where the re-read passages go, and where an answer stops ---------------------------------------------------

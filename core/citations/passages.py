@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,17 +89,23 @@ def passage(block: int, block_span, doc_start: int, offsets: torch.Tensor, sourc
 
 
 def cite_span(start: int, end: int, source_map: SourceMap, weight: float = 0.0,
-              excerpt_chars: int = 160) -> Citation:
+              excerpt_chars: int = 160, shown_from: int | None = None) -> Citation:
     """The citation of the extracted text's characters [start, end): where they lie, and an excerpt of at most
-    `excerpt_chars` characters (white space runs as one space)."""
-    text = " ".join(source_map.text[start:end].split())
-    excerpt = text if len(text) <= excerpt_chars else text[: excerpt_chars - 1] + "…"
+    `excerpt_chars` characters (white space runs as one space), from `shown_from` (default: `start`) on, with "…"
+    where it leaves text of the passage out."""
+    shown_from = start if shown_from is None else shown_from
+    text = " ".join(source_map.text[shown_from:end].split())
+    lead = "…" if source_map.text[start:shown_from].strip() else ""
+    room = excerpt_chars - len(lead)
+    excerpt = lead + (text if len(text) <= room else text[: room - 1] + "…")
     return Citation(*_lines(source_map, start, end), excerpt, weight)
 
 
 def cite(ranking: list[tuple[int, float]], block_span, doc_start: int, offsets: torch.Tensor,
-         source_map: SourceMap, limit: int, excerpt_chars: int = 160) -> list[Citation]:
-    """The first `limit` passages of a ranking [(block id, weight)], best first."""
+         source_map: SourceMap, limit: int, excerpt_chars: int = 160,
+         focus: Callable[[int, int], int] | None = None) -> list[Citation]:
+    """The first `limit` passages of a ranking [(block id, weight)], best first. focus(start, end): where in the
+    passage's characters its excerpt starts (default: at its start)."""
     out = []
     for block, weight in ranking:
         if len(out) == limit:
@@ -106,5 +113,5 @@ def cite(ranking: list[tuple[int, float]], block_span, doc_start: int, offsets: 
         chars = block_chars(block, block_span, doc_start, offsets)
         if chars is None:  # a block of prompt text: the document's passages are what the user asked for
             continue
-        out.append(cite_span(*chars, source_map, weight, excerpt_chars))
+        out.append(cite_span(*chars, source_map, weight, excerpt_chars, focus(*chars) if focus else None))
     return out

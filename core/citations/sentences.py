@@ -156,6 +156,17 @@ def best_sentences(index: LexicalIndex, question: str, text: str, regions: list[
     return [(spans[p[0]][0], spans[p[-1]][1]) for p in passages]
 
 
+def best_sentence_start(index: LexicalIndex, question: str, text: str, start: int, end: int) -> int:
+    """Where the sentence of text[start:end] that best answers the question (sentence_scores) starts: where a
+    citation's excerpt of that passage begins, so that it shows what the question asked about rather than
+    whatever sentence the block boundary cut. `start` if the passage holds no sentence."""
+    spans = sentences(text[start:end], start)
+    if len(spans) < 2:
+        return start
+    scores = sentence_scores(index, question, [[words(text[s:e]) for s, e in spans]])
+    return spans[int(scores.argmax())][0]
+
+
 def reread_spans(index: LexicalIndex, question: str, text: str, blocks: list[tuple[int, int]],
                  scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
     """Character spans of what an answer re-reads: the `count` best sentences (best_sentences) of the
