@@ -572,9 +572,18 @@ def run(args) -> dict:
             "questions": records}
 
 
+def shows_evidence(evidence: str, excerpts: list[str]) -> bool:
+    """Whether one of the citations' excerpts shows the evidence: its first 40 characters, white space and case
+    folded ("…" marks dropped), as a user reading the excerpt would find it."""
+    fold = lambda text: " ".join(text.replace("…", " ").split()).lower()  # noqa: E731
+    key = fold(evidence)[:40]
+    return any(key in fold(x) for x in excerpts)
+
+
 def summarise(records: list[dict], systems: list[str], ks: list[int]) -> list[dict]:
     """One row per system; infllm gets a second row whose recall ranks blocks by how often memory attention
-    retrieved them (its citations are the first row)."""
+    retrieved them (its citations are the first row, with how often the first 1 and 3 citations' excerpts show
+    the evidence)."""
     k3 = 3 if 3 in ks else ks[0]
     variants = []
     for system in systems:
@@ -594,6 +603,10 @@ def summarise(records: list[dict], systems: list[str], ks: list[int]) -> list[di
         for b in BUCKETS:
             sub = [r["systems"][system][key][k3] for r in records if system in r["systems"] and r["bucket"] == b]
             row["by_position"][b] = {"questions": len(sub), f"recall@{k3}": sum(sub) / len(sub) if sub else None}
+        if key == "recall" and all("cited" in x for x in res):
+            cited = [(r["evidence"], [c["excerpt"] for c in r["systems"][system]["cited"]])
+                     for r in records if system in r["systems"]]
+            row["excerpts"] = {k: sum(shows_evidence(e, x[:k]) for e, x in cited) / n for k in (1, 3)}
         rows.append(row)
     return rows
 
@@ -603,7 +616,7 @@ def print_table(result: dict) -> None:
     k = 3 if 3 in ks else ks[0]
     pct = lambda x: "" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     head = ["system", "questions", "answer acc"] + [f"R@{x}" for x in ks] + [f"R@{k} {b}" for b in BUCKETS] + [
-        "s/question"]
+        "evidence in excerpt 1 / 1-3", "s/question"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in result["summary"]:
@@ -611,6 +624,8 @@ def print_table(result: dict) -> None:
         cells = [row["system"], str(row["questions"]), pct(row["accuracy"])]
         cells += [pct(row["recall"][x]) for x in ks]
         cells += [f"{pct(bp[b][f'recall@{k}'])} ({bp[b]['questions']})" for b in BUCKETS]
+        shown = row.get("excerpts")
+        cells.append(f"{pct(shown[1])} / {pct(shown[3])}" if shown else "")
         cells.append(f"{row['s_per_question']:.1f}")
         print("| " + " | ".join(cells) + " |")
 

@@ -37,3 +37,23 @@ def test_qa_refuses_a_malformed_focus_in_one_line(focus, tmp_path):
 def test_qa_refuses_cited_passages_without_an_infllm_answer_before_them(systems, tmp_path):
     # cited-N answers from the citations of the infllm answer to the same question, made before it.
     assert "unknown system(s) cited-" in qa_refusal(tmp_path, "--systems", systems)
+
+
+def test_qa_counts_the_evidence_as_shown_where_a_reader_of_the_excerpts_finds_it():
+    """The citation row's "evidence in excerpt 1 / 1-3": white space, case and "…" marks do not matter; a cut
+    before the evidence's 40th character does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qa_under_test", REPO / "benchmarks" / "qa.py")
+    qa = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = qa  # its dataclasses look their module up
+    spec.loader.exec_module(qa)
+    evidence = "the old mill had been sold to a Mr. Hartley of Leeds"
+    assert qa.shows_evidence(evidence, ["x", "…Long before that,  The old\nmill had been sold to a Mr. Hartley of…"])
+    assert not qa.shows_evidence(evidence, ["…the old mill had been sold to a Mr. Ha…"])
+    result = {"correct": False, "recall": {1: True, 3: True}, "recall_retrieved": {1: False, 3: True},
+              "in_view": False, "s_per_q": 1.0}
+    records = [{"evidence": evidence, "bucket": "early", "systems": {"infllm": {**result, "cited": cited}}}
+               for cited in ([{"excerpt": evidence}], [{"excerpt": "other"}, {"excerpt": evidence}])]
+    rows = qa.summarise(records, ["infllm"], [1, 3])
+    assert rows[0]["excerpts"] == {1: 0.5, 3: 1.0} and "excerpts" not in rows[1]  # the retrieval-counts row
