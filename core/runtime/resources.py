@@ -181,10 +181,10 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     representative scores, and the running query sum (core/engine/memory.py), with `checkpoint` a second copy of
     them, a bound (a Session keeps their filled slots right after the read to answer from, in host memory); the
     decoded tokens' pending queries (PENDING rows, sized by no setting); the decode cache (core/engine/decoding.py:
-    keys and values of a window, the sinks, k blocks and a block's tail); with `offload` (blocks in host memory, a GPU run) a device cache of `cache_blocks`
-    blocks' keys and values (held as `kv_dtype`). And cos and sin for every rotation position the memory uses;
-    with `score_scratch` (a float32 CPU) the rows a decoded token's block scores go through
-    (core/engine/scoring.py), one buffer per device, sized by no setting.
+    keys and values of a window, the sinks, k blocks and a block's tail); with `offload` (blocks in host memory, a
+    GPU run) a device cache of `cache_blocks` blocks' keys and values (held as `kv_dtype`). And cos and sin for
+    every rotation position the memory uses; with `score_scratch` (a float32 CPU) the rows a decoded token's block
+    scores go through (core/engine/scoring.py), one buffer per device, sized by no setting.
     Without `checkpoint` the sum is what the engine reports as its working bytes once made (tests check that)."""
     from infllm.engine.kvcodec import block_bytes
     from infllm.engine.memory import PENDING
