@@ -10,8 +10,8 @@ greedy tokens and writes a snapshot. It prints, for `--kv-dtype model` and `int8
   - read tokens/s and decode ms/token (best of --repeats);
 and the int8 blocks' error on the model-dtype run's own K/V: every layer's blocks encoded and decoded, the
 memory group's attention of the text's last 256 tokens' queries, read once more (rotated as memory sees them,
-averaged over each KV group), over them, relative error of the output; how many of the blocks each layer retrieved last the two runs
-share; and how many decoded tokens agree.
+averaged over each KV group), over them, relative error of the output; how many of the blocks each layer
+retrieved last the two runs share; and how many decoded tokens agree.
 
 Example (CPU):  python benchmarks/kv_memory.py --tokens 16384 --decode 32 --repeats 2
 """

@@ -78,7 +78,8 @@ def write_running_scores(score: torch.Tensor, qsum: torch.Tensor, keys: torch.Te
     first, last = max(0, at - window + 1), at + n - window  # keys whose last query in band is a new one
     if last >= first:
         offset = first + window - 1 - at
-        score[0, first : last + 1, 0] += _dots(keys[:, first : last + 1], running[:, offset : offset + last + 1 - first])
+        closing = running[:, offset : offset + last + 1 - first]  # P after the query that closes each band
+        score[0, first : last + 1, 0] += _dots(keys[:, first : last + 1], closing)
     qsum.copy_(running[:, -1:])
 
 
