@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from infllm.api import Model
-from infllm.config import KV_DTYPES, EngineConfig
+from infllm.config import KV_DTYPES, REPR_DTYPES, EngineConfig
 from infllm.engine.engine import Engine
 from infllm.engine.packed import packed_decoder
 from infllm.runtime.loading import load_model
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--cache-blocks", type=int, default=None)
     ap.add_argument("--decode-chunk", type=int, default=None, help="decoded tokens sharing one retrieval")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
+    ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
+                    help="how representative keys are held (default model)")
     ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
     ap.add_argument("--only", default=None,
                     help="comma-separated trial indices to run out of --trials (to split one set of trials over "
@@ -182,7 +184,7 @@ def main() -> None:
     cfg = engine_defaults(model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
         query_chunk=args.query_chunk, prefill_chunk=args.prefill_chunk, cache_blocks=args.cache_blocks,
-        decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype)
+        decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype, repr_dtype=args.repr_dtype)
     stops = stop_token_ids(loaded)
     prompt = build_prompt(tok, TEMPLATE, "", None, answer_prefix="The pass key is")
     systems = args.systems.split(",")

@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from infllm.config import KV_DTYPES
+from infllm.config import KV_DTYPES, REPR_DTYPES
 from infllm.documents.readers import Piece
 
 SYSTEMS = ("infllm", "streaming", "last-slice", "bm25", "evidence")
@@ -420,7 +420,8 @@ def run(args) -> dict:
     tok = loaded.tokenizer
     cfg = engine_defaults(loaded.model.config).with_overrides(
         window=args.window, topk=args.topk, sinks=args.sinks, block_size=args.block_size,
-        query_chunk=args.query_chunk, decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype)
+        query_chunk=args.query_chunk, decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype,
+        repr_dtype=args.repr_dtype)
     template = load_template(args.template)
     system_prompt = builtin_template("system").strip()
     stops = stop_token_ids(loaded)
@@ -712,6 +713,8 @@ def main() -> None:
     for name in ("window", "topk", "sinks", "block-size", "query-chunk", "decode-chunk"):
         ap.add_argument(f"--{name}", type=int, default=None, help="engine setting (default: the model's)")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
+    ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
+                    help="how representative keys are held (default model)")
     args = ap.parse_args()
     try:
         if args.rescore:

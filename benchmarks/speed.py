@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from infllm.config import KV_DTYPES
+from infllm.config import KV_DTYPES, REPR_DTYPES
 from infllm.defaults import engine_defaults
 from infllm.engine.engine import Engine
 
@@ -256,6 +256,8 @@ def main() -> None:
     ap.add_argument("--then-decode-chunk", type=int, default=None,
                     help="infllm: decode again from the same read with this decode_chunk (a second row)")
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, help="how memory blocks are held (default int8)")
+    ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
+                    help="how representative keys are held (default model)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="profile decoding after the first length instead: operators per layer per token, host time")
@@ -266,7 +268,8 @@ def main() -> None:
     model = build(args.shape, device, dtype)
     overrides = {k: v for k, v in dict(window=args.window, topk=args.topk, prefill_chunk=args.prefill_chunk,
                                        query_chunk=args.query_chunk, cache_blocks=args.cache_blocks,
-                                       decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype).items() if v}
+                                       decode_chunk=args.decode_chunk, kv_dtype=args.kv_dtype,
+                                       repr_dtype=args.repr_dtype).items() if v}
     if args.count_ops:
         decode_ops(model, device, int(args.lengths.split(",")[0]), overrides)
         return

@@ -42,8 +42,10 @@ FORMAT = "infllm-snapshot"
 # 3: blocks' K/V in engine.kv_dtype (int8 parts with scales, or the model's dtype); 4: may hold the citing heads'
 # calibration ("citing" and the tensor cite.quality), so that citations from the file ask no probe questions;
 # 5: the recent buffer's running representative scores (state.rec_score, state.rec_qsum) instead of each recent
-# token's query (state.rec_q), which the reader of an older file turns into those scores (LayerMemory.adopt).
-VERSION = 5
+# token's query (state.rec_q), which the reader of an older file turns into those scores (LayerMemory.adopt);
+# 6: representative keys held as engine.repr_dtype (int8 `store.repr` with float32 `store.repr_scale`, or the
+# model's dtype as before, which older files hold).
+VERSION = 6
 # The oldest version read: 2 (the memory keeps one recent-token buffer) differs from 3 only in holding its blocks
 # in the model's dtype, so it is read as kv_dtype "model".
 _OLDEST = 2
@@ -56,7 +58,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _FIELDS = {"format", "version", "tool_version", "created", "model", "tokenizer", "engine", "dtype", "counters",
            "tokens", "doc_start", "system", "sources", "pieces", "checksums", "citing"}
 # Settings that shape the stored memory; the others (how much is retrieved, cached, pushed at once) may change.
-_FIXED = ("sinks", "window", "block_size", "repr_keys", "kv_dtype")
+_FIXED = ("sinks", "window", "block_size", "repr_keys", "kv_dtype", "repr_dtype")
 _DOC_DTYPES = {"doc.prefix": torch.int64, "doc.offsets": torch.int64, "doc.text": torch.uint8, "doc.blocks": torch.int64,
                "cite.quality": torch.float32}
 
@@ -440,6 +442,8 @@ def snapshot_config(meta: dict, overrides: dict[str, int | None], path: Path) ->
         settings = dict(meta["engine"])
         if meta["version"] == 2:  # before kv_dtype: blocks in the model's dtype
             settings.setdefault("kv_dtype", "model")
+        if meta["version"] < 6:  # before repr_dtype: representative keys in the model's dtype
+            settings.setdefault("repr_dtype", "model")
         stored = EngineConfig(**settings).validate()
     except (TypeError, KeyError, ValueError):
         raise _fail(path, "snapshot metadata has missing or unknown engine settings") from None
@@ -546,6 +550,8 @@ def open_session(loaded: LoadedModel, snap: SnapshotFile, overrides: dict[str, i
         if page is not None:
             pages.setdefault(page, []).append(name)
             want = engine.layers[page[0]].store.codec.stored_dtype(name.split(".")[3])
+        elif name.endswith((".store.repr", ".store.repr_scale")):
+            want = engine.layers[int(name.split(".")[1])].store.repr_stored_dtype(name.split(".")[3])
         if (e.dtype != want) if want else not e.dtype.is_floating_point:
             raise _fail(path, f"corrupt: tensor {name} has dtype {e.dtype}")
 

@@ -137,7 +137,7 @@ def test_json_is_one_object_on_stdout(ask, docs):
     assert data["memory"]["peak_rss_mb"] > 0
     assert data["engine"] == {"sinks": 16, "window": 256, "block_size": 32, "repr_keys": 4, "topk": 2,
                               "query_chunk": 64, "decode_chunk": 16, "cache_blocks": 4, "prefill_chunk": 128,
-                              "kv_dtype": "int8"}
+                              "kv_dtype": "int8", "repr_dtype": "model"}
     assert data["inputs"] == [str(docs["a"])]
     # The progress still goes to stderr.
     assert "infllm: loading model" in result.stderr

@@ -459,6 +459,53 @@ def test_a_lone_querys_block_scores_through_the_scratch_equal_the_product(blocks
                        block_scores(queries.expand(2, -1, -1, -1), reprs))  # chunks: the product, scratch unused
 
 
+@pytest.mark.parametrize("rows", [None, 8, 4096])
+def test_8_bit_representative_keys_score_as_their_decoded_values(rows):
+    """int8 codes with a scale per (block, key, head) score as the float keys they stand for, through the product
+    (chunks) and through the CPU's scratch (a lone query), with rows keys at a time."""
+    from infllm.engine.kvcodec import quantize
+    from infllm.engine.scoring import block_scores
+
+    g = torch.Generator().manual_seed(5)
+    queries = torch.randn(3, 3, 6, 16, generator=g)
+    codes, scale = quantize(torch.randn(37, 4, 3, 16, generator=g), (3,))
+    assert codes.dtype == torch.int8 and scale.shape == (37, 4, 3, 1)
+    decoded = codes.float() * scale
+    scratch = None if rows is None else torch.empty(rows, 3 * 16)
+    for q in (queries, queries[:1]):
+        torch.testing.assert_close(block_scores(q, codes, scratch, scale), block_scores(q, decoded),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_of_8_bit_representative_keys_holds_a_quarter_of_the_bytes_and_round_trips():
+    """repr_dtype int8: codes and float32 scales grow together, stay within half a scale of the keys appended,
+    and export and adopt bitwise; the block whose key matches the query still ranks first."""
+    gen = torch.Generator().manual_seed(2)
+    args = (2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    full = BlockStore(*args, HostPages(pin=False), kv_dtype="int8")
+    small = BlockStore(*args, HostPages(pin=False), kv_dtype="int8", repr_dtype="int8")
+    for _ in range(100):
+        k, v, reprs = torch.randn(1, 2, 8, 16, generator=gen), torch.randn(1, 2, 8, 16, generator=gen), \
+            torch.randn(1, 2, 3, 16, generator=gen)
+        full.append(k, v, reprs)
+        small.append(k, v, reprs)
+    decoded = small.reprs().float() * small.repr_scales()
+    assert small.reprs().dtype == torch.int8 and small.repr_scales().shape == (100, 3, 2, 1)
+    assert ((decoded - full.reprs()).abs() <= small.repr_scales() / 2 + 1e-6).all()
+    key_bytes = lambda s: s._reprs.numel() * s._reprs.element_size()  # noqa: E731
+    assert key_bytes(small) * 4 == key_bytes(full)
+    exported = small.export()
+    assert exported.keys() == small.expected_shapes(100).keys() and "repr_scale" in exported
+    assert all(exported[n].shape == shape for n, shape in small.expected_shapes(100).items())
+    copy = BlockStore(*args, HostPages(pin=False), kv_dtype="int8", repr_dtype="int8")
+    copy.adopt({n: t.contiguous() for n, t in exported.items()}, 100)
+    assert torch.equal(copy.reprs(), small.reprs()) and torch.equal(copy.repr_scales(), small.repr_scales())
+    query = full.reprs()[61, 0] * 3  # [Hkv, D]: the direction of block 61's first key
+    for store in (full, small):
+        scores = block_scores(query[None, :, None, :], store.reprs(), None, store.repr_scales())[0]
+        assert int(scores.argmax()) == 61
+
+
 def _band_scores(keys: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
     """InfLLM's representative score by its definition, one key at a time: keys/queries [Hkv, n, D] -> [n], each
     key's dot products with the W - 1 queries after it (fewer near the end), summed over heads."""

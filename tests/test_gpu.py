@@ -147,6 +147,32 @@ def test_engine_on_gpu_matches_cpu_beyond_the_window():
     assert (gpu - cpu).abs().max().item() <= 1e-3
 
 
+def test_8_bit_representative_keys_on_gpu_score_as_their_decoded_values_and_change_no_logits_when_all_are_kept():
+    """repr_dtype int8 on the GPU: bf16 queries against int8 codes score as the float32 product of the decoded
+    keys (to bf16 rounding); an engine that retrieves every block gives the logits of full-precision keys, prefill
+    and decoded tokens (held ones replayed as graphs) alike, so the codes change which blocks rank first only."""
+    from infllm.engine.kvcodec import quantize
+    from infllm.engine.scoring import block_scores
+
+    g = torch.Generator().manual_seed(4)
+    queries, keys = torch.randn(4, 8, 12, 128, generator=g), torch.randn(3000, 4, 8, 128, generator=g)
+    codes, scale = quantize(keys, (3,))
+    want = block_scores(queries, codes.float() * scale)
+    got = block_scores(queries.cuda().bfloat16(), codes.cuda(), None, scale.cuda()).cpu()
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    ids = torch.randint(0, 256, (720,), generator=torch.Generator().manual_seed(9))
+    logits = {}
+    for repr_dtype in ("model", "int8"):
+        cfg = EngineConfig(sinks=16, window=128, block_size=16, topk=40, query_chunk=32, cache_blocks=40,
+                           prefill_chunk=64, repr_dtype=repr_dtype)
+        engine = Engine(tiny_model("llama").cuda(), cfg)
+        first = engine.feed(ids[:700], all_logits=True)
+        decoded = torch.stack([engine.feed(ids[t : t + 1]) for t in range(700, 720)])
+        logits[repr_dtype] = torch.cat([first, decoded]).cpu()
+        assert engine.layers[0].store.reprs().dtype == (torch.int8 if repr_dtype == "int8" else torch.float32)
+    assert (logits["int8"] - logits["model"]).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_batched_query_chunks_on_gpu_equal_chunks_one_at_a_time(dtype, tol):
     model = tiny_model("llama").to("cuda", dtype)

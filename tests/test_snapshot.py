@@ -218,6 +218,42 @@ def test_a_version_4_snapshot_is_read_with_the_scores_its_recent_queries_give(lo
     assert _answer(opened, prompt) == _answer(session, prompt)
 
 
+def test_8_bit_representative_keys_are_saved_as_codes_and_scales_and_answer_as_the_read(loaded, doc, tmp_path):
+    """--repr-dtype int8: the file holds I8 codes and F32 scales per block, head and key, restores them bitwise,
+    answers as the read that wrote it, and cannot be opened as full-precision keys."""
+    session, prompt = _read(loaded, doc, replace(CONFIG, repr_dtype="int8"))
+    fresh = _answer(session, prompt)
+    path = tmp_path / "int8keys.infllm"
+    save_session(session, path, None, builtin_template("system").strip())
+    meta, entries, _ = read_header(path)
+    assert meta["engine"]["repr_dtype"] == "int8" and meta["version"] == VERSION == 6
+    repr_, scale = entries["layer.0.store.repr"], entries["layer.0.store.repr_scale"]
+    assert repr_.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (*repr_.shape[:3], 1)
+    opened = open_session(loaded, SnapshotFile(path), {})
+    store = opened.engine.layers[1].store
+    assert store.reprs().dtype == torch.int8 and store.repr_scales().shape == (store.count, 4, repr_.shape[1], 1)
+    assert torch.equal(store.repr_scales(), session.engine.layers[1].store.repr_scales())
+    assert _answer(opened, prompt) == fresh
+    with pytest.raises(SnapshotError, match="read with --repr-dtype int8; it cannot be used with --repr-dtype model"):
+        open_session(loaded, SnapshotFile(path), {"repr_dtype": "model"})
+    with pytest.raises(SnapshotError, match="tensor layer.0.store.repr has dtype torch.uint8"):
+        open_session(loaded, SnapshotFile(_copy(path, tmp_path, _retyped("layer.0.store.repr", "U8"))), {})
+
+
+def test_a_version_5_snapshot_is_read_as_keys_in_the_models_dtype(loaded, snapshot, tmp_path):
+    """Format 5 had no repr_dtype and held its representative keys as the model computed them."""
+    def as_version_5(meta):
+        meta["version"] = 5
+        del meta["engine"]["repr_dtype"]
+
+    old = _copy(snapshot[0], tmp_path, lambda data: _with_meta(data, as_version_5))
+    opened = open_session(loaded, SnapshotFile(old), {})
+    assert opened.engine.config.repr_dtype == "model"
+    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
+                          builtin_template("system").strip())
+    assert _answer(opened, prompt) == snapshot[1]
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 def _copy(path: Path, tmp_path: Path, edit) -> Path:
@@ -301,6 +337,8 @@ CORRUPTIONS = {
     "unknown kv dtype": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "int4")),
                          "invalid engine settings: --kv-dtype must be one of int8, model"),
     "int8 page of bytes": (_retyped("layer.0.store.k.0", "U8"), "tensor layer.0.store.k.0 has dtype torch.uint8"),
+    "full keys claimed int8": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("repr_dtype", "int8")),
+                               "tensor layer.0.store.repr_scale is missing, extra"),
     "calibration tensor unannounced": (_set("citing", None), "tensor cite.quality is missing, extra"),
     "calibration without a key": (_set("citing", {"quality": 1}), "calibration has no key"),
 }

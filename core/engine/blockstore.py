@@ -10,7 +10,9 @@ On an accelerator the K/V pages sit in pinned host memory and `BlockCache` keeps
 come from the engine's `HostPages`: RAM up to a budget, memory-mapped spill files past it (the disk tier).
 Representative keys are small (repr_keys/block_size of the store) and are scored every query chunk, so they
 live on the compute device, laid out [N, R, Hkv, D] so that scoring every block is one matrix product over
-(head, dim) with no copy (the [N, Hkv, R, D] layout of snapshots cost a copy of all of them per retrieval).
+(head, dim) with no copy (the [N, Hkv, R, D] layout of snapshots cost a copy of all of them per retrieval). They
+are what grows with the text on the device (2.1 GB of an 8B shape's at 1M tokens in bfloat16), so
+`EngineConfig.repr_dtype` int8 holds them as codes with a float32 scale per (block, key, head), [N, R, Hkv, 1].
 
 A store can also adopt pages it did not fill (a snapshot's, read from the file on first use): a callback reads
 and checks a page the first time one of its blocks is read; a partly filled last page is read at once and copied
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from infllm.engine.hostpages import HostPages
-from infllm.engine.kvcodec import KVCodec
+from infllm.engine.kvcodec import KVCodec, quantize
 
 KV_PAGE_BLOCKS = 16  # blocks per K/V page: the store grows in steps of this many blocks
 
@@ -40,10 +42,11 @@ class CacheStats:
 
 class BlockStore:
     """Append-only blocks of one layer. Block i holds K/V [Hkv, B, D] (as the codec's parts) and representative
-    keys [R, Hkv, D]."""
+    keys [R, Hkv, D] (int8 codes and scales [R, Hkv, 1] when `repr_dtype` is int8)."""
 
     def __init__(self, heads: int, block_size: int, repr_keys: int, head_dim: int, dtype: torch.dtype,
-                 compute_device: torch.device, host_device: torch.device, host: HostPages, kv_dtype: str):
+                 compute_device: torch.device, host_device: torch.device, host: HostPages, kv_dtype: str,
+                 repr_dtype: str = "model"):
         self.shape = (heads, block_size, head_dim)
         self.repr_shape = (repr_keys, heads, head_dim)  # as held; snapshots and `append` use [Hkv, R, D]
         self.dtype = dtype
@@ -53,7 +56,8 @@ class BlockStore:
         self.host = host
         # part -> its pages, each [KV_PAGE_BLOCKS, *part shape] on host_device
         self.pages: dict[str, list[torch.Tensor]] = {part: [] for part in self.codec.parts}
-        self._reprs = torch.empty((0, *self.repr_shape), dtype=dtype, device=compute_device)  # capacity grows x2
+        self.repr_int8 = repr_dtype == "int8"
+        self._reprs, self._repr_scale = self._repr_buffers(0)  # capacity grows by a quarter
         self.count = 0
         self._unchecked: dict[int, Callable[[], None]] = {}  # adopted page -> its integrity check, run once
 
@@ -65,7 +69,11 @@ class BlockStore:
         """Add n blocks: k, v [n, Hkv, B, D] and reprs [n, Hkv, R, D], all unrotated, in the compute dtype."""
         n = k.shape[0]
         self._reserve_reprs(self.count + n)
-        self._reprs[self.count : self.count + n].copy_(reprs.transpose(1, 2))
+        reprs = reprs.transpose(1, 2)  # [n, R, Hkv, D]
+        if self.repr_int8:
+            reprs, scale = quantize(reprs, (3,))
+            self._repr_scale[self.count : self.count + n].copy_(scale)
+        self._reprs[self.count : self.count + n].copy_(reprs)
         encoded = self.codec.encode(k, v)  # on the compute device: only the compact form crosses to the host
         done = 0
         while done < n:
@@ -84,14 +92,34 @@ class BlockStore:
         O(1) and the unused tail under 25% of the used part: at 1M tokens an 8B model's keys take 2 GB of the
         accelerator, so doubling could leave 2 GB more reserved and unused."""
         if count > self._reprs.shape[0]:
-            rows = max(count, self._reprs.shape[0] * 5 // 4, 64)
-            grown = torch.empty((rows, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
-            grown[: self.count].copy_(self._reprs[: self.count])
-            self._reprs = grown
+            keys, scale = self._repr_buffers(max(count, self._reprs.shape[0] * 5 // 4, 64))
+            keys[: self.count].copy_(self._reprs[: self.count])
+            if scale is not None:
+                scale[: self.count].copy_(self._repr_scale[: self.count])
+            self._reprs, self._repr_scale = keys, scale
+
+    def _repr_buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Room for `rows` blocks' representative keys [rows, R, Hkv, D], and their int8 scales [rows, R, Hkv, 1]."""
+        keys = torch.empty((rows, *self.repr_shape), dtype=torch.int8 if self.repr_int8 else self.dtype,
+                           device=self.compute_device)
+        if not self.repr_int8:
+            return keys, None
+        return keys, torch.empty((rows, *self.repr_shape[:2], 1), dtype=torch.float32, device=self.compute_device)
 
     def reprs(self) -> torch.Tensor:
-        """Representative keys of every block: [count, R, Hkv, D] (a view; valid until the next append)."""
+        """Representative keys of every block: [count, R, Hkv, D] in the compute dtype, or int8 codes (a view; valid
+        until the next append)."""
         return self._reprs[: self.count]
+
+    def repr_scales(self) -> torch.Tensor | None:
+        """The int8 codes' scales [count, R, Hkv, 1] float32 (keys = codes * scales), or None for model-dtype keys."""
+        return None if self._repr_scale is None else self._repr_scale[: self.count]
+
+    def repr_stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype a snapshot's `repr` or `repr_scale` must have; None where any floating dtype is read."""
+        if name == "repr_scale":
+            return torch.float32
+        return torch.int8 if self.repr_int8 else None
 
     def truncate(self, count: int) -> None:
         """Drop blocks from `count` on (their pages are reused by later appends)."""
@@ -114,12 +142,15 @@ class BlockStore:
 
     def export(self) -> dict[str, torch.Tensor]:
         """The used part of every page: `PART.P` [n, *part shape] per page P (parts `k`, `v`, and for int8
-        `k_scale`, `v_scale`), `repr` [count, Hkv, R, D]."""
+        `k_scale`, `v_scale`), `repr` [count, Hkv, R, D], and for int8 representative keys `repr_scale`
+        [count, Hkv, R, 1]."""
         out = {}
         for p in range(-(-self.count // KV_PAGE_BLOCKS)):
             used = min(KV_PAGE_BLOCKS, self.count - p * KV_PAGE_BLOCKS)
             out.update({f"{part}.{p}": pages[p][:used] for part, pages in self.pages.items()})
         out["repr"] = self.reprs().transpose(1, 2)
+        if self.repr_int8:
+            out["repr_scale"] = self.repr_scales().transpose(1, 2)
         return out
 
     def expected_shapes(self, count: int) -> dict[str, tuple[int, ...]]:
@@ -130,6 +161,8 @@ class BlockStore:
             shapes.update({f"{part}.{p}": (used, *shape) for part, (shape, _) in self.codec.parts.items()})
         repr_keys, heads, head_dim = self.repr_shape
         shapes["repr"] = (count, heads, repr_keys, head_dim)  # the [Hkv, R, D] layout of `export`
+        if self.repr_int8:
+            shapes["repr_scale"] = (count, heads, repr_keys, 1)
         return shapes
 
     def adopt(self, tensors: dict[str, torch.Tensor], count: int,
@@ -156,13 +189,16 @@ class BlockStore:
                 self._unchecked[p] = checks[p]
             for part, t in page.items():
                 self.pages[part].append(t)
-        self._reprs = torch.empty((0, *self.repr_shape), dtype=self.dtype, device=self.compute_device)
+        self._reprs, self._repr_scale = self._repr_buffers(0)
         self._reserve_reprs(count)
         self._reprs[:count].copy_(tensors["repr"].transpose(1, 2))
+        if self.repr_int8:
+            self._repr_scale[:count].copy_(tensors["repr_scale"].transpose(1, 2))
         self.count = count
 
     def nbytes(self) -> int:
         tensors = [t for pages in self.pages.values() for t in pages] + [self._reprs]
+        tensors += [] if self._repr_scale is None else [self._repr_scale]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -122,7 +122,7 @@ class LayerMemory:
         self.store = BlockStore(kv_heads, cfg.block_size, cfg.repr_keys, head_dim, dtype,
                                 compute_device=device, host_device=torch.device("cpu") if offload else device,
                                 host=host or HostPages(pin=offload and device.type == "cuda", devices=(device,)),
-                                kv_dtype=cfg.kv_dtype)
+                                kv_dtype=cfg.kv_dtype, repr_dtype=cfg.repr_dtype)
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
         self.decoding = DecodeCache(cfg, kv_heads, head_dim, dtype, device)  # what a decoded token attends to
         self.position = 0  # tokens seen by this layer
@@ -313,11 +313,12 @@ class LayerMemory:
         k = min(cfg.topk, max(sealed))
         if k == 0:
             return [[] for _ in firsts]
-        reprs = self.store.reprs()
+        reprs, scale = self.store.reprs(), self.store.repr_scales()
         full = length // step
-        parts = [block_scores(_chunks(q_mem, 0, step, full), reprs, self.scratch)] if full else []
+        parts = [block_scores(_chunks(q_mem, 0, step, full), reprs, self.scratch, scale)] if full else []
         if full < len(firsts):  # a shorter last chunk
-            parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs, self.scratch))
+            parts.append(block_scores(_chunks(q_mem, full * step, length - full * step, 1), reprs, self.scratch,
+                                      scale))
         scores = torch.cat(parts) if len(parts) > 1 else parts[0]  # [chunks, blocks]
         if self.prior is not None:
             scores = self._with_prior(scores)

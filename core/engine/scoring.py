@@ -22,14 +22,18 @@ def score_scratch(kv_heads: int, head_dim: int, dtype: torch.dtype, device: torc
     return torch.empty(SCRATCH_ROWS, kv_heads * head_dim, dtype=dtype, device=device)
 
 
-def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """queries [C, Hkv, M, D]: C independent query chunks, each with M queries per KV head (the head group's
-    queries, rotated as memory sees them); reprs [N, R, Hkv, D]: each block's representative keys, unrotated.
+    queries, rotated as memory sees them); reprs [N, R, Hkv, D]: each block's representative keys, unrotated, in a
+    float dtype, or int8 codes with `scale` [N, R, Hkv, 1] float32 (keys = codes * scale).
 
     Returns [C, N] float32, higher is more relevant. InfLLM's score: the chunk's queries summed into one vector
     per KV head, dotted with each representative key and summed over heads; a block scores its best key.
     Cheap (one vector per head), which is what reading a long text needs: every chunk scores every block.
-    The sum over heads and dims is one product over (Hkv, D), reading the keys where they lie.
+    The sum over heads and dims is one product over (Hkv, D), reading the keys where they lie; int8 keys are
+    first decoded into one temporary in the queries' dtype (67 MB for an 8B shape's layer at 1M tokens), which
+    costs an elementwise pass but keeps the product a single matrix multiplication.
 
     With one chunk (a decoded token) and a `scratch` [rows, Hkv*D] (score_scratch), the product is a
     multiplication and a sum over each key's row, `rows` keys at a time: the CPU's matrix-vector product runs on
@@ -38,17 +42,26 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tens
     """
     c, hkv, _, d = queries.shape
     n, r = reprs.shape[:2]
-    summed = queries.sum(dim=2).to(reprs.dtype).reshape(c, hkv * d)
+    dtype = queries.dtype if scale is not None else reprs.dtype
+    summed = queries.sum(dim=2).to(dtype).reshape(c, hkv * d)
     keys = reprs.reshape(n * r, hkv * d)
-    if c == 1 and scratch is not None and reprs.dtype == scratch.dtype and reprs.device == scratch.device:
-        scores = torch.empty(n * r, dtype=reprs.dtype, device=reprs.device)
+    scales = scale.reshape(n * r, hkv) if scale is not None else None
+    if c == 1 and scratch is not None and dtype == scratch.dtype and reprs.device == scratch.device:
+        scores = torch.empty(n * r, dtype=dtype, device=reprs.device)
         step = scratch.shape[0]
         for start in range(0, n * r, step):
             part = keys[start : start + step]
             rows = scratch[: part.shape[0]]
             torch.mul(part, summed, out=rows)
-            torch.sum(rows, dim=-1, out=scores[start : start + part.shape[0]])
+            if scales is None:
+                torch.sum(rows, dim=-1, out=scores[start : start + part.shape[0]])
+            else:  # each head's dot product, times that key's scale
+                per_head = rows.view(-1, hkv, d).sum(dim=-1).mul_(scales[start : start + part.shape[0]])
+                torch.sum(per_head, dim=-1, out=scores[start : start + part.shape[0]])
         return scores.view(1, n, r).amax(dim=-1).float()
+    if scales is not None:  # codes * scale, computed in float32 and rounded once to the queries' dtype
+        keys = torch.mul(keys.view(n * r, hkv, d), scales[..., None],
+                         out=torch.empty((n * r, hkv, d), dtype=dtype, device=keys.device)).view(n * r, hkv * d)
     return (summed @ keys.t()).view(c, n, r).amax(dim=-1).float()
 
 

@@ -19,7 +19,9 @@ def store_bytes_per_token(model_config, cfg: EngineConfig, dtype: torch.dtype) -
 def repr_bytes_per_token(model_config, cfg: EngineConfig, dtype: torch.dtype) -> float:
     """The representative keys' share of `store_bytes_per_token`: held beside the compute, never in host pages."""
     shape = ModelShape.from_config(model_config)
-    return shape.layers * shape.kv_heads * shape.head_dim * cfg.repr_keys * dtype.itemsize / cfg.block_size
+    # int8: a byte per element and a float32 scale per (key, head)
+    per_key_head = shape.head_dim + 4 if cfg.repr_dtype == "int8" else shape.head_dim * dtype.itemsize
+    return shape.layers * shape.kv_heads * per_key_head * cfg.repr_keys / cfg.block_size
 
 
 def memory_blocks(tokens: int, cfg: EngineConfig) -> int:
