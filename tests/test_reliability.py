@@ -604,6 +604,49 @@ def test_gpu_short_is_refused_with_flags():
                  free_gpu=GIB, limit=None)
 
 
+def test_representative_keys_that_would_not_fit_the_gpu_are_refused_with_int8_keys_as_a_way_out():
+    """On a GPU the representative keys grow with the text beside the compute: a read whose keys pass the free
+    memory is refused before it starts, naming --repr-dtype int8 while the keys are held in the model's dtype."""
+    from infllm.config import EngineConfig
+
+    args = dict(tokens=10**6, dtype_name="bfloat16", gpu_need_bytes=GIB // 2, available_ram=64 * GIB, limit=None)
+    with pytest.raises(ResourceError) as caught:
+        check_memory(GIB, FakeDevice("cuda"), gpu_keys_bytes=2 * GIB, free_gpu=2 * GIB, settings=EngineConfig(),
+                     **args)
+    message = str(caught.value)
+    assert message.startswith("not enough GPU memory on cuda:0: reading needs ~2,560 MB more (512 MB for "
+                              "activations, 2,048 MB for the representative keys of 1,000,000 tokens), but only "
+                              "2,048 MB is free; try --repr-dtype int8")
+    with pytest.raises(ResourceError) as caught:
+        check_memory(GIB, FakeDevice("cuda"), gpu_keys_bytes=2 * GIB, free_gpu=2 * GIB,
+                     settings=EngineConfig(repr_dtype="int8"), **args)
+    assert "--repr-dtype" not in str(caught.value)
+    check_memory(GIB, FakeDevice("cuda"), gpu_keys_bytes=GIB, free_gpu=2 * GIB, settings=EngineConfig(), **args)
+
+
+def test_the_keys_a_read_adds_are_those_of_the_tokens_not_yet_held_at_the_sizing_rule():
+    from infllm.config import EngineConfig
+    from infllm.engine.engine import Engine
+    from infllm.engine.sizing import repr_bytes_per_token
+    from infllm.runtime.resources import keys_to_add
+    from tiny_models import tiny_model
+
+    for repr_dtype in ("model", "int8"):
+        cfg = EngineConfig(sinks=4, window=32, block_size=8, topk=2, query_chunk=16, prefill_chunk=32,
+                           repr_dtype=repr_dtype)
+        engine = Engine(tiny_model("llama"), cfg)
+        per_token = repr_bytes_per_token(engine.adapter.config, cfg, torch.float32)
+        cpu = torch.device("cpu")
+        assert keys_to_add(engine, 1000, cpu) == 1000 * per_token
+        engine.feed(torch.arange(300) % 256)
+        assert keys_to_add(engine, 1000, cpu) == 700 * per_token and keys_to_add(engine, 200, cpu) == 0
+        store = engine.layers[0].store
+        held = store.reprs().numel() * store.reprs().element_size()
+        held += 0 if store.repr_scales() is None else store.repr_scales().numel() * 4
+        assert held * len(engine.layers) == store.count * cfg.block_size * per_token  # the rule the check uses
+    assert keys_to_add(engine, 1000, torch.device("cuda", 0)) == 0  # no layer of this engine is there
+
+
 def test_not_enough_memory_is_refused_before_reading(infllm, doc, monkeypatch):
     """The engine's buffers and a prefill step (~2.6 MB at these settings, the block scores' scratch included) fit
     the cap; the float32 block store and a step for ~3,300 tokens do not."""

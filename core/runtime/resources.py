@@ -257,6 +257,7 @@ def check_memory(
     dtype_name: str = "float32",
     host_extra_bytes: float = 0,
     gpu_need_bytes: float = 0,
+    gpu_keys_bytes: float = 0,
     reclaimable_bytes: float = 0,
     sources: Sequence[str] = (),
     settings=None,
@@ -270,7 +271,9 @@ def check_memory(
 
     store_bytes: the block store the read will fill (host RAM or the disk tier, whatever the device).
     host_extra_bytes: other RAM the read needs (activations, on a CPU run).
-    gpu_need_bytes: GPU memory the read still needs (activations, on a CUDA run).
+    gpu_need_bytes: GPU memory the read still needs for activations (on a CUDA run).
+    gpu_keys_bytes: GPU memory the representative keys of the tokens still to read will take (on a CUDA run: they
+        grow with the text beside the compute, 2.1 GB for an 8B model at 1M tokens in bfloat16).
     reclaimable_bytes: RAM that will be freed when the read starts (the previous read's store, with --each).
     available_ram, free_gpu, limit: measured on this machine unless given (bytes, or None for unknown).
     spill: bytes the disk tier may take (`spill_room`), measured unless given; 0: no disk tier.
@@ -301,20 +304,27 @@ def check_memory(
                 f"not enough memory: reading {tokens:,} tokens needs ~{_size(need)} of RAM{parts}, "
                 f"but {why} allows {_size(room)}{spilled}; try " + _either(hints)
             )
-    if getattr(device, "type", None) != "cuda" or not gpu_need_bytes:
+    gpu_total = gpu_need_bytes + gpu_keys_bytes
+    if getattr(device, "type", None) != "cuda" or not gpu_total:
         return budget
     if free_gpu is _MEASURE:
         free_gpu = free_gpu_bytes(device)
-    if free_gpu is not None and gpu_need_bytes > free_gpu:
+    if free_gpu is not None and gpu_total > free_gpu:
         hints = []
+        if settings is not None and gpu_keys_bytes and settings.repr_dtype == "model":
+            hints.append("--repr-dtype int8 (halves the representative keys of bfloat16)")
         if settings is not None:
             hints.append(f"a smaller --prefill-chunk (now {settings.prefill_chunk:,})")
             hints.append(f"a smaller --window (now {settings.window:,})")
         if dtype_name == "float32":
             hints.append("--dtype bfloat16")
         hints.append("--device cpu")
+        what = "for activations"
+        if gpu_keys_bytes:
+            what = (f"({_size(gpu_need_bytes)} for activations, {_size(gpu_keys_bytes)} for the representative keys "
+                    f"of {tokens:,} tokens)")
         raise ResourceError(
-            f"not enough GPU memory on {device}: reading needs ~{_size(gpu_need_bytes)} more for activations, "
+            f"not enough GPU memory on {device}: reading needs ~{_size(gpu_total)} more {what}, "
             f"but only {_size(free_gpu)} is free; try " + _either(hints)
         )
     return budget
@@ -346,6 +356,18 @@ def beside_the_store(model_config, cfg: EngineConfig, dtype, tokens: int, on_gpu
                                                                                                    dtype))
 
 
+def keys_to_add(engine, tokens: int, device) -> float:
+    """Bytes the representative keys of an engine holding `tokens` tokens in all will add on `device`: its layers'
+    share of the keys of the tokens not yet held (the held ones are allocated, or freed if the engine starts
+    afresh)."""
+    from infllm.engine.sizing import repr_bytes_per_token
+
+    layers = engine.adapter.layers
+    share = sum(layer.device == device for layer in layers) / len(layers)
+    return share * max(0, tokens - engine.position) * repr_bytes_per_token(engine.adapter.config, engine.config,
+                                                                           engine.adapter.dtype)
+
+
 def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     """check_memory for a Session about to hold `tokens` tokens in all (the prompt's, the document's, a question's;
     model loaded, engine made), and the engine's block stores placed accordingly: RAM up to the budget, the disk
@@ -357,6 +379,7 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     device = min({layer.device for layer in engine.adapter.layers}, key=lambda d: free_gpu_bytes(d) or 0)
     on_gpu = device.type == "cuda"
     beside = beside_the_store(model.config, engine.config, dtype, tokens, on_gpu)
+    keys = keys_to_add(engine, tokens, device)
     memory = engine.memory_report()
     store = tokens * engine.memory_report_per_token()
     directory = spill_dir()
@@ -368,6 +391,7 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
         dtype_name=str(dtype).removeprefix("torch."),
         host_extra_bytes=beside,
         gpu_need_bytes=activation_bytes(model.config, engine.config, dtype.itemsize) if on_gpu else 0,
+        gpu_keys_bytes=keys if on_gpu else 0,
         reclaimable_bytes=memory.block_store_bytes - memory.spilled_bytes,  # spilled pages hold no RAM of ours
         sources=sources,
         settings=engine.config,
