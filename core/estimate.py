@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from infllm.documents.measure import measure_stream
 from infllm.documents.readers import STDIN, SkipReport, describe_source, iter_pieces
-from infllm.engine.sizing import memory_blocks, store_bytes_per_token
+from infllm.engine.sizing import memory_blocks, repr_bytes_per_token, store_bytes_per_token
 from infllm.reporting import Reporter
 from infllm.runtime.loading import pick_device, pick_dtype
 from infllm.runtime.resources import beside_the_store, storage_tier
@@ -25,7 +25,8 @@ from infllm.session import Session
 def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: str = "auto",
              report: Reporter | None = None, gitignore: bool = True) -> dict:
     """What `infllm info --json` prints; `block_store` says where the memory will live (resources.storage_tier: RAM,
-    the disk tier or nowhere). load() returns (infllm.api.Model, its EngineConfig). gitignore: inside directories,
+    the disk tier or nowhere); `representative_keys_mb` is the part of it held beside the compute (GPU memory on a
+    CUDA device, growing with the text). load() returns (infllm.api.Model, its EngineConfig). gitignore: inside directories,
     count only what a read would (not what .gitignore files ignore)."""
     report = report or Reporter()
     # What cannot be read fails first.
@@ -54,9 +55,11 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     store = tokens * store_bytes_per_token(model.loaded.model.config, config, dtype)
+    keys = tokens * repr_bytes_per_token(model.loaded.model.config, config, dtype)
     beside = beside_the_store(model.loaded.model.config, config, dtype, tokens, device.type == "cuda")
     return {"sources": described, "characters": size.characters, "pieces": size.pieces, "tokens": tokens,
             "memory_blocks_per_layer": memory_blocks(tokens, config), "block_store_mb": round(store / 2**20, 1),
+            "representative_keys_mb": round(keys / 2**20, 1),
             "block_store": storage_tier(store, device, tokens=tokens, host_extra_bytes=beside),
             "working_mb": round(session.engine.memory_report().working_bytes / 2**20, 1), "device": str(device),
             "estimated_read_s": tokens / rate, "engine": config.to_dict(), "model": model.name,

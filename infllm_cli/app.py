@@ -469,7 +469,16 @@ def info(
         f"memory: {report['memory_blocks_per_layer']:,} blocks per layer, block store ~{report['block_store_mb']:,} MB"
         f" + {report['working_mb']:,} MB working buffers ({report['device']})\n"
         f"{_tier_line(report['block_store'])}\n"
+        f"{_keys_line(report)}"
         f"estimated reading time on this machine: ~{report['estimated_read_s']:,.0f} s ({rate:,.0f} tok/s)\n")
+
+
+def _keys_line(report: dict) -> str:
+    """On a GPU, the representative keys: the part of the memory that grows with the text in GPU memory."""
+    if not report["device"].startswith("cuda"):
+        return ""
+    hint = " (--repr-dtype int8 halves them)" if report["engine"]["repr_dtype"] == "model" else ""
+    return f"representative keys: ~{report['representative_keys_mb']:,} MB of GPU memory beside the weights{hint}\n"
 
 
 def _tier_line(tier: dict) -> str:

@@ -523,6 +523,13 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     plain = CliRunner().invoke(app, ["info", *base, str(docs["a"])], prog_name="infllm")
     assert plain.exit_code == 0 and f"{report['tokens']:,} tokens" in plain.stdout
     assert "block store: in RAM\n" in plain.stdout
+    assert "representative keys" not in plain.stdout  # in RAM with the store on a CPU: no GPU line
+    int8 = json.loads(CliRunner().invoke(app, ["info", *base, "--repr-dtype", "int8", "--json", str(docs["a"])],
+                                         prog_name="infllm").stdout)
+    blocks, heads, dim, layers = report["tokens"] / 32, 2, 16, 2  # the tiny model's shape; 4 keys per block
+    mb = blocks * 4 * heads * layers / 2**20
+    assert report["representative_keys_mb"] == pytest.approx(mb * dim * 4, abs=0.06)  # float32
+    assert int8["representative_keys_mb"] == pytest.approx(mb * (dim + 4), abs=0.06)
 
 
 def test_info_times_a_chunk_read_past_the_first(tiny_model_dir, docs, monkeypatch):
