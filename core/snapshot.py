@@ -3,7 +3,7 @@
 The file is plain safetensors (8-byte header length, JSON header, raw tensor bytes); its `__metadata__` holds one
 entry, "infllm": a JSON object describing the snapshot (docs/snapshot-format.md). Tensors are the engine's
 export (`layer.I.state.*`, `layer.I.store.PART.P` for each part of a block's K/V in the recorded `kv_dtype`,
-`layer.I.store.repr`) and the document's (`doc.*`).
+`layer.I.store.repr`, and `layer.I.store.repr_scale` for int8 representative keys) and the document's (`doc.*`).
 
 Untrusted files are checked before anything is allocated: the header is parsed strictly (offsets, sizes, dtypes
 against the file's length), the metadata against the model, tokenizer and engine settings, and every tensor's
