@@ -188,6 +188,35 @@ VIEW_OPS = {"as_strided", "slice", "transpose", "select", "narrow", "view", "res
             "numpy_T", "item", "_local_scalar_dense", "lift_fresh", "to", "_to_copy", "resolve_conj", "resolve_neg"}
 
 
+def top_level_ops(prof) -> dict[str, int]:
+    """Operator name -> calls in a profile: top-level aten calls only (an op's own sub-calls are not launches of
+    ours), views and allocations left out."""
+    from collections import Counter
+
+    ops = Counter(e.name[6:] for e in prof.events() if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return {k: n for k, n in ops.items() if k not in VIEW_OPS}
+
+
+def prefill_ops(model, device, length, overrides) -> None:
+    """Operators per layer per prefill piece, over the two pieces read after `length` tokens: a host-bound GPU read
+    (docs/benchmarks.md, "Where an 8B prefill's time goes") pays about one launch for each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = engine_defaults(model.config).with_overrides(**overrides)
+    engine = Engine(model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (length + 2 * cfg.prefill_chunk,))
+    engine.feed(ids[:length])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.feed(ids[length:])
+        sync(device)
+    ops = top_level_ops(prof)
+    per = len(model.model.layers) * 2
+    print(f"prefill after {length:,} tokens: {sum(ops.values()) / per:.1f} operators per layer per piece of "
+          f"{cfg.prefill_chunk:,} tokens")
+    print(", ".join(f"{k} {n / per:.1f}" for k, n in sorted(ops.items(), key=lambda x: -x[1])))
+
+
 def decode_ops(model, device, length, overrides) -> None:
     """Operators per layer per decoded token: on a GPU each is about one kernel launch, and decoding is
     launch-bound there, so this CPU-countable figure tracks what a GPU token costs the host. Top-level aten
@@ -214,10 +243,7 @@ def decode_ops(model, device, length, overrides) -> None:
         for _ in range(tokens):
             engine.feed([5])
         sync(device)
-    events = prof.events()
-    ops = Counter(e.name[6:] for e in events if e.name.startswith("aten::")
-                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-    ops = {k: n for k, n in ops.items() if k not in VIEW_OPS}
+    ops = top_level_ops(prof)
     per = len(model.model.layers) * tokens
     print(f"decode after {length:,} tokens: {wall:.1f} ms/token without the profiler, "
           f"{sum(ops.values()) / per:.1f} operators per layer per token")
@@ -261,6 +287,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="profile decoding after the first length instead: operators per layer per token, host time")
+    ap.add_argument("--count-prefill-ops", action="store_true",
+                    help="profile two prefill pieces after the first length instead: operators per layer per piece")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -272,6 +300,9 @@ def main() -> None:
                                        repr_dtype=args.repr_dtype).items() if v}
     if args.count_ops:
         decode_ops(model, device, int(args.lengths.split(",")[0]), overrides)
+        return
+    if args.count_prefill_ops:
+        prefill_ops(model, device, int(args.lengths.split(",")[0]), overrides)
         return
     if args.breakdown:
         breakdown(model, device, int(args.lengths.split(",")[0]), overrides)
