@@ -26,8 +26,8 @@ def estimate(sources: list[str], load: Callable, device: str = "auto", dtype: st
              report: Reporter | None = None, gitignore: bool = True) -> dict:
     """What `infllm info --json` prints; `block_store` says where the memory will live (resources.storage_tier: RAM,
     the disk tier or nowhere); `representative_keys_mb` is the part of it held beside the compute (GPU memory on a
-    CUDA device, growing with the text). load() returns (infllm.api.Model, its EngineConfig). gitignore: inside directories,
-    count only what a read would (not what .gitignore files ignore)."""
+    CUDA device, growing with the text). load() returns (infllm.api.Model, its EngineConfig). gitignore: inside
+    directories, count only what a read would (not what .gitignore files ignore)."""
     report = report or Reporter()
     # What cannot be read fails first.
     described = [describe_source(s, gitignore).__dict__ for s in sources if s != STDIN]

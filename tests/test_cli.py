@@ -508,6 +508,17 @@ def test_summarize_reads_the_whole_input_and_prints_only_the_summary(tiny_model_
     assert "infllm:" not in result.stdout
 
 
+def test_info_on_a_gpu_has_a_line_for_the_representative_keys_naming_int8_while_they_are_full():
+    from infllm.cli.app import _keys_line
+
+    report = {"device": "cuda:0", "representative_keys_mb": 2150.4, "engine": {"repr_dtype": "model"}}
+    assert _keys_line(report) == ("representative keys: ~2,150.4 MB of GPU memory beside the weights "
+                                  "(--repr-dtype int8 halves them)\n")
+    report["engine"]["repr_dtype"] = "int8"
+    assert _keys_line(report).endswith("beside the weights\n")
+    assert _keys_line({**report, "device": "cpu"}) == ""
+
+
 def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     base = ["--model", str(tiny_model_dir), "--device", "cpu", *ENGINE]
     result = CliRunner().invoke(app, ["info", *base, "--json", str(docs["a"])], prog_name="infllm")

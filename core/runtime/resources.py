@@ -379,7 +379,6 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
     device = min({layer.device for layer in engine.adapter.layers}, key=lambda d: free_gpu_bytes(d) or 0)
     on_gpu = device.type == "cuda"
     beside = beside_the_store(model.config, engine.config, dtype, tokens, on_gpu)
-    keys = keys_to_add(engine, tokens, device)
     memory = engine.memory_report()
     store = tokens * engine.memory_report_per_token()
     directory = spill_dir()
@@ -391,7 +390,7 @@ def check_reading(session, tokens: int, sources: Sequence[str]) -> None:
         dtype_name=str(dtype).removeprefix("torch."),
         host_extra_bytes=beside,
         gpu_need_bytes=activation_bytes(model.config, engine.config, dtype.itemsize) if on_gpu else 0,
-        gpu_keys_bytes=keys if on_gpu else 0,
+        gpu_keys_bytes=keys_to_add(engine, tokens, device) if on_gpu else 0,
         reclaimable_bytes=memory.block_store_bytes - memory.spilled_bytes,  # spilled pages hold no RAM of ours
         sources=sources,
         settings=engine.config,
