@@ -85,6 +85,11 @@ def test_rotation_is_transformers_rotation_bit_for_bit(dtype):
     assert torch.equal(rope.rotate(q, at), expected[0])
     assert torch.equal(rope.rotate(q[:, :1], 7), apply_rotary_pos_emb(
         q[None, :, :1], q[None, :, :1], rope.cos[11:12][None], _sin(a, torch.tensor([7]), dtype)[None])[0][0])
+    # A range slices the tables: the same rows as the positions' tensor; one past the table is refused, not cut.
+    assert torch.equal(rope.rotate(q, range(60, 64)), rope.rotate(q, torch.arange(60, 64)))
+    for outside in (range(61, 65), range(-5, -1)):
+        with pytest.raises(IndexError):
+            rope.rotate(q, outside)
 
 
 def _sin(a: DecoderAdapter, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -46,6 +46,26 @@ def test_quantize_keeps_zero_groups_exact_and_signs_symmetric():
     assert torch.equal(quantize(-x, (1, 2))[0], -codes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_gives_the_plain_formulas_codes_bit_for_bit_and_writes_in_place(dtype):
+    """The fused form (a norm, in-place steps, no clamp of the codes) against the formula written out:
+    round(x / (max(absmax, tiny) / 127)) clamped to +-127, with an all-zero group and a large outlier."""
+    x = torch.randn(6, 3, 8, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[2] = 0
+    x[3, 1, 5, 7] = 3e4
+    xf = x.float()
+    scale = xf.abs().amax(dim=(2,), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    expected = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
+    codes, got_scale = quantize(x, (2,))
+    assert torch.equal(codes, expected) and torch.equal(got_scale, scale)
+    into_codes = torch.full(x.shape, 99, dtype=torch.int8)
+    into_scale = torch.zeros(scale.shape)
+    returned = quantize(x, (2,), codes=into_codes, scale=into_scale)
+    assert returned[0] is into_codes and returned[1] is into_scale
+    assert torch.equal(into_codes, expected) and torch.equal(into_scale, scale)
+    assert torch.equal(dequantize(codes, scale, dtype), (codes.float() * scale).to(dtype))
+
+
 def test_per_channel_key_scales_keep_small_channels_that_one_scale_per_head_flattens():
     """Why keys get a scale per channel: one large channel would leave the others a few levels."""
     k, _ = _kv(4)

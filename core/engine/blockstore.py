@@ -70,11 +70,15 @@ class BlockStore:
         n = k.shape[0]
         self._reserve_reprs(self.count + n)
         reprs = reprs.transpose(1, 2)  # [n, R, Hkv, D]
+        rows = slice(self.count, self.count + n)
         if self.repr_int8:
-            reprs, scale = quantize(reprs, (3,))
-            self._repr_scale[self.count : self.count + n].copy_(scale)
-        self._reprs[self.count : self.count + n].copy_(reprs)
+            quantize(reprs, (3,), codes=self._reprs[rows], scale=self._repr_scale[rows])
+        else:
+            self._reprs[rows].copy_(reprs)
         encoded = self.codec.encode(k, v)  # on the compute device: only the compact form crosses to the host
+        # One call for every part and page the blocks fall in: sealing runs once per layer and prefill piece, and a
+        # GPU read is bound by the host's launches (docs/benchmarks.md, "Where an 8B prefill's time goes").
+        into, sources = [], []
         done = 0
         while done < n:
             page, slot = divmod(self.count + done, KV_PAGE_BLOCKS)
@@ -83,8 +87,10 @@ class BlockStore:
                     pages.append(self._page(part))
             take = min(n - done, KV_PAGE_BLOCKS - slot)
             for part, pages in self.pages.items():
-                pages[page][slot : slot + take].copy_(encoded[part][done : done + take], non_blocking=True)
+                into.append(pages[page][slot : slot + take])
+                sources.append(encoded[part][done : done + take])
             done += take
+        torch._foreach_copy_(into, sources, non_blocking=True)
         self.count += n
 
     def _reserve_reprs(self, count: int) -> None:

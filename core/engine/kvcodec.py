@@ -48,18 +48,29 @@ def block_bytes(kind: str, heads: int, block_size: int, head_dim: int, element_s
     return total
 
 
-def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, dims: tuple[int, ...], codes: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (int8 codes like x, float32 scales with `dims` reduced to 1): x ~ codes * scales, each element within
-    half a scale (its group's absmax / 254) of x."""
-    x = x.float()
+    half a scale (its group's absmax / 254) of x. Given `codes` and `scale` (int8 and float32 tensors of those
+    shapes, say slices of a store's buffers), writes them in place and returns them.
+
+    Six operators, each one launch on a GPU, where sealing runs once per layer and prefill piece: the absmax as
+    a float32 norm (exact: a max of |x|), its clamp and division in place, the division of x (in float32, by type
+    promotion), the rounding in place, and one conversion into the codes. No clamp of the codes is needed:
+    |x| / (absmax / 127) is 127 within float32's rounding, which rounds to 127."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dims, keepdim=True, dtype=torch.float32, out=scale)
     # An all-zero group gets a tiny scale instead of 0, so that the division below is defined (its codes are 0).
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / _LEVELS
-    return torch.round(x / scale).clamp_(-_LEVELS, _LEVELS).to(torch.int8), scale
+    scale.clamp_min_(torch.finfo(torch.float32).tiny).div_(_LEVELS)
+    rounded = torch.div(x, scale).round_()
+    if codes is None:
+        return rounded.to(torch.int8), scale
+    return codes.copy_(rounded), scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Codes and scales of `quantize` -> the values in `dtype` (computed in float32, rounded once)."""
-    return (codes.float() * scale).to(dtype)
+    """Codes and scales of `quantize` -> the values in `dtype` (computed in float32, rounded once): one operator,
+    the product's type promotion doing the conversion to float32."""
+    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
 
 
 class KVCodec:

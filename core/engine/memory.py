@@ -109,7 +109,9 @@ class LayerMemory:
         buf = lambda n: torch.zeros((kv_heads, n, head_dim), dtype=dtype, device=device)  # noqa: E731
         # Sink keys rotated for each group (true positions, and frozen before the memory), and their values.
         self.sink_k_local, self.sink_k_memory, self.sink_v = buf(cfg.sinks), buf(cfg.sinks), buf(cfg.sinks)
-        self.recent_k, self.recent_v = buf(self.capacity), buf(self.capacity)
+        # Keys (unrotated) and values in one tensor [2, Hkv, capacity, D], so that a compaction moves both at once.
+        self.recent_kv = torch.zeros((2, kv_heads, self.capacity, head_dim), dtype=dtype, device=device)
+        self.recent_k, self.recent_v = self.recent_kv[0], self.recent_kv[1]  # views [Hkv, capacity, D]
         # Representative scores kept running (infllm.engine.scoring): per recent slot [1, N, 1], and the running sum
         # of the queries [Hkv, 1, D], both float32, laid out as the other state buffers (tokens on dimension 1).
         self.recent_score = torch.zeros((1, self.capacity, 1), dtype=torch.float32, device=device)
@@ -299,8 +301,9 @@ class LayerMemory:
         keep = self.recent_len - shift
         self.settle_scores()
         rebase_running_scores(self.recent_score, self.recent_qsum, self.recent_k, self.recent_len, self.cfg.window)
-        for buf in (self.recent_k, self.recent_v, self.recent_score):
-            buf[:, :keep] = buf[:, shift : self.recent_len].clone()
+        # Overlapping ranges, hence the copies: a clone and a copy per tensor, once per prefill piece and layer.
+        self.recent_kv[:, :, :keep] = self.recent_kv[:, :, shift : self.recent_len].clone()
+        self.recent_score[:, :keep] = self.recent_score[:, shift : self.recent_len].clone()
         self.recent_start, self.recent_len = keep_from, keep
 
     # ---- retrieval --------------------------------------------------------------------------------------
@@ -520,10 +523,11 @@ class LayerMemory:
         self.position += 1
         self.decoding.upto = self.position
 
-    def _local_rotations(self, start: int, end: int) -> torch.Tensor:
-        """[end - start] local-group rotation positions of the recent tokens at positions [start, end)."""
-        return torch.arange(positions.local_rotation(self.cfg, start, self.recent_start),
-                            positions.local_rotation(self.cfg, end, self.recent_start), device=self.device)
+    def _local_rotations(self, start: int, end: int) -> range:
+        """The local-group rotation positions of the recent tokens at positions [start, end), consecutive: as a
+        range, which `RopeTable.rotate` slices its tables by (no operator: prefill rotates two spans a piece)."""
+        return range(positions.local_rotation(self.cfg, start, self.recent_start),
+                     positions.local_rotation(self.cfg, end, self.recent_start))
 
     def _attend(self, first: int, n: int, q_local: torch.Tensor, q_mem: torch.Tensor, k_local: torch.Tensor,
                 local_from: int, retrieved: list[list[int]]) -> torch.Tensor:

@@ -25,10 +25,16 @@ class RopeTable:
     def nbytes(self) -> int:
         return 2 * self.cos.numel() * self.cos.element_size()
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """x [..., L, D] rotated at `positions` ([L] tensor, or one int for every row)."""
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | range | int) -> torch.Tensor:
+        """x [..., L, D] rotated at `positions` ([L] tensor; a range of step 1, or one int for every row: a slice
+        of the tables, where a tensor costs an index operator per table)."""
         if isinstance(positions, int):
             index = slice(positions - self.lo, positions - self.lo + 1)
+        elif isinstance(positions, range):
+            # A slice past the tables would be short, not an error, and a one-row slice would broadcast.
+            if positions.start < self.lo or positions.stop - self.lo > self.cos.shape[0] or positions.step != 1:
+                raise IndexError(f"rotations {positions} outside the table [{self.lo}, {self.lo + len(self.cos)})")
+            index = slice(positions.start - self.lo, positions.stop - self.lo)
         else:
             index = positions - self.lo
         return apply_rotary(x, self.cos[index], self.sin_signed[index])

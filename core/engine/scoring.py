@@ -77,8 +77,9 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tens
 
 
 def _dots(keys: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """keys [Hkv, m, D] (any float dtype) . sums [Hkv, m or 1, D] float32 -> [m] float32, summed over heads."""
-    return (keys.float() * sums).sum(dim=(0, 2))
+    """keys [Hkv, m, D] (any float dtype) . sums [Hkv, m or 1, D] float32 -> [m] float32, summed over heads (the
+    product in float32 by type promotion, without a converted copy of the keys)."""
+    return (keys * sums).sum(dim=(0, 2))
 
 
 def write_running_scores(score: torch.Tensor, qsum: torch.Tensor, keys: torch.Tensor, at: int,
