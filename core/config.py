@@ -46,7 +46,7 @@ def _choice(choices: tuple[str, ...], help: str):
 
 # How memory blocks' K/V are held (infllm.engine.kvcodec): 8-bit with scales, or as the model computes them.
 KV_DTYPES = ("int8", "model")
-REPR_DTYPES = ("model", "int8")
+REPR_DTYPES = ("int8", "model")
 
 
 def flag(name: str) -> str:
@@ -76,9 +76,9 @@ class EngineConfig:
     prefill_chunk: int = _setting(2048, "tokens per prefill step; a multiple of query_chunk")
     kv_dtype: str = _choice(KV_DTYPES, "how memory blocks' keys and values are held: int8 (8 bits with scales, "
                                        "~4x smaller than float32) or model (the model's dtype, full precision)")
-    repr_dtype: str = _choice(REPR_DTYPES, "how representative keys are held beside the compute: model (the "
-                                           "model's dtype) or int8 (a scale per block, key and head: about half "
-                                           "of bfloat16's device memory on long texts)")
+    repr_dtype: str = _choice(REPR_DTYPES, "how representative keys are held beside the compute: int8 (a scale "
+                                           "per block, key and head: about half of bfloat16's device memory on "
+                                           "long texts) or model (the model's dtype)")
 
     def validate(self, max_positions: int | None = None) -> "EngineConfig":
         """Return self, or raise UsageError naming (by its flag) the first setting that cannot work."""

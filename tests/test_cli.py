@@ -137,7 +137,7 @@ def test_json_is_one_object_on_stdout(ask, docs):
     assert data["memory"]["peak_rss_mb"] > 0
     assert data["engine"] == {"sinks": 16, "window": 256, "block_size": 32, "repr_keys": 4, "topk": 2,
                               "query_chunk": 64, "decode_chunk": 16, "cache_blocks": 4, "prefill_chunk": 128,
-                              "kv_dtype": "int8", "repr_dtype": "model"}
+                              "kv_dtype": "int8", "repr_dtype": "int8"}
     assert data["inputs"] == [str(docs["a"])]
     # The progress still goes to stderr.
     assert "infllm: loading model" in result.stderr
@@ -535,12 +535,12 @@ def test_info_reports_exact_tokens_blocks_and_estimates(tiny_model_dir, docs):
     assert plain.exit_code == 0 and f"{report['tokens']:,} tokens" in plain.stdout
     assert "block store: in RAM\n" in plain.stdout
     assert "representative keys" not in plain.stdout  # in RAM with the store on a CPU: no GPU line
-    int8 = json.loads(CliRunner().invoke(app, ["info", *base, "--repr-dtype", "int8", "--json", str(docs["a"])],
+    full = json.loads(CliRunner().invoke(app, ["info", *base, "--repr-dtype", "model", "--json", str(docs["a"])],
                                          prog_name="infllm").stdout)
     blocks, heads, dim, layers = report["tokens"] / 32, 2, 16, 2  # the tiny model's shape; 4 keys per block
     mb = blocks * 4 * heads * layers / 2**20
-    assert report["representative_keys_mb"] == pytest.approx(mb * dim * 4, abs=0.06)  # float32
-    assert int8["representative_keys_mb"] == pytest.approx(mb * (dim + 4), abs=0.06)
+    assert report["representative_keys_mb"] == pytest.approx(mb * (dim + 4), abs=0.06)  # int8, the default
+    assert full["representative_keys_mb"] == pytest.approx(mb * dim * 4, abs=0.06)  # float32
 
 
 def test_info_times_a_chunk_read_past_the_first(tiny_model_dir, docs, monkeypatch):

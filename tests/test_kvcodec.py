@@ -138,11 +138,14 @@ def test_the_default_model_stores_under_13_kb_per_token_in_int8():
     """SmolLM2-135M: 30 layers x 3 KV heads x 64 dims; float32 on a CPU, blocks of 128 with 4 representatives."""
     smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                               head_dim=64, intermediate_size=1536, max_position_embeddings=8192)
-    per_token = {kv: store_bytes_per_token(smollm2, EngineConfig(kv_dtype=kv), torch.float32)
-                 for kv in ("int8", "model")}
-    # K/V codes 11,520 + scales 540 (180 for keys, 360 for values) + representative keys 720 bytes per token,
-    # against 46,080 + 720 in float32.
-    assert per_token == {"int8": 12_780, "model": 46_800}
+    per_token = {(kv, keys): store_bytes_per_token(smollm2, EngineConfig(kv_dtype=kv, repr_dtype=keys),
+                                                   torch.float32)
+                 for kv in ("int8", "model") for keys in ("int8", "model")}
+    # K/V codes 11,520 + scales 540 (180 for keys, 360 for values), against 46,080 in float32; representative keys
+    # 191.25 bytes per token in int8 (codes and a float32 scale per key and head), 720 in float32.
+    assert per_token == {("int8", "int8"): 12_251.25, ("int8", "model"): 12_780,
+                         ("model", "int8"): 46_271.25, ("model", "model"): 46_800}
+    assert EngineConfig().kv_dtype == EngineConfig().repr_dtype == "int8"  # the defaults: 12,251.25
 
 
 def test_an_int8_store_exports_and_adopts_its_parts():

@@ -611,8 +611,8 @@ def test_representative_keys_that_would_not_fit_the_gpu_are_refused_with_int8_ke
 
     args = dict(tokens=10**6, dtype_name="bfloat16", gpu_need_bytes=GIB // 2, available_ram=64 * GIB, limit=None)
     with pytest.raises(ResourceError) as caught:
-        check_memory(GIB, FakeDevice("cuda"), gpu_keys_bytes=2 * GIB, free_gpu=2 * GIB, settings=EngineConfig(),
-                     **args)
+        check_memory(GIB, FakeDevice("cuda"), gpu_keys_bytes=2 * GIB, free_gpu=2 * GIB,
+                     settings=EngineConfig(repr_dtype="model"), **args)
     message = str(caught.value)
     assert message.startswith("not enough GPU memory on cuda:0: reading needs ~2,560 MB more (512 MB for "
                               "activations, 2,048 MB for the representative keys of 1,000,000 tokens), but only "

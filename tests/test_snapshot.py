@@ -131,9 +131,11 @@ def test_a_snapshot_can_be_asked_with_other_retrieval_settings_but_not_another_l
 
 
 def test_a_snapshot_records_its_kv_dtype_and_holds_8_bit_pages(snapshot):
+    """The defaults: int8 pages and int8 representative keys, each with its float32 scales."""
     meta, entries, _ = read_header(snapshot[0])
-    assert meta["engine"]["kv_dtype"] == "int8" and meta["dtype"] == "F32"
-    assert {name.split(".")[3] for name in entries if ".store." in name} == {"k", "v", "k_scale", "v_scale", "repr"}
+    assert meta["engine"]["kv_dtype"] == meta["engine"]["repr_dtype"] == "int8" and meta["dtype"] == "F32"
+    assert {name.split(".")[3] for name in entries if ".store." in name} == {"k", "v", "k_scale", "v_scale", "repr",
+                                                                            "repr_scale"}
     assert entries["layer.0.store.k.0"].dtype == entries["layer.1.store.v.1"].dtype == torch.int8
     assert entries["layer.0.store.k_scale.0"].dtype == torch.float32
     pages = sum(e.end - e.start for name, e in entries.items() if ".store." in name and "repr" not in name)
@@ -240,18 +242,21 @@ def test_8_bit_representative_keys_are_saved_as_codes_and_scales_and_answer_as_t
         open_session(loaded, SnapshotFile(_copy(path, tmp_path, _retyped("layer.0.store.repr", "U8"))), {})
 
 
-def test_a_version_5_snapshot_is_read_as_keys_in_the_models_dtype(loaded, snapshot, tmp_path):
-    """Format 5 had no repr_dtype and held its representative keys as the model computed them."""
+def test_a_version_5_snapshot_is_read_as_keys_in_the_models_dtype(loaded, doc, tmp_path):
+    """Format 5 had no repr_dtype and held its representative keys as the model computed them: opened with the
+    default settings (int8 keys), it is still answered with the keys it holds."""
     def as_version_5(meta):
         meta["version"] = 5
         del meta["engine"]["repr_dtype"]
 
-    old = _copy(snapshot[0], tmp_path, lambda data: _with_meta(data, as_version_5))
+    session, prompt = _read(loaded, doc, replace(CONFIG, repr_dtype="model"))
+    fresh = _answer(session, prompt)
+    path = tmp_path / "full-keys.infllm"
+    save_session(session, path, None, builtin_template("system").strip())
+    old = _copy(path, tmp_path, lambda data: _with_meta(data, as_version_5))
     opened = open_session(loaded, SnapshotFile(old), {})
-    assert opened.engine.config.repr_dtype == "model"
-    prompt = build_prompt(loaded.tokenizer, builtin_template("ask"), "Which key has room 3?",
-                          builtin_template("system").strip())
-    assert _answer(opened, prompt) == snapshot[1]
+    assert opened.engine.config.repr_dtype == "model" and EngineConfig().repr_dtype == "int8"
+    assert _answer(opened, prompt) == fresh
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -337,7 +342,7 @@ CORRUPTIONS = {
     "unknown kv dtype": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("kv_dtype", "int4")),
                          "invalid engine settings: --kv-dtype must be one of int8, model"),
     "int8 page of bytes": (_retyped("layer.0.store.k.0", "U8"), "tensor layer.0.store.k.0 has dtype torch.uint8"),
-    "full keys claimed int8": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("repr_dtype", "int8")),
+    "int8 keys claimed full": (lambda d: _with_meta(d, lambda m: m["engine"].__setitem__("repr_dtype", "model")),
                                "tensor layer.0.store.repr_scale is missing, extra"),
     "calibration tensor unannounced": (_set("citing", None), "tensor cite.quality is missing, extra"),
     "calibration without a key": (_set("citing", {"quality": 1}), "calibration has no key"),

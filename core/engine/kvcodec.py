@@ -12,7 +12,7 @@ A block is a few named parts, each [*shape] per block (`layout`); the store keep
 cache one device tensor per part, so neither needs to know the format. Blocks are encoded once, where they are
 sealed (on the compute device, so an offloaded store's copies to host memory are int8 too), and decoded where
 they are gathered for attention. Sinks and the recent tokens are never encoded; representative keys have their
-own optional int8 form (`EngineConfig.repr_dtype`, infllm.engine.blockstore).
+own int8 form, the default (`EngineConfig.repr_dtype`, infllm.engine.blockstore).
 """
 
 from __future__ import annotations
