@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--decode-chunk", type=int, default=None, help="decoded tokens sharing one retrieval")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
-                    help="how representative keys are held (default model)")
+                    help="how representative keys are held (default int8)")
     ap.add_argument("--depths", default=None, help="comma-separated depths for the trials (default: even spread)")
     ap.add_argument("--only", default=None,
                     help="comma-separated trial indices to run out of --trials (to split one set of trials over "

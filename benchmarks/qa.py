@@ -714,7 +714,7 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, default=None, help="engine setting (default: the model's)")
     ap.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
-                    help="how representative keys are held (default model)")
+                    help="how representative keys are held (default int8)")
     args = ap.parse_args()
     try:
         if args.rescore:

@@ -283,7 +283,7 @@ def main() -> None:
                     help="infllm: decode again from the same read with this decode_chunk (a second row)")
     ap.add_argument("--kv-dtype", choices=KV_DTYPES, help="how memory blocks are held (default int8)")
     ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
-                    help="how representative keys are held (default model)")
+                    help="how representative keys are held (default int8)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="profile decoding after the first length instead: operators per layer per token, host time")
