@@ -105,16 +105,16 @@ def test_working_memory_counts_the_decode_cache():
     engine = Engine(model, CFG)
     per_layer = engine.layers[0].decoding.nbytes()
     hkv, d = engine.adapter.kv_heads, engine.adapter.head_dim
-    assert per_layer == 2 * hkv * d * 4 * (CFG.window + CFG.sinks + (CFG.topk + 1) * CFG.block_size)
+    assert per_layer == hkv * d * 4 * CFG.window  # the ring's keys; the memory group is the recent buffer's
 
 
 def test_the_cache_is_allocated_by_the_first_decoded_token():
     """Prefill's temporaries are gone by then, so the cache does not raise the peak memory of a read."""
     engine = Engine(tiny_model("llama"), CFG)
     engine.feed(torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(10)))
-    assert not any(m.decoding.keys is not None for m in engine.layers)
+    assert not any(m.decoding.ring_k is not None for m in engine.layers)
     engine.feed([5])
-    assert all(m.decoding.keys is not None for m in engine.layers)
+    assert all(m.decoding.ring_k is not None for m in engine.layers)
 
 
 @pytest.mark.parametrize("split,total", [(32, 70), (32, 32), (1, 9)])
@@ -126,15 +126,25 @@ def test_one_softmax_over_both_groups_equals_their_merged_attentions(split, tota
     g = torch.Generator().manual_seed(split + total)
     q_a, q_b = (torch.randn(3, 4, 16, generator=g) for _ in range(2))
     keys, values = (torch.randn(3, total, 16, generator=g) * 3 for _ in range(2))
-    got = lone_query_attention(q_a, q_b, keys, values, split, 0.25)
+    # The values in one buffer as the decode cache finds them: a's a ring turned by a third, from slot 3, b's
+    # after 4 more slots; the 7 slots no key names take no weight, whatever they hold.
+    ring_at, ring_turn, at_b = 3, split // 3, split + 7
+    buffer = torch.randn(3, at_b + total - split, 16, generator=g) * 3
+    buffer[:, ring_at + (torch.arange(split) - ring_turn) % split] = values[:, :split]
+    buffer[:, at_b:] = values[:, split:]
+    got = lone_query_attention(q_a, q_b, keys[:, :split], keys[:, split:], buffer, ring_at, ring_turn, at_b, 0.25)
     local = attention_lse(q_a[None], keys[None, :, :split], values[None, :, :split], None, 0.25)
     want = local[0][0] if total == split else merge(
         local, attention_lse(q_b[None], keys[None, :, split:], values[None, :, split:], None, 0.25))[0]
     assert got.shape == (3, 4, 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The layout as tensors (a CUDA graph's): the weights placed by an index over the whole buffer.
+    as_tensors = lone_query_attention(q_a, q_b, keys[:, :split], keys[:, split:], buffer, torch.tensor([ring_at]),
+                                      torch.tensor([ring_turn]), at_b, 0.25)
+    torch.testing.assert_close(as_tensors, want, rtol=1e-5, atol=1e-5)
     padding = torch.randn(3, 5, 16, generator=g) * 3  # keys past `valid` take no weight, whatever they hold
-    padded = lone_query_attention(q_a, q_b, torch.cat([keys, padding], 1), torch.cat([values, padding], 1), split,
-                                  0.25, valid=total)
+    padded = lone_query_attention(q_a, q_b, keys[:, :split], torch.cat([keys[:, split:], padding], 1),
+                                  torch.cat([buffer, padding], 1), ring_at, ring_turn, at_b, 0.25, valid=total)
     torch.testing.assert_close(padded, want, rtol=1e-5, atol=1e-5)
 
 
@@ -303,7 +313,7 @@ def test_a_held_token_attended_by_tensor_indices_equals_the_eager_token(kv_dtype
         for x, y in ((a.recent_k[:, : a.recent_len], b.recent_k[:, : b.recent_len]),
                      (a.recent_score[:, : a.recent_len], b.recent_score[:, : b.recent_len]),
                      (a.recent_qsum, b.recent_qsum),
-                     (a.decoding.ring_k, b.decoding.ring_k), (a.decoding.ring_v, b.decoding.ring_v)):
+                     (a.decoding.ring_k, b.decoding.ring_k)):
             assert (x - y).abs().max().item() < 1e-5
     assert sum(tally.values()) == 200 * len(held.layers) * cfg.topk  # held tokens counted as retrievals too
 
@@ -322,3 +332,25 @@ def test_no_step_is_steady_while_a_tally_asks_for_queries_or_a_block_is_due():
     while positions.sealed_for(memory.cfg, memory.position) <= memory.store.count:  # until a block is due
         decode(engine, ids[161:162])
     assert memory.steady_step() is None  # this token seals a block: it retrieves afresh
+
+
+def test_decoded_tokens_leave_the_memory_groups_slots_to_the_cache():
+    """The decode cache's memory group lies in the recent buffer's last slots: decoded tokens compact before them,
+    the first one after a read too (it seals the blocks due for it first), so that every one of them takes the
+    cache's path. Query chunks of 16 and prefill steps of 32 leave, as the defaults do, more unsealed tokens after
+    a read than the room holds."""
+    cfg = CFG.with_overrides(query_chunk=16, prefill_chunk=32)
+    engine = Engine(tiny_model("llama"), cfg, offload=False)
+    ids = torch.randint(0, 256, (290,), generator=torch.Generator().manual_seed(17))
+    engine.feed(ids[:190])
+    room = engine.layers[0].room
+    assert room < cfg.window + cfg.block_size + cfg.query_chunk + cfg.prefill_chunk  # reading needs more slots
+    assert all(m.recent_len > room for m in engine.layers)  # the read ends past the room
+    counter, patch = steady_calls()
+    filled = []
+    with patch:
+        for t in range(190, 290):
+            engine.feed(ids[t : t + 1])
+            filled.append(max(m.recent_len for m in engine.layers))
+    assert counter.call_count == 100 * len(engine.layers)
+    assert max(filled) <= room and min(filled) < room - cfg.block_size  # compacted while decoding

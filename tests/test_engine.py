@@ -264,7 +264,7 @@ def test_checkpoint_restore_returns_to_the_same_state():
 def _store(n_blocks: int, heads=2, block=8, reprs=2, dim=16, seed=0, kv_dtype="int8"):
     gen = torch.Generator().manual_seed(seed)
     store = BlockStore(heads, block, reprs, dim, torch.float32, torch.device("cpu"), torch.device("cpu"),
-                       HostPages(pin=False), kv_dtype=kv_dtype)
+                       HostPages(pin=False), kv_dtype=kv_dtype, repr_dtype="model")
     for _ in range(n_blocks):
         k = torch.randn(heads, block, dim, generator=gen)
         store.append(k[None], torch.randn(1, heads, block, dim, generator=gen), k[None, :, :reprs])
@@ -281,7 +281,7 @@ def test_representative_keys_grow_by_a_quarter_and_round_trip_their_file_layout(
     exported = store.export()["repr"]
     assert exported.shape == store.expected_shapes(store.count)["repr"] == (699, 2, 3, 16)
     copy = BlockStore(2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"), HostPages(pin=False),
-                      kv_dtype="int8")
+                      kv_dtype="int8", repr_dtype="model")
     copy.adopt({k: t.contiguous() for k, t in store.export().items()}, store.count)
     assert torch.equal(copy.reprs(), store.reprs()) and copy.reprs().shape == (699, 3, 2, 16)
 
@@ -352,13 +352,14 @@ def test_attention_shares_give_every_head_one_vote():
 def test_retrieval_in_the_engine_finds_the_planted_block():
     """End to end in one layer: the queries of a chunk retrieve the block whose keys they match."""
     from infllm.engine.memory import LayerMemory
+    from infllm.engine.positions import rope_range
     from infllm.engine.rope import RopeTable
 
     cfg = EngineConfig(sinks=4, window=32, block_size=8, repr_keys=2, topk=1, query_chunk=8, cache_blocks=2,
                        prefill_chunk=8)
     model = tiny_model("llama")
     a = DecoderAdapter(model)
-    rope = RopeTable(a.rotary, -4, 64, torch.device("cpu"), torch.float32)
+    rope = RopeTable(a.rotary, *rope_range(cfg), torch.device("cpu"), torch.float32)
     mem = LayerMemory(cfg, 4, 2, 16, 0.25, torch.float32, torch.device("cpu"), rope, offload=False)
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(2, 16, generator=gen)
@@ -487,7 +488,7 @@ def test_a_store_of_8_bit_representative_keys_holds_a_quarter_of_the_bytes_and_r
     and export and adopt bitwise; the block whose key matches the query still ranks first."""
     gen = torch.Generator().manual_seed(2)
     args = (2, 8, 3, 16, torch.float32, torch.device("cpu"), torch.device("cpu"))
-    full = BlockStore(*args, HostPages(pin=False), kv_dtype="int8")
+    full = BlockStore(*args, HostPages(pin=False), kv_dtype="int8", repr_dtype="model")
     small = BlockStore(*args, HostPages(pin=False), kv_dtype="int8", repr_dtype="int8")
     for _ in range(100):
         k, v, reprs = torch.randn(1, 2, 8, 16, generator=gen), torch.randn(1, 2, 8, 16, generator=gen), \

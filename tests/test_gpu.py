@@ -300,7 +300,14 @@ def test_a_lone_query_on_gpu_scores_in_float32():
     q_a, q_b = (torch.randn(4, 4, 64, device="cuda", generator=g).mul(3).bfloat16() for _ in range(2))
     keys = torch.randn(4, 700, 64, device="cuda", generator=g).mul(3).bfloat16()
     values = torch.randn(4, 700, 64, device="cuda", generator=g).bfloat16()
-    got = lone_query_attention(q_a, q_b, keys, values, 300, 0.125)
+    # b's values first in the buffer, then a's as a ring turned by 100 (a[100] first), placed by device tensors.
+    buffer = torch.cat([values[:, 300:], values[:, 100:300], values[:, :100]], 1)
+    at, turn = (torch.tensor([x], device="cuda") for x in (400, 100))
+    got = lone_query_attention(q_a, q_b, keys[:, :300], keys[:, 300:], buffer, at, turn, 0, 0.125)
+    # The same layout as ints, b's values put after the ring (the decode cache's order): the concatenated weights.
+    ring_first = torch.cat([values[:, 100:300], values[:, :100], values[:, 300:]], 1)
+    as_ints = lone_query_attention(q_a, q_b, keys[:, :300], keys[:, 300:], ring_first, 0, 100, 300, 0.125)
+    assert (as_ints.double() - got.double()).abs().max().item() <= 1e-2
     k, v = keys.double(), values.double()
     scores = torch.cat([q_a.double() @ k[:, :300].transpose(1, 2), q_b.double() @ k[:, 300:].transpose(1, 2)], -1)
     want = torch.softmax(scores * 0.125, dim=-1) @ v

@@ -95,7 +95,7 @@ def test_codec_decodes_to_the_compute_dtype_and_model_format_is_exact(dtype):
 
 def _store(kv_dtype: str, n: int, device=CPU) -> tuple[BlockStore, torch.Tensor, torch.Tensor]:
     store = BlockStore(HEADS, BLOCK, REPRS, DIM, torch.float32, device, device, HostPages(pin=False),
-                       kv_dtype=kv_dtype)
+                       kv_dtype=kv_dtype, repr_dtype="model")
     k, v = _kv(n, seed=2)
     for at in range(0, n, 5):  # appends that straddle pages
         store.append(k[at : at + 5], v[at : at + 5], k[at : at + 5, :, :REPRS])
@@ -154,7 +154,7 @@ def test_an_int8_store_exports_and_adopts_its_parts():
     assert {name: tuple(t.shape) for name, t in exported.items()} == store.expected_shapes(store.count)
     assert exported["k.0"].dtype == torch.int8 and exported["v_scale.1"].shape == (3, HEADS, BLOCK, 1)
     copy = BlockStore(HEADS, BLOCK, REPRS, DIM, torch.float32, CPU, CPU, HostPages(pin=False),
-                      kv_dtype="int8")
+                      kv_dtype="int8", repr_dtype="model")
     copy.adopt(exported, store.count)
     for b in range(store.count):
         assert all(torch.equal(x, y) for x, y in zip(copy.block(b), store.block(b)))

@@ -155,22 +155,43 @@ def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q, keys.transpose(1, 2), torch.float32)
 
 
-def lone_query_attention(q_a: torch.Tensor, q_b: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, split: int,
+def lone_query_attention(q_a: torch.Tensor, q_b: torch.Tensor, keys_a: torch.Tensor, keys_b: torch.Tensor,
+                         values: torch.Tensor, ring_at: int | torch.Tensor, ring_turn: int | torch.Tensor, at_b: int,
                          scale: float, valid: int | torch.Tensor | None = None) -> torch.Tensor:
     """One query per head against two key groups that see it rotated differently: q_a, q_b [Hkv, G, D] (G heads
-    per KV head), keys/values [Hkv, N, D] whose first `split` keys are q_a's group and the rest q_b's, every key
-    visible; with `valid`, keys from `valid` on are padding (finite, weight 0); a [1] tensor on the keys' device
-    says so without the host knowing the count (a CUDA graph's replay). Returns [Hkv, G, D]: one softmax
-    over all keys, which is what merging the two groups' attentions by log-sum-exp computes, with float32 scores
-    and the weights rounded to the values' dtype for their product, as the fused kernels round them
-    (`lone_query_products` says where this runs)."""
-    scores = torch.cat([_scores(q_a, keys[:, :split]), _scores(q_b, keys[:, split:])], dim=-1)  # [Hkv, G, N]
+    per KV head), keys_a [Hkv, Na, D] q_a's group and keys_b [Hkv, Nb, D] q_b's, every key visible; with `valid`,
+    keys from `valid` on (counting a's, then b's) are padding (finite, weight 0). The values lie in one buffer
+    [Hkv, N, D]: a's keys are a ring laid out from its oldest key, a_{ring_turn}, whose value is at slot `ring_at`
+    (key a_i's at ring_at + (i - ring_turn) mod Na); key b_j's value is at at_b + j; slots no key names get weight 0
+    (finite values). `valid`, `ring_at` and `ring_turn` may be [1] tensors on the keys' device, so that the host
+    need not know them (a CUDA graph's replay). Returns [Hkv, G, D]: one softmax over all keys, which is what
+    merging the two groups' attentions by log-sum-exp computes, with float32 scores and the weights rounded to the
+    values' dtype for their product, as the fused kernels round them (`lone_query_products` says where this runs)."""
+    na, nb = keys_a.shape[1], keys_b.shape[1]
+    scores = torch.cat([_scores(q_a, keys_a), _scores(q_b, keys_b)], dim=-1)  # [Hkv, G, Na + Nb]
     if isinstance(valid, torch.Tensor):
         scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= valid, float("-inf"))
     elif valid is not None and valid < scores.shape[-1]:
         scores[..., valid:] = float("-inf")
-    weights = torch.softmax(scores.mul_(scale), dim=-1)
-    return torch.bmm(weights.to(values.dtype), values)
+    weights = torch.softmax(scores.mul_(scale), dim=-1).to(values.dtype)
+    if isinstance(ring_at, int) and isinstance(ring_turn, int) and ring_at + na <= at_b:
+        # As the decode cache lays them out (the ring, a gap, b's values): the ring's weights in the values' order
+        # by slices (a CPU took ~80 us for the index_copy below), the products over those slots only.
+        ring = [weights[..., ring_turn:na], weights[..., :ring_turn]]
+        if values.device.type == "cpu":  # float32: two products and their sum, none over the gap (~1,000 slots
+            # between the window and the memory group for the default model, a third more values to read)
+            out = torch.bmm(weights[..., na:], values[:, at_b : at_b + nb])
+            return torch.baddbmm(out, torch.cat(ring, dim=-1), values[:, ring_at : ring_at + na])
+        # One product, rounded once as a CUDA graph's token rounds it (the gap costs a GPU little).
+        gap = weights.new_zeros((*weights.shape[:2], at_b - ring_at - na))
+        ordered = torch.cat([*ring, gap, weights[..., na:]], dim=-1)
+        return torch.bmm(ordered, values[:, ring_at : at_b + nb])
+    # Each weight to its value's slot: one product over the buffer reads no value twice and copies none.
+    spread = weights.new_zeros((*weights.shape[:2], values.shape[1]))  # [Hkv, G, N]
+    slots = (torch.arange(na, device=weights.device) - ring_turn).remainder_(na).add_(ring_at)  # [Na]
+    spread.index_copy_(2, slots, weights[..., :na])
+    spread[..., at_b : at_b + nb] = weights[..., na:]
+    return torch.bmm(spread, values)
 
 
 def merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

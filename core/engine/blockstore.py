@@ -46,7 +46,7 @@ class BlockStore:
 
     def __init__(self, heads: int, block_size: int, repr_keys: int, head_dim: int, dtype: torch.dtype,
                  compute_device: torch.device, host_device: torch.device, host: HostPages, kv_dtype: str,
-                 repr_dtype: str = "model"):
+                 repr_dtype: str):
         self.shape = (heads, block_size, head_dim)
         self.repr_shape = (repr_keys, heads, head_dim)  # as held; snapshots and `append` use [Hkv, R, D]
         self.dtype = dtype

@@ -5,15 +5,20 @@ sinks, the k retrieved blocks and the unsealed tail. Built afresh each call (as 
 rotating the whole window, decoding and stacking every retrieved block and concatenating the memory group: on a
 CPU more time than the attention itself. `DecodeCache` keeps them between tokens:
 
-  window : the last W keys, rotated as the local group sees them, and their values, in a ring (slot = position
-           mod W). A token rotates and writes its own key. The rotations are relative to the recent buffer's
-           start, so the ring holds for one start only and is rebuilt (W keys) when the buffer is compacted.
-  memory : [sinks | k block slots | unsealed tail] keys and values in the compute dtype. A retrieved block is
-           decoded into a free slot once and stays while retrieval keeps it (per-token retrieval replaces a
-           third of the blocks from one token to the next); the tail (fewer than B tokens) is copied each token.
+  window : the last W keys, rotated as the local group sees them, in a ring (slot = position mod W). A token
+           rotates and writes its own key. The rotations are relative to the recent buffer's start, so the ring
+           holds for one start only and is rebuilt (W keys) when the buffer is compacted. Their values are the
+           recent buffer's own: the ring keeps no copy.
+  memory : [sinks | k block slots | unsealed tail] keys and values in the compute dtype, in the recent buffer's
+           last slots (`positions.decode_memory_slots`), which reading needs and a decoded token does not: decoded
+           tokens fill the buffer up to `positions.decode_room` only. A retrieved block is decoded into a free slot
+           once and stays while retrieval keeps it (per-token retrieval replaces a third of the blocks from one
+           token to the next); the tail (fewer than B tokens) is copied each token.
 
-Both groups lie in one key buffer and one value buffer, [ring | memory] along the tokens, so that on a CPU a
-token's attention is a few matrix products over contiguous keys (infllm.engine.attention.lone_query_attention).
+So the cache's own memory is the ring's keys: an 8B shape's 32 layers hold 0.27 GB for it, where a ring of keys
+and values beside a memory group of their own took 0.84. A token's attention is a few matrix products over
+contiguous keys (infllm.engine.attention.lone_query_attention): the ring's keys, the memory group's, and the
+weights, each at its value's recent slot, times the recent buffer's values.
 
 Retrieval itself is held too: the blocks one decoded token retrieved serve the next `decode_chunk` - 1 tokens as
 well, as `query_chunk` queries share one retrieval while reading, unless a block was sealed meanwhile (a token that
@@ -24,7 +29,7 @@ host.
 A lone query sees every key of both groups (no mask), so the order of keys inside a group does not matter: it
 changes only the rounding of the softmax sums. The cache is valid for the steady state of decoding only (past the
 first S + W tokens, with k blocks retrieved); `LayerMemory` attends the general way otherwise and drops the cache
-whenever anything but a decoded token passes, or its state is restored.
+whenever anything but a decoded token passes (it may write the memory group's slots), or its state is restored.
 """
 
 from __future__ import annotations
@@ -38,28 +43,23 @@ from infllm.engine.blockstore import BlockCache, BlockStore
 class DecodeCache:
     """One layer's decode-time key groups (module docstring). Bookkeeping here; `LayerMemory` fills and reads it."""
 
-    def __init__(self, cfg: EngineConfig, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: EngineConfig, memory_kv: torch.Tensor):
+        """memory_kv [2, Hkv, M, D]: keys and values of the memory group, the recent buffer's last M slots (a view)."""
         self.cfg = cfg
         self._tail_at = cfg.sinks + cfg.topk * cfg.block_size  # first slot of the unsealed tail
-        self._shape = (kv_heads, head_dim, dtype, device)
-        # Allocated by the first decoded token, not here: prefill's temporaries are gone by then, so the cache does
-        # not raise the peak device memory (0.8 GB for an 8B shape's 32 layers). Counted in working memory anyway.
-        self.keys = self.values = None  # [Hkv, W + S + k*B + B, D]: the ring, then the memory group
-        self.device = device
+        self.memory_k, self.memory_v = memory_kv[0], memory_kv[1]  # [Hkv, M, D] each
+        self.device = memory_kv.device
+        # Allocated by the first decoded token, not here: prefill's temporaries are gone by then, so the ring does
+        # not raise the peak device memory. Counted in working memory anyway.
+        self.ring_k: torch.Tensor | None = None  # [Hkv, W, D], slot = position mod W
         self.chunk = cfg.decode_chunk  # decoded tokens sharing one retrieval (Engine.set_decode_chunk changes it)
         self.drop()
 
-    def _slots(self) -> int:
-        """Keys the buffers hold: the ring, the memory group with a whole block's tail, and on CUDA up to a
-        multiple of 8 (whole 16-byte rows for `span`)."""
-        n = self.cfg.window + self._tail_at + self.cfg.block_size
-        return -(-n // 8) * 8 if self.device.type == "cuda" else n
-
     def _allocate(self) -> None:
-        kv_heads, head_dim, dtype, device = self._shape
-        self.keys = torch.zeros((kv_heads, self._slots(), head_dim), dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self._tail_steps = torch.arange(self.cfg.block_size, device=device)  # put_tail_at's slot offsets
+        kv_heads, _, head_dim = self.memory_k.shape
+        self.ring_k = torch.zeros((kv_heads, self.cfg.window, head_dim), dtype=self.memory_k.dtype,
+                                  device=self.device)
+        self._tail_steps = torch.arange(self.cfg.block_size, device=self.device)  # put_tail_at's slot offsets
 
     def drop(self) -> None:
         """Forget everything: the next decoded token rebuilds the ring, the sinks and every block slot."""
@@ -69,34 +69,27 @@ class DecodeCache:
         self.slots: list[int | None] = [None] * self.cfg.topk  # block id held by each slot
         self._held: tuple[list[int], int, int] | None = None  # (block ids, position retrieved at, blocks then)
 
-    @property
-    def ring_k(self) -> torch.Tensor:  # [Hkv, W, D], slot = position mod W
-        return self.keys[:, : self.cfg.window]
+    def memory_span(self, count: int) -> int:
+        """How many of the memory group's leading keys to hand a lone query whose memory keys are the first `count`:
+        on CUDA all of them, a multiple of 8 (the attention gives the slots past `count` no weight), elsewhere
+        `count`. One shape for every token is what a CUDA graph of a held token replays
+        (`LayerMemory.attend_steady`), and the eager tokens take the same products so that both round alike; with
+        an odd count (every other token, as the tail grows) cuBLAS took a batched gemv kernel at ~190 us a call
+        (8B shape, 128K tokens)."""
+        return self.memory_k.shape[1] if self.device.type == "cuda" else count
 
-    @property
-    def ring_v(self) -> torch.Tensor:
-        return self.values[:, : self.cfg.window]
-
-    @property
-    def memory_k(self) -> torch.Tensor:  # [Hkv, S + k*B + B, D]
-        return self.keys[:, self.cfg.window :]
-
-    @property
-    def memory_v(self) -> torch.Tensor:
-        return self.values[:, self.cfg.window :]
-
-    def span(self, end: int) -> int:
-        """How many of the buffers' leading keys to hand a lone query whose keys are the first `end`: on CUDA all
-        of them, a multiple of 8 (the attention gives the slots past `end` no weight), elsewhere `end`. One shape
-        for every token is what a CUDA graph of a held token replays (`LayerMemory.attend_steady`), and the eager
-        tokens take the same products so that both round alike; with an odd count (every other token, as the tail
-        grows) cuBLAS took a batched gemv kernel at ~190 us a call (8B shape, 128K tokens)."""
-        return self.keys.shape[1] if self.device.type == "cuda" else end
+    def ring_layout(self, position: int | torch.Tensor,
+                    slot: int | torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """Where the ring's values are for a decoded token at `position` in recent slot `slot`, as
+        `lone_query_attention` takes it: (the recent slot of the ring's oldest key, that key's ring slot). The ring
+        holds the W positions up to the token's, which fill the recent slots [slot - W + 1, slot]. Ints, or [1]
+        tensors on the device (a CUDA graph's replay)."""
+        return slot - self.cfg.window + 1, (position + 1) % self.cfg.window
 
     def nbytes(self) -> int:
-        """Bytes of the buffers, allocated or still to be."""
-        kv_heads, head_dim, dtype, _ = self._shape
-        return 2 * kv_heads * head_dim * dtype.itemsize * self._slots()
+        """Bytes of the ring, allocated or still to be (the memory group is the recent buffer's)."""
+        kv_heads, _, head_dim = self.memory_k.shape
+        return kv_heads * head_dim * self.memory_k.element_size() * self.cfg.window
 
     # ---- retrieval shared by decoded tokens ---------------------------------------------------------------
 
@@ -124,10 +117,10 @@ class DecodeCache:
         """Whether the ring holds the W positions before `position` in the rotations of `recent_start`."""
         return self.frame == recent_start and self.upto == position
 
-    def ring_write(self, start: int, keys: torch.Tensor, values: torch.Tensor, recent_start: int) -> None:
-        """Put rotated keys and values [Hkv, n, D] of positions [start, start + n) (n <= W, ending at the newest
-        token) in the ring, rotated relative to `recent_start`."""
-        if self.keys is None:
+    def ring_write(self, start: int, keys: torch.Tensor, recent_start: int) -> None:
+        """Put rotated keys [Hkv, n, D] of positions [start, start + n) (n <= W, ending at the newest token) in the
+        ring, rotated relative to `recent_start`."""
+        if self.ring_k is None:
             self._allocate()  # the first decoded token begins here (LayerMemory._attend_one)
         n, window = keys.shape[1], self.cfg.window
         slot = start % window
@@ -135,7 +128,6 @@ class DecodeCache:
         for at, lo, hi in ((slot, 0, first), (0, first, n)):
             if hi > lo:
                 self.ring_k[:, at : at + hi - lo] = keys[:, lo:hi]
-                self.ring_v[:, at : at + hi - lo] = values[:, lo:hi]
         self.frame, self.upto = recent_start, start + n
 
     # ---- the memory group -------------------------------------------------------------------------------
@@ -157,10 +149,10 @@ class DecodeCache:
         free = [i for i, b in enumerate(self.slots) if b not in wanted][: len(new)]
         for i, b in zip(free, new):
             self.slots[i] = b
-        blocks = slice(self.cfg.window + self.cfg.sinks, self.cfg.window + self._tail_at)
+        blocks = slice(self.cfg.sinks, self._tail_at)
         split = (self.cfg.topk, self.cfg.block_size)
-        blocks_k = self.keys[:, blocks].unflatten(1, split)  # [Hkv, k, B, D], a view
-        blocks_v = self.values[:, blocks].unflatten(1, split)
+        blocks_k = self.memory_k[:, blocks].unflatten(1, split)  # [Hkv, k, B, D], a view
+        blocks_v = self.memory_v[:, blocks].unflatten(1, split)
         if cache is None:  # the pages are at hand: decode each block straight into its slot
             for i, b in zip(free, new):
                 store.codec.decode_into(store.parts(b), blocks_k[:, i], blocks_v[:, i])
@@ -172,21 +164,21 @@ class DecodeCache:
 
     def put_tail(self, tail_k: torch.Tensor, tail_v: torch.Tensor) -> int:
         """Copy the unsealed tail [Hkv, n, D] (n < B) in after the blocks; returns the memory group's key count,
-        S + k*B + n: keys[:, :W + that] are what the token attends to."""
-        at = self.cfg.window + self._tail_at
+        S + k*B + n: memory_k[:, :that] are the memory keys the token attends to."""
+        at = self._tail_at
         n = tail_k.shape[1]
-        self.keys[:, at : at + n] = tail_k
-        self.values[:, at : at + n] = tail_v
-        return self._tail_at + n
+        self.memory_k[:, at : at + n] = tail_k
+        self.memory_v[:, at : at + n] = tail_v
+        return at + n
 
     def put_tail_at(self, recent_k: torch.Tensor, recent_v: torch.Tensor, slot: torch.Tensor) -> None:
         """`put_tail` with the tail's first recent slot as a [1] tensor on the device: copies B slots from there
         (up to the buffer's last), of which the `valid` count handed to the attention keeps the tail's."""
-        at = self.cfg.window + self._tail_at
+        at = self._tail_at
         index = (slot + self._tail_steps).clamp_(max=recent_k.shape[1] - 1)  # [B]
-        self.keys[:, at : at + self.cfg.block_size] = recent_k.index_select(1, index)
-        self.values[:, at : at + self.cfg.block_size] = recent_v.index_select(1, index)
+        self.memory_k[:, at : at + self.cfg.block_size] = recent_k.index_select(1, index)
+        self.memory_v[:, at : at + self.cfg.block_size] = recent_v.index_select(1, index)
 
     def memory_end(self, tail: int) -> int:
-        """Keys a lone query attends in the buffers (ring, then memory) with a tail of `tail` tokens."""
+        """Keys a lone query attends (the ring's, then the memory group's) with a tail of `tail` tokens."""
         return self.cfg.window + self._tail_at + tail

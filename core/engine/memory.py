@@ -126,7 +126,10 @@ class LayerMemory:
                                 host=host or HostPages(pin=offload and device.type == "cuda", devices=(device,)),
                                 kv_dtype=cfg.kv_dtype, repr_dtype=cfg.repr_dtype)
         self.cache = BlockCache(self.store, cfg.cache_blocks, device) if offload else None
-        self.decoding = DecodeCache(cfg, kv_heads, head_dim, dtype, device)  # what a decoded token attends to
+        # What a decoded token attends to; its memory group is the recent buffer's slots from `room` on, which
+        # decoded tokens leave free (compacting before they reach them) and reading may fill (dropping the cache).
+        self.room = positions.decode_room(cfg)
+        self.decoding = DecodeCache(cfg, self.recent_kv[:, :, self.room :])
         self.position = 0  # tokens seen by this layer
         self.recent_start = cfg.sinks  # absolute position of recent slot 0
         self.recent_len = 0
@@ -258,7 +261,12 @@ class LayerMemory:
             self.sink_v[:, at] = v[:, :n_sink_new]
         n_new = length - n_sink_new
         if n_new:
-            if self.recent_len + n_new > self.capacity:
+            # A decoded token compacts before the decode cache's memory group (`room`), sealing the blocks due for
+            # it first so that they leave too (its query is no part of their scores: they lie W behind it); else
+            # the first token after a read, whose last blocks are due, would pass `room` and attend the general way.
+            if self.recent_len + n_new > (self.room if length == 1 else self.capacity):
+                if length == 1:
+                    self._seal(positions.sealed_for(c, first))
                 self._compact(first)
             at = slice(self.recent_len, self.recent_len + n_new)
             self.recent_k[:, at] = k[:, n_sink_new:]
@@ -417,9 +425,9 @@ class LayerMemory:
     def _steady_tail(self, first: int, retrieved: list[int]) -> tuple[int, int] | None:
         """The unsealed tail (start, count) of a decoded token at `first` if it attends through the DecodeCache,
         else None: past the sinks' reach (no sinks locally, all of them in memory, a full window), with all k
-        blocks retrieved and a tail that fits the cache."""
+        blocks retrieved, a tail that fits the cache, and the recent buffer clear of the cache's memory group."""
         cfg = self.cfg
-        if first < cfg.sinks + cfg.window or len(retrieved) != cfg.topk:
+        if first < cfg.sinks + cfg.window or len(retrieved) != cfg.topk or self.recent_len > self.room:
             return None
         tail = positions.unsealed_span(cfg, first, 1, self.store.count)
         return tail if tail[1] <= cfg.block_size else None
@@ -437,9 +445,9 @@ class LayerMemory:
         else:
             start = first - cfg.window + 1
             rotations = self._local_rotations(start, first + 1)
-        at, end = start - self.recent_start, self.recent_len
-        cache.ring_write(start, self.rope.rotate(self.recent_k[:, at:end], rotations), self.recent_v[:, at:end],
-                         self.recent_start)
+        at = start - self.recent_start
+        cache.ring_write(start, self.rope.rotate(self.recent_k[:, at : self.recent_len], rotations), self.recent_start)
+        ring_at, ring_turn = cache.ring_layout(first, self.recent_len - 1)  # where the ring's values are
         q_local = self.rope.rotate(q, positions.local_rotation(cfg, first, self.recent_start)).reshape(hkv, g, d)
         queries = q_mem.reshape(1, hkv, g, d)
         self._record(queries, retrieved)
@@ -450,13 +458,13 @@ class LayerMemory:
         memory = cache.put_tail(self.recent_k[:, at : at + count], self.recent_v[:, at : at + count])
         with section("infllm.attention"):
             if self.lone_query:
-                # One softmax over [ring | memory], the keys laid out so by the cache: fewer, cheaper calls.
-                end = cfg.window + memory
-                span = cache.span(end)
-                out = lone_query_attention(q_local, queries[0], cache.keys[:, :span], cache.values[:, :span],
-                                           cfg.window, self.scale, valid=end)
+                # One softmax over [ring | memory], the values in the recent buffer: fewer, cheaper calls.
+                keys = cache.memory_k[:, : cache.memory_span(memory)]
+                out = lone_query_attention(q_local, queries[0], cache.ring_k, keys, self.recent_v, ring_at, ring_turn,
+                                           self.room, self.scale, valid=cfg.window + memory)
                 return out[None]
-            local_out = attention_lse(q_local[None], cache.ring_k[None], cache.ring_v[None], None, self.scale,
+            ring_v = self.recent_v[:, ring_at : ring_at + cfg.window].roll(ring_turn, 1)  # [Hkv, W, D], ring order
+            local_out = attention_lse(q_local[None], cache.ring_k[None], ring_v[None], None, self.scale,
                                       self.kernels)
             if memory == 0:  # no sinks, no blocks, no tail: local attention is all there is
                 return local_out[0]
@@ -473,9 +481,9 @@ class LayerMemory:
         pending row. Returns (recent slot, ring slot, rotation row, the tail's recent slot, keys attended, pending
         row), or None: attend it with `attend`."""
         cfg, first, cache = self.cfg, self.position, self.decoding
-        if not self.lone_query or cache.keys is None or (self.tally is not None and self.tally.open):
+        if not self.lone_query or cache.ring_k is None or (self.tally is not None and self.tally.open):
             return None
-        if positions.sealed_for(cfg, first) > self.store.count or self.recent_len + 1 > self.capacity:
+        if positions.sealed_for(cfg, first) > self.store.count or self.recent_len + 1 > self.room:
             return None
         if self.pending == PENDING:
             return None
@@ -504,11 +512,10 @@ class LayerMemory:
         self.pending_q.index_copy_(1, pending, q_mem.sum(dim=1))
         cos, sin = self.rope.cos.index_select(0, rotation), self.rope.sin_signed.index_select(0, rotation)  # [1, D]
         cache.ring_k.index_copy_(1, ring, apply_rotary(k, cos, sin))
-        cache.ring_v.index_copy_(1, ring, v)
         cache.put_tail_at(self.recent_k, self.recent_v, tail)
         q_local = apply_rotary(q, cos, sin).reshape(hkv, g, d)
-        out = lone_query_attention(q_local, q_mem.reshape(hkv, g, d), cache.keys, cache.values, cfg.window,
-                                   self.scale, valid=end)
+        out = lone_query_attention(q_local, q_mem.reshape(hkv, g, d), cache.ring_k, cache.memory_k, self.recent_v,
+                                   *cache.ring_layout(ring, slot), self.room, self.scale, valid=end)
         return out.reshape(h, 1, d)
 
     def advance_steady(self) -> None:

@@ -13,6 +13,7 @@ brute-force table of the distances above.
 | rule | function |
 |---|---|
 | slots in the recent buffer, rotation positions the rope tables cover | `recent_capacity`, `rope_range` |
+| the decode cache's memory group at the recent buffer's end | `decode_memory_slots`, `decode_room` |
 | tokens of block b | `block_span` |
 | blocks a chunk may retrieve (the host's count and the device's limits alike) | `sealed_for` |
 | memory tokens not yet in a block, seen once W behind a query | `unsealed_span` |
@@ -42,9 +43,23 @@ Positions = TypeVar("Positions", int, torch.Tensor)
 
 
 def recent_capacity(cfg: EngineConfig) -> int:
-    """Slots in the recent buffer: the window, the unsealed tail of a block, a query chunk whose blocks were sealed
-    for it but not yet used, and one prefill piece."""
-    return cfg.window + cfg.block_size + cfg.query_chunk + max(cfg.prefill_chunk, cfg.query_chunk)
+    """Slots in the recent buffer, the larger of what reading and decoding need. Reading: the window, the unsealed
+    tail of a block, a query chunk whose blocks were sealed for it but not yet used, and one prefill piece.
+    Decoding: the window, a block's tail and a block of room to write between compactions, then the decode
+    cache's memory group (`decode_memory_slots`), which lives in the buffer's last slots while decoding."""
+    reading = cfg.window + cfg.block_size + cfg.query_chunk + max(cfg.prefill_chunk, cfg.query_chunk)
+    return max(reading, cfg.window + 2 * cfg.block_size + decode_memory_slots(cfg))
+
+
+def decode_memory_slots(cfg: EngineConfig) -> int:
+    """Slots of a decoded token's memory group: the sinks, k blocks and an unsealed tail of up to a block, up to a
+    multiple of 8 (whole 16-byte rows for the matrix products on CUDA)."""
+    return -(-(cfg.sinks + (cfg.topk + 1) * cfg.block_size) // 8) * 8
+
+
+def decode_room(cfg: EngineConfig) -> int:
+    """Recent slots a decoded token may fill: those before the decode cache's memory group."""
+    return recent_capacity(cfg) - decode_memory_slots(cfg)
 
 
 def rope_range(cfg: EngineConfig) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from infllm.engine.kvcodec import dequantize
 
 SCRATCH_ROWS = 4096  # representative keys scored at once by a lone query on the CPU (3 MB for the default model)
 
@@ -60,8 +61,7 @@ def block_scores(queries: torch.Tensor, reprs: torch.Tensor, scratch: torch.Tens
                 torch.sum(per_head, dim=-1, out=scores[start : start + part.shape[0]])
         return scores.view(1, n, r).amax(dim=-1).float()
     if scales is not None:  # codes * scale, computed in float32 and rounded once to the queries' dtype
-        keys = torch.mul(keys.view(n * r, hkv, d), scales[..., None],
-                         out=torch.empty((n * r, hkv, d), dtype=dtype, device=keys.device)).view(n * r, hkv * d)
+        keys = dequantize(keys.view(n * r, hkv, d), scales[..., None], dtype).view(n * r, hkv * d)
     return (summed @ keys.t()).view(c, n, r).amax(dim=-1).float()
 
 

@@ -180,15 +180,15 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     Per layer: the sinks' keys (two rotations) and values, the recent tokens' keys, values and float32
     representative scores, and the running query sum (core/engine/memory.py), with `checkpoint` a second copy of
     them, a bound (a Session keeps their filled slots right after the read to answer from, in host memory); the
-    decoded tokens' pending queries (PENDING rows, sized by no setting); the decode cache (core/engine/decoding.py:
-    keys and values of a window, the sinks, k blocks and a block's tail); with `offload` (blocks in host memory, a
+    decoded tokens' pending queries (PENDING rows, sized by no setting); the decode cache's ring of a window's keys
+    (core/engine/decoding.py; its memory group lies in the recent buffer); with `offload` (blocks in host memory, a
     GPU run) a device cache of `cache_blocks` blocks' keys and values (held as `kv_dtype`). And cos and sin for
     every rotation position the memory uses; with `score_scratch` (a float32 CPU) the rows a decoded token's block
     scores go through (core/engine/scoring.py), one buffer per device, sized by no setting.
     Without `checkpoint` the sum is what the engine reports as its working bytes once made (tests check that)."""
     from infllm.engine.kvcodec import block_bytes
     from infllm.engine.memory import PENDING
-    from infllm.engine.positions import rope_range
+    from infllm.engine.positions import recent_capacity, rope_range
     from infllm.engine.scoring import SCRATCH_ROWS
 
     copies = 2 if checkpoint else 1
@@ -196,18 +196,17 @@ def working_bytes(shape: ModelShape, cfg: EngineConfig, element_size: int, *, of
     per_slot = shape.layers * (2 * row * element_size + 4) * copies  # key, value, float32 score
     per_sink = shape.layers * 3 * row * element_size * copies
     per_position = 2 * shape.head_dim * element_size
-    # The recent buffer's slots: a window, a block, a query chunk and a prefill step (recent_capacity in
-    # core/engine/memory.py). The rotary tables cover those, the sinks and the sinks' negative positions.
+    # The recent buffer's slots: a window, a block, a query chunk and a prefill step, or more where the decode
+    # cache's memory group (k blocks, mostly) needs more (recent_capacity in core/engine/positions.py). The
+    # rotary tables cover those, the sinks and the sinks' negative positions.
     slots = {"window": cfg.window, "block_size": cfg.block_size, "query_chunk": cfg.query_chunk,
              "prefill_chunk": max(cfg.prefill_chunk, cfg.query_chunk)}
+    slots["topk"] = recent_capacity(cfg) - sum(slots.values())
     parts = {name: n * (per_slot + per_position) for name, n in slots.items()}
     lo, hi = rope_range(cfg)
     parts["sinks"] = cfg.sinks * per_sink + (hi - lo - sum(slots.values())) * per_position
     parts["pending_queries"] = shape.layers * (PENDING * row * element_size + row * 4 * copies)  # and the query sum
-    per_decode_slot = shape.layers * 2 * shape.kv_heads * shape.head_dim * element_size
-    for name, n in (("window", cfg.window), ("sinks", cfg.sinks), ("block_size", cfg.block_size),
-                    ("topk", cfg.topk * cfg.block_size)):
-        parts[name] = parts.get(name, 0) + n * per_decode_slot
+    parts["window"] += cfg.window * shape.layers * row * element_size  # the decode cache's ring of keys
     cache = cfg.cache_blocks * block_bytes(cfg.kv_dtype, shape.kv_heads, cfg.block_size, shape.head_dim,
                                            element_size) * shape.layers
     parts["cache_blocks"] = cache if offload else 0
