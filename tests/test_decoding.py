@@ -354,3 +354,23 @@ def test_decoded_tokens_leave_the_memory_groups_slots_to_the_cache():
             filled.append(max(m.recent_len for m in engine.layers))
     assert counter.call_count == 100 * len(engine.layers)
     assert max(filled) <= room and min(filled) < room - cfg.block_size  # compacted while decoding
+
+
+def test_the_kernels_path_takes_the_window_values_in_the_rings_order():
+    """Where a decoded token attends by two kernels and their merge (a CPU in bfloat16, `INFLLM_KERNELS=masked` or
+    `band` on CUDA) instead of `lone_query_attention`, the window's values come from the recent buffer, turned into
+    the ring's order: decoding through the cache that way equals the general path."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (330,), generator=torch.Generator().manual_seed(18))
+    general, cached = Engine(model, CFG, offload=False), Engine(model, CFG, offload=False)
+    for engine in (general, cached):
+        engine.feed(ids[:160])
+        for m in engine.layers:
+            m.lone_query = False
+    with mock.patch.object(LayerMemory, "_steady_tail", return_value=None):
+        expected = decode(general, ids[160:])
+    counter, patch = steady_calls()
+    with patch:
+        got = decode(cached, ids[160:])
+    assert counter.call_count >= 150 * len(cached.layers)
+    assert (got - expected).abs().max().item() < 1e-5

@@ -80,10 +80,10 @@ class DecodeCache:
 
     def ring_layout(self, position: int | torch.Tensor,
                     slot: int | torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
-        """Where the ring's values are for a decoded token at `position` in recent slot `slot`, as
-        `lone_query_attention` takes it: (the recent slot of the ring's oldest key, that key's ring slot). The ring
-        holds the W positions up to the token's, which fill the recent slots [slot - W + 1, slot]. Ints, or [1]
-        tensors on the device (a CUDA graph's replay)."""
+        """Where the ring's values are for a decoded token at `position` (or its ring slot, position mod W: the
+        same result) in recent slot `slot`, as `lone_query_attention` takes it: (the recent slot of the ring's oldest
+        key, that key's ring slot). The ring holds the W positions up to the token's, which fill the recent slots
+        [slot - W + 1, slot]. Ints, or [1] tensors on the device (a CUDA graph's replay)."""
         return slot - self.cfg.window + 1, (position + 1) % self.cfg.window
 
     def nbytes(self) -> int:

@@ -309,7 +309,8 @@ class LayerMemory:
         keep = self.recent_len - shift
         self.settle_scores()
         rebase_running_scores(self.recent_score, self.recent_qsum, self.recent_k, self.recent_len, self.cfg.window)
-        # Overlapping ranges, hence the copies: a clone and a copy per tensor, once per prefill piece and layer.
+        # Overlapping ranges, hence the copies: a clone and a copy per tensor, once per prefill piece and layer
+        # (and once per block or more of decoded tokens).
         self.recent_kv[:, :, :keep] = self.recent_kv[:, :, shift : self.recent_len].clone()
         self.recent_score[:, :keep] = self.recent_score[:, shift : self.recent_len].clone()
         self.recent_start, self.recent_len = keep_from, keep
