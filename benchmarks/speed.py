@@ -183,6 +183,42 @@ def breakdown(model, device, length, overrides) -> None:
         print(f"  {e.self_device_time_total / 1e3:9,.1f} ms  {e.count:7,}x  {e.key[:100]}")
 
 
+def host_profile(model, device, length, overrides, rows: int = 45) -> None:
+    """Where the host's time goes in infllm's prefill, by Python function (cProfile): a GPU read is bound by the
+    host that launches its kernels (docs/benchmarks.md, "Where an 8B prefill's time goes"), and the torch profiler's
+    sections do not name the Python bookkeeping between operators. One plain read first (its rate, for the
+    profiler's overhead), then the same read profiled; the functions by own time and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    cfg = engine_defaults(model.config).with_overrides(**overrides)
+    engine = Engine(model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (length,))
+    engine.feed(ids[: cfg.prefill_chunk])
+    engine.reset()
+    sync(device)
+    t0 = time.perf_counter()
+    engine.feed(ids)
+    sync(device)
+    plain = time.perf_counter() - t0
+    engine.reset()
+    sync(device)
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    engine.feed(ids)
+    sync(device)
+    profiler.disable()
+    profiled = time.perf_counter() - t0
+    print(f"host profile: infllm prefill of {length:,} tokens, {plain:.2f} s plain ({length / plain:,.0f} tok/s), "
+          f"{profiled:.2f} s profiled ({cfg.to_dict()})")
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(rows)
+        print(out.getvalue())
+
+
 VIEW_OPS = {"as_strided", "slice", "transpose", "select", "narrow", "view", "reshape", "unbind", "expand", "t",
             "empty", "_unsafe_view", "permute", "unsqueeze", "alias", "detach", "squeeze", "unfold", "empty_strided",
             "numpy_T", "item", "_local_scalar_dense", "lift_fresh", "to", "_to_copy", "resolve_conj", "resolve_neg"}
@@ -285,6 +321,8 @@ def main() -> None:
     ap.add_argument("--repr-dtype", default=None, choices=REPR_DTYPES,
                     help="how representative keys are held (default int8)")
     ap.add_argument("--breakdown", action="store_true", help="profile infllm's prefill at the first length instead")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="profile infllm's prefill at the first length by Python function (cProfile) instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="profile decoding after the first length instead: operators per layer per token, host time")
     ap.add_argument("--count-prefill-ops", action="store_true",
@@ -306,6 +344,9 @@ def main() -> None:
         return
     if args.breakdown:
         breakdown(model, device, int(args.lengths.split(",")[0]), overrides)
+        return
+    if args.host_profile:
+        host_profile(model, device, int(args.lengths.split(",")[0]), overrides)
         return
     systems = args.systems.split(",")
     rows = []

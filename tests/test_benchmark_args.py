@@ -57,3 +57,15 @@ def test_qa_counts_the_evidence_as_shown_where_a_reader_of_the_excerpts_finds_it
                for cited in ([{"excerpt": evidence}], [{"excerpt": "other"}, {"excerpt": evidence}])]
     rows = qa.summarise(records, ["infllm"], [1, 3])
     assert rows[0]["excerpts"] == {1: 0.5, 3: 1.0} and "excerpts" not in rows[1]  # the retrieval-counts row
+
+
+def test_speed_profiles_the_hosts_prefill_by_python_function():
+    """`speed.py --host-profile` names the engine's own functions with their time: what a host-bound GPU read
+    spends between operators (a tiny shape on the CPU here, in seconds)."""
+    proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--shape", "tiny", "--device", "cpu", "--dtype",
+                           "float32", "--lengths", "2048", "--prefill-chunk", "512", "--host-profile"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("host profile: infllm prefill of 2,048 tokens")
+    assert "Ordered by: internal time" in proc.stdout and "Ordered by: cumulative time" in proc.stdout
+    assert "memory.py" in proc.stdout and "(attend)" in proc.stdout
