@@ -69,3 +69,27 @@ def test_speed_profiles_the_hosts_prefill_by_python_function():
     assert proc.stdout.startswith("host profile: infllm prefill of 2,048 tokens")
     assert "Ordered by: internal time" in proc.stdout and "Ordered by: cumulative time" in proc.stdout
     assert "memory.py" in proc.stdout and "(attend)" in proc.stdout
+
+
+def test_ab_times_two_trees_alternating_and_gives_this_trees_medians_over_the_bases():
+    """benchmarks/ab.py: each tree's speed.py in its own process, the order turned every round, then the medians and
+    their ratio per figure (here the base is this very tree, from its own folders)."""
+    proc = subprocess.run([sys.executable, "benchmarks/ab.py", "--base-tree", str(REPO), "--rounds", "2", "--",
+                           "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "1024",
+                           "--full-max", "0", "--systems", "infllm", "--decode", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rounds = [line.split(":")[0] for line in proc.stderr.splitlines() if line.startswith("round ")]
+    assert rounds == ["round 1, base", "round 1, this", "round 2, this", "round 2, base"]
+    rows = {line.split(" | ")[2]: line.strip("| ").split(" | ") for line in proc.stdout.splitlines()[2:]}
+    assert {"prefill_tok_s", "decode_ms", "rss_gb"} <= rows.keys()
+    _, tokens, _, base, this, base_median, this_median, ratio = rows["prefill_tok_s"]
+    assert tokens == "1,024" and len(base.split(" / ")) == len(this.split(" / ")) == 2
+    parse = lambda x: float(x.replace(",", ""))  # noqa: E731
+    assert abs(parse(ratio[:-1]) - parse(this_median) / parse(base_median)) < 1e-3
+
+
+def test_ab_refuses_a_json_of_speeds_own_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/ab.py", "--base-tree", str(REPO), "--", "--json", "x.json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--json is ab.py's own" in proc.stderr and proc.stdout == ""
