@@ -32,6 +32,8 @@ Systems (same model, same prompt template and system prompt, greedy decoding):
   bm25       BM25 over the document cut into chunks of block_size tokens; the top --bm25-passages chunks
              (default: as many as InfLLM retrieves, so the same number of retrieved tokens) are put, in
              document order, into the same prompt, read with full attention
+  reread     (after infllm) the passages infllm's answer re-read, where its prompt puts them, with no document
+             before them, read with full attention: what the re-read passages alone answer
 
 Metrics per system:
   accuracy   an accepted answer, normalised (lowercase; punctuation, underscores and whitespace collapsed to
@@ -349,7 +351,7 @@ def run(args) -> dict:
     from infllm.citations.passages import SourceMap
     from infllm.defaults import engine_defaults
     from infllm.runtime.loading import load_model
-    from infllm.documents.prompting import build_prompt, builtin_template, load_template
+    from infllm.documents.prompting import build_prompt, builtin_template, load_template, render_passages
     from infllm.engine.sampling import SamplingConfig
     from infllm.errors import UsageError
     from infllm.session import Focus, Session, answer_focus, stop_token_ids
@@ -366,9 +368,9 @@ def run(args) -> dict:
         for g in excerpts:
             g.items, g.spans = g.items[: args.per_document], g.spans[: args.per_document]
     systems = args.systems.split(",")
-    # cited-N answers from the citations of the infllm answer just made, so it comes after infllm.
-    bad = [s for i, s in enumerate(systems) if s not in SYSTEMS and not (
-        s.startswith("cited-") and s[6:].isdigit() and int(s[6:]) > 0 and "infllm" in systems[:i])]
+    # cited-N and reread answer from the citations or passages of the infllm answer just made: after infllm.
+    bad = [s for i, s in enumerate(systems) if s not in SYSTEMS and not ("infllm" in systems[:i] and (
+        s == "reread" or s.startswith("cited-") and s[6:].isdigit() and int(s[6:]) > 0))]
     focus = {}  # infllm variants that answer from the same read with the question's words steering retrieval
     four_bit = {}  # variant -> whether its decoded tokens take 4-bit projections (infllm.engine.packed)
     decode_chunk = {}  # variant -> decoded tokens sharing one retrieval (EngineConfig.decode_chunk)
@@ -411,7 +413,7 @@ def run(args) -> dict:
             systems.insert(systems.index("infllm") + len(focus), name)
     if bad:
         raise SetError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}, and cited-N (N > 0) "
-                       "after infllm")
+                       "and reread after infllm")
     ks = sorted({int(k) for k in args.ks.split(",")})
 
     t0 = time.perf_counter()
@@ -491,7 +493,7 @@ def run(args) -> dict:
                 first_seen = max(0, n_doc - budget)
                 full.read(prefix + doc_ids[first_seen:])
                 read_s = time.perf_counter() - start
-            elif system.startswith("cited-"):
+            elif system.startswith("cited-") or system == "reread":
                 read_s = 0.0
             else:  # bm25, evidence: chunk the document once; each question reads its own passages
                 size = cfg.block_size
@@ -528,6 +530,7 @@ def run(args) -> dict:
                         out["evidence_rank_retrieved"] = evidence_rank(session.retrievals, blocks, is_doc)
                         out["cited"] = [{"where": c.location(), "weight": round(c.weight, 3), "excerpt": c.excerpt}
                                         for c in session.citations]
+                        out["reread_texts"] = session.reread_texts
                 elif system == "last-slice":
                     text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
                     in_view = any(min(occ) >= first_seen for occ in occs)
@@ -535,6 +538,13 @@ def run(args) -> dict:
                     spans = sorted(rec["systems"]["infllm"]["ranking"][: int(system[6:])])
                     text = answer_from(spans, prompt)
                     in_view = any(a <= min(occ) and max(occ) < b for occ in occs for a, b in spans)
+                elif system == "reread":  # the passages infllm re-read, where it put them, and no document
+                    texts = rec["systems"]["infllm"]["reread_texts"]
+                    full.read(prefix)
+                    passages = tok.encode(render_passages(item.question, texts), add_special_tokens=False)
+                    text = tok.decode(full.answer(prompt.with_passages(passages), args.max_new),
+                                      skip_special_tokens=True)
+                    in_view = any(evidence_pattern(item.evidence).search(t) for t in texts)
                 else:
                     if system == "bm25":
                         scores = lexical.scores(item.question)

@@ -144,6 +144,7 @@ class Session:
         self.source_map: SourceMap | None = None  # extracted text -> files, pages, lines (for citations)
         self.citations: list = []
         self.reread: list[Citation] = []  # the passages the last answer re-read before its question, in order
+        self.reread_texts: list[str] = []  # their text, as the model read it
         self.ranking: list[tuple[int, float]] = []  # every document block, best first, behind `citations`
         self.retrievals: RetrievalTally | None = None  # the last answer's retrievals for memory attention
         self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
@@ -274,10 +275,10 @@ class Session:
         start = time.perf_counter()
         tail = list(prompt.suffix)  # what the tally hears: the question, not the passages re-read before it
         boosted: list[int] = []  # token ids whose logits get focus.copy_bias
-        self.reread = []
+        self.reread, self.reread_texts = [], []
         if lexical is not None and focus.passages:
             chosen = self._passages(lexical, focus.passages, source_map, prompt.question, focus.sentences)
-            texts = [source_map.text[start:end] for start, end in chosen]
+            texts = self.reread_texts = [source_map.text[start:end] for start, end in chosen]
             self.reread = [cite_span(start, end, source_map, excerpt_chars=REREAD_CHARS) for start, end in chosen]
             rendered = render_passages(prompt.question, texts)
             suffix = prompt.with_passages(self.loaded.tokenizer.encode(rendered, add_special_tokens=False))

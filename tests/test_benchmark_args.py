@@ -33,10 +33,13 @@ def test_qa_refuses_a_malformed_focus_in_one_line(focus, tmp_path):
     assert f"--focus {focus}:" in qa_refusal(tmp_path, "--systems", "infllm", "--focus", focus)
 
 
-@pytest.mark.parametrize("systems", ["cited-2", "cited-2,infllm", "infllm,cited-0", "infllm,cited-x"])
-def test_qa_refuses_cited_passages_without_an_infllm_answer_before_them(systems, tmp_path):
-    # cited-N answers from the citations of the infllm answer to the same question, made before it.
-    assert "unknown system(s) cited-" in qa_refusal(tmp_path, "--systems", systems)
+@pytest.mark.parametrize("systems", ["cited-2", "cited-2,infllm", "infllm,cited-0", "infllm,cited-x", "reread",
+                                     "reread,infllm"])
+def test_qa_refuses_cited_or_reread_passages_without_an_infllm_answer_before_them(systems, tmp_path):
+    # cited-N and reread answer from the citations or passages of the infllm answer to the same question, made
+    # before it.
+    name = systems.split(",")[0] if systems.startswith(("cited", "reread")) else systems.split(",")[1]
+    assert f"unknown system(s) {name}" in qa_refusal(tmp_path, "--systems", systems)
 
 
 def test_qa_counts_the_evidence_as_shown_where_a_reader_of_the_excerpts_finds_it():

@@ -104,8 +104,9 @@ def test_focus_re_reads_the_passage_that_holds_the_questions_rare_word(session):
     # What the answer re-read is kept with where it lies, for --json.
     assert [(c.source, c.first_line, c.last_line, c.excerpt) for c in session.reread] == [
         ("n.txt", 21, 21, "Line 21: the quagga waits at the gate.")]
+    assert [t.strip() for t in session.reread_texts] == ["Line 21: the quagga waits at the gate."]
     assert "".join(session.answer(prompt, 4)) == plain  # and nothing of it stays for the next answer
-    assert session.reread == []
+    assert session.reread == [] and session.reread_texts == []
     # Unsteered retrieval (no focus), yet the citations still rank by the question's words too.
     assert "".join(session.answer(prompt, 4, cite=2)) == plain
     assert any("quagga" in c.excerpt for c in session.citations)
