@@ -107,7 +107,7 @@ def main() -> None:
         if args.base_tree is not None:
             if not (args.base_tree / "core").is_dir() or not (args.base_tree / "benchmarks" / "speed.py").is_file():
                 parser.error(f"--base-tree {args.base_tree}: no core/ and benchmarks/speed.py there")
-            base = args.base_tree
+            base = args.base_tree.resolve()  # each tree's speed.py runs from its own folder
         else:
             (scratch / "base").mkdir()
             try:

@@ -74,13 +74,15 @@ def test_speed_profiles_the_hosts_prefill_by_python_function():
     assert "memory.py" in proc.stdout and "(attend)" in proc.stdout
 
 
-def test_ab_times_two_trees_alternating_and_gives_this_trees_medians_over_the_bases():
+def test_ab_times_two_trees_alternating_and_gives_this_trees_medians_over_the_bases(tmp_path):
     """benchmarks/ab.py: each tree's speed.py in its own process, the order turned every round, then the medians and
-    their ratio per figure (here the base is this very tree, from its own folders)."""
-    proc = subprocess.run([sys.executable, "benchmarks/ab.py", "--base-tree", str(REPO), "--rounds", "2", "--",
-                           "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "1024",
-                           "--full-max", "0", "--systems", "infllm", "--decode", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    their ratio per figure (here the base is this very tree, through a link named relative to the working
+    directory)."""
+    (tmp_path / "base").symlink_to(REPO)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ab.py"), "--base-tree", "base", "--rounds",
+                           "2", "--", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths",
+                           "1024", "--full-max", "0", "--systems", "infllm", "--decode", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rounds = [line.split(":")[0] for line in proc.stderr.splitlines() if line.startswith("round ")]
     assert rounds == ["round 1, base", "round 1, this", "round 2, this", "round 2, base"]
