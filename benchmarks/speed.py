@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from infllm.config import KV_DTYPES, REPR_DTYPES
+from infllm.config import KV_DTYPES, REPR_DTYPES, EngineConfig
 from infllm.defaults import engine_defaults
 from infllm.engine.engine import Engine
 
@@ -104,14 +104,21 @@ def full(model, device, length, decode, chunk=8192):
             "decode_ms": (t2 - t1) / decode * 1000, **peak(device)}
 
 
-def infllm(model, device, length, decode, overrides, then_chunk=None):
-    """infllm's row; with `then_chunk`, a second row: `decode` more tokens after the first decode, from the same
-    read, with retrieval shared by `then_chunk` decoded tokens (Engine.set_decode_chunk)."""
+def warmed_engine(model, length: int, overrides: dict) -> tuple[Engine, EngineConfig, torch.Tensor]:
+    """An engine with the model's defaults and `overrides`, warmed up by one piece then reset (allocations, kernel
+    selection), and `length` random token ids to read."""
     cfg = engine_defaults(model.config).with_overrides(**overrides)
     engine = Engine(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (length,))
-    engine.feed(ids[: cfg.prefill_chunk])  # warm-up (allocations, kernel selection)
+    engine.feed(ids[: cfg.prefill_chunk])
     engine.reset()
+    return engine, cfg, ids
+
+
+def infllm(model, device, length, decode, overrides, then_chunk=None):
+    """infllm's row; with `then_chunk`, a second row: `decode` more tokens after the first decode, from the same
+    read, with retrieval shared by `then_chunk` decoded tokens (Engine.set_decode_chunk)."""
+    engine, cfg, ids = warmed_engine(model, length, overrides)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
@@ -155,11 +162,7 @@ def breakdown(model, device, length, overrides) -> None:
     """Where infllm's prefill time goes, from the profiler: host (CPU) and device time per labelled phase."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = engine_defaults(model.config).with_overrides(**overrides)
-    engine = Engine(model, cfg)
-    ids = torch.randint(0, model.config.vocab_size, (length,))
-    engine.feed(ids[: cfg.prefill_chunk])
-    engine.reset()
+    engine, cfg, ids = warmed_engine(model, length, overrides)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=activities) as prof:
@@ -192,11 +195,7 @@ def host_profile(model, device, length, overrides, rows: int = 45) -> None:
     import io
     import pstats
 
-    cfg = engine_defaults(model.config).with_overrides(**overrides)
-    engine = Engine(model, cfg)
-    ids = torch.randint(0, model.config.vocab_size, (length,))
-    engine.feed(ids[: cfg.prefill_chunk])
-    engine.reset()
+    engine, cfg, ids = warmed_engine(model, length, overrides)
     sync(device)
     t0 = time.perf_counter()
     engine.feed(ids)
