@@ -308,6 +308,7 @@ class FullAttention:
     def __init__(self, loaded, stops: set[int], chunk: int = 2048):
         self.model, self.stops, self.chunk = loaded.model, stops, chunk
         self.cache, self.length = None, 0
+        self.logprobs: list[float] = []
 
     @torch.inference_mode()
     def read(self, ids: list[int]) -> None:
@@ -327,8 +328,10 @@ class FullAttention:
         out = self.model(input_ids=torch.tensor([suffix], device=self.model.device), past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         tokens = []
+        self.logprobs = []  # of each token chosen, the stop token included (as Session.answer_logprobs)
         for _ in range(max_new):
             token = int(out.logits[0, -1].argmax())
+            self.logprobs.append(float(torch.log_softmax(out.logits[0, -1].float(), -1)[token]))
             if token in self.stops:
                 break
             tokens.append(token)
@@ -338,6 +341,11 @@ class FullAttention:
 
 
 # ---- running ----------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float | None:
+    """An answer's mean log-probability per token (its confidence), None for an empty one."""
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def evidence_rank(tally: Counter, evidence_blocks: set[int], is_document) -> int | None:
@@ -531,6 +539,7 @@ def run(args) -> dict:
                         out["cited"] = [{"where": c.location(), "weight": round(c.weight, 3), "excerpt": c.excerpt}
                                         for c in session.citations]
                         out["reread_texts"] = session.reread_texts
+                    out["logprob"] = _mean(session.answer_logprobs)
                 elif system == "last-slice":
                     text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
                     in_view = any(min(occ) >= first_seen for occ in occs)
@@ -545,6 +554,7 @@ def run(args) -> dict:
                     text = tok.decode(full.answer(prompt.with_passages(passages), args.max_new),
                                       skip_special_tokens=True)
                     in_view = any(evidence_pattern(item.evidence).search(t) for t in texts)
+                    out["logprob"] = _mean(full.logprobs)
                 else:
                     if system == "bm25":
                         scores = lexical.scores(item.question)

@@ -148,6 +148,8 @@ class Session:
         self.ranking: list[tuple[int, float]] = []  # every document block, best first, behind `citations`
         self.retrievals: RetrievalTally | None = None  # the last answer's retrievals for memory attention
         self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
+        # The model's log-probability of each token the last answer generated, as it chose it (its confidence)
+        self.answer_logprobs: list[float] = []
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
         self.cite_heads = 10  # heads whose attention ranks the citations
         # (probe key, [layers * heads] quality): per document and template (citing_heads, calibration)
@@ -302,10 +304,12 @@ class Session:
         # The passages' numbers, where the template lists passages, are not the answer's.
         visible = without_passage_number if prompt.slot is not None else (lambda text: text)
         # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
+        self.answer_logprobs = []
         for step in range(max_new_tokens):
             if bias is not None:
                 logits = logits + bias
             token = next_token(logits, sampling, generator, tokens)
+            self.answer_logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
             if token in self._stops:
                 self.finish_reason = "stop"
                 break
