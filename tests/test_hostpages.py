@@ -6,6 +6,7 @@ import errno
 import gc
 import mmap
 import os
+import threading
 import weakref
 
 import pytest
@@ -172,14 +173,37 @@ def test_the_spill_limit_caps_the_disk_room_and_zero_turns_the_tier_off(tmp_path
             spill_limit_bytes({SPILL_LIMIT_ENV: bad})
 
 
-def test_pinned_pages_are_carved_from_slabs():
-    """A GPU run's pinned pages come from page-locked slabs as unpinned pages do (no GPU here: the slab maker is
-    recorded instead)."""
+def test_pinned_pages_are_carved_from_slabs_made_ahead_on_a_thread():
+    """A GPU run's pinned pages come from page-locked slabs as unpinned pages do, and the next slab is made on the
+    slab thread while the current one is carved (no GPU here: the slab maker is recorded instead)."""
     host = HostPages(pin=True)
-    sizes = []
-    host._ram.make = lambda n: (sizes.append(n), torch.empty(n, dtype=torch.uint8))[1]
+    made = []  # (bytes, the thread that made it)
+
+    def make(n):
+        made.append((n, threading.current_thread().name))
+        return torch.empty(n, dtype=torch.uint8)
+
+    host._ram.make = make
     pages = [host.page((16, 64), torch.int8, CPU), host.page((100,), torch.float32, CPU)]
-    assert sizes == [SLAB_BYTES] and [p.shape for p in pages] == [(16, 64), (100,)]
+    assert [p.shape for p in pages] == [(16, 64), (100,)]
+    first = pages[0].untyped_storage().data_ptr()
+    big = host.page((SLAB_BYTES,), torch.uint8, CPU)  # past the first slab's room: it is carved from the one ahead
+    host._ram._ahead[1].result()
+    assert [n for n, _ in made] == [SLAB_BYTES, SLAB_BYTES, SLAB_BYTES]
+    assert made[0][1] == threading.current_thread().name
+    assert all(name.startswith("infllm-slabs") for _, name in made[1:])
+    assert big.untyped_storage().data_ptr() != first and host.ram_bytes == 3 * SLAB_BYTES
+
+
+def test_a_slab_is_made_ahead_only_where_the_budget_has_room_for_it(tmp_path):
+    host = HostPages(pin=True, budget=SLAB_BYTES + SLAB_BYTES // 2, spill_dir=tmp_path)
+    made = []
+    host._ram.make = lambda n: (made.append(n), torch.empty(n, dtype=torch.uint8))[1]
+    host.page((1024,), torch.uint8, CPU)
+    assert made == [SLAB_BYTES] and host._ram._ahead is None and host.ram_bytes == SLAB_BYTES
+    unpinned = HostPages(pin=False)
+    unpinned.page((1024,), torch.uint8, CPU)
+    assert unpinned._ram._ahead is None  # an unpinned slab costs nothing to make: none ahead
 
 
 class _FakeCudart:

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from infllm.engine.memory import LayerMemory
 
 
+# Only the capturing thread is held to what a capture allows: the block store's slab thread
+# (infllm.engine.hostpages) may be registering host memory meanwhile, which the default mode forbids any thread.
+CAPTURE_MODE = "thread_local"
+
 class DecodeGraphs:
     """One graph per layer boundary of a single-row forward on one CUDA device (module docstring)."""
 
@@ -71,7 +75,7 @@ class DecodeGraphs:
         hidden = self.hidden
         for i in range(len(self.adapter.layers) + 1):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 out = self._boundary(i, hidden)
             self.graphs.append(graph)
             self.outputs.append(out)
@@ -128,7 +132,7 @@ class HeldTokenGraph:
         if self.graph is None:
             _warm_up(self.device, self._token)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
                 self.output = self._token()
             self.graph = graph
         self.graph.replay()

@@ -23,6 +23,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,13 +40,18 @@ class Slabs:
     Unpinned RAM pages come from slabs too: allocated one by one, a read's 16-block pages were interleaved on the
     heap with its temporaries, and the heap kept the freed temporaries' memory resident between them (a 32K read
     added ~1,000 MB of anonymous memory with pages allocated one by one, ~740 with slabs: docs/benchmarks.md "The
-    disk tier"); a slab is one allocation of its own."""
+    disk tier"); a slab is one allocation of its own.
+
+    `make_ahead` starts the next slab on a thread of its own while the current one is carved: a pinned slab is
+    touched and registered (0.90 s of an 8B shape's 12 s read at 128K, docs/benchmarks.md "Where an 8B read's host
+    time goes"), work the thread that launches the kernels need not wait for."""
 
     def __init__(self, make: Callable[[int], torch.Tensor]):
         self.make = make
         self.slabs: list[torch.Tensor] = []  # uint8 [bytes] each, the last being carved
         self._used = 0  # bytes of the last slab handed out (aligned)
-        self.reserved = 0  # bytes of all slabs
+        self._ahead: tuple[int, Future] | None = None  # (bytes, the slab being made on the slab thread)
+        self.reserved = 0  # bytes of all slabs, the one being made ahead included
         self.given = 0  # bytes of all pages handed out
 
     def room(self) -> int:
@@ -53,15 +59,34 @@ class Slabs:
         return self.slabs[-1].numel() - self._used if self.slabs else 0
 
     def take(self, nbytes: int, slab_bytes: int) -> torch.Tensor:
-        """uint8 [nbytes] from the last slab, or from a new one of max(slab_bytes, nbytes)."""
+        """uint8 [nbytes] from the last slab, or from a new one: the slab made ahead if it is large enough, else
+        one of max(slab_bytes, nbytes)."""
         if not self.slabs or nbytes > self.room():
-            self.slabs.append(self.make(max(slab_bytes, nbytes)))
-            self.reserved += self.slabs[-1].numel()
+            if self._ahead is not None and self._ahead[0] >= nbytes:
+                slab = self._ahead[1].result()
+                self._ahead = None
+            else:
+                slab = self.make(max(slab_bytes, nbytes))
+                self.reserved += slab.numel()
+            self.slabs.append(slab)
             self._used = 0
         out = self.slabs[-1][self._used : self._used + nbytes]
         self.given += nbytes
         self._used = min(self.slabs[-1].numel(), self._used + -(-nbytes // _ALIGN) * _ALIGN)
         return out
+
+    def make_ahead(self, nbytes: int) -> None:
+        """Start making a slab of `nbytes` on the slab thread, unless one is already on its way; the next `take`
+        that needs a new slab takes it. Its bytes count as reserved from now on."""
+        if self._ahead is None:
+            self._ahead = (nbytes, _slab_thread().submit(self.make, nbytes))
+            self.reserved += nbytes
+
+
+@functools.cache
+def _slab_thread() -> ThreadPoolExecutor:
+    """The one thread that makes slabs ahead, for every engine of the process (slabs come seconds apart)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="infllm-slabs")
 
 
 def spill_file(directory: Path, nbytes: int) -> torch.Tensor:
@@ -182,11 +207,16 @@ class HostPages:
         for n in shape:
             numel *= n
         nbytes = numel * dtype.itemsize
-        if self.budget is None or self.spill_dir is None:
+        unbounded = self.budget is None or self.spill_dir is None
+        if unbounded:
             raw = self._ram.take(nbytes, SLAB_BYTES)
         elif nbytes <= self._ram.room() or self._ram.reserved + nbytes <= self.budget:
             raw = self._ram.take(nbytes, min(SLAB_BYTES, self.budget - self._ram.reserved))
         else:
             raw = self._spill.take(nbytes, SLAB_BYTES)
+        # Only a pinned slab is worth making ahead (an unpinned one is a mapping whose pages come on first write),
+        # and only one the budget has room for.
+        if self.pin and (unbounded or self._ram.reserved + SLAB_BYTES <= self.budget):
+            self._ram.make_ahead(SLAB_BYTES)
         return raw.view(dtype).view(shape)
 
