@@ -540,6 +540,7 @@ def run(args) -> dict:
                                         for c in session.citations]
                         out["reread_texts"] = session.reread_texts
                     out["logprob"] = _mean(session.answer_logprobs)
+                    out["answered_from"] = session.answered_from
                 elif system == "last-slice":
                     text = tok.decode(full.answer(prompt.suffix, args.max_new), skip_special_tokens=True)
                     in_view = any(min(occ) >= first_seen for occ in occs)

@@ -30,6 +30,9 @@ class Answer:
     # The passages the model re-read just before the question (--passages), in the order it read them (the best
     # last); weight 0: they were chosen by the question's words, not by the citing heads.
     reread: list[Citation] = field(default_factory=list)
+    # "memory": the answer read with the document's memory; "passages": the answer from the re-read passages alone
+    # (no document), kept as the more confident of the two (infllm.session.ALONE_MARGIN)
+    answered_from: str = "memory"
 
     def to_dict(self) -> dict:
         return {"answer": self.text, "finish_reason": self.finish_reason, "model": self.model, "inputs": self.inputs,
@@ -37,11 +40,13 @@ class Answer:
                 "tokens_generated": self.tokens_generated,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}, "memory": self.memory,
                 "engine": self.engine, "citations": [c.to_dict() for c in self.citations],
-                "reread": [c.to_dict() for c in self.reread]}
+                "reread": [c.to_dict() for c in self.reread], "answered_from": self.answered_from}
 
     @staticmethod
     def from_dict(d: dict) -> "Answer":
-        """The inverse of to_dict (timings keep to_dict's rounding). A server older than `reread` sends none."""
+        """The inverse of to_dict (timings keep to_dict's rounding). A server older than `reread` and
+        `answered_from` sends neither."""
         return Answer(d["answer"], d["model"], d["inputs"], d["tokens_read"], d["tokens_generated"], d["timings"],
                       d["memory"], d["engine"], [Citation.from_dict(c) for c in d["citations"]], d["finish_reason"],
-                      d["tokens_question"], [Citation.from_dict(c) for c in d.get("reread", [])])
+                      d["tokens_question"], [Citation.from_dict(c) for c in d.get("reread", [])],
+                      d.get("answered_from", "memory"))

@@ -302,7 +302,7 @@ class Reading:
         return Answer("".join(parts).strip(), self.model.name, self.sources, session.timings.tokens_read,
                       session.timings.tokens_generated, timings, memory, session.engine.config.to_dict(),
                       list(session.citations) if cite > 0 else [], session.finish_reason, len(prompt.suffix),
-                      list(session.reread))
+                      list(session.reread), session.answered_from)
 
     def summarize(self, **options) -> Answer:
         """ask() with the summary request (read with the "summarize" template for the built-in wording)."""

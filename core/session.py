@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,10 @@ class Focus:
     # the answer is generated, to hold a small model to the document's words. Off: with the default model it
     # answered more dev questions and fewer held-out ones (docs/benchmarks.md, "A copy bias").
     copy_bias: float = 0.0
+    # Not None: the answer is also generated from the re-read passages alone (the prompt's opening, the passages
+    # and the question, no document), and that answer is kept unless the memory's own is more confident by this
+    # many nats per token (mean log-probability; `Draft.confidence`). None: the memory's answer only.
+    alone_margin: float | None = None
 
     @property
     def active(self) -> bool:
@@ -76,10 +81,35 @@ class Focus:
 WORDS_FOCUS = Focus(weight=1.0, pins=2)
 
 
+# How much more confident the memory's answer must be than the passages' alone to be kept. Chosen on the
+# whole-document dev set among margins from -1 to 1 nats per token (one H100, default model): the memory's answers
+# alone 20/52, the passages' alone 17/52; margins 0.1 to 0.5 kept 22-23/52 right, 0 kept 21 and 1 kept 19; 0.3 is
+# the middle of the best range. Held-out, reported only: 14/59, 20/59 and 22/59 with it (docs/benchmarks.md,
+# "Two answers, the more confident kept").
+ALONE_MARGIN = 0.3
+
+
 def answer_focus(passages: int) -> Focus:
     """How an answer (ask, chat) uses its question's words: with passages > 0 they steer every layer's retrieval
-    (WORDS_FOCUS) and that many best passages are re-read after the document; with 0, InfLLM's retrieval alone."""
-    return replace(WORDS_FOCUS, passages=passages) if passages > 0 else Focus()
+    (WORDS_FOCUS), that many best passages are re-read after the document, and an answer from those passages
+    alone competes with the memory's (ALONE_MARGIN); with 0, InfLLM's retrieval alone."""
+    return replace(WORDS_FOCUS, passages=passages, alone_margin=ALONE_MARGIN) if passages > 0 else Focus()
+
+
+@dataclass
+class Draft:
+    """One generated answer: the tokens kept (stop tokens excluded), the text shown, the log-probability of each
+    token chosen (a stop token's included: ending is a choice too) and why it ended."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+
+    @property
+    def confidence(self) -> float:
+        """Mean log-probability per token chosen; -inf for an answer with no text (never the better one)."""
+        return sum(self.logprobs) / len(self.logprobs) if self.text.strip() and self.logprobs else -math.inf
 
 
 @dataclass
@@ -150,6 +180,9 @@ class Session:
         self.finish_reason = ""  # why the last answer ended: "stop" (a stop token or string) or "length"
         # The model's log-probability of each token the last answer generated, as it chose it (its confidence)
         self.answer_logprobs: list[float] = []
+        self.answered_from = ""  # "memory", or "passages": the answer from the re-read passages alone was kept
+        # The engine that answers from the re-read passages alone: (engine, the prompt opening it read, checkpoint)
+        self._alone: tuple[Engine, list[int], list[dict]] | None = None
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
         self.cite_heads = 10  # heads whose attention ranks the citations
         # (probe key, [layers * heads] quality): per document and template (citing_heads, calibration)
@@ -263,7 +296,9 @@ class Session:
 
         With cite > 0 (and a source map, and offsets from tokenize), `self.citations` afterwards holds the
         passages the question's queries point at in the citing heads (`rank_blocks`). With an active `focus` (and
-        the document's text), the question's words steer retrieval too (`Focus`).
+        the document's text), the question's words steer retrieval too (`Focus`). With `focus.alone_margin` set
+        and passages re-read, an answer from those passages alone competes with the memory's (`_answer_alone`):
+        both are made before either is shown, and `answered_from` says which was kept.
         """
         if self._read_state is None:
             raise RuntimeError("read() must come before answer()")
@@ -295,46 +330,23 @@ class Session:
             bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
             bias[torch.tensor([t for t in boosted if t < bias.shape[0]], device=bias.device)] = focus.copy_bias
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
-        tokenizer = self.loaded.tokenizer
-        tokens: list[int] = []
-        shown = ""
-        self.finish_reason = "length"
-        generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
-        stops = tuple(sampling.stop) + prompt.stops
-        # The passages' numbers, where the template lists passages, are not the answer's.
-        visible = without_passage_number if prompt.slot is not None else (lambda text: text)
-        # The loop of Engine.generate, here so that the penalties see the tokens generated so far.
-        self.answer_logprobs = []
-        for step in range(max_new_tokens):
-            if bias is not None:
-                logits = logits + bias
-            token = next_token(logits, sampling, generator, tokens)
-            self.answer_logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
-            if token in self._stops:
-                self.finish_reason = "stop"
-                break
-            tokens.append(token)
-            if on_token is not None:
-                on_token(len(tokens))
-            text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-            if stopped:
-                self.finish_reason = "stop"
-                break
-            # Hold back trailing whitespace (the blank line before an echo would end the answer with it) and a
-            # trailing replacement char (a multi-byte character may be split across tokens).
-            text = visible(text.rstrip())
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-            if step + 1 < max_new_tokens:
-                logits = self.engine.feed([token])
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        before_stop, stopped = visible_text(text, stops)
-        text = visible(before_stop.rstrip() if stopped else text)  # a tail held back for a stop that never came
-        if len(text) > len(shown):
-            yield text[len(shown):]
+        draft = Draft()
+        steps = self._generate(self.engine, logits, max_new_tokens, sampling, prompt, bias, on_token, draft)
+        self.answered_from = "memory"
+        if focus.alone_margin is None or not self.reread_texts:
+            yield from steps
+        else:  # both answers are made before either is shown
+            for _ in steps:
+                pass
+            alone = self._answer_alone(prompt, suffix, max_new_tokens, sampling, on_token, len(draft.tokens))
+            if draft.confidence - alone.confidence < focus.alone_margin:
+                draft, self.answered_from = alone, "passages"
+            if draft.text:
+                yield draft.text
+        self.finish_reason = draft.finish_reason
+        self.answer_logprobs = draft.logprobs
         self.timings.answer_s = time.perf_counter() - start
-        self.timings.tokens_generated = len(tokens)
+        self.timings.tokens_generated = len(draft.tokens)  # the answer kept (answer_s covers both where two)
         self.engine.count_retrievals(False)
         self.engine.set_block_prior(None)
         if cite > 0 and source_map is not None and self.doc_offsets is not None:
@@ -347,6 +359,68 @@ class Session:
                 focus_at = partial(best_sentence_start, index, prompt.question, source_map.text)
             self.citations = cite_blocks(self.ranking, self.engine.layers[0].block_span, self.doc_start,
                                          self.doc_offsets, source_map, cite, focus=focus_at)
+
+    def _generate(self, engine: Engine, logits: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                  prompt: Prompt, bias: torch.Tensor | None, on_token: Callable[[int], None] | None,
+                  draft: Draft) -> Iterator[str]:
+        """Generate on `engine` from `logits` [vocab] (its last fed token's), streaming the text shown; `draft`
+        holds the whole answer afterwards. The loop of Engine.generate, here so that the penalties see the tokens
+        generated so far and the template's stops apply."""
+        tokenizer = self.loaded.tokenizer
+        tokens, shown = draft.tokens, ""
+        generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+        stops = tuple(sampling.stop) + prompt.stops
+        # The passages' numbers, where the template lists passages, are not the answer's.
+        visible = without_passage_number if prompt.slot is not None else (lambda text: text)
+        for step in range(max_new_tokens):
+            if bias is not None:
+                logits = logits + bias
+            token = next_token(logits, sampling, generator, tokens)
+            draft.logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+            if token in self._stops:
+                draft.finish_reason = "stop"
+                break
+            tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens))
+            text, stopped = visible_text(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+            if stopped:
+                draft.finish_reason = "stop"
+                break
+            # Hold back trailing whitespace (the blank line before an echo would end the answer with it) and a
+            # trailing replacement char (a multi-byte character may be split across tokens).
+            text = visible(text.rstrip())
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if step + 1 < max_new_tokens:
+                logits = engine.feed([token])
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        before_stop, stopped = visible_text(text, stops)
+        text = visible(before_stop.rstrip() if stopped else text)  # a tail held back for a stop that never came
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+        draft.text = shown
+
+    def _answer_alone(self, prompt: Prompt, suffix: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                      on_token: Callable[[int], None] | None, counted: int) -> Draft:
+        """The answer from the prompt's opening and `suffix` (the question with its re-read passages) alone, no
+        document: read by a second engine of the same settings, kept for the session, with the opening read once
+        (`_alone`). Its tokens are counted on from `counted` for on_token."""
+        if self._alone is None or self._alone[1] != self.prefix:
+            engine = Engine(self.loaded.model, self.engine.config, decode_4bit=self.loaded.decode_4bit,
+                            prefill_bf16=self.loaded.prefill_bf16)
+            if self.prefix:
+                engine.feed(self.prefix)
+            self._alone = (engine, list(self.prefix), engine.checkpoint())
+        engine, _, opening = self._alone
+        engine.restore(opening)
+        draft = Draft()
+        count = None if on_token is None else (lambda n: on_token(counted + n))
+        for _ in self._generate(engine, engine.feed(suffix), max_new_tokens, sampling, prompt, None, count, draft):
+            pass
+        return draft
 
     # ---- the question's words ---------------------------------------------------------------------------
 

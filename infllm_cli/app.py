@@ -730,7 +730,8 @@ def _show(answer: Answer, out: _AnswerOut, display: Display) -> None:
         read = f"read {answer.tokens_read:,} tokens in {timings['prefill_s']:.1f} s ({rate:,.0f} tok/s), "
     elif "open_s" in timings:
         read = f"opened {answer.tokens_read:,} tokens in {timings['open_s']:.1f} s, "
-    display.phase(f"{read}answered {answer.tokens_generated} tokens in {timings['answer_s']:.1f} s, "
+    kept = " (two answers; kept: the re-read passages' alone)" if answer.answered_from == "passages" else ""
+    display.phase(f"{read}answered {answer.tokens_generated} tokens{kept} in {timings['answer_s']:.1f} s, "
                   f"total {timings['total_s']:.1f} s, peak RSS {mem['peak_rss_mb']:,.0f} MB"
                   + (f", peak GPU {mem['peak_gpu_mb']:,.0f} MB" if "peak_gpu_mb" in mem else ""))
 

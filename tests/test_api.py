@@ -68,15 +68,20 @@ def test_an_answer_holds_what_the_command_line_prints_with_json(model, doc, tiny
     printed = json.loads(result.stdout)
     ours = answer.to_dict()
     assert set(ours) == set(printed)
-    for key in ("answer", "model", "inputs", "tokens_read", "tokens_generated", "engine", "citations"):
+    for key in ("answer", "model", "inputs", "tokens_read", "tokens_generated", "engine", "citations",
+                "answered_from"):
         assert ours[key] == printed[key], key
     assert len(answer.citations) == 2 and [c.to_dict() for c in answer.citations] == ours["citations"]
     # The passages re-read before the question (3 sentences by default, neighbours as one), as --json prints them.
     assert 1 <= len(answer.reread) <= 3 and ours["reread"] == printed["reread"] == [c.to_dict() for c in answer.reread]
     assert all(c.excerpt and c.excerpt in " ".join(doc.read_text().split()) for c in answer.reread)
     assert Answer.from_dict(ours).reread == answer.reread
-    older = {k: v for k, v in ours.items() if k != "reread"}  # what a server from before `reread` sends
+    # Two answers were made, the memory's and the re-read passages' alone: which one is this?
+    assert answer.answered_from in ("memory", "passages")
+    assert Answer.from_dict(ours).answered_from == answer.answered_from == printed["answered_from"]
+    older = {k: v for k, v in ours.items() if k not in ("reread", "answered_from")}  # a server from before them
     assert Answer.from_dict(older).reread == [] and Answer.from_dict(older).citations == answer.citations
+    assert Answer.from_dict(older).answered_from == "memory"
 
 
 def test_a_saved_reading_opens_and_answers_as_the_read_did(model, doc, tmp_path):

@@ -255,3 +255,41 @@ def _read_the_quagga_text(session):
     prompt = build_prompt(tokenizer, builtin_template("ask"), "Where does the quagga wait?", None)
     session.read(prompt.prefix, session.tokenize(text), source_map=SourceMap(text, [Piece(text, "n.txt", None, 1)]))
     return tokenizer, prompt
+
+
+# ---- two answers: the memory's and the re-read passages' alone ---------------------------------------------------
+
+
+def test_the_passages_answer_alone_from_a_fresh_memory_and_the_more_confident_answer_is_kept(session):
+    tokenizer, prompt = _read_the_quagga_text(session)
+    memory = "".join(session.answer(prompt, 6, focus=Focus(passages=1)))
+    memory_logprobs = list(session.answer_logprobs)
+    state = session.engine.checkpoint()
+
+    kept = "".join(session.answer(prompt, 6, focus=Focus(passages=1, alone_margin=-math.inf)))
+    assert kept == memory and session.answered_from == "memory" and session.answer_logprobs == memory_logprobs
+
+    alone = "".join(session.answer(prompt, 6, focus=Focus(passages=1, alone_margin=math.inf)))
+    assert session.answered_from == "passages"
+    # The prompt's opening, the passages and the question, read by a fresh memory with no document before them.
+    rendered = render_passages(prompt.question, session.reread_texts)
+    ids = list(prompt.prefix) + prompt.with_passages(tokenizer.encode(rendered, add_special_tokens=False))
+    first = torch.log_softmax(Engine(session.loaded.model, CFG).feed(ids).float(), -1).max()
+    assert session.answer_logprobs[0] == pytest.approx(float(first), abs=1e-5)
+    assert session.answer_logprobs[0] != pytest.approx(memory_logprobs[0], abs=1e-5)
+    engine = session._alone[0]
+    assert "".join(session.answer(prompt, 6, focus=Focus(passages=1, alone_margin=math.inf))) == alone
+    assert session._alone[0] is engine  # one engine for the session's answers, its opening read once
+
+    # The document's memory is as the read left it, whichever answer was kept.
+    assert [m.store.count for m in session.engine.layers] == [s["blocks"] for s in state]
+    assert "".join(session.answer(prompt, 6, focus=Focus(passages=1))) == memory
+
+
+def test_an_answer_with_no_text_is_never_the_more_confident():
+    from infllm.session import ALONE_MARGIN, Draft
+
+    assert Draft(tokens=[5, 6], text="Yes", logprobs=[-0.5, -1.5]).confidence == -1.0
+    assert Draft(text="", logprobs=[-0.01]).confidence == -math.inf  # a stop token at once: sure, and empty
+    assert Draft(text=" \n", tokens=[7], logprobs=[-0.01, -0.01]).confidence == -math.inf
+    assert answer_focus(3).alone_margin == ALONE_MARGIN and answer_focus(0).alone_margin is None
