@@ -717,7 +717,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="only documents whose path contains this")
     ap.add_argument("--template", default="ask", help="prompt template (built-in name or file), as the CLI's")
     ap.add_argument("--focus", default="", metavar="W:P:R,...",
-                    help="also answer from the infllm read with the question's words steering retrieval: BM25 "
+                    help="also answer from the infllm read with the question's words steering retrieval (the "
+                         "memory's answer alone, no second answer from the passages): BM25 "
                          "weight W, P pinned blocks, R passages re-read before the question (the best sentences; "
                          "Rb: whole blocks), per variant (infllm.session.Focus), e.g. 0.5,0:2,1:2:3,1:2:3b; a "
                          "fourth field 4 or 32 decodes through 4-bit or float32 projections (default: as --dtype "
