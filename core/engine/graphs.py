@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # (infllm.engine.hostpages) may be registering host memory meanwhile, which the default mode forbids any thread.
 CAPTURE_MODE = "thread_local"
 
+
 class DecodeGraphs:
     """One graph per layer boundary of a single-row forward on one CUDA device (module docstring)."""
 
