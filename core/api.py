@@ -295,6 +295,9 @@ class Reading:
                 parts.append(chunk)
                 if on_text is not None:
                     on_text(chunk)
+        if session.alone_skipped:
+            report.warn(f"answered from the memory alone: no second answer from the re-read passages "
+                        f"({session.alone_skipped})")
         timings["answer_s"] = time.perf_counter() - started
         timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s"))
         memory = {**peak_memory(), "rss_mb": rss_mb(),

@@ -27,7 +27,7 @@ from infllm.engine.tally import RetrievalTally
 from infllm.citations.passages import cite as cite_blocks
 from infllm.config import EngineConfig
 from infllm.engine.engine import Engine
-from infllm.errors import UsageError
+from infllm.errors import ResourceError, UsageError
 from infllm.runtime.loading import LoadedModel
 from infllm.runtime.resources import check_engine
 from infllm.documents.prompting import Prompt, render_passages, without_passage_number
@@ -181,6 +181,8 @@ class Session:
         # The model's log-probability of each token the last answer generated, as it chose it (its confidence)
         self.answer_logprobs: list[float] = []
         self.answered_from = ""  # "memory", or "passages": the answer from the re-read passages alone was kept
+        # Why the last answer had no second answer from the passages alone although it was asked for ("" if it had)
+        self.alone_skipped = ""
         # The engine that answers from the re-read passages alone: (engine, the prompt opening it read, checkpoint)
         self._alone: tuple[Engine, list[int], list[dict]] | None = None
         self.cite_probes = 16  # passages of the document quoted to find the heads that locate passages
@@ -332,14 +334,14 @@ class Session:
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         draft = Draft()
         steps = self._generate(self.engine, logits, max_new_tokens, sampling, prompt, bias, on_token, draft)
-        self.answered_from = "memory"
+        self.answered_from, self.alone_skipped = "memory", ""
         if focus.alone_margin is None or not self.reread_texts:
             yield from steps
         else:  # both answers are made before either is shown
             for _ in steps:
                 pass
             alone = self._answer_alone(prompt, suffix, max_new_tokens, sampling, on_token, len(draft.tokens))
-            if draft.confidence - alone.confidence < focus.alone_margin:
+            if alone is not None and draft.confidence - alone.confidence < focus.alone_margin:
                 draft, self.answered_from = alone, "passages"
             if draft.text:
                 yield draft.text
@@ -404,11 +406,18 @@ class Session:
         draft.text = shown
 
     def _answer_alone(self, prompt: Prompt, suffix: list[int], max_new_tokens: int, sampling: SamplingConfig,
-                      on_token: Callable[[int], None] | None, counted: int) -> Draft:
+                      on_token: Callable[[int], None] | None, counted: int) -> Draft | None:
         """The answer from the prompt's opening and `suffix` (the question with its re-read passages) alone, no
         document: read by a second engine of the same settings, kept for the session, with the opening read once
-        (`_alone`). Its tokens are counted on from `counted` for on_token."""
+        (`_alone`). Its tokens are counted on from `counted` for on_token. None, with the reason in
+        `alone_skipped`, where that engine's buffers do not fit beside the first's: the memory's answer stands."""
         if self._alone is None or self._alone[1] != self.prefix:
+            self._alone = None  # an engine for another opening is let go before the check counts free memory
+            try:
+                check_engine(self.loaded.model, self.engine.config)
+            except ResourceError as error:
+                self.alone_skipped = str(error)
+                return None
             engine = Engine(self.loaded.model, self.engine.config, decode_4bit=self.loaded.decode_4bit,
                             prefill_bf16=self.loaded.prefill_bf16)
             if self.prefix:

@@ -84,6 +84,22 @@ def test_an_answer_holds_what_the_command_line_prints_with_json(model, doc, tiny
     assert Answer.from_dict(older).answered_from == "memory"
 
 
+def test_where_the_second_answer_does_not_fit_the_command_line_answers_and_says_so(doc, tiny_model_dir):
+    from unittest import mock
+
+    from infllm.errors import ResourceError
+
+    flags = [x for k, v in SETTINGS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    full = ResourceError("not enough memory for these engine settings")
+    # The first check is the document's engine (it fits), the second the passages' engine (it does not).
+    with mock.patch("infllm.session.check_engine", side_effect=[None, full]):
+        result = CliRunner().invoke(app, ["ask", "--model", str(tiny_model_dir), "--device", "cpu", "--max-tokens",
+                                          "5", "--json", *flags, str(doc), "What is the pass key?"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["answered_from"] == "memory"
+    assert "answered from the memory alone" in result.stderr and str(full) in result.stderr
+
+
 def test_a_saved_reading_opens_and_answers_as_the_read_did(model, doc, tmp_path):
     book = model.read([str(doc)], engine=model.settings(**SETTINGS))
     fresh = book.ask("What is the pass key?", max_tokens=5)

@@ -286,6 +286,21 @@ def test_the_passages_answer_alone_from_a_fresh_memory_and_the_more_confident_an
     assert "".join(session.answer(prompt, 6, focus=Focus(passages=1))) == memory
 
 
+def test_where_the_second_engine_does_not_fit_the_memory_answer_stands_and_says_why(session):
+    from infllm.errors import ResourceError
+
+    _, prompt = _read_the_quagga_text(session)
+    memory = "".join(session.answer(prompt, 6, focus=Focus(passages=1)))
+    session._alone = None  # as before a session's first second answer (the fixture is shared)
+    full = ResourceError("not enough memory for these engine settings")
+    with mock.patch("infllm.session.check_engine", side_effect=full):
+        kept = "".join(session.answer(prompt, 6, focus=Focus(passages=1, alone_margin=math.inf)))
+    assert kept == memory and session.answered_from == "memory"
+    assert session.alone_skipped == str(full) and session._alone is None
+    "".join(session.answer(prompt, 6, focus=Focus(passages=1, alone_margin=math.inf)))  # room again
+    assert session.answered_from == "passages" and session.alone_skipped == ""
+
+
 def test_an_answer_with_no_text_is_never_the_more_confident():
     from infllm.session import ALONE_MARGIN, Draft
 
