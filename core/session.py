@@ -308,6 +308,8 @@ class Session:
             raise UsageError(PROMPT_CHANGED)
         source_map = source_map or self.source_map
         self.rewind()
+        # Nothing of the previous answer stays: a caller that stops reading this stream early finds these empty.
+        self.finish_reason, self.answer_logprobs, self.answered_from, self.alone_skipped = "", [], "", ""
         lexical = self._lexical_scores(prompt.question, source_map) if focus.active or cite > 0 else None
         prior = self._prior(lexical, focus) if lexical is not None and (focus.weight or focus.pins) else None
         self.engine.set_block_prior(prior)
@@ -334,7 +336,7 @@ class Session:
         tally.open = False  # what it holds now are the question's queries; the answer's tokens are not asked
         draft = Draft()
         steps = self._generate(self.engine, logits, max_new_tokens, sampling, prompt, bias, on_token, draft)
-        self.answered_from, self.alone_skipped = "memory", ""
+        self.answered_from = "memory"
         if focus.alone_margin is None or not self.reread_texts:
             yield from steps
         else:  # both answers are made before either is shown

@@ -175,6 +175,18 @@ def test_an_answer_stops_where_it_goes_on_writing_the_passage_list(session, monk
     assert answer == "At the gate." and session.finish_reason == "stop"
 
 
+def test_an_answer_abandoned_early_leaves_nothing_of_the_one_before(session, monkeypatch):
+    tokenizer, prompt = _read_the_quagga_text(session)
+    script = iter(tokenizer.encode("At the gate.\nQuestion: Where", add_special_tokens=False))
+    monkeypatch.setattr("infllm.session.next_token", lambda *a: next(script))
+    assert "".join(session.answer(prompt, 32, focus=Focus(passages=1))) == "At the gate."
+    assert session.finish_reason == "stop" and session.answer_logprobs and session.answered_from == "memory"
+    script = iter(tokenizer.encode("By the river, where", add_special_tokens=False))
+    stream = session.answer(prompt, 32, focus=Focus(passages=1))
+    assert "By".startswith(next(stream))  # the caller reads one piece and stops
+    assert session.finish_reason == "" and session.answer_logprobs == []
+
+
 def test_a_passage_number_an_answer_opens_with_is_not_shown():
     assert without_passage_number("[4] The manual says so.") == "The manual says so."
     assert [without_passage_number(t) for t in ("", " ", "[", "[4", "[12]", "[4] ")] == [""] * 6  # may still be one
